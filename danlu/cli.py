@@ -1,0 +1,54 @@
+"""`danlu <command>`: one light module per command in `danlu.commands`, discovered at start-up.
+
+Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args)`. Command modules must
+not import torch or other heavy libraries at module level: `danlu --help` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from danlu import DanluError, __version__, commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="danlu",
+        description="丹炉 danlu — build a ChatGPT-style assistant end to end "
+        "(data → tokenizer → pretrain → SFT → preferences/RL → eval → serve).",
+    )
+    parser.add_argument("--version", action="version", version=f"danlu {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"danlu.commands.{info.name}")
+        name = getattr(module, "NAME", info.name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args._run(args)
+    except DanluError as e:
+        print(f"danlu {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ndanlu {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

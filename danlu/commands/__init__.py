@@ -1,0 +1,1 @@
+"""CLI commands: one light module each (see `danlu.cli`)."""

@@ -1,0 +1,147 @@
+"""The pipeline runner behind `danlu run`: stages in order, each into `DIR/<stage>/`.
+
+A stage is a module in `danlu.stages` with `run_stage(ctx) -> metrics`. A stage runs when the recipe has its
+section (and the section does not say `enabled: false`). Each finished stage leaves `DIR/<stage>/stage.json`
+with a fingerprint of its config, its input files and the fingerprints of the stages before it; a rerun skips
+a stage whose fingerprint is unchanged, so editing `sft:` reruns SFT and what follows, not pretraining.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from danlu import DanluError
+from danlu.files import write_json_atomic
+
+# Order matters: a stage may read the output of any stage before it.
+STAGES: list[str] = [
+    "world", "data", "tokenizer", "tokens", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
+    "eval",
+]  # fmt: skip
+GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
+
+
+@dataclasses.dataclass
+class StageContext:
+    """What a stage sees: its own section, the whole recipe, and where to read and write."""
+
+    name: str
+    run_dir: Path
+    cfg: dict[str, Any]
+    recipe: dict[str, Any]
+
+    @property
+    def out(self) -> Path:
+        return self.run_dir / self.name
+
+    def has(self, stage: str) -> bool:
+        return (self.run_dir / stage / "stage.json").exists()
+
+    def input(self, stage: str) -> Path:
+        """The output folder of an earlier stage; a clear error if that stage has not finished."""
+        if not self.has(stage):
+            raise DanluError(
+                f"stage {self.name!r} needs the output of stage {stage!r}, which has not finished in {self.run_dir}"
+            )
+        return self.run_dir / stage
+
+    def metrics_of(self, stage: str) -> dict[str, Any]:
+        path = self.run_dir / stage / "stage.json"
+        return json.loads(path.read_text())["metrics"] if path.exists() else {}
+
+
+def active_stages(recipe: dict[str, Any]) -> list[str]:
+    unknown = sorted(k for k in recipe if k not in STAGES and k not in GLOBAL_KEYS)
+    if unknown:
+        raise DanluError(
+            f"recipe: unknown section{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid sections: {', '.join(STAGES + list(GLOBAL_KEYS))}"
+        )
+    out = []
+    for name in STAGES:
+        section = recipe.get(name)
+        if name in recipe and not (isinstance(section, dict) and section.get("enabled") is False):
+            out.append(name)
+    return out
+
+
+def _file_signature(value: Any) -> Any:
+    """Strings that name existing files or folders stand for their content's size and mtime in a fingerprint."""
+    if isinstance(value, dict):
+        return {k: _file_signature(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_file_signature(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "." in value):
+        p = Path(value)
+        if p.is_file():
+            st = p.stat()
+            return [value, st.st_size, st.st_mtime_ns]
+        if p.is_dir():
+            return [value, sorted((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in p.rglob("*") if q.is_file())]
+    return value
+
+
+def fingerprint(name: str, recipe: dict[str, Any], previous: str) -> str:
+    payload = {
+        "stage": name,
+        "section": _file_signature(recipe.get(name)),
+        "global": {k: recipe.get(k) for k in GLOBAL_KEYS if k != "extends"},
+        "previous": previous,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_pipeline(
+    recipe: dict[str, Any], run_dir: Path, *, from_stage: str | None = None, only: list[str] | None = None
+) -> dict[str, Any]:
+    """Runs the recipe's stages in order into `run_dir`; returns the summary (also written to summary.json)."""
+    stages = active_stages(recipe)
+    if from_stage is not None and from_stage not in stages:
+        raise DanluError(f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "recipe.json", recipe)
+    summary_path = run_dir / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary.setdefault("stages", {})
+    previous = ""
+    forced = False
+    for name in stages:
+        fp = fingerprint(name, recipe, previous)
+        previous = fp
+        forced = forced or name == from_stage
+        done_path = run_dir / name / "stage.json"
+        done = json.loads(done_path.read_text()) if done_path.exists() else None
+        if only is not None and name not in only:
+            continue
+        if not forced and done and done.get("fingerprint") == fp:
+            print(f"[danlu] {name}: unchanged since its last run, skipped")
+            summary["stages"][name] = done["metrics"]
+            continue
+        section = dict(recipe.get(name) or {})
+        section.pop("enabled", None)
+        ctx = StageContext(name=name, run_dir=run_dir, cfg=section, recipe=recipe)
+        if done_path.exists():
+            done_path.unlink()  # a stage that starts over is not finished until it says so again
+        print(f"[danlu] ── stage {name} ──")
+        module = importlib.import_module(f"danlu.stages.{name}")
+        t0 = time.time()
+        try:
+            metrics = module.run_stage(ctx) or {}
+        except DanluError as e:
+            write_json_atomic(summary_path, summary)
+            raise DanluError(f"stage {name!r} failed: {e} (earlier stages are intact in {run_dir})") from None
+        seconds = round(time.time() - t0, 2)
+        metrics = {**metrics, "seconds": seconds}
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done_path, {"fingerprint": fp, "metrics": metrics, "finished_at": time.time()})
+        summary["stages"][name] = metrics
+        write_json_atomic(summary_path, summary)
+        print(f"[danlu] {name}: done in {seconds:.1f}s")
+    write_json_atomic(summary_path, summary)
+    return summary
