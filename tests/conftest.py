@@ -19,3 +19,42 @@ def shared_data() -> Path:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+SAMPLE_TEXT = [
+    "中国最高的山是珠穆朗玛峰。中国最长的河是长江。日本的首都是东京。",
+    "The highest mountain in China is Mount Everest. The capital of Japan is Tokyo.",
+    "12 + 34 = 46. 7 × 8 = 56. 今天是2026年11月21日,星期六。",
+    "user: 你好! assistant: 你好,有什么可以帮你? 🙂 Hello, how can I help?",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """A small BPE tokenizer trained on a few bilingual sentences (a second or so)."""
+    from danlu.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(SAMPLE_TEXT, vocab_size=400)
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok.save(path)
+    return Tokenizer.load(path)
+
+
+def make_checkpoint(path: Path, tokenizer, *, chat: bool = True, depth: int = 1, seed: int = 0, context: int = 128) -> Path:
+    """A random-init model + tokenizer saved as a danlu checkpoint folder."""
+    import torch
+
+    from danlu.io import save_model_dir
+    from danlu.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=tokenizer.padded_vocab_size(64), depth=depth, max_position_embeddings=context)
+    model = Transformer(cfg)
+    save_model_dir(path, model.state_dict(), cfg, tokenizer, {"stage": "test"}, chat=chat)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A chat checkpoint folder with a random-init 1-layer model: loads and generates in milliseconds."""
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_tokenizer)

@@ -1,0 +1,92 @@
+"""Serve chat models: an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), a web chat
+page at /, built-in date and calculator tools, and a feedback store (ratings, corrections) that
+`danlu feedback export` turns into SFT and preference data.
+
+Examples:
+  danlu serve runs/tiny/sft/model
+  danlu serve --model chat=runs/tiny/dpo/model --model base=runs/tiny/sft/model --fallback chat=base
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "serve models over an OpenAI-compatible API with a web chat page and a feedback store"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("checkpoint", nargs="*", help="checkpoint folder(s); served under the folder's name")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="serve CHECKPOINT as NAME (repeatable); the first model is the page's default")  # fmt: skip
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
+                   "(default: $DANLU_API_KEY if set)")  # fmt: skip
+    p.add_argument("--fallback", action="append", default=[], metavar="MODEL=BASE",
+                   help="answer with BASE when MODEL's mean token log-probability is below --min-logprob")  # fmt: skip
+    p.add_argument("--min-logprob", type=float, default=-2.0,
+                   help="confidence threshold for --fallback (mean log-probability per token; default -2.0)")  # fmt: skip
+    p.add_argument("--feedback-db", default="danlu-feedback.sqlite3",
+                   help="SQLite file for conversations, ratings and corrections (default ./danlu-feedback.sqlite3)")  # fmt: skip
+    p.add_argument("--no-feedback", action="store_true", help="keep no feedback and no correction memory")
+    p.add_argument("--memory-threshold", type=float, default=0.8,
+                   help="how closely a question must match a corrected one to get the correction in context "
+                   "(0-1, default 0.8); 1.01 turns the memory off")  # fmt: skip
+    p.add_argument("--no-date", action="store_true", help="do not tell the model today's date and time")
+    p.add_argument(
+        "--no-tools", action="store_true", help="do not execute the model's get_date/calculator calls"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default: context)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from danlu import DanluError
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.feedback import FeedbackStore
+    from danlu.serve.memory import CorrectionMemory
+    from danlu.serve.routing import load_served_model, parse_fallbacks, parse_model_specs
+    from danlu.serve.server import serve_forever
+
+    specs = parse_model_specs(args.checkpoint, args.model)
+    fallbacks = parse_fallbacks(args.fallback, [n for n, _ in specs])
+    if not 0 < args.port < 65536:
+        raise DanluError(f"--port {args.port}: not a TCP port")
+    models = []
+    for name, path in specs:
+        print(f"[danlu] loading {name} from {path}")
+        m = load_served_model(name, path, device=args.device)
+        if name in fallbacks:
+            m.fallback, m.min_logprob = fallbacks[name], args.min_logprob
+        models.append(m)
+    feedback = None if args.no_feedback else FeedbackStore(args.feedback_db)
+    memory = (
+        None if args.no_feedback or args.memory_threshold > 1 else CorrectionMemory(args.memory_threshold)
+    )
+    options = ServeOptions(
+        api_key=args.api_key or os.environ.get("DANLU_API_KEY") or None, feedback=feedback, memory=memory,
+        date_prompt=not args.no_date, builtin_tools=not args.no_tools, max_tokens_limit=args.max_tokens_limit,
+    )  # fmt: skip
+    app = create_app(models, options)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        print(
+            f"[danlu] warning: listening on {args.host} without --api-key: anyone who can reach it can use it"
+        )
+    where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"[danlu] chat page {where}/  ·  API {where}/v1  ·  models: {', '.join(m.name for m in models)}")
+    if feedback is not None:
+        print(f"[danlu] feedback → {feedback.path}")
+    try:
+        serve_forever(app, args.host, args.port, log_level=args.log_level)
+    finally:
+        for m in models:
+            m.worker.close()
+    return 0

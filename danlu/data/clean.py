@@ -1,0 +1,172 @@
+"""Cleaning: Unicode normalization, control characters, leftover markup, whitespace, Traditional → Simplified
+Chinese (optional), boilerplate lines and masking of e-mail addresses, phone numbers and ID numbers.
+
+Normalization is NFC plus full-width ASCII → ASCII, not NFKC: NFKC would also turn Chinese full-width
+punctuation (，？！：) into ASCII, which changes how Chinese text reads and tokenizes. Conversations
+(`messages`) are cleaned turn by turn with the same rules, so SFT data gets the same masking as pretraining text.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from danlu.data.langid import estimate_tokens
+
+_FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c - 0xFEE0).isalnum()}
+_FULLWIDTH[0x3000] = 0x20  # ideographic space
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff\u00ad]")
+_TAG = re.compile(r"</?(?:p|div|span|br|a|b|i|u|em|strong|font|img|li|ul|ol|table|tr|td|th|h[1-6]|script|style)\b[^<>]*>", re.IGNORECASE)  # fmt: skip
+_SCRIPT = re.compile(r"<(script|style)[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
+_ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
+_WIKI = re.compile(r"\{\{[^{}\n]*\}\}|\[\[(?:[^\[\]|\n]*\|)?([^\[\]\n]*)\]\]")
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+EMAIL_RE = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+# Chinese mobile numbers, and international/US-style numbers written with separators
+PHONE_RE = re.compile(
+    r"(?<![\d\w])(?:\+?86[- ]?)?1[3-9]\d[- ]?\d{4}[- ]?\d{4}(?!\d)"
+    r"|(?<![\d\w])\+?\d{1,3}[ .-]\(?\d{2,4}\)?[ .-]\d{3,4}[ .-]\d{3,4}(?!\d)"
+    r"|(?<![\d\w])\(\d{3}\)\s?\d{3}[ .-]\d{4}(?!\d)"
+)
+# Chinese resident ID (18 characters with a birth date) and US SSN
+ID_RE = re.compile(r"(?<![\d\w])\d{6}(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx](?![\d\w])|(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)")  # fmt: skip
+
+DEFAULT_BOILERPLATE = [
+    r"(?i)^(all rights reserved|copyright ©?|©).{0,80}$",
+    r"(?i)^.{0,40}(cookie|cookies).{0,80}(accept|consent|policy).{0,40}$",
+    r"(?i)^(share|share this|follow us|subscribe|sign up|log ?in|click here|read more|advertisement|related articles?)\b.{0,60}$",  # fmt: skip
+    r"^(版权所有|本文来源|责任编辑|编辑[:：]|来源[:：]|原标题[:：]|点击(查看|进入|阅读)|上一篇|下一篇|相关(阅读|文章|新闻)|扫码|关注我们|分享到|广告).{0,60}$",  # fmt: skip
+]
+
+
+@dataclass
+class CleanConfig:
+    """Recipe `data.clean:`; every step can be switched off."""
+
+    normalize_unicode: bool = True
+    remove_control: bool = True
+    strip_markup: bool = True
+    normalize_whitespace: bool = True
+    traditional_to_simplified: bool = False
+    remove_boilerplate: bool = True
+    boilerplate_patterns: list[str] = field(default_factory=list)  # extra regexes, one line each
+    mask_emails: bool = True
+    mask_phones: bool = True
+    mask_ids: bool = True
+    email_token: str = "[EMAIL]"
+    phone_token: str = "[PHONE]"
+    id_token: str = "[ID]"
+
+
+class TextCleaner:
+    """The cleaning rules as a plain function object, so tests and the benchmark can use them without datatrove."""
+
+    def __init__(self, cfg: CleanConfig) -> None:
+        self.cfg = cfg
+        self._boiler = [re.compile(p) for p in (DEFAULT_BOILERPLATE + list(cfg.boilerplate_patterns))]
+        self._t2s = None
+
+    def clean(self, text: str, lang: str = "") -> tuple[str, dict[str, int]]:
+        """Cleaned text and counts of what changed (masked_email, masked_phone, masked_id, boilerplate_lines)."""
+        c = self.cfg
+        counts: dict[str, int] = {}
+        if c.normalize_unicode:
+            text = unicodedata.normalize("NFC", text).translate(_FULLWIDTH)
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if c.remove_control:
+            text = _CONTROL.sub("", text)
+        if c.strip_markup and ("<" in text or "&" in text or "{{" in text or "[[" in text):
+            text = _SCRIPT.sub("", text)
+            text = _TAG.sub("", text)
+            text = _WIKI.sub(lambda m: m.group(1) or "", text)
+            if "&" in text:
+                text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
+        if c.traditional_to_simplified and lang in ("zh", "auto", ""):
+            if self._t2s is None:
+                from opencc import OpenCC
+
+                self._t2s = OpenCC("t2s")
+            text = self._t2s.convert(text)
+        if c.mask_emails and "@" in text:
+            text, n = EMAIL_RE.subn(c.email_token, text)
+            counts["masked_email"] = n
+        if c.mask_ids:
+            text, n = ID_RE.subn(c.id_token, text)
+            counts["masked_id"] = n
+        if c.mask_phones:
+            text, n = PHONE_RE.subn(c.phone_token, text)
+            counts["masked_phone"] = n
+        if c.normalize_whitespace or c.remove_boilerplate:
+            lines = []
+            dropped = 0
+            for line in text.split("\n"):
+                if c.normalize_whitespace:
+                    line = _SPACES.sub(" ", line).strip()
+                if c.remove_boilerplate and line and len(line) < 200 and any(p.search(line) for p in self._boiler):
+                    dropped += 1
+                    continue
+                lines.append(line)
+            text = "\n".join(lines)
+            counts["boilerplate_lines"] = dropped
+            if c.normalize_whitespace:
+                text = _BLANKS.sub("\n\n", text).strip()
+        return text, counts
+
+
+class Cleaner(PipelineStep):
+    """datatrove step applying TextCleaner to each document's text and conversation turns."""
+
+    type = "✂️ - FORMAT"
+
+    def __init__(self, cfg: CleanConfig) -> None:
+        self.name = "clean"
+        super().__init__()
+        self.cfg = cfg
+        self._cleaner: TextCleaner | None = None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        cleaner = self._cleaner = self._cleaner or TextCleaner(self.cfg)
+        for doc in data:
+            with self.track_time():
+                count_in(self, doc)
+                lang = doc.metadata.get("lang", "")
+                doc.text, counts = cleaner.clean(doc.text, lang)
+                for k, v in counts.items():
+                    if v:
+                        self.stat_update(k, value=v)
+                msgs = doc.metadata.get("messages")
+                if msgs:
+                    doc.metadata["messages"] = [
+                        {**m, "content": cleaner.clean(m.get("content") or "", lang)[0]} for m in msgs
+                    ]
+                count_out(self, doc)
+            yield doc
+
+
+def doc_tokens(doc: Document) -> int:
+    """Token estimate of a document, cached in its metadata until its text length changes."""
+    meta: dict[str, Any] = doc.metadata
+    if meta.get("_tok_len") != len(doc.text):
+        meta["_tok"] = estimate_tokens(doc.text)
+        meta["_tok_len"] = len(doc.text)
+    return meta["_tok"]
+
+
+def count_in(step: PipelineStep, doc: Document) -> None:
+    step.stat_update("docs_in")
+    step.stat_update("chars_in", value=len(doc.text))
+    step.stat_update("tokens_in", value=doc_tokens(doc))
+
+
+def count_out(step: PipelineStep, doc: Document) -> None:
+    step.stat_update("docs_out")
+    step.stat_update("chars_out", value=len(doc.text))
+    step.stat_update("tokens_out", value=doc_tokens(doc))

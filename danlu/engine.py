@@ -1,0 +1,565 @@
+"""The one training loop every stage uses: a stage brings a data source and a loss, the engine does the rest.
+
+Device and precision (bf16 autocast where the hardware has it, fp32 master weights), torch.compile, AdamW or Muon,
+warmup + cosine/WSD schedules, clipping, gradient accumulation, DDP/FSDP2 under torchrun, evaluation, samples,
+early stopping, atomic checkpoints with exact resume, a NaN/inf guard, a progress bar and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from danlu import DanluError
+from danlu.files import atomic_path, recover_swapped
+
+
+class DataSource(Protocol):
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """Engine settings, shared by every training stage (a recipe's `train:` section, overridden per stage)."""
+
+    steps: int = 1000
+    batch_size: int = 16  # rows per micro-batch per process
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_ratio: float = 0.2  # WSD: share of the steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    eval_every: int = 100
+    eval_rows: int = 256
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    sample_every: int = 0
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    overfit_warning_gap: float = 0.5  # warn when val loss exceeds train loss by this many nats
+    max_nonfinite_steps: int = 3
+    seed: int = 0
+    threads: int = 0  # CPU threads; 0 = all cores
+    peak_flops: float = 0.0  # for MFU; 0 = estimate from the device
+    progress: bool = True
+
+
+# ───────────────────────── device, precision, distributed ─────────────────────────
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are fast on CPUs with AVX-512 BF16 or AMX; elsewhere bf16 would be emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense peak FLOP/s of the device for MFU. GPUs by name; CPUs estimated from cores × clock × SIMD width."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40": 181e12, "4090": 165e12, "a10": 125e12}
+        for key, value in table.items():
+            if key in name:
+                return value if dtype == torch.bfloat16 else value / 2
+        return 100e12
+    cores = torch.get_num_threads()
+    ghz = 2.5
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                ghz = float(line.split(":")[1]) / 1000
+                break
+    except OSError:
+        pass
+    # Per core per cycle: AVX-512 fp32 = 2 FMA × 16 lanes × 2 FLOPs; bf16 dot products double that.
+    per_cycle = 128 if dtype == torch.bfloat16 else 64
+    return cores * ghz * 1e9 * per_cycle
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Starts the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+# ───────────────────────── optimizers and schedules ─────────────────────────
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warmup, then cosine / WSD / constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.steps * (1 - cfg.decay_ratio))
+        if step < decay_start:
+            return 1.0
+        frac = (step - decay_start) / max(1, cfg.steps - decay_start)
+        return 1.0 - (1.0 - floor) * frac
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def _zeropower_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalizes g (the Muon update) with a quintic Newton–Schulz iteration in bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.T if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + orthogonalized updates for 2-D weight matrices (Keller Jordan's Muon, nanochat's choice)."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float = 0.02, momentum: float = 0.95) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov
+                update = _zeropower_newton_schulz(update)
+                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                p.add_(update, alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for everything (decay on matrices only), or Muon for hidden matrices + AdamW for the rest."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    seen: set[int] = set()
+    unique = []
+    for n, p in named:  # tied embeddings appear twice
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append((n, p))
+    fused = device.type in ("cuda", "cpu") and all(p.is_floating_point() for _, p in unique)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in unique if p.dim() == 2 and "embed_tokens" not in n and "lm_head" not in n]
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for _, p in unique if id(p) not in hidden_ids]
+        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.0},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+        adam = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
+        return [Muon(hidden, lr=cfg.muon_lr), adam]
+    decay = [p for _, p in unique if p.dim() >= 2]
+    no_decay = [p for _, p in unique if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)]
+
+
+# ───────────────────────── the trainer ─────────────────────────
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class NonFiniteLoss(DanluError):
+    pass
+
+
+@dataclass
+class Hooks:
+    """What a stage plugs into the loop besides data and loss."""
+
+    save_model: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], None]  # (state dict, folder, meta)
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # must include "val_loss" for early stopping
+    sample: Callable[[nn.Module], list[str]] | None = None
+
+
+class Trainer:
+    """Runs `cfg.steps` optimizer steps of `loss_fn` over `data`, saving into `out` (a model folder).
+
+    `out/` holds the model files (written by hooks.save_model), `out/trainer_state/` the optimizer, data position,
+    RNG and step, and `out/metrics.jsonl` one JSON line per log/eval event. Each save writes a complete new folder
+    beside the old one and swaps them with renames, so a crash or a full disk leaves the previous checkpoint.
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, model: nn.Module, data: DataSource, loss_fn: LossFn, out: Path, hooks: Hooks,
+        *, tokens_per_row: int = 0, flops_per_token: float = 0.0, stage: str = "train",
+    ) -> None:  # fmt: skip
+        self.cfg, self.data, self.loss_fn, self.out, self.hooks, self.stage = cfg, data, loss_fn, Path(out), hooks, stage
+        self.dist = init_distributed(cfg.device)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.raw_model = model.to(self.device)
+        self.model = self._wrap(self.raw_model)
+        self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
+        self.step = 0
+        self.tokens_per_row = tokens_per_row
+        self.flops_per_token = flops_per_token
+        self.peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
+        self.best_val = math.inf
+        self.bad_evals = 0
+        self.history: list[dict[str, Any]] = []
+        self._tb = None
+
+    # -- setup --
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.dist.world_size > 1:
+            if self.cfg.parallel == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in model.model.layers:
+                    fully_shard(layer)
+                fully_shard(model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                wrapped = DistributedDataParallel(model, device_ids=ids)
+        if self._use_compile():
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _use_compile(self) -> bool:
+        if self.cfg.compile == "on":
+            return True
+        # Measured (BENCHMARKS.md): compile pays off on GPUs; on small CPU runs its start-up cost dominates.
+        return self.cfg.compile == "auto" and self.device.type == "cuda"
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # -- checkpoints --
+    def save(self, final: bool = False) -> None:
+        """Writes model + trainer state to a fresh folder and swaps it in for the previous checkpoint."""
+        if self.dist.world_size > 1:
+            dist.barrier()
+        model_state = self.raw_model.state_dict() if self.cfg.parallel != "fsdp" else self._full_state()
+        if not self.dist.main:
+            return
+        meta = {"step": self.step, "final": final, "metrics": self.last_metrics()}
+        with atomic_path(self.out) as tmp:
+            tmp.mkdir(parents=True)
+            self.hooks.save_model(model_state, tmp, meta)
+            state_dir = tmp / "trainer_state"
+            state_dir.mkdir()
+            opt_states = {f"optimizer_{i}": o.state_dict() for i, o in enumerate(self.optimizers)}
+            torch.save(
+                {
+                    **opt_states,
+                    "rng_torch": torch.get_rng_state(),
+                    "rng_numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                },
+                state_dir / "optimizer.pt",
+            )
+            state = {
+                "step": self.step,
+                "data": self.data.state_dict(),
+                "best_val": self.best_val,
+                "bad_evals": self.bad_evals,
+                "python_rng": list(random.getstate()[1]),
+                "numpy_rng_pos": int(np.random.get_state()[2]),
+                "config": dataclasses.asdict(self.cfg),
+                "stage": self.stage,
+                "finished": final,
+            }
+            (state_dir / "state.json").write_text(json.dumps(state) + "\n")
+            if (self.out / "metrics.jsonl").exists():
+                shutil.copy2(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def resume(self) -> None:
+        """Restores weights, optimizer, data position, RNG and step from `out`; errors name what is wrong."""
+        recover_swapped(self.out)
+        state_path = self.out / "trainer_state" / "state.json"
+        if not state_path.exists():
+            raise DanluError(f"--resume: {self.out} has no trainer_state/state.json (no checkpoint of this stage)")
+        try:
+            state = json.loads(state_path.read_text())
+            blob = torch.load(self.out / "trainer_state" / "optimizer.pt", weights_only=True, map_location=self.device)
+        except Exception as e:  # a truncated or foreign file
+            raise DanluError(f"--resume: {self.out}/trainer_state is unreadable or partial ({e})") from None
+        if state.get("stage") != self.stage:
+            raise DanluError(f"--resume: {self.out} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
+        from danlu.io import load_state_dict_file
+
+        weights = load_state_dict_file(self.out / "model.safetensors")
+        missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
+            raise DanluError(f"--resume: {self.out} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for i, opt in enumerate(self.optimizers):
+            if f"optimizer_{i}" not in blob:
+                raise DanluError(f"--resume: {self.out} was saved with another optimizer setting")
+            opt.load_state_dict(blob[f"optimizer_{i}"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(blob["rng_torch"].cpu())
+        np.random.set_state(("MT19937", blob["rng_numpy"].cpu().numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0))
+        random.setstate((3, tuple(state["python_rng"]), None))
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        self.bad_evals = int(state["bad_evals"])
+        if self.dist.main:
+            print(f"[danlu] resumed {self.stage} from step {self.step} in {self.out}")
+
+    # -- metrics --
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"stage": self.stage, "step": self.step, "time": round(time.time(), 3), **record}
+        self.history.append(record)
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self._tb.add_scalar(f"{self.stage}/{k}", v, self.step)
+
+    def last_metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for rec in self.history:
+            out.update({k: v for k, v in rec.items() if isinstance(v, (int, float, str)) and k != "time"})
+        return out
+
+    # -- the loop --
+    def evaluate(self) -> dict[str, float]:
+        if not self.hooks.evaluate:
+            return {}
+        self.raw_model.eval()
+        with torch.no_grad(), self.autocast():
+            result = self.hooks.evaluate(self.raw_model)
+        self.raw_model.train()
+        return {k: all_reduce_mean(v, self.dist, self.device) if k.startswith("val_") else v for k, v in result.items()}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.raw_model.train()
+        stop_requested = False
+        if self.step == 0 and self.hooks.evaluate and cfg.eval_every:
+            self.log({"event": "eval", **self.evaluate()})
+        bar = None
+        if self.dist.main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, dynamic_ncols=True, unit="step")
+        nonfinite = 0
+        t_last, tokens_since, steps_since = time.time(), 0, 0
+        previous_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's TERM stops like Ctrl-C
+        try:
+            while self.step < cfg.steps and not stop_requested:
+                factor = lr_factor(self.step, cfg)
+                for opt in self.optimizers:
+                    for group in opt.param_groups:
+                        group.setdefault("base_lr", group["lr"])
+                        group["lr"] = group["base_lr"] * factor
+                loss_sum, stats_sum, tokens = 0.0, {}, 0
+                for micro in range(cfg.grad_accum):
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+                    sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
+                    ctx = self.model.no_sync() if not sync else _null()
+                    with ctx:
+                        with self.autocast():
+                            loss, stats = self.loss_fn(self.model, batch)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float().item()
+                    for k, v in stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
+                    tokens += int(batch["input_ids"].numel())
+                loss_value = all_reduce_mean(loss_sum / cfg.grad_accum, self.dist, self.device)
+                if not math.isfinite(loss_value):
+                    for opt in self.optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    nonfinite += 1
+                    self.log({"event": "nonfinite", "loss": str(loss_value)})
+                    msg = f"step {self.step}: loss is {loss_value}; step skipped, weights unchanged"
+                    print(f"[danlu] {self.stage}: {msg}")
+                    if nonfinite >= cfg.max_nonfinite_steps:
+                        raise NonFiniteLoss(
+                            f"{self.stage}: the loss was not finite for {nonfinite} steps in a row (last at step "
+                            f"{self.step}); training stopped, the last good checkpoint in {self.out} is untouched. "
+                            "Lower the learning rate or check the data."
+                        )
+                    continue
+                nonfinite = 0
+                grad_norm = float("nan")
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
+                for opt in self.optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                self.step += 1
+                tokens_since += tokens * self.dist.world_size
+                steps_since += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = max(time.time() - t_last, 1e-9)
+                    tps = tokens_since / dt
+                    record = {
+                        "loss": round(loss_value, 5),
+                        "lr": self.optimizers[-1].param_groups[0]["lr"],
+                        "grad_norm": round(grad_norm, 4),
+                        "tokens_per_s": round(tps, 1),
+                        "mfu": round(tps * self.flops_per_token / self.peak, 5) if self.flops_per_token else None,
+                        **{k: round(v / cfg.grad_accum, 5) for k, v in stats_sum.items()},
+                    }
+                    self.log({"event": "train", **record})
+                    if bar:
+                        post = {"loss": f"{loss_value:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+                        if record["mfu"] is not None:
+                            post["mfu"] = f"{100 * record['mfu']:.1f}%"
+                        bar.set_postfix(post, refresh=False)
+                    t_last, tokens_since, steps_since = time.time(), 0, 0
+                if bar:
+                    bar.update(1)
+                if cfg.eval_every and self.hooks.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    stop_requested = self._eval_and_check(loss_value)
+                if cfg.sample_every and self.hooks.sample and self.dist.main and self.step % cfg.sample_every == 0:
+                    self.raw_model.eval()
+                    samples = self.hooks.sample(self.raw_model)
+                    self.raw_model.train()
+                    self.log({"event": "samples", "samples": samples})
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            if bar:
+                bar.close()
+        self.save(final=True)
+        return self.last_metrics()
+
+    def _eval_and_check(self, train_loss: float) -> bool:
+        result = self.evaluate()
+        self.log({"event": "eval", **result})
+        val = result.get("val_loss")
+        if val is None:
+            return False
+        if val - train_loss > self.cfg.overfit_warning_gap and self.dist.main:
+            print(
+                f"\n[danlu] {self.stage}: warning: validation loss {val:.3f} is {val - train_loss:.2f} above the training "
+                f"loss {train_loss:.3f} at step {self.step} — the model is overfitting; consider fewer steps, more data "
+                "or early_stopping_patience"
+            )
+        if val < self.best_val - 1e-4:
+            self.best_val, self.bad_evals = val, 0
+        else:
+            self.bad_evals += 1
+        if self.cfg.early_stopping_patience and self.bad_evals >= self.cfg.early_stopping_patience:
+            if self.dist.main:
+                print(f"\n[danlu] {self.stage}: early stopping at step {self.step}: val loss has not improved for {self.bad_evals} evaluations")
+            self.log({"event": "early_stop", "best_val_loss": self.best_val})
+            return True
+        return False
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None

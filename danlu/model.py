@@ -1,0 +1,309 @@
+"""The Llama-compatible decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional tied embeddings, KV cache.
+
+Module and parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`
+…), so a checkpoint is a plain state dict with no renaming, and `transformers`, vLLM and llama.cpp load it as Llama.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (the convention of transformers' labels)
+
+
+@dataclass
+class ModelConfig:
+    """Model shape. `depth` alone sets everything else (as nanochat's single knob does); explicit fields win.
+
+    Widths are multiples of 64 (head dim 64, vLLM's kernels) and the MLP width a multiple of 64 (GGUF blocks of 32).
+    """
+
+    vocab_size: int = 4096
+    depth: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        depth = self.depth or self.num_hidden_layers or 4
+        self.num_hidden_layers = self.num_hidden_layers or depth
+        self.hidden_size = self.hidden_size or 64 * depth
+        self.num_attention_heads = self.num_attention_heads or max(1, self.hidden_size // 64)
+        if self.num_key_value_heads is None:
+            # GQA with groups of 2 where the head count allows it: half the KV cache, no measurable quality cost.
+            heads = self.num_attention_heads
+            self.num_key_value_heads = heads // 2 if heads % 2 == 0 and heads >= 2 else heads
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def num_params(self, embeddings: bool = True) -> int:
+        h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
+        kv = self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return n * per_layer + h + (emb if embeddings else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), the 6N + attention estimate of the PaLM paper."""
+        n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size  # the lm_head matmul counts
+        attn = 12 * self.num_hidden_layers * self.hidden_size * seq_len
+        return 6 * n + attn
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as transformers does, so logits match it closely under bf16 autocast too.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+    t = torch.arange(length, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # transformers' "rotate_half" layout, not interleaved pairs
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys/values for generation. Rows may be left-padded: `pad[b]` leading slots of row b are ignored.
+
+    All rows advance together (`pos`), which is what batched sampling needs; each row's RoPE position is
+    `pos - pad[b]`, so a left-padded prompt gets the same positions as it would alone.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+        pad: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+        self.pad = pad.to(device) if pad is not None and bool((pad > 0).any()) else None
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        base = torch.arange(self.pos, self.pos + t, device=device).unsqueeze(0)
+        if self.pad is None:
+            return base
+        return (base - self.pad.unsqueeze(1)).clamp(min=0)
+
+    def mask(self, t: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (B, 1, t, pos+t) mask, or None where plain causal/full attention is right."""
+        if self.pad is None and t == 1:
+            return None
+        q = torch.arange(self.pos, self.pos + t, device=device).view(1, 1, t, 1)
+        k = torch.arange(self.pos + t, device=device).view(1, 1, 1, -1)
+        allowed = k <= q
+        if self.pad is not None:
+            allowed = allowed & (k >= self.pad.view(-1, 1, 1, 1))
+        return allowed
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps only the rows in `index` (finished rows leave a batch)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.pad is not None:
+            self.pad = self.pad[index]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:  # fmt: skip
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = mask is None
+        if cache is not None:
+            end = cache.pos + t
+            cache.k[self.layer, :, :, cache.pos : end] = k
+            cache.v[self.layer, :, :, cache.pos : end] = v
+            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            causal = mask is None and cache.pos == 0 and t > 1
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):  # noqa: ANN001, ANN201 (hot path, types as in Attention)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Holds what transformers calls `model.*`: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)  # GPT-2's scaled residual init
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (B or 1, T) → cos/sin shaped (B or 1, 1, T, D)."""
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        return cos, sin
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, *, cache: KVCache | None = None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, H). `segment_ids` (B, T) packs several documents in a row: attention
+        stays inside each segment and positions restart at each segment's start."""
+        b, t = input_ids.shape
+        device = input_ids.device
+        limit = self.config.max_position_embeddings
+        mask = None
+        if cache is not None:
+            if cache.pos + t > min(limit, cache.max_len):
+                raise ValueError(f"sequence of {cache.pos + t} tokens exceeds the context of {limit}")
+            positions = cache.positions(t, device)
+            mask = cache.mask(t, device)
+        elif segment_ids is not None:
+            if t > limit:
+                raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
+            positions = _segment_positions(segment_ids)
+            same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+            mask = (same & torch.ones(t, t, dtype=torch.bool, device=device).tril()).unsqueeze(1)
+        else:
+            if t > limit:
+                raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
+            positions = torch.arange(t, device=device).unsqueeze(0)
+        cos, sin = self._rope(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.pos += t
+        return self.model.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None, reduction: str = "mean",
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits (B, T, V) without targets; with targets, the cross-entropy (mean over scored tokens, or per
+        token with reduction="none"); targets equal to IGNORE_INDEX score nothing."""
+        x = self.hidden_states(input_ids, cache=cache, segment_ids=segment_ids)
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+        )
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        p = self.lm_head.weight
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, dtype, pad)
+
+
+def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its segment: 0 at every segment start."""
+    b, t = segment_ids.shape
+    idx = torch.arange(t, device=segment_ids.device).expand(b, t)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx

@@ -1,0 +1,266 @@
+"""The feedback store: served answers, ratings and corrections in SQLite (WAL), and their export as training data.
+
+Why SQLite in WAL mode: the server writes from many requests while `danlu feedback export` (or a person with the
+`sqlite3` shell) reads at the same time; WAL lets readers and one writer proceed together, and a crash never
+leaves a half-written row. Each connection is used by one thread only (short-lived connections per call).
+
+Export writes what the training stages read directly:
+- `sft.jsonl`: {"messages": [... the prompt ..., {"role": "assistant", "content": correction}]}
+- `preference.jsonl`: {"prompt": [messages], "chosen": [assistant msg], "rejected": [assistant msg], "source"}
+  (TRL's conversational preference format) from correction-vs-original and thumbs-up-vs-thumbs-down answers to
+  the same prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from danlu import DanluError
+from danlu.files import write_jsonl_atomic
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    title TEXT
+);
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT NOT NULL,
+    idx INTEGER NOT NULL DEFAULT 0,
+    conversation_id TEXT REFERENCES conversations(id),
+    model TEXT NOT NULL,
+    messages TEXT NOT NULL,          -- the prompt: the client's messages as JSON (no server-added context)
+    prompt_hash TEXT NOT NULL,       -- groups answers to the same prompt (regenerate) into preference pairs
+    answer TEXT NOT NULL,
+    finish_reason TEXT,
+    mean_logprob REAL,
+    params TEXT,
+    created REAL NOT NULL,
+    PRIMARY KEY (id, idx)
+);
+CREATE INDEX IF NOT EXISTS responses_prompt ON responses(prompt_hash);
+CREATE TABLE IF NOT EXISTS ratings (
+    response_id TEXT NOT NULL,
+    idx INTEGER NOT NULL DEFAULT 0,
+    rating INTEGER NOT NULL CHECK (rating IN (-1, 0, 1)),
+    comment TEXT,
+    created REAL NOT NULL,
+    PRIMARY KEY (response_id, idx)
+);
+CREATE TABLE IF NOT EXISTS corrections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    response_id TEXT NOT NULL,
+    idx INTEGER NOT NULL DEFAULT 0,
+    correction TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS corrections_response ON corrections(response_id, idx);
+"""
+
+
+def prompt_hash(messages: list[dict[str, Any]]) -> str:
+    canonical = [{"role": m.get("role"), "content": m.get("content") or ""} for m in messages]
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class FeedbackStore:
+    """Thread-safe access to the feedback database at `path` (created with its schema when missing)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise DanluError(f"{self.path}: is a folder, expected an SQLite file for feedback")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        try:
+            with self._connect() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise DanluError(f"{self.path}: not a usable SQLite feedback database ({e})") from None
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=10.0)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with db:  # commits on success, rolls back on error
+                yield db
+        finally:
+            db.close()
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def record_response(
+        self,
+        response_id: str,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        answer: str,
+        idx: int = 0,
+        conversation_id: str | None = None,
+        finish_reason: str | None = None,
+        mean_logprob: float | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        now = time.time()
+        with self._lock, self._connect() as db:
+            if conversation_id:
+                title = next((m.get("content") for m in messages if m.get("role") == "user"), None)
+                db.execute(
+                    "INSERT INTO conversations(id, created, updated, title) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET updated = excluded.updated",
+                    (conversation_id, now, now, (title or "")[:200]),
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO responses(id, idx, conversation_id, model, messages, prompt_hash, answer, "
+                "finish_reason, mean_logprob, params, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    response_id,
+                    idx,
+                    conversation_id,
+                    model,
+                    json.dumps(messages, ensure_ascii=False),
+                    prompt_hash(messages),
+                    answer,
+                    finish_reason,
+                    mean_logprob,
+                    json.dumps(params or {}, ensure_ascii=False),
+                    now,
+                ),
+            )
+
+    def response(self, response_id: str, idx: int = 0) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM responses WHERE id = ? AND idx = ?", (response_id, idx)
+            ).fetchone()
+        return _response_dict(row) if row else None
+
+    def rate(self, response_id: str, rating: int, idx: int = 0, comment: str | None = None) -> None:
+        self._require(response_id, idx)
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT INTO ratings(response_id, idx, rating, comment, created) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(response_id, idx) DO UPDATE SET rating = excluded.rating, "
+                "comment = COALESCE(excluded.comment, ratings.comment), created = excluded.created",
+                (response_id, idx, int(rating), comment, time.time()),
+            )
+
+    def correct(self, response_id: str, correction: str, idx: int = 0) -> dict[str, Any]:
+        """Stores a correction; returns the corrected response (its prompt feeds the correction memory)."""
+        correction = correction.strip()
+        if not correction:
+            raise DanluError("correction is empty")
+        resp = self._require(response_id, idx)
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT INTO corrections(response_id, idx, correction, created) VALUES (?, ?, ?, ?)",
+                (response_id, idx, correction, time.time()),
+            )
+        return resp
+
+    def _require(self, response_id: str, idx: int) -> dict[str, Any]:
+        resp = self.response(response_id, idx)
+        if resp is None:
+            raise KeyError(f"no stored response {response_id!r} (index {idx}); only answers requested with "
+                           "store=true are kept")  # fmt: skip
+        return resp
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def corrections(self) -> list[dict[str, Any]]:
+        """Latest correction per response, with its prompt and the original answer."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT r.*, c.correction, c.created AS corrected FROM corrections c "
+                "JOIN responses r ON r.id = c.response_id AND r.idx = c.idx "
+                "WHERE c.id = (SELECT MAX(c2.id) FROM corrections c2 WHERE c2.response_id = c.response_id "
+                "AND c2.idx = c.idx) ORDER BY c.id"
+            ).fetchall()
+        return [{**_response_dict(r), "correction": r["correction"]} for r in rows]
+
+    def rated(self) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT r.*, t.rating FROM ratings t JOIN responses r ON r.id = t.response_id AND r.idx = t.idx "
+                "WHERE t.rating != 0 ORDER BY t.created"
+            ).fetchall()
+        return [{**_response_dict(r), "rating": r["rating"]} for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        with self._connect() as db:
+            one = lambda q: db.execute(q).fetchone()[0]  # noqa: E731
+            return {
+                "conversations": one("SELECT COUNT(*) FROM conversations"),
+                "responses": one("SELECT COUNT(*) FROM responses"),
+                "thumbs_up": one("SELECT COUNT(*) FROM ratings WHERE rating = 1"),
+                "thumbs_down": one("SELECT COUNT(*) FROM ratings WHERE rating = -1"),
+                "corrections": one("SELECT COUNT(*) FROM corrections"),
+            }
+
+    # ---- export --------------------------------------------------------------------------------------------
+    def export(self, out: str | Path, *, include_upvoted: bool = False) -> dict[str, int]:
+        """Writes sft.jsonl and preference.jsonl into `out`; returns row counts."""
+        out = Path(out)
+        sft: list[dict[str, Any]] = []
+        pairs: list[dict[str, Any]] = []
+        seen_sft: set[tuple[str, str]] = set()
+        for c in self.corrections():
+            key = (c["prompt_hash"], c["correction"])
+            if key not in seen_sft:
+                seen_sft.add(key)
+                sft.append(
+                    {"messages": [*c["messages"], _assistant(c["correction"])], "source": "correction"}
+                )
+            if c["answer"].strip() != c["correction"].strip():
+                pairs.append(_pair(c["messages"], c["correction"], c["answer"], "correction"))
+        rated = self.rated()
+        if include_upvoted:
+            for r in rated:
+                key = (r["prompt_hash"], r["answer"])
+                if r["rating"] > 0 and key not in seen_sft:
+                    seen_sft.add(key)
+                    sft.append({"messages": [*r["messages"], _assistant(r["answer"])], "source": "thumbs_up"})
+        by_prompt: dict[str, dict[int, list[dict[str, Any]]]] = {}
+        for r in rated:
+            by_prompt.setdefault(r["prompt_hash"], {}).setdefault(r["rating"], []).append(r)
+        for groups in by_prompt.values():
+            for good in groups.get(1, []):
+                for bad in groups.get(-1, []):
+                    if good["answer"].strip() != bad["answer"].strip():
+                        pairs.append(_pair(good["messages"], good["answer"], bad["answer"], "thumbs"))
+        out.mkdir(parents=True, exist_ok=True)
+        n_sft = write_jsonl_atomic(out / "sft.jsonl", sft)
+        n_pref = write_jsonl_atomic(out / "preference.jsonl", pairs)
+        return {"sft": n_sft, "preference": n_pref}
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def _pair(prompt: list[dict[str, Any]], chosen: str, rejected: str, source: str) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "chosen": [_assistant(chosen)],
+        "rejected": [_assistant(rejected)],
+        "source": source,
+    }
+
+
+def _response_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["messages"] = json.loads(d["messages"])
+    d["params"] = json.loads(d.get("params") or "{}")
+    return d

@@ -1,0 +1,121 @@
+"""Which model answers a request: named models (`--model NAME=CHECKPOINT`), and confidence fallback.
+
+A fine-tuned model can be sure of what it learned and unsure elsewhere. With `fallback` set, a model's answer
+whose confidence — the mean log-probability of its sampled tokens — is below `min_logprob` is replaced by its
+base model's answer to the same prompt. The response's `model` field names the model that actually answered.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from danlu import DanluError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-/]{0,127}$")
+
+
+@dataclass
+class ServedModel:
+    """A loaded checkpoint and the worker thread that generates with it."""
+
+    name: str
+    path: str
+    tokenizer: Any
+    context_length: int
+    worker: Any  # engine.ModelWorker
+    meta: dict[str, Any] = field(default_factory=dict)
+    created: int = 0
+    fallback: str | None = None
+    min_logprob: float | None = None
+
+    def card(self) -> dict[str, Any]:
+        """The /v1/models entry."""
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "danlu",
+            "context_length": self.context_length,
+            "chat": bool(self.meta.get("chat", True)),
+            "fallback": self.fallback,
+        }
+
+
+def parse_model_specs(checkpoints: list[str], named: list[str]) -> list[tuple[str, str]]:
+    """`CHECKPOINT` positionals and `NAME=CHECKPOINT` options → [(name, path)], names unique and well formed."""
+    specs: list[tuple[str, str]] = []
+    for path in checkpoints:
+        specs.append((Path(path).resolve().name, path))
+    for item in named:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DanluError(f"--model {item!r}: expected NAME=CHECKPOINT")
+        specs.append((name, path))
+    if not specs:
+        raise DanluError("no model to serve: give a CHECKPOINT folder or --model NAME=CHECKPOINT")
+    seen: set[str] = set()
+    for name, _ in specs:
+        if not _NAME.match(name):
+            raise DanluError(
+                f"model name {name!r}: use letters, digits and . _ - : / (at most 128 characters)"
+            )
+        if name in seen:
+            raise DanluError(f"model name {name!r} given twice; name them with --model NAME=CHECKPOINT")
+        seen.add(name)
+    return specs
+
+
+def parse_fallbacks(items: list[str], names: list[str]) -> dict[str, str]:
+    """`FINETUNED=BASE` options → {finetuned: base}, both names served."""
+    out: dict[str, str] = {}
+    for item in items:
+        a, sep, b = item.partition("=")
+        if not sep:
+            raise DanluError(f"--fallback {item!r}: expected MODEL=BASE_MODEL (names given with --model)")
+        for n in (a, b):
+            if n not in names:
+                raise DanluError(
+                    f"--fallback {item!r}: no served model named {n!r}; served: {', '.join(names)}"
+                )
+        if a == b:
+            raise DanluError(f"--fallback {item!r}: a model cannot fall back to itself")
+        out[a] = b
+    return out
+
+
+def mean_logprob(completion: Any) -> float | None:
+    lps = list(getattr(completion, "logprobs", None) or [])
+    return sum(lps) / len(lps) if lps else None
+
+
+def confident(model: ServedModel, completion: Any) -> bool:
+    """True when no fallback applies: no threshold, no log-probs, or mean log-prob at or above the threshold."""
+    if model.fallback is None or model.min_logprob is None:
+        return True
+    m = mean_logprob(completion)
+    return m is None or m >= model.min_logprob
+
+
+def load_served_model(name: str, path: str, *, device: str = "cpu", max_active: int = 64) -> ServedModel:
+    """Loads a checkpoint (danlu.io) and starts its generation worker."""
+    import time
+
+    from danlu.generate import Generator
+    from danlu.io import load_checkpoint
+    from danlu.serve.engine import ModelWorker
+
+    ckpt = load_checkpoint(path, device=device)
+    gen = Generator(ckpt.model, ckpt.tokenizer)
+    worker = ModelWorker(gen.stream, name=name, max_active=max_active)
+    return ServedModel(
+        name=name,
+        path=str(path),
+        tokenizer=ckpt.tokenizer,
+        context_length=int(ckpt.config.max_position_embeddings),
+        worker=worker,
+        meta=dict(ckpt.meta or {}),
+        created=int(time.time()),
+    )
