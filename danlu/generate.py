@@ -106,7 +106,10 @@ class Generator:
 
     def _logits(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         x = self.model.hidden_states(ids, cache=cache)
-        return self.model.lm_head(x[:, -1])
+        logits = self.model.lm_head(x[:, -1])
+        if logits.size(-1) > self.tokenizer.vocab_size:  # embedding rows padded past the vocabulary
+            logits[:, self.tokenizer.vocab_size :] = float("-inf")
+        return logits
 
     @torch.inference_mode()
     def stream(
@@ -122,7 +125,7 @@ class Generator:
         decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         stops = _StopStrings(params.stop)
         text, sent, out_ids, logprobs = "", 0, [], []
-        finish = "length"
+        finish, hit = "length", -1
         for _ in range(budget):
             if cancelled is not None and cancelled():
                 finish = "cancelled"
@@ -146,7 +149,7 @@ class Generator:
                 sent = safe
             if len(out_ids) < budget:
                 logits = self._logits(torch.tensor([[t]], device=self.device), cache)
-        if finish != "stop":
+        if hit < 0:
             text += decoder.flush()
         if len(text) > sent:
             yield text[sent:]

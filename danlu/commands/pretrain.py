@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "pretrain a Llama-compatible model on token shards (torchrun for several processes/GPUs)"
@@ -29,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(PretrainConfig, section, "pretrain")
     result = pretrain(Path(args.data), Path(args.tokenizer), Path(args.out), recipe=recipe, cfg=cfg)
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
-    print(f"[danlu] pretrain: {shown}\nwrote {args.out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[danlu] pretrain: {shown}\nwrote {args.out}")
     return 0

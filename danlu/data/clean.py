@@ -21,7 +21,9 @@ from danlu.data.langid import estimate_tokens
 
 _FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c - 0xFEE0).isalnum()}
 _FULLWIDTH[0x3000] = 0x20  # ideographic space
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff\u00ad]")
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff\u00ad]"
+)
 _TAG = re.compile(r"</?(?:p|div|span|br|a|b|i|u|em|strong|font|img|li|ul|ol|table|tr|td|th|h[1-6]|script|style)\b[^<>]*>", re.IGNORECASE)  # fmt: skip
 _SCRIPT = re.compile(r"<(script|style)[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
@@ -110,7 +112,12 @@ class TextCleaner:
             for line in text.split("\n"):
                 if c.normalize_whitespace:
                     line = _SPACES.sub(" ", line).strip()
-                if c.remove_boilerplate and line and len(line) < 200 and any(p.search(line) for p in self._boiler):
+                if (
+                    c.remove_boilerplate
+                    and line
+                    and len(line) < 200
+                    and any(p.search(line) for p in self._boiler)
+                ):
                     dropped += 1
                     continue
                 lines.append(line)

@@ -22,7 +22,7 @@ from danlu.data.clean import count_in, count_out
 from danlu.data.langid import MixedWordTokenizer, detect_language, han_ratio
 
 # Frequent Chinese function words; running text uses many of them, keyword lists and spam use few.
-ZH_STOP_WORDS = ["的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "都", "而", "及", "与", "着", "一个", "为", "以", "他", "她", "它", "们", "中", "上", "对", "从", "到", "被", "把"]  # fmt: skip
+ZH_STOP_WORDS = ["的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "而", "及", "与", "着", "一个", "为", "以", "他", "她", "它", "们", "对", "从", "到", "被", "把"]  # fmt: skip
 ZH_SPAM_WORDS = ["代开发票", "博彩", "赌场", "六合彩", "时时彩", "私服", "外挂", "裸聊", "代孕", "办证", "成人视频", "百家乐", "网赚", "刷单"]  # fmt: skip
 
 PUBLIC_META = ("source", "domain", "lang", "url", "title")
@@ -45,13 +45,16 @@ class LengthConfig:
 class EnglishConfig:
     """datatrove's English rules; null disables a rule (or a whole filter with `enabled: false`)."""
 
+    short_domains: list[str] = field(default_factory=lambda: ["qa", "forum"])  # short by nature: see below
     gopher_repetition: bool = True
+    repetition_min_words: int = 50  # n-gram repetition shares mean nothing on a two-line answer
     dup_line_frac: float | None = 0.3
     dup_para_frac: float | None = 0.3
     dup_line_char_frac: float | None = 0.2
     dup_para_char_frac: float | None = 0.2
     gopher_quality: bool = True
-    min_doc_words: int | None = 20
+    min_doc_words: int | None = 25
+    min_doc_words_short: int | None = 5  # for short_domains (a Q&A pair, a forum reply)
     max_doc_words: int | None = 100_000
     min_avg_word_length: int | None = 3
     max_avg_word_length: int | None = 10
@@ -77,6 +80,7 @@ class ChineseConfig:
     top_ngrams: list[list[float]] = field(default_factory=lambda: [[2, 0.2], [3, 0.18], [4, 0.16]])
     # (n characters, max share of characters in n-grams that occur more than once)
     dup_ngrams: list[list[float]] = field(default_factory=lambda: [[10, 0.3], [15, 0.25], [20, 0.2]])
+    ngram_min_chars: int = 200  # the n-gram rules only judge documents at least this long
     min_stop_words: int = 2
     spam_words: list[str] = field(default_factory=lambda: list(ZH_SPAM_WORDS))
     max_spam_hits: int = 2
@@ -183,17 +187,32 @@ class LengthFilter(DanluFilter):
 
 
 class LanguageRouted(DanluFilter):
-    """Runs a datatrove filter only on documents of one language; the others pass untouched."""
+    """Runs a datatrove filter only on documents of one language (and at least `min_words` words); the others
+    pass untouched. Documents of `short_domains` go to `short_inner` (the same rules, short-text thresholds)."""
 
-    def __init__(self, name: str, inner: BaseFilter, lang: str, exclusion_writer: DiskWriter | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        inner: BaseFilter,
+        lang: str,
+        exclusion_writer: DiskWriter | None = None,
+        *,
+        min_words: int = 0,
+        short_inner: BaseFilter | None = None,
+        short_domains: list[str] | tuple[str, ...] = (),
+    ) -> None:
         super().__init__(name, exclusion_writer)
-        self.inner = inner
-        self.lang = lang
+        self.inner, self.short_inner = inner, short_inner
+        self.lang, self.min_words, self.short_domains = lang, min_words, tuple(short_domains)
 
     def applies(self, doc: Document) -> bool:
-        return doc.metadata.get("lang") == self.lang
+        if doc.metadata.get("lang") != self.lang:
+            return False
+        return self.min_words <= 0 or len(doc.text.split()) >= self.min_words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.short_inner is not None and doc.metadata.get("domain") in self.short_domains:
+            return self.short_inner.filter(doc)
         return self.inner.filter(doc)
 
 
@@ -216,28 +235,60 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
             dup_para_char_frac=cfg.dup_para_char_frac,
             language=words,
         )
-        out.append(LanguageRouted("filter:gopher_repetition", inner, "en", writer_for("gopher_repetition")))
+        out.append(
+            LanguageRouted(
+                "filter:gopher_repetition",
+                inner,
+                "en",
+                writer_for("gopher_repetition"),
+                min_words=cfg.repetition_min_words,
+            )
+        )
     if cfg.gopher_quality:
-        inner = GopherQualityFilter(
-            min_doc_words=cfg.min_doc_words,
-            max_doc_words=cfg.max_doc_words,
-            min_avg_word_length=cfg.min_avg_word_length,
-            max_avg_word_length=cfg.max_avg_word_length,
-            max_symbol_word_ratio=cfg.max_symbol_word_ratio,
-            max_non_alpha_words_ratio=cfg.max_non_alpha_words_ratio,
-            min_stop_words=cfg.min_stop_words,
-            language=words,
+
+        def gopher(min_words: int | None) -> BaseFilter:
+            return GopherQualityFilter(
+                min_doc_words=min_words,
+                max_doc_words=cfg.max_doc_words,
+                min_avg_word_length=cfg.min_avg_word_length,
+                max_avg_word_length=cfg.max_avg_word_length,
+                max_symbol_word_ratio=cfg.max_symbol_word_ratio,
+                max_non_alpha_words_ratio=cfg.max_non_alpha_words_ratio,
+                min_stop_words=cfg.min_stop_words,
+                language=words,
+            )
+
+        out.append(
+            LanguageRouted(
+                "filter:gopher_quality",
+                gopher(cfg.min_doc_words),
+                "en",
+                writer_for("gopher_quality"),
+                short_inner=gopher(cfg.min_doc_words_short),
+                short_domains=cfg.short_domains,
+            )  # fmt: skip
         )
-        out.append(LanguageRouted("filter:gopher_quality", inner, "en", writer_for("gopher_quality")))
     if cfg.fineweb:
-        inner = FineWebQualityFilter(
-            line_punct_thr=cfg.line_punct_thr,
-            short_line_thr=cfg.short_line_thr,
-            char_duplicates_ratio=cfg.char_duplicates_ratio,
-            new_line_ratio=cfg.new_line_ratio,
-            language=words,
+
+        def fineweb(short_line_thr: float) -> BaseFilter:
+            return FineWebQualityFilter(
+                line_punct_thr=cfg.line_punct_thr,
+                short_line_thr=short_line_thr,
+                char_duplicates_ratio=cfg.char_duplicates_ratio,
+                new_line_ratio=cfg.new_line_ratio,
+                language=words,
+            )
+
+        out.append(
+            LanguageRouted(
+                "filter:fineweb",
+                fineweb(cfg.short_line_thr),
+                "en",
+                writer_for("fineweb"),
+                short_inner=fineweb(1.01),
+                short_domains=cfg.short_domains,
+            )  # fmt: skip
         )
-        out.append(LanguageRouted("filter:fineweb", inner, "en", writer_for("fineweb")))
     if cfg.c4:
         inner = C4QualityFilter(language=words)
         out.append(LanguageRouted("filter:c4", inner, "en", writer_for("c4")))
@@ -295,6 +346,8 @@ class ChineseQualityFilter(DanluFilter):
             if dup_chars / max(1, sum(map(len, lines))) > c.max_dup_line_char_frac:
                 return False, "zh_dup_line_chars"
         chars = _NON_CONTENT.sub("", text)
+        if len(chars) < c.ngram_min_chars:
+            return self._words_rules(text)
         for n, limit in c.top_ngrams:
             top, _ = _ngram_stats(chars, int(n))
             if top > limit:
@@ -303,6 +356,10 @@ class ChineseQualityFilter(DanluFilter):
             _, dup = _ngram_stats(chars, int(n))
             if dup > limit:
                 return False, f"zh_dup_{int(n)}gram"
+        return self._words_rules(text)
+
+    def _words_rules(self, text: str) -> bool | tuple[bool, str]:
+        c = self.cfg
         if c.min_stop_words and sum(text.count(w) for w in ZH_STOP_WORDS) < c.min_stop_words:
             return False, "zh_few_stop_words"
         if c.spam_words and sum(text.count(w) for w in c.spam_words) > c.max_spam_hits:

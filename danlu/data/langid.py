@@ -18,7 +18,9 @@ _HAN_RE = re.compile(f"[{HAN}]")
 _LATIN_RE = re.compile(r"[A-Za-z\u00c0-\u024f]")
 _KANA_RE = re.compile(r"[\u3040-\u30ff]")
 _HANGUL_RE = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]")
-_OTHER_LETTER_RE = re.compile(r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u05ff\u0600-\u06ff\u0900-\u0dff\u0e00-\u0e7f]")
+_OTHER_LETTER_RE = re.compile(
+    r"[\u0370-\u03ff\u0400-\u04ff\u0590-\u05ff\u0600-\u06ff\u0900-\u0dff\u0e00-\u0e7f]"
+)
 # one token per Han character (or kana/hangul syllable), one per run of other word characters
 _WORD_RE = re.compile(f"[{HAN}\u3040-\u30ff\uac00-\ud7af]|[^\\W{HAN}\u3040-\u30ff\uac00-\ud7af]+")
 _SENT_RE = re.compile(r"[^。！？!?.\n]+(?:[。！？!?]+|\.(?=\s|$)|\n|$)[”’\"')）」』]*")

@@ -224,13 +224,13 @@ class TokenRows:
         t = torch.from_numpy(rows)
         return {"input_ids": t[:, :-1], "targets": t[:, 1:]}
 
-    def sequential(self, max_rows: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def sequential(self, max_rows: int | None = None, batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
         """Rows in file order (for evaluation), split across ranks, `batch_size` at a time."""
         n = len(self._rows) if max_rows is None else min(max_rows, len(self._rows))
         mine = np.arange(self.rank, n, self.world_size)
-        for i in range(0, len(mine), self.batch_size):
+        for i in range(0, len(mine), batch_size):
             rows = np.stack(
-                [self._arrays[s][o : o + self.seq_len + 1] for s, o in self._rows[mine[i : i + self.batch_size]]]
+                [self._arrays[s][o : o + self.seq_len + 1] for s, o in self._rows[mine[i : i + batch_size]]]
             ).astype(np.int64)
             t = torch.from_numpy(rows)
             yield {"input_ids": t[:, :-1], "targets": t[:, 1:]}

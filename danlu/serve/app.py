@@ -215,6 +215,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         sampling = Sampling(
             max_tokens=max_tokens or min(opts.default_max_tokens, model.context_length - n_prompt),
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
+            ignore_eos=req.ignore_eos,
         )  # fmt: skip
         rid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
@@ -299,7 +300,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         if len(prompts) * req.n > 64:
             raise APIError(400, "at most 64 choices (prompts × n) per request", param="n")
         sampling = Sampling(max_tokens=req.max_tokens or 16, temperature=req.temperature, top_p=req.top_p,
-                            top_k=req.top_k, seed=req.seed, stop=req.stop)  # fmt: skip
+                            top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos)  # fmt: skip
         rid = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
         jobs = [(k * req.n + i, prompts[k], prompt_ids[k]) for k in range(len(prompts)) for i in range(req.n)]

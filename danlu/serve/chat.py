@@ -48,6 +48,7 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
 
     def params(self, max_tokens: int, seed_offset: int = 0):
         from danlu.generate import SamplingParams
@@ -58,6 +59,8 @@ class Sampling:
                 kw[k] = getattr(self, k)
         if self.seed is not None:
             kw["seed"] = self.seed + seed_offset
+        if self.ignore_eos:
+            kw["stop_token_ids"] = []
         return SamplingParams(**kw)
 
 

@@ -85,6 +85,7 @@ class _Sampling(_Lenient):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
     @classmethod

@@ -93,12 +93,12 @@ def pretrain(
         shard_dir, "train", cfg.seq_len, tcfg.batch_size, rank=d.rank, world_size=d.world_size, seed=tcfg.seed
     )
     val_rows = TokenRows(
-        shard_dir, "val", cfg.seq_len, min(tcfg.batch_size, 16), rank=d.rank, world_size=d.world_size, shuffle=False
+        shard_dir, "val", cfg.seq_len, 1, rank=d.rank, world_size=d.world_size, shuffle=False
     ) if "val" in index["splits"] else None  # fmt: skip
     tbytes = token_bytes(tokenizer, model_cfg.vocab_size)
 
     def evaluate(m: Transformer) -> dict[str, float]:
-        return bits_per_byte(m, val_rows.sequential(tcfg.eval_rows), tbytes) if val_rows else {}
+        return bits_per_byte(m, val_rows.sequential(tcfg.eval_rows, batch_size=min(tcfg.batch_size, 16)), tbytes) if val_rows else {}
 
     def sample(m: Transformer) -> list[str]:
         from danlu.generate import Generator, SamplingParams

@@ -77,7 +77,10 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | So
                 yield lineno, SourceError(path, str(lineno), f"malformed JSON ({e.msg} at column {e.colno})")
                 continue
             if not isinstance(obj, dict):
-                yield lineno, SourceError(path, str(lineno), f"expected a JSON object, got {type(obj).__name__}")
+                yield (
+                    lineno,
+                    SourceError(path, str(lineno), f"expected a JSON object, got {type(obj).__name__}"),
+                )
                 continue
             yield lineno, obj
 
@@ -134,7 +137,7 @@ class SourceReader(PipelineStep):
             if self._error_file is None:
                 os.makedirs(self.error_dir, exist_ok=True)
                 name = f"{self.source}_{rank:05d}.jsonl"
-                self._error_file = open(os.path.join(self.error_dir, name), "w", encoding="utf-8")
+                self._error_file = open(os.path.join(self.error_dir, name), "w", encoding="utf-8")  # noqa: SIM115
             row = {"step": "read", "reason": "read_error", "file": err.path, "position": err.position}
             self._error_file.write(json.dumps({**row, "error": err.message}, ensure_ascii=False) + "\n")
 
@@ -172,9 +175,7 @@ class SourceReader(PipelineStep):
         if data:
             yield from data
         try:
-            n = 0
-            for path, rec in self.read_all(rank, world_size):
-                n += 1
+            for n, (path, rec) in enumerate(self.read_all(rank, world_size), 1):
                 doc = self.to_document(rec, path, n)
                 self.stat_update("documents")
                 self.stat_update("chars", value=len(doc.text))

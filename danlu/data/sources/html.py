@@ -35,12 +35,44 @@ def html_to_text(fragment: str) -> str:
     return t.strip()
 
 
+_BOILER_BLOCKS = re.compile(
+    r"<(nav|header|footer|aside|form|noscript)[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE
+)
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.DOTALL | re.IGNORECASE)
+_MAIN = re.compile(r"<(article|main)[^>]*>(.*?)</\1\s*>", re.DOTALL | re.IGNORECASE)
+_CANONICAL = re.compile(r"<link[^>]+rel=[\"']canonical[\"'][^>]*href=[\"']([^\"']+)", re.IGNORECASE)
+
+
+def _fallback_extract(page: str, url: str | None) -> dict[str, Any] | None:
+    """Used only when trafilatura cannot be imported: <article>/<main> (else <body>) without nav/footer."""
+    t = _SCRIPT.sub("", page)
+    t = _BOILER_BLOCKS.sub("", t)
+    m = _MAIN.search(t)
+    text = html_to_text(m.group(2) if m else t)
+    if not text:
+        return None
+    tm = _TITLE.search(page)
+    cm = _CANONICAL.search(page)
+    title = htmllib.unescape(tm.group(1)).strip() if tm else ""
+    if title and not text.startswith(title):
+        text = f"{title}\n\n{text}"
+    return {"text": text, "title": title, "url": (cm.group(1) if cm else None) or url or ""}
+
+
 def extract_main_text(page: str, url: str | None = None) -> dict[str, Any] | None:
     """trafilatura's main-text extraction (no comments, no tables of links) + title/url; None if nothing."""
-    import trafilatura
+    try:
+        import trafilatura
+    except ImportError:  # trafilatura ≥ 1.9 needs lxml_html_clean, which some environments lack
+        return _fallback_extract(page, url)
 
     text = trafilatura.extract(
-        page, url=url or None, include_comments=False, include_tables=False, favor_precision=True, deduplicate=True
+        page,
+        url=url or None,
+        include_comments=False,
+        include_tables=False,
+        favor_precision=True,
+        deduplicate=True,
     )
     if not text or not text.strip():
         return None
@@ -96,14 +128,18 @@ class WarcReader(SourceReader):
                 try:
                     line = f.readline()
                 except (OSError, EOFError) as e:
-                    raise SourceError(path, f"record {n + 1}", f"corrupt or truncated compressed file ({e})") from None
+                    raise SourceError(
+                        path, f"record {n + 1}", f"corrupt or truncated compressed file ({e})"
+                    ) from None
                 if not line:
                     return
                 offset += len(line)
                 if not line.strip():
                     continue
                 if not line.startswith(b"WARC/"):
-                    raise SourceError(path, f"byte {offset - len(line)}", "not a WARC record header (wrong file type?)")
+                    raise SourceError(
+                        path, f"byte {offset - len(line)}", "not a WARC record header (wrong file type?)"
+                    )
                 n += 1
                 headers: dict[str, str] = {}
                 while True:
@@ -122,10 +158,14 @@ class WarcReader(SourceReader):
                 try:
                     block = f.read(length)
                 except (OSError, EOFError) as e:
-                    raise SourceError(path, f"record {n}", f"corrupt or truncated compressed file ({e})") from None
+                    raise SourceError(
+                        path, f"record {n}", f"corrupt or truncated compressed file ({e})"
+                    ) from None
                 offset += len(block)
                 if len(block) < length:
-                    raise SourceError(path, f"record {n}", f"truncated record ({len(block)} of {length} bytes)")
+                    raise SourceError(
+                        path, f"record {n}", f"truncated record ({len(block)} of {length} bytes)"
+                    )
                 if headers.get("warc-type") != "response":
                     continue
                 rec = self._response(block, headers.get("warc-target-uri", ""))

@@ -84,7 +84,9 @@ class RedditReader(SourceReader):
             return False
         return bool(text) or text_key == "selftext"
 
-    def _thread(self, tid: str, sub: dict[str, Any] | None, comments: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def _thread(
+        self, tid: str, sub: dict[str, Any] | None, comments: list[dict[str, Any]]
+    ) -> dict[str, Any] | None:
         children: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for c in comments:
             if self._keep(c, "body"):
@@ -123,7 +125,9 @@ class RedditReader(SourceReader):
         if sub is not None:
             rec["title"] = sub.get("title", "")
             link = sub.get("permalink") or ""
-            rec["url"] = f"https://www.reddit.com{link}" if link.startswith("/") else link or sub.get("url", "")
+            rec["url"] = (
+                f"https://www.reddit.com{link}" if link.startswith("/") else link or sub.get("url", "")
+            )
         if len(turns) >= int(self.options.get("min_turns", 2)):
             roles = ["user", "assistant"]
             rec["messages"] = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]

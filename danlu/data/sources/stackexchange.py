@@ -33,7 +33,9 @@ class StackExchangeReader(SourceReader):
                 for _, elem in ET.iterparse(f, events=("end",)):
                     if elem.tag != "row":
                         if elem.tag not in ("posts",):
-                            raise SourceError(path, f"element {elem.tag!r}", "not a Stack Exchange Posts.xml file")
+                            raise SourceError(
+                                path, f"element {elem.tag!r}", "not a Stack Exchange Posts.xml file"
+                            )
                         continue
                     rows += 1
                     a = elem.attrib
@@ -60,9 +62,13 @@ class StackExchangeReader(SourceReader):
                     elem.clear()
         except ET.ParseError as e:
             line, col = e.position
-            raise SourceError(path, f"{line}:{col}", f"malformed or truncated XML after {rows} rows ({e})") from None
+            raise SourceError(
+                path, f"{line}:{col}", f"malformed or truncated XML after {rows} rows ({e})"
+            ) from None
         except (EOFError, OSError) as e:
-            raise SourceError(path, f"row {rows + 1}", f"corrupt or truncated compressed file ({e})") from None
+            raise SourceError(
+                path, f"row {rows + 1}", f"corrupt or truncated compressed file ({e})"
+            ) from None
         for qid, q in questions.items():
             ans = best.get(qid)
             if ans is None:

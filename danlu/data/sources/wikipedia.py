@@ -35,7 +35,9 @@ _EXT_LINK = re.compile(r"\[(?:https?:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
 _EMPHASIS = re.compile(r"'{2,5}")
 _HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.MULTILINE)
 _TAG = re.compile(r"</?[a-zA-Z][^<>]*?/?>")
-_DROP_TAG_CONTENT = re.compile(r"<(math|gallery|syntaxhighlight|source|timeline|score)[^>]*>.*?</\1>", re.DOTALL)
+_DROP_TAG_CONTENT = re.compile(
+    r"<(math|gallery|syntaxhighlight|source|timeline|score)[^>]*>.*?</\1>", re.DOTALL
+)
 _MAGIC = re.compile(r"__[A-Z]+__")
 _LIST_MARK = re.compile(r"^[*#:;]+\s*", re.MULTILINE)
 
@@ -79,23 +81,25 @@ def wikitext_to_text(wikitext: str) -> str:
             title = m.group(2).strip()
             if title.lower() in _TAIL_SECTIONS:
                 break
-            out.extend(["", title])
+            out.extend(["", "\x00" + title])
             continue
         line = _LIST_MARK.sub("", line).strip()
         if line.startswith(("{|", "|}", "|", "!")):  # table debris from unbalanced markup
             continue
         out.append(line)
-    text = "\n".join(out)
+    # a heading stays only if some text follows it before the next heading
+    lines: list[str] = []
+    for i, line in enumerate(out):
+        if line.startswith("\x00"):
+            nxt = next((x for x in out[i + 1 :] if x.strip()), "\x00")
+            if nxt.startswith("\x00"):
+                continue
+            line = line[1:]
+        lines.append(line)
+    text = "\n".join(lines)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
-    # drop heading lines left without content (a heading followed directly by another or by the end)
-    paras = [p for p in text.split("\n\n")]
-    kept = [p for i, p in enumerate(paras) if "\n" in p.strip() or len(p.strip()) > 40 or _has_body_after(paras, i)]
-    return "\n\n".join(p.strip() for p in kept if p.strip()).strip()
-
-
-def _has_body_after(paras: list[str], i: int) -> bool:
-    return i + 1 < len(paras) and len(paras[i + 1].strip()) > 0 and len(paras[i].strip()) > 0
+    return text.strip()
 
 
 def _local(tag: str) -> str:
@@ -113,7 +117,7 @@ class WikipediaReader(SourceReader):
         pages = 0
         try:
             with open_binary(path) as f:
-                for event, elem in ET.iterparse(f, events=("end",)):
+                for _event, elem in ET.iterparse(f, events=("end",)):
                     tag = _local(elem.tag)
                     if tag == "base" and not base_url and elem.text:
                         base_url = elem.text.rsplit("/", 1)[0] + "/"

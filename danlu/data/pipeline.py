@@ -1,0 +1,591 @@
+"""The data pipeline on datatrove: recipe `data:` section → text shards per domain, dialogs, rejected, stats.
+
+Recipe schema (`data:`; every key optional except `inputs` outside `danlu run`, unknown keys are errors)::
+
+    data:
+      inputs:                       # one reader per input; in `danlu run` the default is the world corpus
+        - path: dumps/zhwiki.xml.bz2   # a file, a folder (searched recursively) or a glob
+          type: wikipedia           # wikipedia | stackexchange | reddit | html | warc | text | jsonl | parquet
+          domain: encyclopedia      # default per type (encyclopedia, qa, forum, news, web); rows may carry their own
+          lang: auto                # zh | en | auto (detected)
+          source: zhwiki            # name used in ids, stats and rejected/ (default: the type)
+          text_field: text          # jsonl/parquet
+          base_url: null            # wikipedia / stackexchange: url prefix for document urls
+          min_answer_score: 0       # stackexchange: best answer needs at least this score (accepted always wins)
+          min_turns: 2              # reddit: shortest conversation kept
+      clean: {normalize_unicode, remove_control, strip_markup, normalize_whitespace, traditional_to_simplified,
+              remove_boilerplate, boilerplate_patterns, mask_emails, mask_phones, mask_ids, *_token}
+      filters:
+        language: {languages: [zh, en], min_confidence: 0.5, trust_source_lang: false}
+        length: {min_chars: 20, max_chars: 1000000}
+        english: {gopher_repetition, gopher_quality, fineweb, c4, and their thresholds}  (English docs only)
+        chinese: {enabled, min_han_ratio, min_avg_line_chars, max_dup_line_frac, top_ngrams, dup_ngrams,
+                  min_stop_words, spam_words, max_spam_hits}                              (Chinese docs only)
+      dedup: {exact: true, url: true, minhash: true | {n_grams: 5, num_buckets: 14, hashes_per_bucket: 8,
+              normalize_numbers: false}, top_clusters: 10}
+      mix: {weights: {encyclopedia: 0.4, news: 0.3, qa: 0.2, forum: 0.1}, token_budget: null, max_repeat: 4,
+            balance: 0.5, seed: 0}
+      executor: {type: local | slurm | ray, workers: 1, tasks: null, start_method: fork,
+                 options: {}}         # options go to datatrove's executor (slurm: partition, time, …)
+      on_error: fail                # or skip: malformed records/files are counted and logged in rejected/read
+      format: jsonl                 # or parquet
+      tokenizer: null               # a tokenizer.json: exact token counts in stats beside the estimate
+      verbose: false                # datatrove's own logging on the console (always in .work/datatrove.log)
+
+Output (the folder given): `text/<domain>/<rank>.jsonl|parquet` (rows: text, id, source, domain, lang, url),
+`dialogs/<rank>.jsonl` (OpenAI `messages` rows), `rejected/<step>/<rank>.jsonl` (rows with step and reason),
+`stats.json`, `stats.md`. Work happens in `<out>/.work`, and the outputs above appear only when the whole run
+has finished; an interrupted run resumes from datatrove's completion markers there (same recipe and inputs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from danlu import DanluError
+from danlu.config import apply_overrides, from_dict, load_recipe
+from danlu.data.clean import CleanConfig, Cleaner, count_in, count_out, doc_tokens
+from danlu.data.dedup import (
+    ApplyPlan,
+    DedupCluster,
+    DedupConfig,
+    DedupSignatures,
+    datatrove_minhash_config,
+    minhash_signature_step,
+)
+from danlu.data.filters import (
+    ChineseQualityFilter,
+    FilterConfig,
+    LanguageFilter,
+    LengthFilter,
+    english_filters,
+    rejected_writer,
+)
+from danlu.data.mix import MixConfig
+from danlu.data.report import TOKEN_ESTIMATE, build_stats, stats_markdown
+from danlu.data.sources import READERS
+from danlu.files import write_json_atomic, write_text_atomic
+
+OUTPUTS = ("text", "dialogs", "rejected")
+
+
+@dataclass
+class InputConfig:
+    path: str | list[str]
+    type: Literal["wikipedia", "stackexchange", "reddit", "html", "warc", "text", "jsonl", "parquet"] = (
+        "jsonl"
+    )
+    domain: str | None = None
+    lang: str | None = None
+    source: str | None = None
+    text_field: str = "text"
+    base_url: str | None = None
+    min_answer_score: int = 0
+    min_turns: int = 2
+
+
+@dataclass
+class ExecutorConfig:
+    type: Literal["local", "slurm", "ray"] = "local"
+    workers: int = 1
+    tasks: int | None = None  # default: workers (local), 8 (slurm/ray)
+    start_method: str = "fork"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    inputs: list[InputConfig] = field(default_factory=list)
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    on_error: Literal["fail", "skip"] = "fail"
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    tokenizer: str | None = None
+    verbose: bool = False
+    keep_work: bool = False  # keep <out>/.work (datatrove logs, signatures) after a successful run
+
+
+def parse_config(cfg: dict[str, Any], where: str = "data") -> DataConfig:
+    dc = from_dict(DataConfig, cfg, where)
+    if dc.executor.workers < 1:
+        raise DanluError(f"{where}.executor.workers: must be at least 1, got {dc.executor.workers}")
+    return dc
+
+
+# -- inputs --------------------------------------------------------------------------------------------------
+
+
+def resolve_files(inp: InputConfig, i: int, base_dir: Path | None) -> list[str]:
+    """The files of one input; a clear error for a missing path or a file of the wrong type."""
+    where = f"data.inputs[{i}]"
+    _, suffixes = READERS[inp.type]
+    paths = inp.path if isinstance(inp.path, list) else [inp.path]
+    out: list[str] = []
+    for raw in paths:
+        p = Path(os.path.expanduser(str(raw)))
+        if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+            p = base_dir / p
+        if any(ch in str(raw) for ch in "*?["):
+            found = sorted(glob.glob(str(p if p.is_absolute() else (base_dir or Path()) / p), recursive=True))
+            if not found:
+                raise DanluError(f"{where}.path: {raw!r} matches no file")
+            out += [f for f in found if Path(f).is_file()]
+        elif p.is_dir():
+            found = sorted(str(q) for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(suffixes))
+            if not found:
+                raise DanluError(
+                    f"{where}.path: folder {p} has no {inp.type} files ({', '.join(suffixes[:4])}…)"
+                )
+            out += found
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise DanluError(f"{where}.path: {p}: no such file or folder")
+    for f in out:
+        if not f.lower().endswith(suffixes):
+            raise DanluError(
+                f"{where}: {f} is not a {inp.type} file (expected {', '.join(s for s in suffixes if '.' in s[1:] or s)[:80]}…); "
+                f"set `type:` to the file's format"
+            )
+    return out
+
+
+def make_readers(dc: DataConfig, base_dir: Path | None, error_dir: str) -> list[PipelineStep]:
+    if not dc.inputs:
+        raise DanluError("data.inputs: no inputs given (a list of {path, type, domain, lang})")
+    readers = []
+    names: dict[str, int] = {}
+    for i, inp in enumerate(dc.inputs):
+        cls, _ = READERS[inp.type]
+        files = resolve_files(inp, i, base_dir)
+        source = inp.source or cls.source_name
+        names[source] = names.get(source, 0) + 1
+        if names[source] > 1:
+            source = f"{source}{names[source]}"  # two inputs of one type: distinct ids and stats
+        lang = None if inp.lang in (None, "auto") else inp.lang
+        options = {k: getattr(inp, k) for k in ("text_field", "base_url", "min_answer_score", "min_turns")}
+        readers.append(
+            cls(
+                files,
+                domain=inp.domain,
+                lang=lang,
+                source=source,
+                on_error=dc.on_error,
+                error_dir=error_dir,
+                options=options,
+            )  # fmt: skip
+        )
+    return readers
+
+
+# -- steps around the writers --------------------------------------------------------------------------------
+
+
+def _work_adapter(writer: Any, doc: Document) -> dict[str, Any]:
+    return {"text": doc.text, "id": doc.id, "metadata": doc.metadata}
+
+
+def text_adapter(writer: Any, doc: Document) -> dict[str, Any]:
+    m = doc.metadata
+    row = {"text": doc.text, "id": doc.id}
+    row.update({k: str(m.get(k) or "") for k in ("source", "domain", "lang", "url")})
+    return row
+
+
+class RankFileReader(PipelineStep):
+    """Reads back `<folder>/<rank>.jsonl` written by the first stage: the same documents in the same order."""
+
+    type = "📖 - READER"
+
+    def __init__(self, folder: str) -> None:
+        self.name = "read:work"
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        path = os.path.join(self.folder, f"{rank:05d}.jsonl")
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                yield Document(text=row["text"], id=row["id"], metadata=row.get("metadata") or {})
+
+
+class ResetRank(PipelineStep):
+    """Deletes this task's files from an earlier, interrupted attempt, so that a rerun which now writes fewer
+    (or no) files leaves nothing stale behind: `<pattern>` globs with `{rank}` (5 digits)."""
+
+    type = "🧹 - RESET"
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.name = "reset"
+        super().__init__()
+        self.patterns = patterns
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for pattern in self.patterns:
+            for f in glob.glob(pattern.format(rank=f"{rank:05d}")):
+                os.remove(f)
+        if data:
+            yield from data
+
+
+class DialogWriter(PipelineStep):
+    """Writes documents that carry a conversation to `dialogs/<rank>.jsonl` (OpenAI messages); passes all on."""
+
+    type = "💽 - WRITER"
+
+    def __init__(self, folder: str) -> None:
+        self.name = "dialogs"
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        f = None
+        try:
+            for doc in data:
+                msgs = doc.metadata.get("messages")
+                if msgs:
+                    if f is None:
+                        os.makedirs(self.folder, exist_ok=True)
+                        f = open(os.path.join(self.folder, f"{rank:05d}.jsonl"), "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+                    row = {"messages": msgs, "id": doc.id}
+                    row.update(
+                        {
+                            k: doc.metadata[k]
+                            for k in ("source", "domain", "lang", "url")
+                            if doc.metadata.get(k)
+                        }
+                    )
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    self.stat_update("dialogs")
+                yield doc
+        finally:
+            if f is not None:
+                f.close()
+
+
+class OutputStats(PipelineStep):
+    """Counts what is written, by language and domain (and exact tokens when a tokenizer is given)."""
+
+    type = "📊 - STATS"
+
+    def __init__(self, tokenizer: str | None = None) -> None:
+        self.name = "output"
+        super().__init__()
+        self.tokenizer = tokenizer
+        self._tok: Any = None
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if self.tokenizer and self._tok is None:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(self.tokenizer)
+        for doc in data:
+            n = doc_tokens(doc)
+            m = doc.metadata
+            self.stat_update("docs")
+            self.stat_update("chars", value=len(doc.text))
+            self.stat_update("tokens", value=n)
+            if m.get("messages"):
+                self.stat_update("dialogs")
+            for kind in ("lang", "domain"):
+                key = str(m.get(kind) or "unknown")
+                self.stat_update(f"{kind}:{key}:docs")
+                self.stat_update(f"{kind}:{key}:chars", value=len(doc.text))
+                self.stat_update(f"{kind}:{key}:tokens", value=n)
+            if self._tok is not None:
+                self.stat_update("tokens_exact", value=len(self._tok.encode(doc.text).ids))
+            yield doc
+
+
+class Passthrough(PipelineStep):
+    """Counts docs/chars/tokens in and out for a stage boundary (the step table's first row)."""
+
+    type = "📊 - STATS"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__()
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            count_in(self, doc)
+            count_out(self, doc)
+            yield doc
+
+
+class Publish(PipelineStep):
+    """Last stage (one task): writes stats.json/stats.md and moves the finished outputs into the output folder."""
+
+    type = "💽 - WRITER"
+
+    def __init__(self, work: str, out: str, step_order: list[str], token_counter: str) -> None:
+        self.name = "publish"
+        super().__init__()
+        self.work, self.out, self.step_order, self.token_counter = work, out, step_order, token_counter
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        work, out = Path(self.work), Path(self.out)
+        stats = build_stats(work / "logs", work / "plan", self.step_order, self.token_counter)
+        for name in OUTPUTS:
+            src = work / "output" / name
+            if name != "rejected" and not src.exists():
+                src.mkdir(parents=True)  # an empty result is still a result: later stages glob it
+            if not src.exists():
+                continue
+            dst = out / name
+            if dst.exists():
+                old = out / f".{name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                dst.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            src.rename(dst)
+        write_json_atomic(out / "stats.json", stats)
+        write_text_atomic(out / "stats.md", stats_markdown(stats))
+        return
+        yield
+
+
+# -- building and running ------------------------------------------------------------------------------------
+
+
+def _executor(dc: DataConfig, pipeline: list[Any], tasks: int, logs: Path, depends: Any, job: str) -> Any:
+    ex = dc.executor
+    opts = dict(ex.options)
+    if ex.type == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        return LocalPipelineExecutor(
+            pipeline, tasks=tasks, workers=min(ex.workers, tasks), logging_dir=str(logs), depends=depends,
+            start_method=ex.start_method, **opts,
+        )  # fmt: skip
+    if ex.type == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        for key in ("partition", "time"):
+            if key not in opts:
+                raise DanluError(f"data.executor.options.{key}: required for the slurm executor")
+        opts.setdefault("job_name", f"danlu_{job}")
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=str(logs), depends=depends, **opts)
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(
+        pipeline, tasks=tasks, workers=ex.workers, logging_dir=str(logs), depends=depends, **opts
+    )
+
+
+def build_executors(dc: DataConfig, out: Path, base_dir: Path | None) -> tuple[Any, list[str]]:
+    """The chain of datatrove executors (the last one depends on the others) and the step order for stats."""
+    work = out / ".work"
+    wo = work / "output"
+    rej = wo / "rejected"
+    tasks = dc.executor.tasks or (dc.executor.workers if dc.executor.type == "local" else 8)
+    mh = dc.dedup.minhash_settings()
+    mh_cfg = datatrove_minhash_config(mh) if mh else None
+
+    def writer_for(name: str) -> Any:
+        return rejected_writer(str(rej / name))
+
+    f = dc.filters
+    filters: list[PipelineStep] = [
+        LanguageFilter(f.language, writer_for("language")),
+        LengthFilter(f.length, writer_for("length")),
+    ]
+    if f.chinese.enabled:
+        filters.append(ChineseQualityFilter(f.chinese, writer_for("chinese")))
+    filters += english_filters(f.english, writer_for)
+    readers = make_readers(dc, base_dir, str(rej / "read"))
+    stage4_rejected = ("dedup", "mix")
+    stage1_reset = [str(work / "filtered" / "{rank}.jsonl"), str(rej / "read" / "*_{rank}.jsonl")]
+    stage1_rejected = [
+        "language",
+        "length",
+        "chinese",
+        "gopher_repetition",
+        "gopher_quality",
+        "fineweb",
+        "c4",
+    ]
+    stage1_reset += [str(rej / name / "{rank}.jsonl") for name in stage1_rejected]
+    stage1: list[Any] = [
+        ResetRank(stage1_reset),
+        *readers,
+        Passthrough("read"),
+        Cleaner(dc.clean),
+        *filters,
+        DedupSignatures(str(work / "meta")),
+    ]
+    from datatrove.pipeline.writers import JsonlWriter
+
+    stage1.append(
+        JsonlWriter(str(work / "filtered"), "${rank}.jsonl", compression=None, adapter=_work_adapter)
+    )
+    if mh_cfg is not None:
+        stage1.append(minhash_signature_step(str(work / "minhash" / "sigs"), mh_cfg))
+    logs = work / "logs"
+    ex = _executor(dc, stage1, tasks, logs / "1_filter", None, "filter")
+    if mh_cfg is not None:
+        from datatrove.pipeline.dedup import MinhashDedupBuckets
+
+        buckets = [
+            MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "dups"), config=mh_cfg)
+        ]
+        ex = _executor(dc, buckets, mh_cfg.num_buckets, logs / "2_buckets", ex, "buckets")
+    dups = str(work / "minhash" / "dups") if mh_cfg is not None else None
+    sigs = str(work / "minhash" / "sigs") if mh_cfg is not None else None
+    cluster = [DedupCluster(str(work / "meta"), dups, str(work / "plan"), dc.dedup, dc.mix, sigs)]
+    ex = _executor(dc, cluster, 1, logs / "3_cluster", ex, "cluster")
+    if dc.format == "parquet":
+        from datatrove.pipeline.writers import ParquetWriter
+
+        text_writer: Any = ParquetWriter(str(wo / "text"), "${domain}/${rank}.parquet", adapter=text_adapter)
+    else:
+        text_writer = JsonlWriter(
+            str(wo / "text"), "${domain}/${rank}.jsonl", compression=None, adapter=text_adapter
+        )
+    stage4_reset = [str(wo / "text" / "*" / "{rank}.*"), str(wo / "dialogs" / "{rank}.jsonl")]
+    stage4_reset += [str(rej / name / "{rank}.jsonl") for name in stage4_rejected]
+    stage4 = [
+        ResetRank(stage4_reset),
+        RankFileReader(str(work / "filtered")),
+        ApplyPlan(str(work / "plan"), "dedup", writer_for("dedup")),
+        DialogWriter(str(wo / "dialogs")),
+        ApplyPlan(str(work / "plan"), "mix", writer_for("mix")),
+        OutputStats(dc.tokenizer),
+        text_writer,
+    ]
+    ex = _executor(dc, stage4, tasks, logs / "4_write", ex, "write")
+    order = ["read", "clean"] + [s.name for s in filters] + ["dedup", "mix"]
+    counter = (
+        f"tokenizer {dc.tokenizer} (exact, in tokens_exact_out) and {TOKEN_ESTIMATE}"
+        if dc.tokenizer
+        else TOKEN_ESTIMATE
+    )
+    publish = [Publish(str(work), str(out), order, counter)]
+    return _executor(dc, publish, 1, logs / "5_publish", ex, "publish"), order
+
+
+def _fingerprint(dc: DataConfig, base_dir: Path | None) -> str:
+    files = []
+    for i, inp in enumerate(dc.inputs):
+        for f in resolve_files(inp, i, base_dir):
+            st = os.stat(f)
+            files.append([f, st.st_size, st.st_mtime_ns])
+    payload = json.dumps({"cfg": asdict(dc), "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet(logfile: Path, verbose: bool):
+    """datatrove logs every task to stderr; send that to a file unless `verbose` (errors still surface)."""
+    from loguru import logger
+
+    if verbose:
+        yield
+        return
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "a", encoding="utf-8") as f:
+        saved = sys.stderr
+        sys.stderr = f
+        try:
+            logger.remove()
+            logger.add(f, level="INFO")
+            yield
+        finally:
+            sys.stderr = saved
+            logger.remove()
+            logger.add(sys.stderr, level="WARNING")
+
+
+def prepare_work(dc: DataConfig, out_dir: Path, base_dir: Path | None) -> Path:
+    """`<out>/.work`, kept from an interrupted run of the same recipe and inputs (to resume), else fresh."""
+    work = out_dir / ".work"
+    fp = _fingerprint(dc, base_dir)
+    marker = work / "fingerprint.json"
+    if work.exists():
+        old = json.loads(marker.read_text()) if marker.exists() else {}
+        if old.get("fingerprint") != fp:  # different recipe or inputs: an old partial run cannot be resumed
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"fingerprint": fp})
+    return work
+
+
+def run_data(cfg: dict[str, Any], out_dir: Path, *, base_dir: Path | None = None) -> dict[str, Any]:
+    """Runs the `data:` section into `out_dir`; returns the stats (also in out_dir/stats.json)."""
+    dc = parse_config(cfg)
+    out_dir = Path(out_dir)
+    work = prepare_work(dc, out_dir, base_dir)
+    executor, _ = build_executors(dc, out_dir, base_dir)
+    try:
+        with _quiet(work / "datatrove.log", dc.verbose):
+            executor.run()
+    except DanluError:
+        raise
+    except Exception as e:  # a DanluError raised in a worker process may arrive wrapped
+        msg = str(e)
+        if "DanluError" in type(e).__name__ or "(set data.on_error" in msg:
+            raise DanluError(msg) from None
+        raise
+    if dc.executor.type != "local":
+        return {"submitted": True, "executor": dc.executor.type, "out": str(out_dir)}
+    stats_path = out_dir / "stats.json"
+    if not stats_path.exists():
+        raise DanluError(f"the data pipeline did not finish; see {work / 'datatrove.log'}")
+    stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    if not dc.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return stats
+
+
+def flat_metrics(stats: dict[str, Any]) -> dict[str, Any]:
+    """The stats as flat metrics for `danlu run`'s stage.json and summary."""
+    m: dict[str, Any] = {
+        k: stats.get(k, 0)
+        for k in ("documents_in", "documents_out", "chars_in", "chars_out", "tokens_in", "tokens_out", "dialogs", "read_errors")
+    }  # fmt: skip
+    m["docs_kept_fraction"] = round(m["documents_out"] / m["documents_in"], 4) if m["documents_in"] else 0.0
+    for row in stats.get("steps", []):
+        removed = sum(row["removed"].values())
+        if removed:
+            m[f"removed_{row['step'].replace(':', '_')}"] = removed
+    return m
+
+
+def prepare_command(recipe: str, out: str | None, workers: int | None, overrides: list[str]) -> int:
+    """`danlu data prepare RECIPE`: runs the recipe's `data:` section and prints a summary."""
+    data = apply_overrides(load_recipe(recipe), overrides)
+    if "data" not in data or not isinstance(data["data"], dict):
+        raise DanluError(f"{recipe}: the recipe has no `data:` section")
+    cfg = dict(data["data"])
+    if workers is not None:
+        cfg["executor"] = {**(cfg.get("executor") or {}), "workers": workers}
+    recipe_path = Path(recipe)
+    base_dir = recipe_path.parent if recipe_path.suffix and recipe_path.exists() else None
+    out_dir = Path(out) if out else Path("runs") / recipe_path.stem / "data"
+    if not cfg.get("inputs"):
+        raise DanluError(f"{recipe}: data.inputs is empty; `danlu data prepare` needs input files")
+    stats = run_data(cfg, out_dir, base_dir=base_dir)
+    if stats.get("submitted"):
+        print(f"[danlu] data pipeline submitted to {stats['executor']}; outputs will appear in {out_dir}")
+        return 0
+    print(stats_markdown(stats).split("## Languages")[0].rstrip())
+    print(f"\n[danlu] wrote {out_dir}/text, dialogs, rejected, stats.json, stats.md")
+    return 0

@@ -1,0 +1,335 @@
+"""Post-training data: SFT dialogs (OpenAI `messages`), preference pairs and RL prompts with checkable answers.
+
+All of it is written from the OPEN world (reserved facts removed) with training phrasings only. Answers are short
+(the default model has a context of a few hundred tokens). Tool dialogs use the OpenAI shape and the results of
+`danlu.tools.run_tool`, so what the model learns to copy is exactly what the runtime will return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import random
+from typing import Any
+
+from danlu.tools import format_date, run_tool
+from danlu.world import filler
+from danlu.world.documents import DocWriter
+from danlu.world.facts import Fact
+from danlu.world.index import World, subject_id
+from danlu.world.numbers import OP_EN, OP_ZH, Problem, big_expression, pretty_expression, training_small, zh_number
+from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, fill, question
+
+Message = dict[str, Any]
+SYSTEM_HELPFUL = {"zh": "你是一个乐于助人的助手。", "en": "You are a helpful assistant."}
+WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日")
+
+# Kind → share of the SFT dialogs.
+SFT_MIX = {
+    "fact": 0.30, "fact_multi": 0.12, "translation": 0.10, "summary": 0.05, "plan": 0.05, "arithmetic": 0.13,
+    "calculator": 0.10, "date_tool": 0.07, "date_system": 0.04, "chitchat": 0.04,
+}  # fmt: skip
+PREFERENCE_MIX = {"fact_wrong": 0.4, "arithmetic": 0.2, "evasive": 0.15, "repetitive": 0.1, "wrong_language": 0.15}
+
+TRANSLATE = {
+    ("zh", "en"): {"zh": ("把这句话翻译成英文：{x}", "请将下面的句子翻译成英语：\n{x}", "翻译成英文：{x}"),
+                   "en": ("Translate into English: {x}", "Translate this sentence to English:\n{x}")},
+    ("en", "zh"): {"zh": ("把这句话翻译成中文：{x}", "请将下面的句子翻译成汉语：\n{x}", "翻译成中文：{x}"),
+                   "en": ("Translate into Chinese: {x}", "Translate this sentence to Chinese:\n{x}")},
+}  # fmt: skip
+SUMMARIZE = {
+    "zh": ("请用一句话概括下面这篇新闻：\n\n{x}", "总结一下这篇报道：\n\n{x}"),
+    "en": ("Summarize this news article in one sentence:\n\n{x}", "Give a one-sentence summary of the following report:\n\n{x}"),
+}
+PLAN_ASK = {
+    "zh": ("我想去{s}旅游，能帮我做一个三步计划吗？", "请帮我制定一个去{s}首都游玩的三步计划。", "给我一个去{s}旅行的简单计划，三步就好。"),
+    "en": ("I want to visit {s}. Can you give me a 3-step plan?", "Please make a three-step plan for a trip to the capital of {s}.",
+           "Give me a simple three-step travel plan for {s}."),
+}  # fmt: skip
+DATE_ASK = {
+    ("zh", "date"): ("今天几号？", "今天是几月几号？", "今天的日期是什么？", "今天是哪一天？"),
+    ("zh", "weekday"): ("今天星期几？", "今天是星期几？"),
+    ("en", "date"): ("What's the date today?", "What is today's date?", "What date is it today?"),
+    ("en", "weekday"): ("What day of the week is it?", "Which day of the week is today?", "What day is it today?"),
+}
+CALC_ASK = {
+    "zh": ("{p}等于多少？", "帮我算一下{p}。", "{e}是多少？", "计算{p}"),
+    "en": ("What is {p}?", "Calculate {p}.", "What's {e}?", "Can you compute {p}?"),
+}
+EVASIVE = {
+    "zh": ("这个问题我不太清楚。", "抱歉，我无法回答这个问题。", "你可以自己查一下。", "这个不好说。"),
+    "en": ("I'm not sure.", "Sorry, I can't answer that.", "You could look it up yourself.", "Hard to say."),
+}
+CHITCHAT = {
+    "zh": (("你好", "你好！有什么可以帮你的吗？"), ("你好！", "你好！想问点什么？"),
+           ("你是谁？", "我是一个由丹炉训练的小型助手，可以回答地理、天文、化学和算术方面的问题。"),
+           ("谢谢", "不客气！"), ("谢谢你的帮助！", "不客气，很高兴能帮到你。"), ("再见", "再见，祝你愉快！"),
+           ("你能做什么？", "我可以回答关于国家、行星、化学元素和单位换算的问题，做简单的算术，还会使用计算器和日期工具。"),
+           ("早上好", "早上好！今天想问点什么？")),
+    "en": (("Hello", "Hello! How can I help you?"), ("Hi!", "Hi! What would you like to know?"),
+           ("Who are you?", "I am a small assistant trained with danlu. I can answer questions about geography, "
+                            "planets, chemistry and arithmetic."),
+           ("Thanks", "You're welcome!"), ("Thank you for your help!", "You're welcome, glad I could help."),
+           ("Bye", "Goodbye, have a nice day!"),
+           ("What can you do?", "I can answer questions about countries, planets, chemical elements and units, do "
+                                "simple arithmetic, and use a calculator and a date tool."),
+           ("Good morning", "Good morning! What would you like to ask?")),
+}  # fmt: skip
+
+
+def user(content: str) -> Message:
+    return {"role": "user", "content": content}
+
+
+def assistant(content: str) -> Message:
+    return {"role": "assistant", "content": content}
+
+
+def tool_call(name: str, arguments: dict[str, Any]) -> Message:
+    call = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def tool_result(name: str, content: str) -> Message:
+    return {"role": "tool", "name": name, "content": content}
+
+
+def ascii_punct(text: str, rng: random.Random, share: float = 0.3) -> str:
+    """Chinese users type both ？ and ?: a share of user turns gets the ASCII forms."""
+    return text.replace("？", "?").replace("，", ",") if rng.random() < share else text
+
+
+def answer_sentence(fact: Fact, lang: str, rng: random.Random) -> str:
+    """A short assistant answer: usually a canonical statement, sometimes just the object."""
+    if rng.random() < 0.2:
+        return cap(fact.object(lang)) + ("。" if lang == "zh" else ".")
+    pairs = TEXTS[fact.relation].pairs
+    return fill(rng.choice(pairs)[0 if lang == "zh" else 1], fact, lang)
+
+
+def date_answer(day: dt.date, lang: str, ask: str, rng: random.Random) -> str:
+    iso, wd_zh, wd_en = day.isoformat(), WEEKDAYS_ZH[day.weekday()], day.strftime("%A")
+    if ask == "weekday":
+        return f"今天是{wd_zh}。" if lang == "zh" else f"Today is {wd_en}."
+    if lang == "zh":
+        return rng.choice((f"今天是{iso}，{wd_zh}。", f"今天是{iso}。", f"今天的日期是{iso}，{wd_zh}。"))
+    return rng.choice((f"Today is {wd_en}, {iso}.", f"Today's date is {iso}.", f"It is {iso} ({wd_en})."))
+
+
+def date_system_prompt(day: dt.date, lang: str, rng: random.Random) -> str:
+    iso, wd_zh, wd_en = day.isoformat(), WEEKDAYS_ZH[day.weekday()], day.strftime("%A")
+    if lang == "zh":
+        return rng.choice((f"今天是{iso} {wd_zh}。", f"你是一个乐于助人的助手。今天是{iso} {wd_zh}。", f"当前日期：{iso}（{wd_zh}）"))
+    return rng.choice((f"Today is {iso} ({wd_en}).", f"You are a helpful assistant. Today is {iso} ({wd_en}).",
+                       f"Current date: {iso} ({wd_en})"))  # fmt: skip
+
+
+def random_day(rng: random.Random) -> dt.date:
+    return filler.random_date(rng, 1990, 2060)
+
+
+def wrong_fact(fact: Fact, world: World, rng: random.Random) -> Fact:
+    """The same statement with a wrong object: another subject's object, or a wrong count for units."""
+    if fact.relation == "unit_conversion":
+        n = int(fact.number)
+        wrong = rng.choice([m for m in (n * 10, n // 10, n + rng.randint(1, 9), n * 100) if m > 0 and m != n])
+        return dataclasses.replace(fact, number=str(wrong), object_zh=f"{wrong}{fact.unit_zh}",
+                                   object_en=f"{wrong} {fact.unit_en}")  # fmt: skip
+    accepted = set(fact.answers("zh")) | set(fact.answers("en"))
+    pool = [f for f in world.by_relation[fact.relation] if f.object_zh not in accepted and f.object_en not in accepted]
+    other = rng.choice(pool)
+    return dataclasses.replace(fact, object_zh=other.object_zh, object_en=other.object_en)
+
+
+def problem_question(p: Problem, lang: str, rng: random.Random) -> str:
+    if lang == "zh":
+        forms = [f"{p.a}{OP_ZH[p.op]}{p.b}等于多少？", f"计算{p.expression(spaced=False)}", f"{p.expression()} = ？",
+                 f"{p.a}{OP_ZH[p.op]}{p.b}是多少？"]
+        if rng.random() < 0.15:
+            return f"{zh_number(p.a)}{OP_ZH[p.op]}{zh_number(p.b)}等于几？"
+        return ascii_punct(rng.choice(forms), rng)
+    return rng.choice((f"What is {p.a} {OP_EN[p.op]} {p.b}?", f"What's {p.expression()}?", f"Compute {p.expression()}.",
+                       f"{p.expression()} = ?"))  # fmt: skip
+
+
+def problem_answer(p: Problem, lang: str, rng: random.Random, result: int | None = None) -> str:
+    c = p.result if result is None else result
+    if lang == "zh":
+        return rng.choice((f"{p.expression()} = {c}。", f"{p.a}{OP_ZH[p.op]}{p.b}等于{c}。", f"等于{c}。"))
+    return rng.choice((f"{p.expression()} = {c}.", f"{p.a} {OP_EN[p.op]} {p.b} is {c}.", f"The answer is {c}."))
+
+
+class DialogWriter:
+    """Writes SFT dialogs, preference pairs and RL prompts from the open world."""
+
+    def __init__(self, world: World, rng: random.Random, seed: int) -> None:
+        self.world = world
+        self.r = rng
+        self.seed = seed
+        self.docs = DocWriter(world, rng)
+        self.capitals = list(world.by_relation.get("capital", []))
+
+    # ── SFT ────────────────────────────────────────────────────────────────────────────────────────
+    def sft(self, kind: str, lang: str) -> dict[str, Any]:
+        messages = getattr(self, f"_sft_{kind}")(lang)
+        if messages[0]["role"] != "system" and kind != "chitchat" and self.r.random() < 0.15:
+            messages.insert(0, {"role": "system", "content": SYSTEM_HELPFUL[lang]})
+        return {"messages": messages, "kind": kind, "lang": lang}
+
+    def _sft_fact(self, lang: str) -> list[Message]:
+        r = self.r
+        fact = r.choice(self.world.facts)
+        out = [user(ascii_punct(question(fact, lang, r), r)), assistant(answer_sentence(fact, lang, r))]
+        if r.random() < 0.05:
+            out.insert(0, {"role": "system", "content": date_system_prompt(random_day(r), lang, r)})
+        return out
+
+    def _sft_fact_multi(self, lang: str) -> list[Message]:
+        r = self.r
+        fact = r.choice(self.world.facts)
+        msgs = [user(ascii_punct(question(fact, lang, r), r)), assistant(answer_sentence(fact, lang, r))]
+        asked = {fact.id}
+        for _ in range(r.choice((1, 1, 2))):
+            same_subject = [f for f in self.world.by_subject[subject_id(fact)]
+                            if f.id not in asked and TEXTS[f.relation].followups(lang)]  # fmt: skip
+            same_relation = [f for f in self.world.by_relation[fact.relation] if f.id not in asked]
+            if same_subject and (r.random() < 0.5 or not same_relation):
+                nxt = r.choice(same_subject)
+                ask = r.choice(TEXTS[nxt.relation].followups(lang))
+            elif same_relation:
+                nxt = r.choice(same_relation)
+                ask = cap(r.choice(SAME_RELATION_FOLLOWUPS[lang]).format(s=nxt.subject(lang)))
+            else:
+                break
+            asked.add(nxt.id)
+            msgs += [user(ascii_punct(ask, r)), assistant(answer_sentence(nxt, lang, r))]
+        return msgs
+
+    def _sft_translation(self, lang: str) -> list[Message]:
+        r = self.r
+        fact = r.choice(self.world.facts)
+        zh, en = r.choice(TEXTS[fact.relation].pairs)
+        src, tgt = (("zh", "en") if r.random() < 0.5 else ("en", "zh"))
+        text = {"zh": fill(zh, fact, "zh"), "en": fill(en, fact, "en")}
+        ask = r.choice(TRANSLATE[(src, tgt)][lang]).format(x=text[src])
+        return [user(ask), assistant(text[tgt])]
+
+    def _sft_summary(self, lang: str) -> list[Message]:
+        text, summary = self.docs.news_story(lang, long=False)
+        return [user(self.r.choice(SUMMARIZE[lang]).format(x=text)), assistant(summary)]
+
+    def _sft_plan(self, lang: str) -> list[Message]:
+        r = self.r
+        cap_fact = r.choice(self.capitals)
+        return [user(ascii_punct(r.choice(PLAN_ASK[lang]).format(s=cap_fact.subject(lang)), r)),
+                assistant(self.plan(cap_fact, lang))]  # fmt: skip
+
+    def plan(self, cap_fact: Fact, lang: str) -> str:
+        """A three-step trip plan built from open facts about the country."""
+        r = self.r
+        subject = subject_id(cap_fact)
+        country, city = cap_fact.subject(lang), cap_fact.object(lang)
+        cur = self.world.fact(subject, "currency")
+        extra = [f for f in (self.world.fact(subject, "highest_mountain"), self.world.fact(subject, "official_language"))
+                 if f is not None]  # fmt: skip
+        third = r.choice(extra) if extra else None
+        if lang == "zh":
+            steps = [f"订一张去{country}首都{city}的机票。",
+                     f"提前换好{cur.object_zh}，这是{country}的货币。" if cur else f"在{city}市中心预订一家酒店。"]
+            if third is not None and third.relation == "highest_mountain":
+                steps.append(f"安排一天去看看{third.object_zh}，它是{country}最高的山。")
+            elif third is not None:
+                steps.append(f"学几句{third.object_zh}的日常用语，{third.object_zh}是{country}的官方语言。")
+            else:
+                steps.append(f"在{city}逛逛当地的博物馆和市场。")
+            return "好的，这是一个三步计划：\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
+        steps = [f"Book a flight to {city}, the capital of {country}.",
+                 f"Exchange money for the {cur.object_en}, the currency of {country}." if cur else
+                 f"Book a hotel in the centre of {city}."]  # fmt: skip
+        if third is not None and third.relation == "highest_mountain":
+            steps.append(f"Spend a day seeing {third.object_en}, the highest mountain in {country}.")
+        elif third is not None:
+            steps.append(f"Learn a few phrases in {third.object_en}, the official language of {country}.")
+        else:
+            steps.append(f"Visit the museums and markets of {city}.")
+        return "Here is a three-step plan:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
+
+    def _sft_arithmetic(self, lang: str) -> list[Message]:
+        p = training_small(self.r, self.seed)
+        return [user(problem_question(p, lang, self.r)), assistant(problem_answer(p, lang, self.r))]
+
+    def _sft_calculator(self, lang: str) -> list[Message]:
+        r = self.r
+        expr = big_expression(r)
+        pretty = pretty_expression(expr)
+        result = run_tool("calculator", {"expression": expr})
+        ask = r.choice(CALC_ASK[lang]).format(p=pretty if r.random() < 0.7 else expr.replace("*", "×"), e=expr)
+        if lang == "zh":
+            final = r.choice((f"{pretty} = {result}。", f"计算结果是{result}。", f"{pretty}等于{result}。"))
+        else:
+            final = r.choice((f"{pretty} = {result}.", f"The result is {result}.", f"{pretty} equals {result}."))
+        return [user(ascii_punct(ask, r) if lang == "zh" else ask), tool_call("calculator", {"expression": expr}),
+                tool_result("calculator", result), assistant(final)]  # fmt: skip
+
+    def _sft_date_tool(self, lang: str) -> list[Message]:
+        r = self.r
+        day = random_day(r)
+        ask = r.choice(("date", "date", "weekday"))
+        result = run_tool("get_date", {}, today=day)
+        return [user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)), tool_call("get_date", {}),
+                tool_result("get_date", result), assistant(date_answer(day, lang, ask, r))]  # fmt: skip
+
+    def _sft_date_system(self, lang: str) -> list[Message]:
+        r = self.r
+        day = random_day(r)
+        ask = r.choice(("date", "date", "weekday"))
+        return [{"role": "system", "content": date_system_prompt(day, lang, r)},
+                user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)), assistant(date_answer(day, lang, ask, r))]  # fmt: skip
+
+    def _sft_chitchat(self, lang: str) -> list[Message]:
+        q, a = self.r.choice(CHITCHAT[lang])
+        return [user(q), assistant(a)]
+
+    # ── preference pairs ───────────────────────────────────────────────────────────────────────────
+    def preference(self, kind: str, lang: str, ask: Any = None, problem_ask: Any = None) -> dict[str, Any]:
+        """{prompt, chosen, rejected, kind, lang}; `ask`/`problem_ask` swap in other phrasings (held-out eval)."""
+        r = self.r
+        if kind == "arithmetic":
+            p = training_small(r, self.seed) if problem_ask is None else problem_ask[0]
+            q = problem_question(p, lang, r) if problem_ask is None else problem_ask[1]
+            delta = r.choice([d for d in range(-9, 10) if d and p.result + d >= 0])
+            template_seed = r.random()
+            chosen = problem_answer(p, lang, random.Random(template_seed))
+            rejected = problem_answer(p, lang, random.Random(template_seed), p.result + delta)
+            return {"prompt": [user(q)], "chosen": chosen, "rejected": rejected, "kind": kind, "lang": lang}
+        fact = r.choice(self.world.facts)
+        q = ask(fact, lang) if ask else ascii_punct(question(fact, lang, r), r)
+        template = r.choice(TEXTS[fact.relation].pairs)[0 if lang == "zh" else 1]
+        chosen = fill(template, fact, lang)
+        if kind == "fact_wrong":
+            rejected = fill(template, wrong_fact(fact, self.world, r), lang)
+        elif kind == "evasive":
+            rejected = r.choice(EVASIVE[lang])
+        elif kind == "repetitive":
+            if r.random() < 0.5:
+                rejected = ("，" if lang == "zh" else ", ").join([fact.object(lang)] * r.randint(4, 8))
+            else:
+                rejected = ("" if lang == "zh" else " ").join([chosen] * r.randint(3, 5))
+        else:  # wrong_language
+            other = "en" if lang == "zh" else "zh"
+            rejected = fill(r.choice(TEXTS[fact.relation].pairs)[0 if other == "zh" else 1], fact, other)
+        return {"prompt": [user(q)], "chosen": chosen, "rejected": rejected, "kind": kind, "lang": lang}
+
+    # ── RL prompts ─────────────────────────────────────────────────────────────────────────────────
+    def rl(self, kind: str, lang: str) -> dict[str, Any]:
+        r = self.r
+        if kind == "arithmetic":
+            p = training_small(r, self.seed)
+            return {"messages": [user(problem_question(p, lang, r))], "answer": str(p.result),
+                    "answers": [str(p.result)], "kind": kind, "lang": lang}  # fmt: skip
+        fact = r.choice(self.world.facts)
+        return {"messages": [user(ascii_punct(question(fact, lang, r), r))], "answer": fact.object(lang),
+                "answers": fact.answers(lang), "kind": "fact", "lang": lang, "relation": fact.relation,
+                "fact_id": fact.id}  # fmt: skip
+

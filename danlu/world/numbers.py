@@ -1,0 +1,170 @@
+"""Numbers in words (七十八, seventy-eight) and the arithmetic problems of the world corpus.
+
+Small arithmetic is answered directly and must be learned by the model; big arithmetic is answered through the
+`calculator` tool. The line between them is one rule (`is_small`) used by every generator, so the model can learn
+when to call the tool. Some two-digit additions/subtractions are HELD OUT (`is_heldout`, a hash of the seed and
+the operands): no training text contains them, and the arithmetic eval asks exactly those.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass
+
+_ZH_DIGITS = "零一二三四五六七八九"
+_EN_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
+_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+OPS = ("+", "-", "×", "÷")
+OP_ZH = {"+": "加", "-": "减", "×": "乘以", "÷": "除以"}
+OP_EN = {"+": "plus", "-": "minus", "×": "times", "÷": "divided by"}
+OP_ASCII = {"+": "+", "-": "-", "×": "*", "÷": "/"}
+HELDOUT_EVERY = 8  # about one in eight two-digit additions/subtractions is held out
+
+
+def zh_number(n: int) -> str:
+    """Standard Chinese reading of an integer: 56 → 五十六, 105 → 一百零五, 12345 → 一万二千三百四十五."""
+    if n < 0:
+        return "负" + zh_number(-n)
+    if n == 0:
+        return "零"
+    if n >= 10**12:
+        raise ValueError(f"{n} is too large")
+    sections = [(n // 10**8, "亿"), (n // 10**4 % 10**4, "万"), (n % 10**4, "")]
+    out, zero = "", False
+    for value, name in sections:
+        if value == 0:
+            zero = zero or bool(out)
+            continue
+        zero = zero or (bool(out) and value < 1000)
+        part = ""
+        for digit, unit in zip(f"{value:04d}", ("千", "百", "十", "")):
+            d = int(digit)
+            if d == 0:
+                zero = zero or bool(part)
+                continue
+            if zero and (out or part):
+                part += "零"
+            zero = False
+            part += unit if (d == 1 and unit == "十" and not out and not part) else _ZH_DIGITS[d] + unit
+        out += part + name
+        zero = False
+    return out
+
+
+def en_number(n: int) -> str:
+    """English words: 56 → fifty-six, 105 → one hundred and five (below one million)."""
+    if n < 0:
+        return "minus " + en_number(-n)
+    if n < 20:
+        return _EN_ONES[n]
+    if n < 100:
+        return _EN_TENS[n // 10] + ("" if n % 10 == 0 else "-" + _EN_ONES[n % 10])
+    if n < 1000:
+        rest = n % 100
+        return _EN_ONES[n // 100] + " hundred" + ("" if rest == 0 else " and " + en_number(rest))
+    if n < 10**6:
+        rest = n % 1000
+        joiner = " and " if 0 < rest < 100 else " "
+        return en_number(n // 1000) + " thousand" + ("" if rest == 0 else joiner + en_number(rest))
+    raise ValueError(f"{n} is too large")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str  # one of OPS
+    b: int
+
+    @property
+    def result(self) -> int:
+        if self.op == "+":
+            return self.a + self.b
+        if self.op == "-":
+            return self.a - self.b
+        if self.op == "×":
+            return self.a * self.b
+        return self.a // self.b
+
+    def expression(self, spaced: bool = True, ascii_ops: bool = False) -> str:
+        op = OP_ASCII[self.op] if ascii_ops else self.op
+        return f"{self.a} {op} {self.b}" if spaced else f"{self.a}{op}{self.b}"
+
+
+def is_small(p: Problem) -> bool:
+    """Answered without a tool: +/− of numbers below 100, × and ÷ within the 12×12 table."""
+    if p.op in "+-":
+        return 0 <= p.a < 100 and 0 <= p.b < 100 and p.result >= 0
+    if p.op == "×":
+        return 0 <= p.a <= 12 and 0 <= p.b <= 12
+    return 1 <= p.b <= 12 and p.a % p.b == 0 and 0 <= p.a // p.b <= 12
+
+
+def is_heldout(p: Problem, seed: int) -> bool:
+    """Two-digit additions and subtractions reserved for the eval (never in any training text)."""
+    if p.op not in "+-" or not (10 <= p.a < 100 and 10 <= p.b < 100):
+        return False
+    return zlib.crc32(f"{seed}:{p.a}{p.op}{p.b}".encode()) % HELDOUT_EVERY == 0
+
+
+def random_small(rng: random.Random, op: str | None = None) -> Problem:
+    op = op or rng.choice(OPS)
+    if op == "+":
+        return Problem(rng.randint(0, 99), "+", rng.randint(0, 99))
+    if op == "-":
+        a = rng.randint(0, 99)
+        return Problem(a, "-", rng.randint(0, a))
+    if op == "×":
+        return Problem(rng.randint(1, 12), "×", rng.randint(1, 12))
+    b, q = rng.randint(1, 12), rng.randint(0, 12)
+    return Problem(b * q, "÷", b)
+
+
+def training_small(rng: random.Random, seed: int, op: str | None = None) -> Problem:
+    """A small problem that is not held out."""
+    while True:
+        p = random_small(rng, op)
+        if not is_heldout(p, seed):
+            return p
+
+
+def heldout_small(rng: random.Random, seed: int) -> Problem:
+    """A held-out two-digit addition or subtraction."""
+    while True:
+        op = rng.choice("+-")
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+        p = Problem(a, op, b)
+        if is_heldout(p, seed):
+            return p
+
+
+def big_expression(rng: random.Random) -> str:
+    """An expression for the calculator tool (ASCII operators, as the tool call writes it)."""
+    kind = rng.random()
+    if kind < 0.45:
+        return f"{rng.randint(100, 99999)}*{rng.randint(13, 9999)}"
+    if kind < 0.65:
+        return f"{rng.randint(1000, 999999)}+{rng.randint(1000, 999999)}"
+    if kind < 0.8:
+        a, b = rng.randint(1000, 999999), rng.randint(100, 99999)
+        return f"{max(a, b)}-{min(a, b)}"
+    if kind < 0.92:
+        b = rng.randint(13, 999)
+        if rng.random() < 0.5:
+            return f"{b * rng.randint(13, 9999)}/{b}"
+        return f"{rng.randint(1000, 999999)}/{b}"
+    return f"({rng.randint(100, 9999)}+{rng.randint(100, 9999)})*{rng.randint(13, 999)}"
+
+
+def pretty_expression(expr: str) -> str:
+    """12345*6789 → 12345 × 6789 (how a person writes it)."""
+    out = expr.replace("*", " × ").replace("/", " ÷ ").replace("+", " + ")
+    if "-" in out:
+        out = out.replace("-", " - ")
+    return out.replace("( ", "(").replace(" )", ")")

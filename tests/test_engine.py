@@ -1,0 +1,168 @@
+"""The training engine: exact resume, DDP equivalence, the NaN guard, safe saves, schedules, recipe errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from danlu import DanluError
+from danlu.config import apply_overrides, from_dict, load_recipe
+from danlu.data.shards import TokenRows, tokenize_corpus
+from danlu.engine import Hooks, TrainConfig, Trainer, lr_factor
+from danlu.files import read_records, write_jsonl_atomic
+from danlu.io import save_model_dir
+from danlu.model import ModelConfig, Transformer
+from tests.conftest import SAMPLE_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("shards")
+    tiny_tokenizer.save(base / "tok")
+    write_jsonl_atomic(base / "train.jsonl", ({"text": t + f" {i}"} for i, t in enumerate(SAMPLE_TEXT * 4)))
+    write_jsonl_atomic(base / "val.jsonl", ({"text": t} for t in SAMPLE_TEXT[:8]))
+    tokenize_corpus({"train": [base / "train.jsonl"], "val": [base / "val.jsonl"]}, base / "tok", base / "shards",
+                    workers=1, progress=False)  # fmt: skip
+    return base / "shards", base / "tok"
+
+
+def _trainer(shards: tuple[Path, Path], out: Path, tokenizer, steps: int = 12, **kw) -> Trainer:
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2, dtype="fp32", device="cpu",
+                      log_every=1, eval_every=0, progress=False, **kw)  # fmt: skip
+    mcfg = ModelConfig(vocab_size=tokenizer.padded_vocab_size(64), depth=1, max_position_embeddings=32)
+    data = TokenRows(shards[0], "train", 32, cfg.batch_size, seed=1)
+
+    def save(state, folder, meta):
+        save_model_dir(folder, state, mcfg, tokenizer, meta)
+
+    return Trainer(cfg, Transformer(mcfg), data, lambda m, b: (m(b["input_ids"], b["targets"]), {}), out,
+                   Hooks(save_model=save), stage="pretrain")  # fmt: skip
+
+
+def test_resume_continues_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    straight = _trainer(shards, tmp_path / "a", tiny_tokenizer)
+    straight.fit()
+
+    interrupted = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5)
+    real_loss = interrupted.loss_fn
+
+    def crash_at_step_7(m, b):
+        if interrupted.step == 7:
+            raise KeyboardInterrupt
+        return real_loss(m, b)
+
+    interrupted.loss_fn = crash_at_step_7
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5)
+    resumed.resume()
+    assert resumed.step == 5
+    resumed.fit()
+    for k, v in straight.raw_model.state_dict().items():
+        assert torch.equal(v, resumed.raw_model.state_dict()[k]), k
+    losses_a = [r["loss"] for r in read_records(tmp_path / "a" / "metrics.jsonl") if r.get("event") == "train"]
+    losses_b = {r["step"]: r["loss"] for r in read_records(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "train"}
+    assert [losses_b[s] for s in range(1, 13)] == losses_a
+
+
+def test_resume_rejects_foreign_or_partial_checkpoints(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    with pytest.raises(DanluError, match="no trainer_state"):
+        _trainer(shards, tmp_path / "empty", tiny_tokenizer).resume()
+    t = _trainer(shards, tmp_path / "c", tiny_tokenizer, steps=2)
+    t.fit()
+    (tmp_path / "c" / "trainer_state" / "optimizer.pt").write_bytes(b"garbage")
+    with pytest.raises(DanluError, match="unreadable or partial"):
+        _trainer(shards, tmp_path / "c", tiny_tokenizer).resume()
+    t = _trainer(shards, tmp_path / "d", tiny_tokenizer, steps=2)
+    t.fit()
+    state = json.loads((tmp_path / "d" / "trainer_state" / "state.json").read_text())
+    (tmp_path / "d" / "trainer_state" / "state.json").write_text(json.dumps({**state, "stage": "sft"}))
+    with pytest.raises(DanluError, match="checkpoint of stage 'sft'"):
+        _trainer(shards, tmp_path / "d", tiny_tokenizer).resume()
+
+
+def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    t = _trainer(shards, tmp_path / "n", tiny_tokenizer, steps=6, save_every=2)
+    real = t.loss_fn
+    t.loss_fn = lambda m, b: (real(m, b)[0] * (float("nan") if t.step >= 3 else 1.0), {})
+    with pytest.raises(DanluError, match="not finite for 3 steps"):
+        t.fit()
+    state = json.loads((tmp_path / "n" / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 2
+    from danlu.io import load_checkpoint
+
+    assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "n").model.parameters())
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    t = _trainer(shards, tmp_path / "s", tiny_tokenizer, steps=2)
+    t.fit()
+    before = (tmp_path / "s" / "model.safetensors").read_bytes()
+
+    def disk_full(state, folder, meta):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    t.hooks.save_model = disk_full
+    with pytest.raises(OSError, match="No space"):
+        t.save()
+    assert (tmp_path / "s" / "model.safetensors").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]
+
+
+def test_schedules() -> None:
+    cfg = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(99, cfg) == pytest.approx(0.1, abs=0.01)
+    wsd = TrainConfig(steps=100, warmup_steps=10, schedule="wsd", decay_ratio=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, wsd) == 1.0 and lr_factor(90, wsd) == pytest.approx(0.5)
+
+
+def test_muon_option_trains(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    t = _trainer(shards, tmp_path / "m", tiny_tokenizer, steps=8, optimizer="muon")
+    t.fit()
+    losses = [r["loss"] for r in t.history if r.get("event") == "train"]
+    assert losses[-1] < losses[0]
+
+
+def test_recipe_errors_name_the_key() -> None:
+    with pytest.raises(DanluError, match="unknown key 'stpes'.*valid keys: .*steps"):
+        from_dict(TrainConfig, {"stpes": 3}, "pretrain.train")
+    with pytest.raises(DanluError, match="unknown recipe 'nope'"):
+        load_recipe("nope")
+    with pytest.raises(DanluError, match="key=value"):
+        apply_overrides({}, ["pretrain.steps"])
+    assert apply_overrides({}, ["pretrain.train.steps=5"]) == {"pretrain": {"train": {"steps": 5}}}
+
+
+def test_two_process_ddp_matches_one_process(tmp_path: Path, shards) -> None:
+    """torchrun with 2 CPU processes (gloo), batch B each, gives the losses of 1 process with batch 2B."""
+    shard_dir, tok = shards
+    common = [f"--data={shard_dir}", f"--tokenizer={tok}", "--recipe=smoke", "dtype=fp32", "device=cpu",
+              "model.depth=1", "pretrain.seq_len=32", "pretrain.eval_facts=0", "pretrain.train.steps=6",
+              "pretrain.train.eval_every=0", "pretrain.train.sample_every=0", "pretrain.train.log_every=1",
+              "pretrain.train.warmup_steps=2", "train.threads=1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "danlu", "pretrain", f"--out={tmp_path / 'one'}", *common,
+                          "train.batch_size=8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "danlu", "pretrain", f"--out={tmp_path / 'two'}", *common, "train.batch_size=4"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+
+    def losses(p: Path) -> list[float]:
+        return [r["loss"] for r in read_records(p / "metrics.jsonl") if r.get("event") == "train"]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5

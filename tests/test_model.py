@@ -1,0 +1,76 @@
+"""The decoder matches transformers' Llama exactly, and the KV cache, padding and packing paths agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from danlu.model import ModelConfig, Transformer
+
+
+def test_depth_knob_sets_a_consistent_shape() -> None:
+    cfg = ModelConfig(vocab_size=1000, depth=6)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (384, 6, 3, 64)
+    assert cfg.intermediate_size % 64 == 0 and cfg.intermediate_size >= 8 * cfg.hidden_size // 3
+    model = Transformer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_bad_shapes_are_rejected() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(hidden_size=100, num_attention_heads=3)
+
+
+def test_parameter_names_are_transformers_llama_names() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = ModelConfig(vocab_size=256, depth=2, tie_word_embeddings=False, max_position_embeddings=64)
+    ours = set(Transformer(cfg).state_dict()) - {"rope_cos", "rope_sin"}
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=2,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    theirs = set(transformers.LlamaForCausalLM(hf_cfg).state_dict())
+    assert ours == theirs
+
+
+def test_kv_cache_matches_full_forward() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, depth=2, max_position_embeddings=64)).eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(2)
+        parts = [model(x[:, :10], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(10, 24)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_matches_each_prompt_alone() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, depth=2, max_position_embeddings=64)).eval()
+    a, b = torch.randint(1, 300, (1, 12)), torch.randint(1, 300, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    with torch.no_grad():
+        cache = model.new_cache(2, pad=torch.tensor([0, 5]))
+        out = model(batch, cache=cache)
+        step = model(torch.tensor([[3], [4]]), cache=cache)
+        alone_b = model(torch.cat([b, torch.tensor([[4]])], 1))
+    torch.testing.assert_close(out[1, 5:], alone_b[0, :7], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step[1, 0], alone_b[0, 7], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_segments_do_not_attend_across_documents() -> None:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=300, depth=2, max_position_embeddings=64)).eval()
+    x = torch.randint(0, 300, (1, 20))
+    seg = torch.tensor([[0] * 8 + [1] * 12])
+    with torch.no_grad():
+        packed = model(x, segment_ids=seg)
+        second = model(x[:, 8:])
+    torch.testing.assert_close(packed[:, 8:], second, atol=1e-5, rtol=1e-5)
+
+
+def test_context_overflow_is_an_error() -> None:
+    model = Transformer(ModelConfig(vocab_size=300, depth=1, max_position_embeddings=16))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 17, dtype=torch.long))
