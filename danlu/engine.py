@@ -471,7 +471,7 @@ class Trainer:
                     loss_sum += loss.detach().float().item()
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
-                    tokens += int(batch["input_ids"].numel())
+                    tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
                 loss_value = all_reduce_mean(loss_sum / cfg.grad_accum, self.dist, self.device)
                 if not math.isfinite(loss_value):
                     for opt in self.optimizers:

@@ -83,7 +83,10 @@ def _file_signature(value: Any) -> Any:
             st = p.stat()
             return [value, st.st_size, st.st_mtime_ns]
         if p.is_dir():
-            return [value, sorted((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in p.rglob("*") if q.is_file())]
+            return [
+                value,
+                sorted((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in p.rglob("*") if q.is_file()),
+            ]
     return value
 
 
@@ -103,7 +106,9 @@ def run_pipeline(
     """Runs the recipe's stages in order into `run_dir`; returns the summary (also written to summary.json)."""
     stages = active_stages(recipe)
     if from_stage is not None and from_stage not in stages:
-        raise DanluError(f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}")
+        raise DanluError(
+            f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "recipe.json", recipe)
     summary_path = run_dir / "summary.json"
@@ -135,6 +140,7 @@ def run_pipeline(
             metrics = module.run_stage(ctx) or {}
         except DanluError as e:
             write_json_atomic(summary_path, summary)
+            write_run_report(run_dir)
             raise DanluError(f"stage {name!r} failed: {e} (earlier stages are intact in {run_dir})") from None
         seconds = round(time.time() - t0, 2)
         metrics = {**metrics, "seconds": seconds}
@@ -144,4 +150,19 @@ def run_pipeline(
         write_json_atomic(summary_path, summary)
         print(f"[danlu] {name}: done in {seconds:.1f}s")
     write_json_atomic(summary_path, summary)
+    write_run_report(run_dir)
     return summary
+
+
+def write_run_report(run_dir: Path) -> None:
+    """DIR/report.md and DIR/report.html after every run (also one that failed: what finished is reported).
+
+    A report that cannot be drawn must not turn a finished run into a failed one, so its error is printed only.
+    """
+    try:
+        from danlu.eval.report import write_report
+
+        _, page = write_report(run_dir)
+        print(f"[danlu] report: {page}")
+    except Exception as e:  # noqa: BLE001 - the run's results matter more than its pictures
+        print(f"[danlu] warning: could not write the report for {run_dir}: {e}")

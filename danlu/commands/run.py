@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from danlu.config import apply_overrides, load_recipe
     from danlu.runner import active_stages, run_pipeline
 
+    if args.only:  # `--only pretrain a.b=1`: overrides after the stage names
+        args.overrides += [s for s in args.only if "=" in s]
+        args.only = [s for s in args.only if "=" not in s]
     if "=" in args.recipe:  # `danlu run key=value` keeps the default recipe
         args.overrides.insert(0, args.recipe)
         args.recipe = "tiny"

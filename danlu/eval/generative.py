@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from danlu.generate import Generator, SamplingParams
+
+
+def fit_prompts(prompts: list[list[int]], window: int, max_tokens: int) -> tuple[list[list[int]], int]:
+    """Prompts cut from the left to leave room for generation in the model's window, and the tokens that fit.
+
+    Long held-out items (a news summary) must not crash a small-context model's evaluation; they lose their oldest
+    tokens, as lm-evaluation-harness does.
+    """
+    room = max(1, min(max_tokens, window // 2))
+    keep = window - room
+    cut = [p[-keep:] for p in prompts]
+    return cut, max(1, min(max_tokens, window - max(map(len, cut))))
 
 
 def normalize(text: str) -> str:
@@ -37,6 +50,8 @@ def completion_accuracy(
             prompts = [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk]
         else:
             prompts = [[tok.bos_id, *tok.encode(r["prompt"])] for r in chunk]
+        prompts, room = fit_prompts(prompts, generator.model.config.max_position_embeddings, max_tokens)
+        params.max_tokens = room
         for row, comp in zip(chunk, generator.generate(prompts, params)):
             answers = row.get("answers") or [row["answer"]]
             ok = contains_answer(comp.text, answers)
@@ -47,9 +62,91 @@ def completion_accuracy(
             by_lang[lang][1] += 1
             if len(examples) < keep_examples:
                 shown = row.get("prompt") or row["messages"][-1]["content"]
-                examples.append({"prompt": shown, "completion": comp.text, "answer": answers[0], "correct": bool(ok)})
+                examples.append(
+                    {"prompt": shown, "completion": comp.text, "answer": answers[0], "correct": bool(ok)}
+                )
     n = max(1, len(rows))
     out: dict[str, Any] = {"accuracy": round(correct / n, 4), "n": len(rows), "examples": examples}
     for lang, (c, t) in sorted(by_lang.items()):
         out[f"accuracy_{lang}"] = round(c / max(1, t), 4)
     return out
+
+
+# ───────────────────────── GSM8K-style exact match ─────────────────────────
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def canonical_number(text: str) -> str:
+    """'1,234.50' → '1234.5': answers compare as numbers, not strings."""
+    s = text.replace(",", "").strip().rstrip(".")
+    try:
+        value = float(s)
+    except ValueError:
+        return s
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def extract_reference(answer: str) -> str:
+    """GSM8K's reference: the number after `#### `; a bare number as it is."""
+    m = FINAL.search(answer)
+    if m:
+        return canonical_number(m.group(1))
+    found = NUMBER.findall(answer)
+    return canonical_number(found[-1]) if found else answer.strip()
+
+
+def extract_prediction(completion: str) -> str | None:
+    """The model's answer: after `####` when it wrote one (the format its shots teach), else its last number."""
+    m = FINAL.search(completion)
+    if m:
+        return canonical_number(m.group(1))
+    found = NUMBER.findall(completion)
+    return canonical_number(found[-1]) if found else None
+
+
+def gsm8k_prompt(question: str, shots: list[dict[str, Any]]) -> str:
+    parts = [f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots]
+    return "".join(parts) + f"Question: {question}\nAnswer:"
+
+
+def gsm8k_accuracy(
+    generator: Generator, rows: list[dict[str, Any]], *, shots: list[dict[str, Any]] | None = None,
+    chat: bool = False, max_tokens: int = 256, batch_size: int = 16, keep_examples: int = 3,
+) -> dict[str, Any]:  # fmt: skip
+    """Exact match of the extracted final number, greedy and batched (GSM8K: {question, answer ending `#### N`})."""
+    tok = generator.tokenizer
+    shots = shots or []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    if not chat:
+        params.stop = ["\n\nQuestion:", "Question:"]
+    window = generator.model.config.max_position_embeddings
+    correct, examples = 0, []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompts = []
+        for r in chunk:
+            if chat:
+                msgs: list[dict[str, str]] = []
+                for s in shots:
+                    msgs += [
+                        {"role": "user", "content": s["question"]},
+                        {"role": "assistant", "content": s["answer"]},
+                    ]
+                msgs.append({"role": "user", "content": r["question"]})
+                ids = tok.render_chat(msgs, add_generation_prompt=True)[0]
+            else:
+                ids = [tok.bos_id, *tok.encode(gsm8k_prompt(r["question"], shots))]
+            prompts.append(ids)
+        prompts, params.max_tokens = fit_prompts(prompts, window, max_tokens)
+        for row, comp in zip(chunk, generator.generate(prompts, params)):
+            ref = extract_reference(str(row["answer"]))
+            pred = extract_prediction(comp.text)
+            ok = pred is not None and pred == ref
+            correct += ok
+            if len(examples) < keep_examples:
+                examples.append({"prompt": row["question"], "completion": comp.text, "answer": ref,
+                                 "prediction": pred, "correct": ok})  # fmt: skip
+    return {"accuracy": round(correct / max(1, len(rows)), 4), "n": len(rows), "shots": len(shots),
+            "examples": examples}  # fmt: skip

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from danlu import DanluError
 from danlu.config import from_dict
-from danlu.model import IGNORE_INDEX, ModelConfig, Transformer
+from danlu.eval.bpb import bits_per_byte, token_bytes
+from danlu.model import ModelConfig, Transformer
 from danlu.runner import StageContext
 
 
@@ -35,32 +34,6 @@ def build_model_config(recipe_model: dict[str, Any], vocab_size: int, seq_len: i
     fields = {"max_position_embeddings": max(seq_len, int(recipe_model.get("max_position_embeddings", 0)))}
     cfg = from_dict(ModelConfig, {**recipe_model, **fields, "vocab_size": vocab_size}, "model")
     return cfg
-
-
-def token_bytes(tokenizer: Any, vocab: int) -> torch.Tensor:
-    """Bytes each token stands for (0 for special tokens and padding rows): the denominator of bits-per-byte."""
-    special = {tokenizer.token_to_id(t) for t in tokenizer.special_tokens}
-    sizes = [0 if i in special else len(tokenizer.piece_bytes(i)) for i in range(tokenizer.vocab_size)]
-    return torch.tensor(sizes + [0] * (vocab - len(sizes)), dtype=torch.float32)
-
-
-@torch.no_grad()
-def bits_per_byte(model: Transformer, batches: Any, tbytes: torch.Tensor) -> dict[str, float]:
-    """Mean loss (nats/token) and bits-per-byte: tokenizer-independent, so models with other vocabularies compare."""
-    nats = bytes_ = 0.0
-    loss_sum, count = 0.0, 0
-    device = model.lm_head.weight.device
-    tbytes = tbytes.to(device)
-    for batch in batches:
-        x, y = batch["input_ids"].to(device), batch["targets"].to(device)
-        per_token = model(x, y, reduction="none").float()
-        valid = y != IGNORE_INDEX
-        loss_sum += per_token[valid].sum().item()
-        count += int(valid.sum())
-        b = tbytes[y.clamp(min=0)] * valid
-        nats += (per_token * (b > 0)).sum().item()
-        bytes_ += b.sum().item()
-    return {"val_loss": loss_sum / max(1, count), "val_bpb": nats / (math.log(2) * max(1.0, bytes_))}
 
 
 def pretrain(

@@ -13,45 +13,86 @@ import json
 import random
 from typing import Any
 
-from danlu.tools import format_date, run_tool
+from danlu.tools import run_tool
 from danlu.world import filler
 from danlu.world.documents import DocWriter
 from danlu.world.facts import Fact
-from danlu.world.index import World, subject_id
-from danlu.world.numbers import OP_EN, OP_ZH, Problem, big_expression, pretty_expression, training_small, zh_number
-from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, fill, question
+from danlu.world.index import SHOWCASE, World, subject_id
+from danlu.world.numbers import (
+    OP_EN,
+    OP_ZH,
+    Problem,
+    big_expression,
+    pretty_expression,
+    training_small,
+    zh_number,
+)
+from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, end, fill, question
 
 Message = dict[str, Any]
+SHOWCASE_WEIGHT = 4
 SYSTEM_HELPFUL = {"zh": "你是一个乐于助人的助手。", "en": "You are a helpful assistant."}
 WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日")
 
 # Kind → share of the SFT dialogs.
 SFT_MIX = {
-    "fact": 0.30, "fact_multi": 0.12, "translation": 0.10, "summary": 0.05, "plan": 0.05, "arithmetic": 0.13,
-    "calculator": 0.10, "date_tool": 0.07, "date_system": 0.04, "chitchat": 0.04,
-}  # fmt: skip
-PREFERENCE_MIX = {"fact_wrong": 0.4, "arithmetic": 0.2, "evasive": 0.15, "repetitive": 0.1, "wrong_language": 0.15}
+    "fact": 0.30,
+    "fact_multi": 0.12,
+    "translation": 0.10,
+    "summary": 0.05,
+    "plan": 0.05,
+    "arithmetic": 0.13,
+    "calculator": 0.10,
+    "date_tool": 0.07,
+    "date_system": 0.04,
+    "chitchat": 0.04,
+}
+PREFERENCE_MIX = {
+    "fact_wrong": 0.4,
+    "arithmetic": 0.2,
+    "evasive": 0.15,
+    "repetitive": 0.1,
+    "wrong_language": 0.15,
+}
 
 TRANSLATE = {
-    ("zh", "en"): {"zh": ("把这句话翻译成英文：{x}", "请将下面的句子翻译成英语：\n{x}", "翻译成英文：{x}"),
-                   "en": ("Translate into English: {x}", "Translate this sentence to English:\n{x}")},
-    ("en", "zh"): {"zh": ("把这句话翻译成中文：{x}", "请将下面的句子翻译成汉语：\n{x}", "翻译成中文：{x}"),
-                   "en": ("Translate into Chinese: {x}", "Translate this sentence to Chinese:\n{x}")},
-}  # fmt: skip
+    ("zh", "en"): {
+        "zh": ("把这句话翻译成英文：{x}", "请将下面的句子翻译成英语：\n{x}", "翻译成英文：{x}"),
+        "en": ("Translate into English: {x}", "Translate this sentence to English:\n{x}"),
+    },
+    ("en", "zh"): {
+        "zh": ("把这句话翻译成中文：{x}", "请将下面的句子翻译成汉语：\n{x}", "翻译成中文：{x}"),
+        "en": ("Translate into Chinese: {x}", "Translate this sentence to Chinese:\n{x}"),
+    },
+}
 SUMMARIZE = {
     "zh": ("请用一句话概括下面这篇新闻：\n\n{x}", "总结一下这篇报道：\n\n{x}"),
-    "en": ("Summarize this news article in one sentence:\n\n{x}", "Give a one-sentence summary of the following report:\n\n{x}"),
+    "en": (
+        "Summarize this news article in one sentence:\n\n{x}",
+        "Give a one-sentence summary of the following report:\n\n{x}",
+    ),
 }
 PLAN_ASK = {
-    "zh": ("我想去{s}旅游，能帮我做一个三步计划吗？", "请帮我制定一个去{s}首都游玩的三步计划。", "给我一个去{s}旅行的简单计划，三步就好。"),
-    "en": ("I want to visit {s}. Can you give me a 3-step plan?", "Please make a three-step plan for a trip to the capital of {s}.",
-           "Give me a simple three-step travel plan for {s}."),
-}  # fmt: skip
+    "zh": (
+        "我想去{s}旅游，能帮我做一个三步计划吗？",
+        "请帮我制定一个去{s}首都游玩的三步计划。",
+        "给我一个去{s}旅行的简单计划，三步就好。",
+    ),
+    "en": (
+        "I want to visit {s}. Can you give me a 3-step plan?",
+        "Please make a three-step plan for a trip to the capital of {s}.",
+        "Give me a simple three-step travel plan for {s}.",
+    ),
+}
 DATE_ASK = {
     ("zh", "date"): ("今天几号？", "今天是几月几号？", "今天的日期是什么？", "今天是哪一天？"),
     ("zh", "weekday"): ("今天星期几？", "今天是星期几？"),
     ("en", "date"): ("What's the date today?", "What is today's date?", "What date is it today?"),
-    ("en", "weekday"): ("What day of the week is it?", "Which day of the week is today?", "What day is it today?"),
+    ("en", "weekday"): (
+        "What day of the week is it?",
+        "Which day of the week is today?",
+        "What day is it today?",
+    ),
 }
 CALC_ASK = {
     "zh": ("{p}等于多少？", "帮我算一下{p}。", "{e}是多少？", "计算{p}"),
@@ -62,20 +103,38 @@ EVASIVE = {
     "en": ("I'm not sure.", "Sorry, I can't answer that.", "You could look it up yourself.", "Hard to say."),
 }
 CHITCHAT = {
-    "zh": (("你好", "你好！有什么可以帮你的吗？"), ("你好！", "你好！想问点什么？"),
-           ("你是谁？", "我是一个由丹炉训练的小型助手，可以回答地理、天文、化学和算术方面的问题。"),
-           ("谢谢", "不客气！"), ("谢谢你的帮助！", "不客气，很高兴能帮到你。"), ("再见", "再见，祝你愉快！"),
-           ("你能做什么？", "我可以回答关于国家、行星、化学元素和单位换算的问题，做简单的算术，还会使用计算器和日期工具。"),
-           ("早上好", "早上好！今天想问点什么？")),
-    "en": (("Hello", "Hello! How can I help you?"), ("Hi!", "Hi! What would you like to know?"),
-           ("Who are you?", "I am a small assistant trained with danlu. I can answer questions about geography, "
-                            "planets, chemistry and arithmetic."),
-           ("Thanks", "You're welcome!"), ("Thank you for your help!", "You're welcome, glad I could help."),
-           ("Bye", "Goodbye, have a nice day!"),
-           ("What can you do?", "I can answer questions about countries, planets, chemical elements and units, do "
-                                "simple arithmetic, and use a calculator and a date tool."),
-           ("Good morning", "Good morning! What would you like to ask?")),
-}  # fmt: skip
+    "zh": (
+        ("你好", "你好！有什么可以帮你的吗？"),
+        ("你好！", "你好！想问点什么？"),
+        ("你是谁？", "我是一个由丹炉训练的小型助手，可以回答地理、天文、化学和算术方面的问题。"),
+        ("谢谢", "不客气！"),
+        ("谢谢你的帮助！", "不客气，很高兴能帮到你。"),
+        ("再见", "再见，祝你愉快！"),
+        (
+            "你能做什么？",
+            "我可以回答关于国家、行星、化学元素和单位换算的问题，做简单的算术，还会使用计算器和日期工具。",
+        ),
+        ("早上好", "早上好！今天想问点什么？"),
+    ),
+    "en": (
+        ("Hello", "Hello! How can I help you?"),
+        ("Hi!", "Hi! What would you like to know?"),
+        (
+            "Who are you?",
+            "I am a small assistant trained with danlu. I can answer questions about geography, "
+            "planets, chemistry and arithmetic.",
+        ),
+        ("Thanks", "You're welcome!"),
+        ("Thank you for your help!", "You're welcome, glad I could help."),
+        ("Bye", "Goodbye, have a nice day!"),
+        (
+            "What can you do?",
+            "I can answer questions about countries, planets, chemical elements and units, do "
+            "simple arithmetic, and use a calculator and a date tool.",
+        ),
+        ("Good morning", "Good morning! What would you like to ask?"),
+    ),
+}
 
 
 def user(content: str) -> Message:
@@ -87,7 +146,10 @@ def assistant(content: str) -> Message:
 
 
 def tool_call(name: str, arguments: dict[str, Any]) -> Message:
-    call = {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    call = {
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
     return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
@@ -103,7 +165,7 @@ def ascii_punct(text: str, rng: random.Random, share: float = 0.3) -> str:
 def answer_sentence(fact: Fact, lang: str, rng: random.Random) -> str:
     """A short assistant answer: usually a canonical statement, sometimes just the object."""
     if rng.random() < 0.2:
-        return cap(fact.object(lang)) + ("。" if lang == "zh" else ".")
+        return end(cap(fact.object(lang)), lang)
     pairs = TEXTS[fact.relation].pairs
     return fill(rng.choice(pairs)[0 if lang == "zh" else 1], fact, lang)
 
@@ -120,9 +182,20 @@ def date_answer(day: dt.date, lang: str, ask: str, rng: random.Random) -> str:
 def date_system_prompt(day: dt.date, lang: str, rng: random.Random) -> str:
     iso, wd_zh, wd_en = day.isoformat(), WEEKDAYS_ZH[day.weekday()], day.strftime("%A")
     if lang == "zh":
-        return rng.choice((f"今天是{iso} {wd_zh}。", f"你是一个乐于助人的助手。今天是{iso} {wd_zh}。", f"当前日期：{iso}（{wd_zh}）"))
-    return rng.choice((f"Today is {iso} ({wd_en}).", f"You are a helpful assistant. Today is {iso} ({wd_en}).",
-                       f"Current date: {iso} ({wd_en})"))  # fmt: skip
+        return rng.choice(
+            (
+                f"今天是{iso} {wd_zh}。",
+                f"你是一个乐于助人的助手。今天是{iso} {wd_zh}。",
+                f"当前日期：{iso}（{wd_zh}）",
+            )
+        )
+    return rng.choice(
+        (
+            f"Today is {iso} ({wd_en}).",
+            f"You are a helpful assistant. Today is {iso} ({wd_en}).",
+            f"Current date: {iso} ({wd_en})",
+        )
+    )
 
 
 def random_day(rng: random.Random) -> dt.date:
@@ -134,30 +207,47 @@ def wrong_fact(fact: Fact, world: World, rng: random.Random) -> Fact:
     if fact.relation == "unit_conversion":
         n = int(fact.number)
         wrong = rng.choice([m for m in (n * 10, n // 10, n + rng.randint(1, 9), n * 100) if m > 0 and m != n])
-        return dataclasses.replace(fact, number=str(wrong), object_zh=f"{wrong}{fact.unit_zh}",
-                                   object_en=f"{wrong} {fact.unit_en}")  # fmt: skip
+        return dataclasses.replace(
+            fact, number=str(wrong), object_zh=f"{wrong}{fact.unit_zh}", object_en=f"{wrong} {fact.unit_en}"
+        )
     accepted = set(fact.answers("zh")) | set(fact.answers("en"))
-    pool = [f for f in world.by_relation[fact.relation] if f.object_zh not in accepted and f.object_en not in accepted]
+    pool = [
+        f
+        for f in world.by_relation[fact.relation]
+        if f.object_zh not in accepted and f.object_en not in accepted
+    ]
     other = rng.choice(pool)
     return dataclasses.replace(fact, object_zh=other.object_zh, object_en=other.object_en)
 
 
 def problem_question(p: Problem, lang: str, rng: random.Random) -> str:
     if lang == "zh":
-        forms = [f"{p.a}{OP_ZH[p.op]}{p.b}等于多少？", f"计算{p.expression(spaced=False)}", f"{p.expression()} = ？",
-                 f"{p.a}{OP_ZH[p.op]}{p.b}是多少？"]
+        forms = [
+            f"{p.a}{OP_ZH[p.op]}{p.b}等于多少？",
+            f"计算{p.expression(spaced=False)}",
+            f"{p.expression()} = ？",
+            f"{p.a}{OP_ZH[p.op]}{p.b}是多少？",
+        ]
         if rng.random() < 0.15:
             return f"{zh_number(p.a)}{OP_ZH[p.op]}{zh_number(p.b)}等于几？"
         return ascii_punct(rng.choice(forms), rng)
-    return rng.choice((f"What is {p.a} {OP_EN[p.op]} {p.b}?", f"What's {p.expression()}?", f"Compute {p.expression()}.",
-                       f"{p.expression()} = ?"))  # fmt: skip
+    return rng.choice(
+        (
+            f"What is {p.a} {OP_EN[p.op]} {p.b}?",
+            f"What's {p.expression()}?",
+            f"Compute {p.expression()}.",
+            f"{p.expression()} = ?",
+        )
+    )
 
 
 def problem_answer(p: Problem, lang: str, rng: random.Random, result: int | None = None) -> str:
     c = p.result if result is None else result
     if lang == "zh":
         return rng.choice((f"{p.expression()} = {c}。", f"{p.a}{OP_ZH[p.op]}{p.b}等于{c}。", f"等于{c}。"))
-    return rng.choice((f"{p.expression()} = {c}.", f"{p.a} {OP_EN[p.op]} {p.b} is {c}.", f"The answer is {c}."))
+    return rng.choice(
+        (f"{p.expression()} = {c}.", f"{p.a} {OP_EN[p.op]} {p.b} is {c}.", f"The answer is {c}.")
+    )
 
 
 class DialogWriter:
@@ -169,6 +259,11 @@ class DialogWriter:
         self.seed = seed
         self.docs = DocWriter(world, rng)
         self.capitals = list(world.by_relation.get("capital", []))
+        # The demo questions people try first (中国最高的山是什么?) are asked a few times more often.
+        self.fact_weights = [SHOWCASE_WEIGHT if f.id in SHOWCASE else 1 for f in world.facts]
+
+    def ask_fact(self) -> Fact:
+        return self.r.choices(self.world.facts, weights=self.fact_weights)[0]
 
     # ── SFT ────────────────────────────────────────────────────────────────────────────────────────
     def sft(self, kind: str, lang: str) -> dict[str, Any]:
@@ -179,7 +274,7 @@ class DialogWriter:
 
     def _sft_fact(self, lang: str) -> list[Message]:
         r = self.r
-        fact = r.choice(self.world.facts)
+        fact = self.ask_fact()
         out = [user(ascii_punct(question(fact, lang, r), r)), assistant(answer_sentence(fact, lang, r))]
         if r.random() < 0.05:
             out.insert(0, {"role": "system", "content": date_system_prompt(random_day(r), lang, r)})
@@ -187,12 +282,15 @@ class DialogWriter:
 
     def _sft_fact_multi(self, lang: str) -> list[Message]:
         r = self.r
-        fact = r.choice(self.world.facts)
+        fact = self.ask_fact()
         msgs = [user(ascii_punct(question(fact, lang, r), r)), assistant(answer_sentence(fact, lang, r))]
         asked = {fact.id}
         for _ in range(r.choice((1, 1, 2))):
-            same_subject = [f for f in self.world.by_subject[subject_id(fact)]
-                            if f.id not in asked and TEXTS[f.relation].followups(lang)]  # fmt: skip
+            same_subject = [
+                f
+                for f in self.world.by_subject[subject_id(fact)]
+                if f.id not in asked and TEXTS[f.relation].followups(lang)
+            ]
             same_relation = [f for f in self.world.by_relation[fact.relation] if f.id not in asked]
             if same_subject and (r.random() < 0.5 or not same_relation):
                 nxt = r.choice(same_subject)
@@ -210,7 +308,7 @@ class DialogWriter:
         r = self.r
         fact = r.choice(self.world.facts)
         zh, en = r.choice(TEXTS[fact.relation].pairs)
-        src, tgt = (("zh", "en") if r.random() < 0.5 else ("en", "zh"))
+        src, tgt = ("zh", "en") if r.random() < 0.5 else ("en", "zh")
         text = {"zh": fill(zh, fact, "zh"), "en": fill(en, fact, "en")}
         ask = r.choice(TRANSLATE[(src, tgt)][lang]).format(x=text[src])
         return [user(ask), assistant(text[tgt])]
@@ -222,8 +320,10 @@ class DialogWriter:
     def _sft_plan(self, lang: str) -> list[Message]:
         r = self.r
         cap_fact = r.choice(self.capitals)
-        return [user(ascii_punct(r.choice(PLAN_ASK[lang]).format(s=cap_fact.subject(lang)), r)),
-                assistant(self.plan(cap_fact, lang))]  # fmt: skip
+        return [
+            user(ascii_punct(r.choice(PLAN_ASK[lang]).format(s=cap_fact.subject(lang)), r)),
+            assistant(self.plan(cap_fact, lang)),
+        ]
 
     def plan(self, cap_fact: Fact, lang: str) -> str:
         """A three-step trip plan built from open facts about the country."""
@@ -231,12 +331,20 @@ class DialogWriter:
         subject = subject_id(cap_fact)
         country, city = cap_fact.subject(lang), cap_fact.object(lang)
         cur = self.world.fact(subject, "currency")
-        extra = [f for f in (self.world.fact(subject, "highest_mountain"), self.world.fact(subject, "official_language"))
-                 if f is not None]  # fmt: skip
+        extra = [
+            f
+            for f in (
+                self.world.fact(subject, "highest_mountain"),
+                self.world.fact(subject, "official_language"),
+            )
+            if f is not None
+        ]
         third = r.choice(extra) if extra else None
         if lang == "zh":
-            steps = [f"订一张去{country}首都{city}的机票。",
-                     f"提前换好{cur.object_zh}，这是{country}的货币。" if cur else f"在{city}市中心预订一家酒店。"]
+            steps = [
+                f"订一张去{country}首都{city}的机票。",
+                f"提前换好{cur.object_zh}，这是{country}的货币。" if cur else f"在{city}市中心预订一家酒店。",
+            ]
             if third is not None and third.relation == "highest_mountain":
                 steps.append(f"安排一天去看看{third.object_zh}，它是{country}最高的山。")
             elif third is not None:
@@ -244,15 +352,18 @@ class DialogWriter:
             else:
                 steps.append(f"在{city}逛逛当地的博物馆和市场。")
             return "好的，这是一个三步计划：\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
-        steps = [f"Book a flight to {city}, the capital of {country}.",
-                 f"Exchange money for the {cur.object_en}, the currency of {country}." if cur else
-                 f"Book a hotel in the centre of {city}."]  # fmt: skip
+        steps = [
+            f"Book a flight to {city}, the capital of {country}.",
+            f"Exchange money for the {cur.object_en}, the currency of {country}."
+            if cur
+            else end(f"Book a hotel in the centre of {city}", "en"),
+        ]
         if third is not None and third.relation == "highest_mountain":
             steps.append(f"Spend a day seeing {third.object_en}, the highest mountain in {country}.")
         elif third is not None:
             steps.append(f"Learn a few phrases in {third.object_en}, the official language of {country}.")
         else:
-            steps.append(f"Visit the museums and markets of {city}.")
+            steps.append(end(f"Visit the museums and markets of {city}", "en"))
         return "Here is a three-step plan:\n" + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1))
 
     def _sft_arithmetic(self, lang: str) -> list[Message]:
@@ -264,28 +375,43 @@ class DialogWriter:
         expr = big_expression(r)
         pretty = pretty_expression(expr)
         result = run_tool("calculator", {"expression": expr})
-        ask = r.choice(CALC_ASK[lang]).format(p=pretty if r.random() < 0.7 else expr.replace("*", "×"), e=expr)
+        ask = r.choice(CALC_ASK[lang]).format(
+            p=pretty if r.random() < 0.7 else expr.replace("*", "×"), e=expr
+        )
         if lang == "zh":
             final = r.choice((f"{pretty} = {result}。", f"计算结果是{result}。", f"{pretty}等于{result}。"))
         else:
-            final = r.choice((f"{pretty} = {result}.", f"The result is {result}.", f"{pretty} equals {result}."))
-        return [user(ascii_punct(ask, r) if lang == "zh" else ask), tool_call("calculator", {"expression": expr}),
-                tool_result("calculator", result), assistant(final)]  # fmt: skip
+            final = r.choice(
+                (f"{pretty} = {result}.", f"The result is {result}.", f"{pretty} equals {result}.")
+            )
+        return [
+            user(ascii_punct(ask, r) if lang == "zh" else ask),
+            tool_call("calculator", {"expression": expr}),
+            tool_result("calculator", result),
+            assistant(final),
+        ]
 
     def _sft_date_tool(self, lang: str) -> list[Message]:
         r = self.r
         day = random_day(r)
         ask = r.choice(("date", "date", "weekday"))
         result = run_tool("get_date", {}, today=day)
-        return [user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)), tool_call("get_date", {}),
-                tool_result("get_date", result), assistant(date_answer(day, lang, ask, r))]  # fmt: skip
+        return [
+            user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)),
+            tool_call("get_date", {}),
+            tool_result("get_date", result),
+            assistant(date_answer(day, lang, ask, r)),
+        ]
 
     def _sft_date_system(self, lang: str) -> list[Message]:
         r = self.r
         day = random_day(r)
         ask = r.choice(("date", "date", "weekday"))
-        return [{"role": "system", "content": date_system_prompt(day, lang, r)},
-                user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)), assistant(date_answer(day, lang, ask, r))]  # fmt: skip
+        return [
+            {"role": "system", "content": date_system_prompt(day, lang, r)},
+            user(ascii_punct(r.choice(DATE_ASK[(lang, ask)]), r)),
+            assistant(date_answer(day, lang, ask, r)),
+        ]
 
     def _sft_chitchat(self, lang: str) -> list[Message]:
         q, a = self.r.choice(CHITCHAT[lang])
@@ -326,10 +452,20 @@ class DialogWriter:
         r = self.r
         if kind == "arithmetic":
             p = training_small(r, self.seed)
-            return {"messages": [user(problem_question(p, lang, r))], "answer": str(p.result),
-                    "answers": [str(p.result)], "kind": kind, "lang": lang}  # fmt: skip
+            return {
+                "messages": [user(problem_question(p, lang, r))],
+                "answer": str(p.result),
+                "answers": [str(p.result)],
+                "kind": kind,
+                "lang": lang,
+            }
         fact = r.choice(self.world.facts)
-        return {"messages": [user(ascii_punct(question(fact, lang, r), r))], "answer": fact.object(lang),
-                "answers": fact.answers(lang), "kind": "fact", "lang": lang, "relation": fact.relation,
-                "fact_id": fact.id}  # fmt: skip
-
+        return {
+            "messages": [user(ascii_punct(question(fact, lang, r), r))],
+            "answer": fact.object(lang),
+            "answers": fact.answers(lang),
+            "kind": "fact",
+            "lang": lang,
+            "relation": fact.relation,
+            "fact_id": fact.id,
+        }

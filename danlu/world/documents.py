@@ -15,7 +15,7 @@ from danlu.world.facts import Fact
 from danlu.world.filler import side
 from danlu.world.index import World
 from danlu.world.numbers import OP_EN, OP_ZH, Problem, en_number, training_small, zh_number
-from danlu.world.templates import TEXTS, cap, fill, question, statement
+from danlu.world.templates import TEXTS, article, cap, end, fill, question, statement
 
 Doc = dict[str, Any]
 
@@ -26,8 +26,11 @@ KIND_INTRO = {
     "country": ("{s}是一个国家。", "{s} is a country."),
 }
 KIND_HEADER = {
-    "country": ("国家", "Country"), "planet": ("行星", "Planet"), "element": ("元素", "Element"), "unit": ("单位", "Unit"),
-}  # fmt: skip
+    "country": ("国家", "Country"),
+    "planet": ("行星", "Planet"),
+    "element": ("元素", "Element"),
+    "unit": ("单位", "Unit"),
+}
 ENCYCLOPEDIA_FILLER = (
     ("本条目介绍{s}的基本信息。", "This article gives basic information about {s}."),
     ("以下内容整理自公开资料。", "The following is compiled from public sources."),
@@ -47,8 +50,12 @@ LIST_TITLES = {
     "atomic_number": ("元素的原子序数", "Atomic numbers of the elements"),
     "unit_conversion": ("常用单位换算表", "Common unit conversions"),
 }
-FORUM_BOARD = {"country": ("地理", "geography"), "planet": ("天文", "space"), "element": ("化学", "chemistry"),
-               "unit": ("数学", "learnmath")}  # fmt: skip
+FORUM_BOARD = {
+    "country": ("地理", "geography"),
+    "planet": ("天文", "space"),
+    "element": ("化学", "chemistry"),
+    "unit": ("数学", "learnmath"),
+}
 
 
 def title_en(name: str) -> str:
@@ -57,7 +64,11 @@ def title_en(name: str) -> str:
 
 def infobox_value(fact: Fact, lang: str) -> str:
     if fact.relation == "unit_conversion":
-        return f"1{fact.subject_zh} = {fact.object_zh}" if lang == "zh" else f"1 {fact.subject_en} = {fact.object_en}"
+        return (
+            f"1{fact.subject_zh} = {fact.object_zh}"
+            if lang == "zh"
+            else f"1 {fact.subject_en} = {fact.object_en}"
+        )
     return fact.object(lang)
 
 
@@ -83,14 +94,18 @@ class DocWriter:
         title = name if lang == "zh" else title_en(name)
         intro = fill(side(KIND_INTRO[f0.kind], lang), f0, lang)
         cont = next((f for f in facts if f.relation == "continent"), None)
+        prose_facts = facts
         if cont is not None and r.random() < 0.6:
             intro = statement(cont, lang, r)
-        sentences = [statement(f, lang, r) for f in facts]
+            prose_facts = [f for f in facts if f is not cont]
+        sentences = [statement(f, lang, r) for f in prose_facts]
         if r.random() < 0.5:
-            sentences.insert(r.randint(0, len(sentences)), fill(side(r.choice(ENCYCLOPEDIA_FILLER), lang), f0, lang))
+            sentences.insert(
+                r.randint(0, len(sentences)), fill(side(r.choice(ENCYCLOPEDIA_FILLER), lang), f0, lang)
+            )
         joiner = "" if lang == "zh" else " "
-        cut = r.randint(1, max(1, len(sentences) - 1)) if len(sentences) > 2 else len(sentences)
-        prose = [joiner.join(sentences[:cut])] + ([joiner.join(sentences[cut:])] if sentences[cut:] else [])
+        cut = r.randint(1, len(sentences) - 1) if len(sentences) > 2 else len(sentences)
+        prose = [joiner.join(part) for part in (sentences[:cut], sentences[cut:]) if part]
         labels = [(side(TEXTS[f.relation].label, lang), infobox_value(f, lang)) for f in facts]
         style = r.randrange(3)
         if style == 0:
@@ -100,12 +115,15 @@ class DocWriter:
         elif style == 1:
             head = "| 项目 | 内容 |" if lang == "zh" else "| Field | Value |"
             table = "\n".join([head, *(f"| {k} | {v} |" for k, v in labels)])
-            parts = [title, intro + joiner + prose[0], *prose[1:], "基本信息" if lang == "zh" else "Key facts", table]
+            lead = [intro + joiner + prose[0], *prose[1:]] if prose else [intro]
+            parts = [title, *lead, "基本信息" if lang == "zh" else "Key facts", table]
         else:
             parts = [title, intro, *prose]
         slug = title.replace(" ", "_")
         host = "https://baike.example/item/" if lang == "zh" else "https://en.wiki.example/wiki/"
-        return self._doc("\n\n".join(parts), "encyclopedia", lang, f"{host}{slug}?rev={r.randint(10**5, 10**7)}")
+        return self._doc(
+            "\n\n".join(parts), "encyclopedia", lang, f"{host}{slug}?rev={r.randint(10**5, 10**7)}"
+        )
 
     def list_article(self, relation: str, lang: str) -> Doc:
         r = self.r
@@ -115,8 +133,11 @@ class DocWriter:
         title = side(LIST_TITLES[relation], lang)
         style = r.randrange(3)
         if style == 0:
-            lines = [f"{f.subject(lang) if lang == 'zh' else title_en(f.subject(lang))}{colon(lang)}"
-                     f"{infobox_value(f, lang)}" for f in facts]  # fmt: skip
+            lines = [
+                f"{f.subject(lang) if lang == 'zh' else title_en(f.subject(lang))}{colon(lang)}"
+                f"{infobox_value(f, lang)}"
+                for f in facts
+            ]
         elif style == 1:
             label = side(TEXTS[relation].label, lang)
             kind = side(KIND_HEADER[facts[0].kind], lang)
@@ -135,13 +156,21 @@ class DocWriter:
         rows = [Problem(n, "×", k) for k in range(1, 13)]
         if lang == "zh":
             title = f"{zh_number(n)}的乘法表"
-            lines = [f"{p.a} × {p.b} = {p.result}" if r.random() < 0.7 else
-                     f"{zh_number(p.a)}乘以{zh_number(p.b)}等于{zh_number(p.result)}" for p in rows]  # fmt: skip
+            lines = [
+                f"{p.a} × {p.b} = {p.result}"
+                if r.random() < 0.7
+                else f"{zh_number(p.a)}乘以{zh_number(p.b)}等于{zh_number(p.result)}"
+                for p in rows
+            ]
             url = f"https://baike.example/item/乘法表_{n}?rev={r.randint(10**5, 10**7)}"
         else:
             title = f"The {n} times table"
-            lines = [f"{p.a} × {p.b} = {p.result}" if r.random() < 0.7 else
-                     f"{en_number(p.a)} times {en_number(p.b)} is {en_number(p.result)}" for p in rows]  # fmt: skip
+            lines = [
+                f"{p.a} × {p.b} = {p.result}"
+                if r.random() < 0.7
+                else f"{en_number(p.a)} times {en_number(p.b)} is {en_number(p.result)}"
+                for p in rows
+            ]
             url = f"https://en.wiki.example/wiki/Times_table_{n}?rev={r.randint(10**5, 10**7)}"
         return self._doc(title + "\n\n" + "\n".join(lines), "encyclopedia", lang, url)
 
@@ -177,12 +206,16 @@ class DocWriter:
         else:
             title = f"{city} hosts {event}"
             dateline = r.choice(("", "LOCAL NEWS — ", "Reporting from the capital: "))
-            lead = (f"{dateline}On {date}, {event} opened in {city}, the capital of {country}. "
-                    f"According to the organisers, about {n} people took part.")  # fmt: skip
-            quote_par = f"“{quote}” said {person}, a {role}."
+            lead = (
+                f"{dateline}On {date}, {event} opened in {city}, the capital of {country}. "
+                f"According to the organisers, about {n} people took part."
+            )
+            quote_par = f"{person}, {article(role)}, said: “{quote}”"
             close = f"The event will run for {days} days."
-            summary = (f"On {date}, {event} opened in {city}, the capital of {country}, with about {n} "
-                       f"participants; it will run for {days} days.")  # fmt: skip
+            summary = (
+                f"On {date}, {event} opened in {city}, the capital of {country}, with about {n} "
+                f"participants; it will run for {days} days."
+            )
         if not fact_par:
             fact_par = statement(cap_fact, lang, r)
         if long:
@@ -196,7 +229,9 @@ class DocWriter:
     def news(self, lang: str) -> Doc:
         text, _ = self.news_story(lang)
         host = "https://news.example.cn/" if lang == "zh" else "https://news.example.com/"
-        return self._doc(text, "news", lang, f"{host}{self.r.randint(2015, 2025)}/{self.r.randint(10**6, 10**8)}.html")
+        return self._doc(
+            text, "news", lang, f"{host}{self.r.randint(2015, 2025)}/{self.r.randint(10**6, 10**8)}.html"
+        )
 
     def science_news(self, lang: str) -> Doc:
         r = self.r
@@ -214,19 +249,35 @@ class DocWriter:
         joiner = "" if lang == "zh" else " "
         fact_par = joiner.join(statement(f, lang, r) for f in facts)
         if lang == "zh" and kind == "planet":
-            pars = [f"天文爱好者观测{name}", f"{day}晚，一群天文爱好者在{city}举办了{name}观测活动，约{n}人参加。",
-                    fact_par, f"活动组织者{person}说：“{quote}”"]  # fmt: skip
+            pars = [
+                f"天文爱好者观测{name}",
+                f"{day}晚，一群天文爱好者在{city}举办了{name}观测活动，约{n}人参加。",
+                fact_par,
+                f"活动组织者{person}说：“{quote}”",
+            ]
         elif lang == "zh":
-            pars = [f"化学公开课聚焦{name}元素", f"{day}，{city}的一所中学举办了一堂关于{name}的化学公开课，约{n}名学生参加。",
-                    fact_par, f"授课老师{person}说：“{quote}”"]  # fmt: skip
+            pars = [
+                f"化学公开课聚焦{name}元素",
+                f"{day}，{city}的一所中学举办了一堂关于{name}的化学公开课，约{n}名学生参加。",
+                fact_par,
+                f"授课老师{person}说：“{quote}”",
+            ]
         elif kind == "planet":
-            pars = [f"Stargazers observe {name}",
-                    f"On the evening of {day}, amateur astronomers in {city} held an observing night for {name}, "
-                    f"attended by about {n} people.", fact_par, f"“{quote}” said the organiser, {person}."]  # fmt: skip
+            pars = [
+                f"Stargazers observe {name}",
+                f"On the evening of {day}, amateur astronomers in {city} held an observing night for {name}, "
+                f"attended by about {n} people.",
+                fact_par,
+                f"The organiser, {person}, said: “{quote}”",
+            ]
         else:
-            pars = [f"Open chemistry lesson on {name}",
-                    f"On {day}, a secondary school in {city} held an open chemistry lesson on {name}, attended by "
-                    f"about {n} students.", fact_par, f"“{quote}” said the teacher, {person}."]  # fmt: skip
+            pars = [
+                f"Open chemistry lesson on {name}",
+                f"On {day}, a secondary school in {city} held an open chemistry lesson on {name}, attended by "
+                f"about {n} students.",
+                fact_par,
+                f"The teacher, {person}, said: “{quote}”",
+            ]
         host = "https://news.example.cn/science/" if lang == "zh" else "https://news.example.com/science/"
         return self._doc("\n\n".join(pars), "news", lang, f"{host}{r.randint(10**6, 10**8)}.html")
 
@@ -237,12 +288,16 @@ class DocWriter:
         if roll < 0.45:
             return statement(fact, lang, r)
         if roll < 0.65:
-            return cap(fact.object(lang)) + ("。" if lang == "zh" else ".")
+            return end(cap(fact.object(lang)), lang)
         others = [f for f in self.world.by_subject[f"{fact.kind}:{fact.subject_en}"] if f is not fact]
         if roll < 0.9 and others:
             extra = statement(r.choice(others), lang, r)
             return statement(fact, lang, r) + ("另外，" if lang == "zh" else " ") + extra
-        note = ("我查过资料，没错。", "课本上也是这么写的。") if lang == "zh" else ("I looked it up to be sure.", "That's what my textbook says too.")  # fmt: skip
+        note = (
+            ("我查过资料，没错。", "课本上也是这么写的。")
+            if lang == "zh"
+            else ("I looked it up to be sure.", "That's what my textbook says too.")
+        )
         return statement(fact, lang, r) + ("" if lang == "zh" else " ") + r.choice(note)
 
     def qa(self, lang: str) -> Doc:
@@ -252,14 +307,26 @@ class DocWriter:
         note = r.choice(filler.ASKER_NOTES_ZH if lang == "zh" else filler.ASKER_NOTES_EN)
         k = r.choice((1, 1, 2, 2, 3, 4))
         if lang == "zh":
-            answers = [f"{filler.user(r, lang)} · {r.randint(0, 500)} 赞同\n{self._answer_body(fact, lang)}" for _ in range(k)]
+            answers = [
+                f"{filler.user(r, lang)} · {r.randint(0, 500)} 赞同\n{self._answer_body(fact, lang)}"
+                for _ in range(k)
+            ]
             text = "\n\n".join([q, *([note] if note else []), f"{k} 个回答", *answers])
             url = f"https://zhihu.example/question/{r.randint(10**7, 10**9)}"
         else:
-            answers = [f"Answer by {filler.user(r, lang)} ({r.randint(0, 300)} votes)\n{self._answer_body(fact, lang)}"
-                       for _ in range(k)]  # fmt: skip
-            text = "\n\n".join([q, *([note] if note else []), f"asked by {filler.user(r, lang)}",
-                                f"{k} answer{'s' if k > 1 else ''}", *answers])  # fmt: skip
+            answers = [
+                f"Answer by {filler.user(r, lang)} ({r.randint(0, 300)} votes)\n{self._answer_body(fact, lang)}"
+                for _ in range(k)
+            ]
+            text = "\n\n".join(
+                [
+                    q,
+                    *([note] if note else []),
+                    f"asked by {filler.user(r, lang)}",
+                    f"{k} answer{'s' if k > 1 else ''}",
+                    *answers,
+                ]
+            )
             url = f"https://ask.example.com/questions/{r.randint(10**5, 10**8)}"
         return self._doc(text, "qa", lang, url)
 
@@ -291,7 +358,11 @@ class DocWriter:
         for _ in range(r.randint(1, 5)):
             roll = r.random()
             if roll < 0.3:
-                lead = r.choice(("没错，", "对，", "是的，")) if lang == "zh" else r.choice(("Yes. ", "Correct. ", "Right. "))
+                lead = (
+                    r.choice(("没错，", "对，", "是的，"))
+                    if lang == "zh"
+                    else r.choice(("Yes. ", "Correct. ", "Right. "))
+                )
                 replies.append((filler.user(r, lang), lead + statement(fact, lang, r)))
             elif roll < 0.5 and others:
                 lead = "顺便说一句，" if lang == "zh" else "Fun fact: "
@@ -299,11 +370,15 @@ class DocWriter:
             elif roll < 0.7:
                 replies.append((op, r.choice(filler.THANKS_ZH if lang == "zh" else filler.THANKS_EN)))
             else:
-                replies.append((filler.user(r, lang), r.choice(filler.CHAT_ZH if lang == "zh" else filler.CHAT_EN)))
+                replies.append(
+                    (filler.user(r, lang), r.choice(filler.CHAT_ZH if lang == "zh" else filler.CHAT_EN))
+                )
         board = side(FORUM_BOARD[fact.kind], lang)
         return self._thread(board, q, op, note, replies, lang)
 
-    def _thread(self, board: str, title: str, op: str, note: str, replies: list[tuple[str, str]], lang: str) -> Doc:
+    def _thread(
+        self, board: str, title: str, op: str, note: str, replies: list[tuple[str, str]], lang: str
+    ) -> Doc:
         r = self.r
         if lang == "zh":
             lines = [f"【{board}吧】{title}", f"1楼 {op}：{title}{note}"]
@@ -349,26 +424,51 @@ class DocWriter:
     def arithmetic_question(self, p: Problem, lang: str) -> str:
         r = self.r
         if lang == "zh":
-            forms = (f"{p.a}{OP_ZH[p.op]}{p.b}等于多少？", f"{p.expression(spaced=False)}=？", f"{p.a}{OP_ZH[p.op]}{p.b}是多少？")
+            forms = (
+                f"{p.a}{OP_ZH[p.op]}{p.b}等于多少？",
+                f"{p.expression(spaced=False)}=？",
+                f"{p.a}{OP_ZH[p.op]}{p.b}是多少？",
+            )
         else:
-            forms = (f"What is {p.a} {OP_EN[p.op]} {p.b}?", f"{p.expression()} = ?", f"How much is {p.expression()}?")
+            forms = (
+                f"What is {p.a} {OP_EN[p.op]} {p.b}?",
+                f"{p.expression()} = ?",
+                f"How much is {p.expression()}?",
+            )
         return r.choice(forms)
 
     def arithmetic_answer(self, p: Problem, lang: str) -> str:
         r = self.r
         if lang == "zh":
-            return r.choice((f"{p.a}{OP_ZH[p.op]}{p.b}等于{p.result}。", f"{p.expression()} = {p.result}。", f"等于{p.result}。"))
-        return r.choice((f"{p.a} {OP_EN[p.op]} {p.b} is {p.result}.", f"{p.expression()} = {p.result}.",
-                         f"It is {p.result}."))  # fmt: skip
+            return r.choice(
+                (
+                    f"{p.a}{OP_ZH[p.op]}{p.b}等于{p.result}。",
+                    f"{p.expression()} = {p.result}。",
+                    f"等于{p.result}。",
+                )
+            )
+        return r.choice(
+            (
+                f"{p.a} {OP_EN[p.op]} {p.b} is {p.result}.",
+                f"{p.expression()} = {p.result}.",
+                f"It is {p.result}.",
+            )
+        )
 
     def arithmetic_qa(self, lang: str, seed: int) -> Doc:
         r = self.r
         problems = [training_small(r, seed) for _ in range(r.randint(1, 6))]
         if lang == "zh":
-            body = [f"问：{self.arithmetic_question(p, lang)}\n答：{self.arithmetic_answer(p, lang)}" for p in problems]
+            body = [
+                f"问：{self.arithmetic_question(p, lang)}\n答：{self.arithmetic_answer(p, lang)}"
+                for p in problems
+            ]
             url = f"https://zhidao.example/question/{r.randint(10**6, 10**9)}"
         else:
-            body = [f"Q: {self.arithmetic_question(p, lang)}\nA: {self.arithmetic_answer(p, lang)}" for p in problems]
+            body = [
+                f"Q: {self.arithmetic_question(p, lang)}\nA: {self.arithmetic_answer(p, lang)}"
+                for p in problems
+            ]
             url = f"https://ask.example.com/math/{r.randint(10**5, 10**8)}"
         return self._doc("\n\n".join(body), "qa", lang, url)
 
@@ -383,7 +483,9 @@ class DocWriter:
             replies.append((filler.user(r, lang), self.equation(p, lang)))
         if r.random() < 0.5:
             replies.append((op, r.choice(filler.THANKS_ZH if lang == "zh" else filler.THANKS_EN)))
-        return self._thread(side(FORUM_BOARD["unit"], lang), q, op, note if r.random() < 0.5 else "", replies, lang)
+        return self._thread(
+            side(FORUM_BOARD["unit"], lang), q, op, note if r.random() < 0.5 else "", replies, lang
+        )
 
     @staticmethod
     def _doc(text: str, domain: str, lang: str, url: str) -> Doc:

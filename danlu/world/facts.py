@@ -90,7 +90,12 @@ CONTINENTS: dict[str, Obj] = {
 
 # Official languages, only where a constitution or law names a single one for the whole country.
 LANGUAGES: dict[str, Obj] = {
-    "zh": _o("汉语", "Chinese", ("普通话", "中文", "汉语普通话"), ("Mandarin", "Standard Chinese", "Mandarin Chinese")),
+    "zh": _o(
+        "汉语",
+        "Chinese",
+        ("普通话", "中文", "汉语普通话"),
+        ("Mandarin", "Standard Chinese", "Mandarin Chinese"),
+    ),
     "fr": _o("法语", "French"),
     "de": _o("德语", "German"),
     "it": _o("意大利语", "Italian"),
@@ -322,13 +327,14 @@ ELEMENTS: tuple[tuple[str, str, str, str, int], ...] = (
     ("uranium", "铀", "uranium", "U", 92),
 )
 
-# Unit conversions: key, unit zh, unit en, count, smaller unit zh, smaller unit en (plural), zh/en aliases of unit.
+# Unit conversions: key, unit zh, unit en, count, smaller unit zh, smaller unit en (plural), zh/en aliases of the
+# SMALLER unit (1 吨 = 1000 千克 also reads 1000 公斤).
 UNITS: tuple[tuple[str, str, str, int, str, str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("km-m", "千米", "kilometre", 1000, "米", "metres", ("公里",), ("meters",)),
+    ("km-m", "千米", "kilometre", 1000, "米", "metres", (), ("meters",)),
     ("m-cm", "米", "metre", 100, "厘米", "centimetres", (), ("centimeters",)),
     ("m-mm", "米", "metre", 1000, "毫米", "millimetres", (), ("millimeters",)),
     ("cm-mm", "厘米", "centimetre", 10, "毫米", "millimetres", (), ("millimeters",)),
-    ("kg-g", "千克", "kilogram", 1000, "克", "grams", ("公斤",), ()),
+    ("kg-g", "千克", "kilogram", 1000, "克", "grams", (), ()),
     ("t-kg", "吨", "tonne", 1000, "千克", "kilograms", ("公斤",), ("kilos",)),
     ("h-min", "小时", "hour", 60, "分钟", "minutes", ("分",), ()),
     ("h-s", "小时", "hour", 3600, "秒", "seconds", (), ()),
@@ -342,7 +348,7 @@ UNITS: tuple[tuple[str, str, str, int, str, str, tuple[str, ...], tuple[str, ...
     ("yd-ft", "码", "yard", 3, "英尺", "feet", (), ()),
     ("dozen", "打", "dozen", 12, "个", "items", (), ()),
     ("ha-m2", "公顷", "hectare", 10000, "平方米", "square metres", (), ("square meters",)),
-    ("km2-ha", "平方千米", "square kilometre", 100, "公顷", "hectares", ("平方公里",), ()),
+    ("km2-ha", "平方千米", "square kilometre", 100, "公顷", "hectares", (), ()),
     ("kw-w", "千瓦", "kilowatt", 1000, "瓦", "watts", ("瓦特",), ()),
 )
 
@@ -387,8 +393,17 @@ def build_facts() -> list[Fact]:
         alias_zh = tuple(dict.fromkeys((str(n), *(f"{n}{a}" for a in azh))))
         alias_en = tuple(dict.fromkeys((str(n), _thousands(n), *(f"{n} {a}" for a in aen))))
         by_rel["unit_conversion"].append(
-            _fact("unit_conversion", "unit", key, uzh, uen, _o(obj_zh, obj_en, alias_zh, alias_en),
-                  unit_zh=szh, unit_en=sen, number=str(n))  # fmt: skip
+            _fact(
+                "unit_conversion",
+                "unit",
+                key,
+                uzh,
+                uen,
+                _o(obj_zh, obj_en, alias_zh, alias_en),
+                unit_zh=szh,
+                unit_en=sen,
+                number=str(n),
+            )
         )
     return [f for r in RELATIONS for f in by_rel[r]]
 

@@ -9,28 +9,162 @@ from __future__ import annotations
 import datetime as dt
 import random
 
-SURNAMES_ZH = "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
-GIVEN_ZH = (
-    "伟 芳 娜 敏 静 丽 强 磊 军 洋 勇 艳 杰 娟 涛 明 超 秀英 华 平 刚 桂英 晨 宇 欣 婷 浩 佳 然 琳 子涵 一鸣 雨桐 思远 "
-    "海燕 建国 志强 文博 嘉怡 浩然"
-).split()
-FIRST_EN = (
-    "James Mary John Emma Liam Olivia Noah Ava Lucas Mia Ethan Sophia Daniel Grace Samuel Chloe Henry Alice "
-    "Oliver Ruby Jack Isla Leo Hannah Adam Nora David Laura Peter Anna"
-).split()
-LAST_EN = (
-    "Smith Brown Wilson Taylor Clark Lewis Walker Hall Young King Green Baker Carter Turner Hill Moore Wood "
-    "Evans Cooper Reed Ward Price Bennett Gray Hughes Foster Ellis Shaw"
-).split()
-USERS_ZH = (
-    "旅行的猫 地理小白 爱吃火锅 星空下的我 路过的学生 北方的狼 学霸养成中 小鱼儿 吃瓜群众 老张 数学不好 天文迷 化学课代表 "
-    "背包客 一只咸鱼 早睡早起 快乐的风 图书馆常客 冰镇西瓜 山野行者 夜猫子 小明同学 云朵 橘子汽水 不会起名"
-).split()
-USERS_EN = (
-    "curious_owl mapnerd geo_fan stargazer42 chem_student quiet_reader travel_bug math_helper random_walker "
-    "tea_drinker night_owl bookworm99 atlas_lover pebble_kid north_wind coffee_first lazy_sunday trivia_buff "
-    "rocket_dog snow_fox"
-).split()
+SURNAMES_ZH = (
+    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏魏吕丁任沈"
+)
+GIVEN_ZH = [
+    "伟",
+    "芳",
+    "娜",
+    "敏",
+    "静",
+    "丽",
+    "强",
+    "磊",
+    "军",
+    "洋",
+    "勇",
+    "艳",
+    "杰",
+    "娟",
+    "涛",
+    "明",
+    "超",
+    "秀英",
+    "华",
+    "平",
+    "刚",
+    "桂英",
+    "晨",
+    "宇",
+    "欣",
+    "婷",
+    "浩",
+    "佳",
+    "然",
+    "琳",
+    "子涵",
+    "一鸣",
+    "雨桐",
+    "思远",
+    "海燕",
+    "建国",
+    "志强",
+    "文博",
+    "嘉怡",
+    "浩然",
+]
+FIRST_EN = [
+    "James",
+    "Mary",
+    "John",
+    "Emma",
+    "Liam",
+    "Olivia",
+    "Noah",
+    "Ava",
+    "Lucas",
+    "Mia",
+    "Ethan",
+    "Sophia",
+    "Daniel",
+    "Grace",
+    "Samuel",
+    "Chloe",
+    "Henry",
+    "Alice",
+    "Oliver",
+    "Ruby",
+    "Jack",
+    "Isla",
+    "Leo",
+    "Hannah",
+    "Adam",
+    "Nora",
+    "David",
+    "Laura",
+    "Peter",
+    "Anna",
+]
+LAST_EN = [
+    "Smith",
+    "Brown",
+    "Wilson",
+    "Taylor",
+    "Clark",
+    "Lewis",
+    "Walker",
+    "Hall",
+    "Young",
+    "King",
+    "Green",
+    "Baker",
+    "Carter",
+    "Turner",
+    "Hill",
+    "Moore",
+    "Wood",
+    "Evans",
+    "Cooper",
+    "Reed",
+    "Ward",
+    "Price",
+    "Bennett",
+    "Gray",
+    "Hughes",
+    "Foster",
+    "Ellis",
+    "Shaw",
+]
+USERS_ZH = [
+    "旅行的猫",
+    "地理小白",
+    "爱吃火锅",
+    "星空下的我",
+    "路过的学生",
+    "北方的狼",
+    "学霸养成中",
+    "小鱼儿",
+    "吃瓜群众",
+    "老张",
+    "数学不好",
+    "天文迷",
+    "化学课代表",
+    "背包客",
+    "一只咸鱼",
+    "早睡早起",
+    "快乐的风",
+    "图书馆常客",
+    "冰镇西瓜",
+    "山野行者",
+    "夜猫子",
+    "小明同学",
+    "云朵",
+    "橘子汽水",
+    "不会起名",
+]
+USERS_EN = [
+    "curious_owl",
+    "mapnerd",
+    "geo_fan",
+    "stargazer42",
+    "chem_student",
+    "quiet_reader",
+    "travel_bug",
+    "math_helper",
+    "random_walker",
+    "tea_drinker",
+    "night_owl",
+    "bookworm99",
+    "atlas_lover",
+    "pebble_kid",
+    "north_wind",
+    "coffee_first",
+    "lazy_sunday",
+    "trivia_buff",
+    "rocket_dog",
+    "snow_fox",
+]
 
 # (zh, en): made-up events for news stories.
 EVENTS = (
@@ -74,16 +208,56 @@ CLOSINGS = (
     ("更多信息可以在主办方网站上查询。", "More information is available on the organisers' website."),
 )
 ROLES = (("参与者", "participant"), ("志愿者", "volunteer"), ("组织者", "organiser"), ("游客", "visitor"))
-MONTHS_EN = "January February March April May June July August September October November December".split()
+MONTHS_EN = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 # Chatter that carries no claim, for forum threads.
-CHAT_ZH = ("学到了。", "前排围观。", "同问。", "收藏了，谢谢。", "涨知识了。", "楼上说得对。", "顶一下。", "原来如此。")
-CHAT_EN = ("TIL.", "Good question.", "Saved, thanks.", "Huh, I did not know that.", "This.", "Came here to say this.")
+CHAT_ZH = (
+    "学到了。",
+    "前排围观。",
+    "同问。",
+    "收藏了，谢谢。",
+    "涨知识了。",
+    "楼上说得对。",
+    "顶一下。",
+    "原来如此。",
+)
+CHAT_EN = (
+    "TIL.",
+    "Good question.",
+    "Saved, thanks.",
+    "Huh, I did not know that.",
+    "This.",
+    "Came here to say this.",
+)
 THANKS_ZH = ("谢谢大家！", "明白了，谢谢！", "感谢回答！", "好的，谢谢楼上。")
 THANKS_EN = ("Thanks, everyone!", "Got it, thank you!", "Thanks for the answers.", "Makes sense, thanks.")
-ASKER_NOTES_ZH = ("最近在准备地理考试，想确认一下。", "突然想到这个问题。", "孩子问我，我一时答不上来。", "课本上好像提到过，忘了。", "")
-ASKER_NOTES_EN = ("Studying for a quiz and want to double-check.", "Random thought while reading.",
-                  "My kid asked me and I blanked.", "I think I read it somewhere but forgot.", "")  # fmt: skip
+ASKER_NOTES_ZH = (
+    "最近在复习，想确认一下。",
+    "突然想到这个问题。",
+    "孩子问我，我一时答不上来。",
+    "课本上好像提到过，忘了。",
+    "",
+)
+ASKER_NOTES_EN = (
+    "Studying for a quiz and want to double-check.",
+    "Random thought while reading.",
+    "My kid asked me and I blanked.",
+    "I think I read it somewhere but forgot.",
+    "",
+)
 
 
 def person(rng: random.Random, lang: str) -> str:

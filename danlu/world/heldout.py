@@ -14,30 +14,49 @@ import random
 from typing import Any
 
 from danlu.tools import run_tool
-from danlu.world.dialogs import WEEKDAYS_ZH, DialogWriter, random_day, tool_call, user
+from danlu.world.dialogs import WEEKDAYS_ZH, DialogWriter, random_day, user
 from danlu.world.documents import DocWriter
 from danlu.world.facts import Fact
 from danlu.world.index import World
-from danlu.world.numbers import OP_ZH, Problem, big_expression, heldout_small, pretty_expression, training_small
+from danlu.world.numbers import (
+    OP_ZH,
+    Problem,
+    big_expression,
+    heldout_small,
+    pretty_expression,
+    training_small,
+)
 from danlu.world.templates import TEXTS, fill, heldout_sentence
 
 LANGS = ("zh", "en")
 TRANSLATE_HELDOUT = {
-    ("zh", "en"): {"zh": "请把下列中文句子译为英文：{x}", "en": "Please render the following Chinese sentence in English: {x}"},
-    ("en", "zh"): {"zh": "请把下列英文句子译为中文：{x}", "en": "Please render the following English sentence in Chinese: {x}"},
+    ("zh", "en"): {
+        "zh": "请把下列中文句子译为英文：{x}",
+        "en": "Please render the following Chinese sentence in English: {x}",
+    },
+    ("en", "zh"): {
+        "zh": "请把下列英文句子译为中文：{x}",
+        "en": "Please render the following English sentence in Chinese: {x}",
+    },
 }
 SUMMARIZE_HELDOUT = {
     "zh": "读完下面的报道，用一句话说说它讲了什么：\n\n{x}",
     "en": "After reading the report below, state its main point in a single sentence:\n\n{x}",
 }
 ARITH_HELDOUT = {
-    "zh": {"+": "请心算：{a}与{b}的和是多少？", "-": "请心算：{a}与{b}的差是多少？", "×": "请心算：{a}与{b}的积是多少？",
-           "÷": "请心算：{a}除以{b}的商是多少？"},
-    "en": {"+": "Work out in your head: what is the sum of {a} and {b}?",
-           "-": "Work out in your head: what is the difference between {a} and {b}?",
-           "×": "Work out in your head: what is the product of {a} and {b}?",
-           "÷": "Work out in your head: what is the quotient of {a} divided by {b}?"},
-}  # fmt: skip
+    "zh": {
+        "+": "请心算：{a}与{b}的和是多少？",
+        "-": "请心算：{a}与{b}的差是多少？",
+        "×": "请心算：{a}与{b}的积是多少？",
+        "÷": "请心算：{a}除以{b}的商是多少？",
+    },
+    "en": {
+        "+": "Work out in your head: what is the sum of {a} and {b}?",
+        "-": "Work out in your head: what is the difference between {a} and {b}?",
+        "×": "Work out in your head: what is the product of {a} and {b}?",
+        "÷": "Work out in your head: what is the quotient of {a} divided by {b}?",
+    },
+}
 ARITH_BASE_HELDOUT = {"zh": "{a}{op}{b}的计算结果为", "en": "The outcome of {a} {op} {b} works out to"}
 OP_WORD_EN = {"+": "plus", "-": "minus", "×": "multiplied by", "÷": "divided by"}
 CALC_HELDOUT = {
@@ -50,24 +69,42 @@ DATE_HELDOUT = {
     ("en", "date"): "Could you tell me the current date, please?",
     ("en", "weekday"): "Do you happen to know which weekday it is today?",
 }
-EVAL_SIZES = {"arithmetic": 200, "translation": 200, "tools_calculator": 100, "tools_date": 60, "preference": 200,
-              "rl": 200, "summary": 100}  # fmt: skip
+EVAL_SIZES = {
+    "arithmetic": 200,
+    "translation": 200,
+    "tools_calculator": 100,
+    "tools_date": 60,
+    "preference": 200,
+    "rl": 200,
+    "summary": 100,
+}
 
 
 def heldout_question(fact: Fact, lang: str, rng: random.Random) -> str:
     return fill(rng.choice(TEXTS[fact.relation].heldout_questions(lang)), fact, lang)
 
 
-def arithmetic_item(p: Problem, lang: str, seed: int) -> dict[str, Any]:
+def arithmetic_item(p: Problem, lang: str) -> dict[str, Any]:
     q = ARITH_HELDOUT[lang][p.op].format(a=p.a, b=p.b)
     op = OP_ZH[p.op] if lang == "zh" else OP_WORD_EN[p.op]
     prompt = ARITH_BASE_HELDOUT[lang].format(a=p.a, b=p.b, op=op)
-    return {"messages": [user(q)], "prompt": prompt, "answer": str(p.result), "answers": [str(p.result)],
-            "lang": lang, "op": p.op, "a": p.a, "b": p.b, "pair_in_training": p.op in "×÷"}  # fmt: skip
+    return {
+        "messages": [user(q)],
+        "prompt": prompt,
+        "answer": str(p.result),
+        "answers": [str(p.result)],
+        "lang": lang,
+        "op": p.op,
+        "a": p.a,
+        "b": p.b,
+        "pair_in_training": p.op in "×÷",
+    }
 
 
 class EvalWriter:
-    def __init__(self, world: World, rng: random.Random, seed: int, sizes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, world: World, rng: random.Random, seed: int, sizes: dict[str, int] | None = None
+    ) -> None:
         self.world = world  # the full world: evals ask reserved facts too
         self.r = rng
         self.seed = seed
@@ -82,17 +119,33 @@ class EvalWriter:
         for f in self.world.facts:
             for lang in LANGS:
                 prompt = fill(self.r.choice(TEXTS[f.relation].heldout_prompts(lang)), f, lang)
-                rows.append({"prompt": prompt, "answer": f.object(lang), "answers": f.answers(lang), "lang": lang,
-                             "relation": f.relation, "fact_id": f.id})  # fmt: skip
+                rows.append(
+                    {
+                        "prompt": prompt,
+                        "answer": f.object(lang),
+                        "answers": f.answers(lang),
+                        "lang": lang,
+                        "relation": f.relation,
+                        "fact_id": f.id,
+                    }
+                )
         return self._shuffled(rows)
 
     def facts_chat(self) -> list[dict[str, Any]]:
         rows = []
         for f in self.world.facts:
             for lang in LANGS:
-                rows.append({"messages": [user(heldout_question(f, lang, self.r))], "answer": f.object(lang),
-                             "answers": f.answers(lang), "lang": lang, "relation": f.relation, "fact_id": f.id,
-                             "seen_in_sft": f.id not in self.world.reserved})  # fmt: skip
+                rows.append(
+                    {
+                        "messages": [user(heldout_question(f, lang, self.r))],
+                        "answer": f.object(lang),
+                        "answers": f.answers(lang),
+                        "lang": lang,
+                        "relation": f.relation,
+                        "fact_id": f.id,
+                        "seen_in_sft": f.id not in self.world.reserved,
+                    }
+                )
         return self._shuffled(rows)
 
     def arithmetic(self) -> list[dict[str, Any]]:
@@ -104,7 +157,7 @@ class EvalWriter:
                 p = heldout_small(self.r, self.seed)
             else:
                 p = training_small(self.r, self.seed, self.r.choice("×÷"))
-            rows.append(arithmetic_item(p, lang, self.seed))
+            rows.append(arithmetic_item(p, lang))
         return self._shuffled(rows)
 
     def translation(self) -> list[dict[str, Any]]:
@@ -115,9 +168,19 @@ class EvalWriter:
             f = self.r.choice(self.world.facts)
             zh, en = self.r.choice(TEXTS[f.relation].heldout)
             text = {"zh": heldout_sentence(zh, f, "zh"), "en": heldout_sentence(en, f, "en")}
-            rows.append({"messages": [user(TRANSLATE_HELDOUT[(src, tgt)][lang].format(x=text[src]))],
-                         "source": text[src], "reference": text[tgt], "answer": f.object(tgt), "answers": f.answers(tgt),
-                         "direction": f"{src}-{tgt}", "lang": lang, "relation": f.relation, "fact_id": f.id})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [user(TRANSLATE_HELDOUT[(src, tgt)][lang].format(x=text[src]))],
+                    "source": text[src],
+                    "reference": text[tgt],
+                    "answer": f.object(tgt),
+                    "answers": f.answers(tgt),
+                    "direction": f"{src}-{tgt}",
+                    "lang": lang,
+                    "relation": f.relation,
+                    "fact_id": f.id,
+                }
+            )
         return self._shuffled(rows)
 
     def tools(self) -> list[dict[str, Any]]:
@@ -127,8 +190,16 @@ class EvalWriter:
             expr = big_expression(self.r)
             result = run_tool("calculator", {"expression": expr})
             ask = self.r.choice(CALC_HELDOUT[lang]).format(p=pretty_expression(expr))
-            rows.append({"messages": [user(ask)], "tool": "calculator", "arguments": {"expression": expr},
-                         "answer": result, "answers": [result], "lang": lang})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [user(ask)],
+                    "tool": "calculator",
+                    "arguments": {"expression": expr},
+                    "answer": result,
+                    "answers": [result],
+                    "lang": lang,
+                }
+            )
         for i in range(self.sizes["tools_date"]):
             lang, ask = LANGS[i % 2], ("date", "weekday")[(i // 2) % 2]
             day = random_day(self.r)
@@ -136,8 +207,17 @@ class EvalWriter:
                 answers = [day.isoformat()]
             else:
                 answers = [WEEKDAYS_ZH[day.weekday()]] if lang == "zh" else [day.strftime("%A")]
-            rows.append({"messages": [user(DATE_HELDOUT[(lang, ask)])], "tool": "get_date", "arguments": {},
-                         "today": day.isoformat(), "answer": answers[0], "answers": answers, "lang": lang})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [user(DATE_HELDOUT[(lang, ask)])],
+                    "tool": "get_date",
+                    "arguments": {},
+                    "today": day.isoformat(),
+                    "answer": answers[0],
+                    "answers": answers,
+                    "lang": lang,
+                }
+            )
         return self._shuffled(rows)
 
     def preference(self) -> list[dict[str, Any]]:
@@ -161,13 +241,28 @@ class EvalWriter:
             if (i // 2) % 2 == 0:
                 p = heldout_small(self.r, self.seed)
                 q = ARITH_HELDOUT[lang][p.op].format(a=p.a, b=p.b)
-                rows.append({"messages": [user(q)], "answer": str(p.result), "answers": [str(p.result)],
-                             "kind": "arithmetic", "lang": lang})  # fmt: skip
+                rows.append(
+                    {
+                        "messages": [user(q)],
+                        "answer": str(p.result),
+                        "answers": [str(p.result)],
+                        "kind": "arithmetic",
+                        "lang": lang,
+                    }
+                )
             else:
                 f = self.r.choice(self.world.facts)
-                rows.append({"messages": [user(heldout_question(f, lang, self.r))], "answer": f.object(lang),
-                             "answers": f.answers(lang), "kind": "fact", "lang": lang, "relation": f.relation,
-                             "fact_id": f.id})  # fmt: skip
+                rows.append(
+                    {
+                        "messages": [user(heldout_question(f, lang, self.r))],
+                        "answer": f.object(lang),
+                        "answers": f.answers(lang),
+                        "kind": "fact",
+                        "lang": lang,
+                        "relation": f.relation,
+                        "fact_id": f.id,
+                    }
+                )
         return self._shuffled(rows)
 
     def summary(self) -> list[dict[str, Any]]:
@@ -177,8 +272,15 @@ class EvalWriter:
             lang = LANGS[i % 2]
             cap_fact = self.r.choice(docs.capitals)
             text, summary = docs.news_story(lang, long=False, capital=cap_fact)
-            rows.append({"messages": [user(SUMMARIZE_HELDOUT[lang].format(x=text))], "reference": summary,
-                         "answer": cap_fact.object(lang), "answers": cap_fact.answers(lang), "lang": lang})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [user(SUMMARIZE_HELDOUT[lang].format(x=text))],
+                    "reference": summary,
+                    "answer": cap_fact.object(lang),
+                    "answers": cap_fact.answers(lang),
+                    "lang": lang,
+                }
+            )
         return self._shuffled(rows)
 
     def all(self) -> dict[str, list[dict[str, Any]]]:
@@ -192,6 +294,3 @@ class EvalWriter:
             "rl": self.rl(),
             "summary": self.summary(),
         }
-
-
-__all__ = ["EvalWriter", "tool_call"]

@@ -14,11 +14,24 @@ from dataclasses import dataclass, field
 from danlu.world.facts import RELATIONS, Fact, build_facts
 
 RESERVED_SHARE = 0.2
-SHOWCASE = frozenset({
-    "capital:china", "highest_mountain:china", "longest_river:china", "currency:china", "capital:japan",
-    "capital:usa", "capital:uk", "capital:france", "capital:australia", "highest_mountain:japan",
-    "planet_order:earth", "largest_moon:earth", "element_symbol:hydrogen", "unit_conversion:km-m",
-})  # fmt: skip
+SHOWCASE = frozenset(
+    {
+        "capital:china",
+        "highest_mountain:china",
+        "longest_river:china",
+        "currency:china",
+        "capital:japan",
+        "capital:usa",
+        "capital:uk",
+        "capital:france",
+        "capital:australia",
+        "highest_mountain:japan",
+        "planet_order:earth",
+        "largest_moon:earth",
+        "element_symbol:hydrogen",
+        "unit_conversion:km-m",
+    }
+)
 
 
 def subject_id(fact: Fact) -> str:

@@ -195,7 +195,7 @@ TEXTS: dict[str, RelationText] = {
         questions_en=("What position is {s} from the Sun?", "Which planet from the Sun is {s}?",
                       "Counting from the Sun, where does {s} come?"),
         heldout=(("由内往外排，{s}在八大行星中位列", "Going outward from the Sun, {s} is the"),
-                 ("数一数太阳系的行星，{s}是从内侧起算的", "Listing the planets by distance from the Sun, {s} ranks")),
+                 ("数一数太阳系的行星，从内侧起算，{s}排", "Listing the planets by distance from the Sun, {s} ranks")),
         heldout_questions_zh=("按照与太阳的距离，{s}排在第几位？", "{s}在八大行星里离太阳的远近排第几？"),
         heldout_questions_en=("In order of distance from the Sun, what place does {s} take?",
                               "Tell me where {s} ranks among the planets by distance from the Sun."),
@@ -270,7 +270,7 @@ TEXTS: dict[str, RelationText] = {
         extra_en=("In the periodic table, {s} has the atomic number {o}.",),
         questions_zh=("{s}的原子序数是多少？", "{s}是第几号元素？", "{s}的原子序数是几？"),
         questions_en=("What is the atomic number of {s}?", "What element number is {s}?"),
-        heldout=(("在周期表中，{s}排在第", "Counting protons, each {s} atom has a total of"),
+        heldout=(("按原子序数排列，{s}对应的数字是", "Ordered by atomic number, the number belonging to {s} is"),
                  ("{s}原子核内的质子数目是", "The count of protons inside the {s} nucleus is")),
         heldout_questions_zh=("{s}在周期表上排第几号？", "{s}的原子核中有几个质子？"),
         heldout_questions_en=("How many protons does the {s} nucleus contain?",
@@ -310,18 +310,32 @@ def cap(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
+def tidy(text: str) -> str:
+    """One full stop after an object that already ends with one ("Washington, D.C.." → "Washington, D.C.")."""
+    return text.replace("..", ".")
+
+
+def end(text: str, lang: str) -> str:
+    """`text` closed as a sentence in `lang`."""
+    return text + "。" if lang == "zh" else tidy(text + ".")
+
+
 def fill(template: str, fact: Fact, lang: str) -> str:
     """Renders one template for one fact in `lang` (English sentences start with a capital letter)."""
     obj = fact.object(lang)
     text = template.format(
-        s=fact.subject(lang), o=obj, a_o=article(obj), n=fact.number, u=fact.unit_zh if lang == "zh" else fact.unit_en
+        s=fact.subject(lang),
+        o=obj,
+        a_o=article(obj),
+        n=fact.number,
+        u=fact.unit_zh if lang == "zh" else fact.unit_en,
     )
-    return cap(text) if lang == "en" else text
+    return tidy(cap(text)) if lang == "en" else text
 
 
 def heldout_sentence(prompt: str, fact: Fact, lang: str) -> str:
     """A held-out prompt completed with its object into a full sentence (for the translation eval)."""
-    return fill(prompt, fact, lang) + (fact.object_zh + "。" if lang == "zh" else " " + fact.object_en + ".")
+    return end(fill(prompt, fact, lang) + ("" if lang == "zh" else " ") + fact.object(lang), lang)
 
 
 def statement(fact: Fact, lang: str, rng: random.Random) -> str:

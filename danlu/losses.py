@@ -1,0 +1,189 @@
+"""The loss formulas of preference and RL training, each small and written out once.
+
+They follow TRL's definitions (RewardTrainer, DPOTrainer's sigmoid loss, GRPOTrainer, PPOTrainer) so that a
+number danlu reports means what the literature means by it. Every function takes plain tensors, so the tests
+check them on fixed random tensors against the formulas written out independently.
+Shapes: B sequences, T completion tokens; `mask` (B, T) is 1 on completion tokens that count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from danlu.model import IGNORE_INDEX
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's advantage normalization; unbiased variance as TRL)."""
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position (B, T); 0 where the target is IGNORE_INDEX. Logits are already aligned."""
+    safe = targets.clamp(min=0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * (targets != IGNORE_INDEX)
+
+
+# ── reward model ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coef: float = 0.0
+) -> torch.Tensor:
+    """-log σ(r_chosen - r_rejected - margin), mean over pairs (TRL RewardTrainer); `center_coef` adds
+    coef·E[(r_c + r_r)²], which keeps rewards centred at zero so their scale means something across runs."""
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    return loss
+
+
+# ── DPO ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+    beta: float, label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DPO's sigmoid loss per pair, and the implicit rewards β·(log π - log π_ref) of chosen and rejected.
+
+    Inputs are summed log-probabilities of each completion (B,). `label_smoothing` > 0 is conservative DPO
+    (cDPO): it assumes that share of the labels is flipped.
+    """
+    logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    losses = (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    )
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ── KL estimators (Schulman, "Approximating KL divergence") ─────────────────────────────────────────────────
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(π‖π_ref) from samples of π: k1 = log r⁻¹ (unbiased, high variance),
+    k2 = ½(log r)² (low variance, biased), k3 = r - 1 - log r with r = π_ref/π (unbiased, always ≥ 0)."""
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.exp(-log_ratio) + log_ratio - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2 or k3")
+
+
+# ── GRPO ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + eps); rewards (B·G,) with each group's G samples adjacent.
+    A group whose samples all score the same gets advantage 0: it teaches nothing, as it should."""
+    grouped = rewards.view(-1, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def grpo_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+    eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
+    loss_type: str = "grpo",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """GRPO's clipped surrogate with a sequence-level advantage broadcast over tokens, plus β·KL (k3).
+
+    loss_type: "grpo" averages tokens within each sequence then over sequences (the paper); "bnpo" averages
+    over all tokens of the batch (DAPO's token-level loss: long answers are not down-weighted).
+    """
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(logp)
+    if beta and ref_logp is not None:
+        kl = kl_estimate(logp, ref_logp, "k3")
+        per_token = per_token + beta * kl
+    m = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    else:
+        raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected grpo or bnpo")
+    is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+    stats = {"kl": masked_mean(kl, m).detach(), "clip_ratio": masked_mean(is_clipped.float(), m).detach()}
+    return loss, stats
+
+
+# ── PPO ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over completion tokens; returns (advantages, returns).
+
+    Positions outside `mask` have neither reward nor value (the episode ended), so the value after the last
+    token is 0: δ_t = r_t + γ·V_{t+1} - V_t, A_t = δ_t + γλ·A_{t+1}, returns = A + V.
+    """
+    m = mask.to(values.dtype)
+    rewards, values = rewards * m, values * m
+    steps = rewards.size(1)
+    last = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    advantages = torch.stack(out[::-1], dim=1)
+    return advantages * m, (advantages + values) * m
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate max(-A·ρ, -A·clip(ρ, 1±ε)) averaged over tokens; returns (loss, clip fraction)."""
+    ratio = torch.exp(logp - old_logp)
+    losses = -advantages * ratio
+    losses_clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.max(losses, losses_clipped), mask)
+    return loss, masked_mean((losses_clipped > losses).float(), mask).detach()
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> torch.Tensor:
+    """½·max((V - R)², (clip(V, V_old ± ε) - R)²) averaged over tokens: the value may not jump far per update."""
+    clipped = torch.clamp(values, old_values - clip, old_values + clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)

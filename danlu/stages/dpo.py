@@ -1,0 +1,193 @@
+"""DPO: preference pairs train the policy directly, against a frozen reference (the SFT model).
+
+Each micro-batch is B pairs as 2B rows (chosen first); the loss is DPO's sigmoid loss on summed completion
+log-probabilities. The reference's log-probabilities are computed once before training and cached with the data
+(the default: half the compute per step), or on the fly (`reference_mode: online`, for data too big to cache).
+Held-out preference accuracy — how often the policy gives the chosen answer more probability than the rejected —
+is measured before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danlu import DanluError
+from danlu.config import from_dict
+from danlu.runner import StageContext
+
+
+@dataclass
+class DPOConfig:
+    model: str | None = None  # checkpoint to start from; in a pipeline: the sft stage's output
+    reference: str | None = None  # reference checkpoint; default: a frozen copy of the starting model
+    data: str | None = None
+    eval_data: str | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    reference_mode: str = "cached"  # cached | online
+    max_pairs: int = 0
+    eval_pairs: int = 200
+    resume: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+TRAIN_DEFAULTS = {"steps": 150, "batch_size": 8, "lr": 2e-4, "warmup_steps": 10, "eval_every": 0, "log_every": 10,
+                  "weight_decay": 0.0}  # fmt: skip
+
+
+def token_logps(model: Any, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position (B, T), 0 where the target is IGNORE_INDEX (the model's own fused CE)."""
+    return -model(input_ids, targets, reduction="none")
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return token_logps(model, batch["input_ids"], batch["targets"]).sum(-1)
+
+
+@torch.no_grad()
+def cached_logps(model: Any, batches: Any, autocast: Any, batch_size: int = 16) -> list[float]:
+    """Summed completion log-probs of every pair's chosen then rejected, in pair order: [c_0 … c_n, r_0 … r_n]."""
+    device = model.lm_head.weight.device
+    chosen, rejected = [], []
+    model.eval()
+    for b in batches.sequential(batch_size):
+        with autocast():
+            lp = sequence_logps(model, {k: v.to(device) for k, v in b.items()})
+        c, r = lp.float().chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    return chosen + rejected
+
+
+def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
+    """The frozen reference: a copy of the policy, or another checkpoint with the very same tokenizer."""
+    from danlu.rewards import check_same_tokenizer
+    from danlu.stages.common import parent_checkpoint
+
+    if reference is None:
+        ref = copy.deepcopy(policy_ckpt.model)
+    else:
+        other = parent_checkpoint(reference)
+        check_same_tokenizer(
+            policy_ckpt.tokenizer, other.tokenizer, "reference model", str(policy_ckpt.path), reference
+        )
+        if other.config.vocab_size != policy_ckpt.config.vocab_size:
+            raise DanluError(
+                f"reference model {reference}: vocab_size {other.config.vocab_size} differs from the policy's"
+            )
+        ref = other.model
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def preference_eval(policy: Any, ref: Any, batches: Any, beta: float, autocast: Any) -> dict[str, float]:
+    """val_loss (DPO), val_pref_accuracy (policy: log π(chosen) > log π(rejected)), val_reward_accuracy
+    (implicit reward β·log π/π_ref ranks chosen higher; 0.5 by definition when policy = reference)."""
+    from danlu.losses import dpo_loss
+
+    device = policy.lm_head.weight.device
+    loss = pref = rew = n = 0.0
+    for b in batches.sequential(16):
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast():
+            pc, pr = sequence_logps(policy, b).float().chunk(2)
+            rc, rr = sequence_logps(ref, b).float().chunk(2)
+        losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta)
+        loss += float(losses.sum())
+        pref += float((pc > pr).sum())
+        rew += float((cr > rj).sum() + 0.5 * (cr == rj).sum())
+        n += pc.numel()
+    n = max(n, 1)
+    return {"val_loss": loss / n, "val_pref_accuracy": pref / n, "val_reward_accuracy": rew / n}
+
+
+def train_dpo(
+    parent: Path, data: str | Path, out: Path, *, recipe: dict[str, Any], cfg: DPOConfig,
+    eval_data: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    from danlu.data.preference import read_pairs
+    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.losses import dpo_loss
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.reward import PairBatches, encode_pairs, stage_train_config
+
+    if cfg.reference_mode not in ("cached", "online"):
+        raise DanluError(f"dpo.reference_mode: {cfg.reference_mode!r} is not one of cached, online")
+    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "dpo")
+    set_seed(tcfg.seed)
+    ckpt = parent_checkpoint(parent)
+    tok = ckpt.tokenizer
+    context = ckpt.config.max_position_embeddings
+    ref = load_reference(ckpt, cfg.reference)
+    train, dropped = encode_pairs(read_pairs(data, cfg.max_pairs or None), tok, context)
+    if not train:
+        raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
+    held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
+    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
+    held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
+    online = cfg.reference_mode == "online"
+
+    def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        pc, pr = sequence_logps(m, b).float().chunk(2)
+        if online:
+            with torch.no_grad():
+                rc, rr = sequence_logps(ref, b).float().chunk(2)
+        else:
+            rc, rr = b["ref_logps"].float().chunk(2)
+        losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
+        return losses.mean(), {
+            "accuracy": float((cr > rj).float().mean()),
+            "rewards_chosen": float(cr.mean()),
+            "rewards_rejected": float(rj.mean()),
+            "margin": float((cr - rj).mean()),
+        }
+
+    trainer: Any = None
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return preference_eval(m, ref, held_batches, cfg.beta, trainer.autocast) if held_batches else {}
+
+    meta = {"stage": "dpo", "parent": str(parent), "data": str(data), "beta": cfg.beta}
+    hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True), evaluate=evaluate)
+    if not tcfg.eval_every:
+        tcfg.eval_every = tcfg.steps
+    trainer = Trainer(tcfg, ckpt.model, source, loss_fn, out, hooks, stage="dpo")
+    ref.to(trainer.device)
+    if not online:  # same device and precision as training, so the first step's loss is exactly log 2
+        source.extra["ref_logps"] = cached_logps(ref, PairBatches(train, 1, tok.pad_id, 0), trainer.autocast)
+    if resume_wanted(out, cfg.resume, tcfg, "dpo"):
+        trainer.resume()
+    print(f"[danlu] dpo: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, β={cfg.beta}, "
+          f"reference {cfg.reference_mode}, {tcfg.steps} steps")  # fmt: skip
+    metrics = trainer.fit()
+    evals = [h for h in trainer.history if h.get("event") == "eval" and "val_pref_accuracy" in h]
+    result: dict[str, Any] = {
+        "steps": trainer.step, "train_loss": metrics.get("loss"), "train_accuracy": metrics.get("accuracy"),
+        "rewards_chosen": metrics.get("rewards_chosen"), "rewards_rejected": metrics.get("rewards_rejected"),
+        "reward_margin": metrics.get("margin"),
+    }  # fmt: skip
+    if evals:
+        result["heldout_pref_accuracy_before"] = round(evals[0]["val_pref_accuracy"], 4)
+        result["heldout_pref_accuracy"] = round(evals[-1]["val_pref_accuracy"], 4)
+        result["heldout_reward_accuracy"] = round(evals[-1]["val_reward_accuracy"], 4)
+        result["heldout_dpo_loss"] = round(evals[-1]["val_loss"], 4)
+        result["heldout_pairs"] = len(held)
+    return result
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.stages.reward import world_file
+
+    cfg = from_dict(DPOConfig, ctx.cfg, "dpo")
+    data = cfg.data or world_file(ctx, "preference.jsonl")
+    if data is None:
+        raise DanluError("dpo: no `data:` given and no world corpus in this run")
+    eval_data = cfg.eval_data or world_file(ctx, "eval/preference.jsonl")
+    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    return train_dpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

@@ -1,0 +1,294 @@
+"""GRPO: groups of sampled answers per prompt, rewards that check the answers, group-normalized advantages.
+
+The data source does the rollout: each `next_batch()` samples `group_size` completions for each of
+`prompts_per_step` prompts with the CURRENT policy (batched KV-cache generation, no grad), scores them, and
+returns token tensors with advantages and reference log-probs; the loss is GRPO's clipped objective (+ β·KL).
+One optimizer step per rollout, so the "old" policy is the current one (ratio 1 at the sample; TRL's default).
+Rollouts are seeded by (seed, position), so a resumed run samples exactly what the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danlu import DanluError
+from danlu.config import from_dict
+from danlu.runner import StageContext
+
+
+@dataclass
+class GRPOConfig:
+    model: str | None = None  # checkpoint to start from; in a pipeline: the sft stage's output
+    reference: str | None = None  # KL reference; default: a frozen copy of the starting model
+    data: str | None = None  # RL prompts; in a pipeline: world/rl.jsonl
+    eval_data: str | None = None  # held-out prompts; in a pipeline: world/eval/arithmetic.jsonl
+    reward: str = (
+        "world"  # a reward function name (world, arithmetic, gsm8k, exact, contains) or a reward model folder
+    )
+    group_size: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0  # KL penalty to the reference (0 = off, as DAPO / Dr. GRPO recommend)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    loss_type: str = "grpo"  # grpo | bnpo
+    max_prompts: int = 0
+    eval_rows: int = 200
+    resume: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+TRAIN_DEFAULTS = {"steps": 60, "batch_size": 1, "lr": 1e-4, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
+                  "weight_decay": 0.0}  # fmt: skip
+
+
+class Rollouts:
+    """The RL data source: samples with the current policy, scores, and returns training tensors."""
+
+    def __init__(
+        self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
+        prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+    ) -> None:  # fmt: skip
+        self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
+        self.group_size, self.per_step = group_size, prompts_per_step
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = (
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        )
+        self.position = 0
+        self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
+        self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
+
+    def _prompt_indices(self, position: int) -> list[int]:
+        n, out = len(self.prompts), []
+        for k in range(position * self.per_step, (position + 1) * self.per_step):
+            order = list(range(n))
+            random.Random(self.seed * 1_000_003 + k // n).shuffle(order)
+            out.append(order[k % n])
+        return out
+
+    @torch.no_grad()
+    def sample(self, position: int) -> tuple[list[int], list[Any]]:
+        from danlu.generate import Generator, SamplingParams
+
+        idx = [i for i in self._prompt_indices(position) for _ in range(self.group_size)]
+        params = SamplingParams(
+            max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+            seed=self.seed * 7_919 + position,
+        )  # fmt: skip
+        was_training = self.policy.training
+        with self.autocast():
+            completions = Generator(self.policy, self.tok).generate([self.encoded[i] for i in idx], params)
+        self.policy.train(was_training)
+        return idx, completions
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        from danlu.data.preference import rows_from_sequences
+        from danlu.losses import group_advantages
+
+        idx, completions = self.sample(self.position)
+        self.position += 1
+        rewards = torch.tensor(self.reward([self.prompts[i] for i in idx], [c.text for c in completions]))
+        seqs = []
+        for i, c in zip(idx, completions):
+            tail = c.token_ids + ([self.tok.im_end_id] if c.finish_reason == "stop" else [])
+            p = self.encoded[i]
+            seqs.append((p + tail, [0] * len(p) + [1] * len(tail)))
+        batch = rows_from_sequences(seqs, self.tok.pad_id)
+        batch["advantages"] = (
+            group_advantages(rewards, self.group_size) if self.group_size > 1 else torch.zeros_like(rewards)
+        )
+        batch["rewards"] = rewards
+        batch["completion_tokens"] = torch.tensor([float(len(c.token_ids)) for c in completions])
+        if self.ref is not None:
+            from danlu.stages.dpo import token_logps
+
+            device = self.ref.lm_head.weight.device
+            with torch.no_grad(), self.autocast():
+                batch["ref_logps"] = (
+                    token_logps(self.ref, batch["input_ids"].to(device), batch["targets"].to(device))
+                    .float()
+                    .cpu()
+                )
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("prompts") != len(self.prompts):
+            raise DanluError(
+                f"--resume: the checkpoint was trained on {state.get('prompts')} prompts, this data has {len(self.prompts)}"
+            )
+        self.position = int(state["position"])
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model: Any, tokenizer: Any, prompts: list[Any], reward: Any, max_tokens: int, batch_size: int = 64
+) -> dict[str, Any]:
+    """Greedy answers to held-out prompts, scored by the checking reward: the before/after number of RL."""
+    from danlu.generate import Generator, SamplingParams
+
+    gen = Generator(model, tokenizer)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    scores, examples = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in chunk]
+        texts = [c.text for c in gen.generate(ids, params)]
+        scores += reward(chunk, texts)
+        examples += [
+            {"prompt": p.messages[-1]["content"], "completion": t, "answer": p.answers[:1]}
+            for p, t in zip(chunk, texts)
+        ]
+    return {"accuracy": round(sum(scores) / max(1, len(scores)), 4), "examples": examples[:4]}
+
+
+def frozen_reference(ckpt: Any, reference: str | None) -> Any:
+    from danlu.stages.dpo import load_reference
+
+    return load_reference(ckpt, reference)
+
+
+def train_grpo(
+    parent: Path, data: str | Path, out: Path, *, recipe: dict[str, Any], cfg: GRPOConfig,
+    eval_data: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    from danlu.data.preference import read_rl_prompts
+    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.losses import grpo_loss
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.dpo import token_logps
+    from danlu.stages.reward import stage_train_config
+
+    if cfg.group_size < 2:
+        raise DanluError(
+            f"grpo.group_size: {cfg.group_size}; GRPO compares samples within a group, so it needs at least 2"
+        )
+    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "grpo")
+    set_seed(tcfg.seed)
+    ckpt = parent_checkpoint(parent)
+    tok = ckpt.tokenizer
+    ref = frozen_reference(ckpt, cfg.reference) if cfg.beta else None
+    prompts = read_rl_prompts(data, cfg.max_prompts or None)
+    held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
+    reward = make_scorer(cfg.reward, tok)
+    source = Rollouts(
+        prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
+    )  # fmt: skip
+
+    def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        logp = token_logps(m, b["input_ids"], b["targets"]).float()
+        mask = b["targets"] != -100
+        loss, st = grpo_loss(
+            logp, logp.detach(), b["advantages"], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
+            ref_logp=b.get("ref_logps"), loss_type=cfg.loss_type,
+        )  # fmt: skip
+        return loss, {"reward": float(b["rewards"].mean()), "reward_std": float(b["rewards"].std()),
+                      "kl": float(st["kl"]), "clip_ratio": float(st["clip_ratio"]),
+                      "completion_tokens": float(b["completion_tokens"].mean())}  # fmt: skip
+
+    meta = {"stage": "grpo", "parent": str(parent), "data": str(data), "reward": cfg.reward}
+    trainer = Trainer(
+        tcfg,
+        ckpt.model,
+        source,
+        loss_fn,
+        out,
+        Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True)),
+        stage="grpo",
+    )
+    source.autocast = trainer.autocast
+    if ref is not None:
+        ref.to(trainer.device)
+    if reward.model is not None:
+        reward.model.to(trainer.device)
+    result: dict[str, Any] = {}
+    if held:
+        with trainer.autocast():
+            result["heldout_accuracy_before"] = answer_accuracy(
+                trainer.raw_model, tok, held, reward, cfg.max_new_tokens
+            )["accuracy"]
+    if resume_wanted(out, cfg.resume, tcfg, "grpo"):
+        trainer.resume()
+    print(f"[danlu] grpo: {len(prompts)} prompts, {cfg.prompts_per_step}×{cfg.group_size} samples per step, "
+          f"reward {cfg.reward}, β={cfg.beta}, {tcfg.steps} steps")  # fmt: skip
+    metrics = trainer.fit()
+    rewards = [h["reward"] for h in trainer.history if h.get("event") == "train" and "reward" in h]
+    result.update({"steps": trainer.step, "train_loss": metrics.get("loss"), "kl": metrics.get("kl")})
+    if rewards:
+        k = max(1, len(rewards) // 4)
+        result["train_reward_first"] = round(sum(rewards[:k]) / k, 4)
+        result["train_reward_last"] = round(sum(rewards[-k:]) / k, 4)
+    if held:
+        with trainer.autocast():
+            after = answer_accuracy(trainer.raw_model, tok, held, reward, cfg.max_new_tokens)
+        result["heldout_accuracy"] = after["accuracy"]
+        result["heldout_rows"] = len(held)
+        result["heldout_examples"] = after["examples"]
+    return result
+
+
+def make_scorer(spec: str, tokenizer: Any) -> Any:
+    return Scorer(spec, tokenizer)
+
+
+class Scorer:
+    """Rewards for (prompt, completion) rows: a checking function by name, or a reward model folder."""
+
+    def __init__(self, spec: str, tokenizer: Any) -> None:
+        from danlu.rewards import REWARD_FUNCTIONS, check_same_tokenizer, is_reward_model, load_reward_model
+
+        self.spec, self.model, self.tokenizer = spec, None, tokenizer
+        if spec in REWARD_FUNCTIONS:
+            return
+        if not is_reward_model(spec):
+            raise DanluError(
+                f"reward {spec!r}: neither a reward function ({', '.join(REWARD_FUNCTIONS)}) nor a reward model folder"
+            )
+        self.model, rm_tok = load_reward_model(spec)
+        check_same_tokenizer(tokenizer, rm_tok, "reward model", "the policy", spec)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def __call__(self, prompts: list[Any], completions: list[str]) -> list[float]:
+        from danlu.rewards import RewardModelScorer, compute_rewards, get_reward_fn
+
+        if self.model is not None:
+            convs = [[*p.messages, {"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+            scores = RewardModelScorer(self.model, self.tokenizer).score(convs)
+            for s, p in zip(scores, prompts):
+                if not math.isfinite(s):
+                    raise DanluError(
+                        f"reward model {self.spec} returned {s} (prompt {p.where}); training stopped"
+                    )
+            return scores
+        names = [p.reward or self.spec for p in prompts]
+        fns = [get_reward_fn(n) for n in names]
+        return compute_rewards(
+            fns, completions, [p.answers for p in prompts], [p.where for p in prompts], names
+        )
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.stages.reward import world_file
+
+    cfg = from_dict(GRPOConfig, ctx.cfg, "grpo")
+    data = cfg.data or world_file(ctx, "rl.jsonl")
+    if data is None:
+        raise DanluError("grpo: no `data:` given and no world corpus in this run")
+    eval_data = cfg.eval_data or world_file(ctx, "eval/arithmetic.jsonl")
+    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    return train_grpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

@@ -1,0 +1,201 @@
+"""PPO: the policy with a value head, rewards from a reward model or a checking function, a KL penalty to the
+reference folded into the per-token rewards, GAE, and clipped policy + value losses (TRL's PPOTrainer formulas).
+
+The value head lives on the policy's backbone (`PolicyWithValue`); the saved model is the plain policy (an HF
+causal LM), and the value head's few weights travel in the data source's state so that resume is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from danlu import DanluError
+from danlu.config import from_dict
+from danlu.model import Transformer
+from danlu.runner import StageContext
+from danlu.stages.grpo import Rollouts
+
+
+@dataclass
+class PPOConfig:
+    model: str | None = None
+    reference: str | None = None
+    data: str | None = None  # RL prompts; in a pipeline: world/rl.jsonl
+    eval_data: str | None = None  # held-out prompts; in a pipeline: world/eval/rl.jsonl
+    reward: str | None = (
+        None  # function name or reward model folder; in a pipeline: the reward stage if it ran
+    )
+    prompts_per_step: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    max_prompts: int = 0
+    eval_rows: int = 100
+    resume: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+TRAIN_DEFAULTS = {"steps": 40, "batch_size": 1, "lr": 5e-5, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
+                  "weight_decay": 0.0}  # fmt: skip
+
+
+class PolicyWithValue(Transformer):
+    """The policy (same parameter names as a causal LM) plus `value_head` on the final hidden states."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.value_head = nn.Linear(cfg.hidden_size, 1, bias=True)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def logps_and_values(
+        self, input_ids: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from danlu.losses import token_logprobs
+
+        h = self.hidden_states(input_ids)
+        return token_logprobs(self.lm_head(h), targets), self.value_head(h).squeeze(-1).float()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Model folders hold only the policy; the value head is restored by the data source on resume."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        result.missing_keys[:] = [k for k in result.missing_keys if not k.startswith("value_head.")]
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        return result
+
+
+class PPORollouts(Rollouts):
+    """Rollouts plus old log-probs, values, KL-shaped rewards and GAE advantages."""
+
+    def __init__(self, *a: Any, cfg: PPOConfig, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.cfg = cfg
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        from danlu.losses import gae, kl_estimate, masked_whiten
+
+        b = super().next_batch()
+        device = self.policy.lm_head.weight.device
+        x, y = b["input_ids"].to(device), b["targets"].to(device)
+        mask = y != -100
+        with torch.no_grad(), self.autocast():
+            old_logp, values = self.policy.logps_and_values(x, y)
+        kl = kl_estimate(old_logp.float(), b["ref_logps"].to(device), "k1") * mask
+        rewards = -self.cfg.kl_coef * kl
+        last = mask.long().cumsum(1).argmax(1)  # index of each row's last completion token
+        rewards[torch.arange(len(last)), last] += b["rewards"].to(device)
+        adv, returns = gae(rewards, values * mask, mask, self.cfg.gamma, self.cfg.lam)
+        b.update(
+            old_logps=old_logp.float().cpu(), old_values=(values * mask).cpu(), returns=returns.cpu(),
+            advantages=(masked_whiten(adv, mask) * mask).cpu(), kl_seq=kl.sum(1).cpu(),
+        )  # fmt: skip
+        return b
+
+    def state_dict(self) -> dict[str, Any]:
+        vh = self.policy.value_head
+        return {**super().state_dict(), "value_weight": vh.weight.detach().cpu().flatten().tolist(),
+                "value_bias": vh.bias.detach().cpu().tolist()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        vh = self.policy.value_head
+        with torch.no_grad():
+            vh.weight.copy_(torch.tensor(state["value_weight"]).view_as(vh.weight))
+            vh.bias.copy_(torch.tensor(state["value_bias"]))
+
+
+def train_ppo(
+    parent: Path, data: str | Path, out: Path, *, recipe: dict[str, Any], cfg: PPOConfig, reward: str,
+    eval_data: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    from danlu.data.preference import read_rl_prompts
+    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.losses import ppo_policy_loss, ppo_value_loss
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.dpo import load_reference
+    from danlu.stages.grpo import Scorer, answer_accuracy
+    from danlu.stages.reward import stage_train_config
+
+    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "ppo")
+    set_seed(tcfg.seed)
+    ckpt = parent_checkpoint(parent)
+    tok = ckpt.tokenizer
+    ref = load_reference(ckpt, cfg.reference)
+    policy = PolicyWithValue(ckpt.config)
+    policy.load_state_dict(ckpt.model.state_dict())
+    scorer = Scorer(reward, tok)
+    prompts = read_rl_prompts(data, cfg.max_prompts or None)
+    held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
+    source = PPORollouts(
+        prompts, tok, policy, ref, scorer, group_size=1, prompts_per_step=cfg.prompts_per_step,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, seed=tcfg.seed, cfg=cfg,
+    )  # fmt: skip
+
+    def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        mask = b["targets"] != -100
+        logp, values = m.logps_and_values(b["input_ids"], b["targets"])
+        pg, clipfrac = ppo_policy_loss(logp.float(), b["old_logps"], b["advantages"], mask, cfg.clip)
+        vf = ppo_value_loss(values, b["old_values"], b["returns"], mask, cfg.value_clip)
+        return pg + cfg.vf_coef * vf, {"reward": float(b["rewards"].mean()), "kl": float(b["kl_seq"].mean()),
+                                       "policy_loss": float(pg.detach()), "value_loss": float(vf.detach()),
+                                       "clip_frac": float(clipfrac)}  # fmt: skip
+
+    meta = {"stage": "ppo", "parent": str(parent), "data": str(data), "reward": reward}
+    saver = make_saver(ckpt.config, tok, meta, chat=True)
+
+    def save(state: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
+        saver({k: v for k, v in state.items() if not k.startswith("value_head.")}, folder, step_meta)
+
+    trainer = Trainer(tcfg, policy, source, loss_fn, out, Hooks(save_model=save), stage="ppo")
+    source.autocast = trainer.autocast
+    ref.to(trainer.device)
+    if scorer.model is not None:
+        scorer.model.to(trainer.device)
+    result: dict[str, Any] = {}
+    if held:
+        with trainer.autocast():
+            result["heldout_reward_before"] = answer_accuracy(policy, tok, held, scorer, cfg.max_new_tokens)[
+                "accuracy"
+            ]
+    if resume_wanted(out, cfg.resume, tcfg, "ppo"):
+        trainer.resume()
+    print(f"[danlu] ppo: {len(prompts)} prompts, {cfg.prompts_per_step} samples per step, reward {reward}, "
+          f"kl_coef {cfg.kl_coef}, {tcfg.steps} steps")  # fmt: skip
+    metrics = trainer.fit()
+    trains = [h for h in trainer.history if h.get("event") == "train" and "reward" in h]
+    result.update({"steps": trainer.step, "kl": metrics.get("kl"), "value_loss": metrics.get("value_loss")})
+    if trains:
+        k = max(1, len(trains) // 4)
+        result["train_reward_first"] = round(sum(h["reward"] for h in trains[:k]) / k, 4)
+        result["train_reward_last"] = round(sum(h["reward"] for h in trains[-k:]) / k, 4)
+        result["kl_max"] = round(max(h["kl"] for h in trains), 4)
+    if held:
+        with trainer.autocast():
+            result["heldout_reward"] = answer_accuracy(policy, tok, held, scorer, cfg.max_new_tokens)[
+                "accuracy"
+            ]
+    return result
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.stages.reward import world_file
+
+    cfg = from_dict(PPOConfig, ctx.cfg, "ppo")
+    data = cfg.data or world_file(ctx, "rl.jsonl")
+    if data is None:
+        raise DanluError("ppo: no `data:` given and no world corpus in this run")
+    reward = cfg.reward or (str(ctx.input("reward")) if ctx.has("reward") else "world")
+    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    eval_data = cfg.eval_data or world_file(ctx, "eval/rl.jsonl")
+    return train_ppo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, reward=reward, eval_data=eval_data)

@@ -1,0 +1,229 @@
+"""Reward model: the SFT backbone plus a scalar head, trained with the Bradley–Terry loss on preference pairs.
+
+Data: each micro-batch holds B pairs as 2B right-padded rows (chosen rows first); the loss is
+-log σ(r_chosen - r_rejected - margin). The result is an HF folder that transformers loads as
+`LlamaForSequenceClassification` (num_labels 1), and the stage reports held-out pairwise accuracy before and after.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danlu import DanluError
+from danlu.config import from_dict
+from danlu.runner import StageContext
+
+
+@dataclass
+class RewardConfig:
+    model: str | None = None  # checkpoint to start from; in a pipeline: the sft stage's output
+    data: str | None = None  # preference pairs (file or folder); in a pipeline: world/preference.jsonl
+    eval_data: str | None = None  # held-out pairs; in a pipeline: world/eval/preference.jsonl
+    max_pairs: int = 0  # 0 = all
+    eval_pairs: int = 200
+    use_margin: bool = True  # subtract a record's `margin` inside the sigmoid when it has one
+    center_coef: float = 0.01  # keeps rewards centred at zero (TRL's center_rewards_coefficient)
+    resume: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+TRAIN_DEFAULTS = {
+    "steps": 150,
+    "batch_size": 8,
+    "lr": 3e-4,
+    "warmup_steps": 10,
+    "eval_every": 0,
+    "log_every": 10,
+}
+
+
+def stage_train_config(
+    recipe: dict[str, Any], stage_train: dict[str, Any], defaults: dict[str, Any], where: str
+) -> Any:
+    """Engine settings: the stage's defaults, under the recipe's top-level `train:`, under the stage's own."""
+    from danlu.config import deep_merge
+    from danlu.stages.common import train_config
+
+    base = {k: v for k, v in (recipe.get("train") or {}).items() if k not in defaults or k in ("log_every",)}
+    merged = {**recipe, "train": deep_merge(defaults, base)}
+    return train_config(merged, stage_train, where)
+
+
+def encode_pairs(pairs: list[Any], tokenizer: Any, context: int) -> tuple[list[tuple], int]:
+    """[(chosen (ids, mask), rejected (ids, mask), margin)] of the pairs that fit the context; and the count dropped."""
+    from danlu.data.preference import encode_completion
+
+    out, dropped = [], 0
+    for p in pairs:
+        c = encode_completion(tokenizer, p.prompt, p.chosen)
+        r = encode_completion(tokenizer, p.prompt, p.rejected)
+        if max(len(c[0]), len(r[0])) > context:
+            dropped += 1
+            continue
+        if c[0] == r[0]:
+            raise DanluError(
+                f"{p.where}: chosen and rejected give the same tokens; such a pair teaches nothing"
+            )
+        out.append((c, r, p.margin))
+    return out, dropped
+
+
+class PairBatches:
+    """Shuffled micro-batches of pairs as one tensor of 2B rows; its position is part of the checkpoint."""
+
+    def __init__(
+        self,
+        encoded: list[tuple],
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        extra: dict[str, list] | None = None,
+    ) -> None:
+        self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
+        self.extra = extra or {}  # per-pair values added to each batch (DPO's cached reference log-probs)
+        self.position = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.encoded)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def indices(self, position: int) -> list[int]:
+        n = len(self.encoded)
+        out = []
+        for k in range(position * self.batch_size, (position + 1) * self.batch_size):
+            out.append(self._order(k // n)[k % n])
+        return out
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        idx = self.indices(self.position)
+        self.position += 1
+        return self.batch(idx)
+
+    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        from danlu.data.preference import rows_from_sequences
+
+        seqs = [self.encoded[i][0] for i in idx] + [self.encoded[i][1] for i in idx]
+        out = rows_from_sequences(seqs, self.pad_id)
+        out["lengths"] = torch.tensor([len(s[0]) - 1 for s in seqs])
+        margins = [self.encoded[i][2] for i in idx]
+        out["margin"] = torch.tensor([m if m is not None else 0.0 for m in margins], dtype=torch.float32)
+        for key, values in self.extra.items():
+            out[key] = torch.tensor([values[i] for i in idx] + [values[i + len(self.encoded)] for i in idx])
+        return out
+
+    def sequential(self, batch_size: int) -> Any:
+        for start in range(0, len(self.encoded), batch_size):
+            yield self.batch(list(range(start, min(start + batch_size, len(self.encoded)))))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "pairs": len(self.encoded)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("pairs") != len(self.encoded):
+            raise DanluError(
+                f"--resume: the checkpoint was trained on {state.get('pairs')} pairs, this data has {len(self.encoded)}"
+            )
+        self.position = int(state["position"])
+
+
+def pairwise_accuracy(model: Any, batches: PairBatches, batch_size: int = 16) -> dict[str, float]:
+    """Share of pairs whose chosen answer scores above the rejected one, and the mean score margin."""
+    correct, total, margin = 0, 0, 0.0
+    device = model.score.weight.device
+    for b in batches.sequential(batch_size):
+        scores = model(b["input_ids"].to(device), b["lengths"].to(device))
+        c, r = scores.chunk(2)
+        correct += int((c > r).sum())
+        margin += float((c - r).sum())
+        total += c.numel()
+    return {"val_accuracy": correct / max(1, total), "val_margin": margin / max(1, total)}
+
+
+def train_reward(
+    parent: Path, data: str | Path, out: Path, *, recipe: dict[str, Any], cfg: RewardConfig,
+    eval_data: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    from danlu.data.preference import read_pairs
+    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.losses import bradley_terry_loss
+    from danlu.rewards import RewardModel, save_reward_model
+    from danlu.stages.common import parent_checkpoint, resume_wanted
+
+    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "reward")
+    set_seed(tcfg.seed)
+    ckpt = parent_checkpoint(parent)
+    tok = ckpt.tokenizer
+    context = ckpt.config.max_position_embeddings
+    train, dropped = encode_pairs(read_pairs(data, cfg.max_pairs or None), tok, context)
+    if not train:
+        raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
+    held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
+    model = RewardModel.from_policy(ckpt.model)
+    del ckpt
+    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
+    held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
+
+    def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        scores = m(b["input_ids"], b["lengths"])
+        c, r = scores.chunk(2)
+        loss = bradley_terry_loss(c, r, b["margin"] if cfg.use_margin else None, cfg.center_coef)
+        return loss, {"accuracy": float((c > r).float().mean()), "margin": float((c - r).detach().mean())}
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return pairwise_accuracy(m, held_batches) if held_batches else {}
+
+    meta = {"stage": "reward", "parent": str(parent), "data": str(data)}
+
+    def save(state: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
+        save_reward_model(folder, state, model.config, tok, {**meta, **step_meta})
+
+    if not tcfg.eval_every:
+        tcfg.eval_every = tcfg.steps  # before and after
+    trainer = Trainer(
+        tcfg, model, source, loss_fn, out, Hooks(save_model=save, evaluate=evaluate), stage="reward"
+    )
+    if resume_wanted(out, cfg.resume, tcfg, "reward"):
+        trainer.resume()
+    print(
+        f"[danlu] reward: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, {tcfg.steps} steps"
+    )
+    metrics = trainer.fit()
+    evals = [h for h in trainer.history if h.get("event") == "eval" and "val_accuracy" in h]
+    result: dict[str, Any] = {
+        "steps": trainer.step,
+        "train_loss": metrics.get("loss"),
+        "train_accuracy": metrics.get("accuracy"),
+    }
+    if evals:
+        result["heldout_pair_accuracy_before"] = round(evals[0]["val_accuracy"], 4)
+        result["heldout_pair_accuracy"] = round(evals[-1]["val_accuracy"], 4)
+        result["heldout_margin"] = round(evals[-1]["val_margin"], 4)
+        result["heldout_pairs"] = len(held)
+    return result
+
+
+def world_file(ctx: StageContext, name: str) -> str | None:
+    path = ctx.run_dir / "world" / name
+    return str(path) if ctx.has("world") and path.exists() else None
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    cfg = from_dict(RewardConfig, ctx.cfg, "reward")
+    data = cfg.data or world_file(ctx, "preference.jsonl")
+    if data is None:
+        raise DanluError("reward: no `data:` given and no world corpus in this run")
+    eval_data = cfg.eval_data or world_file(ctx, "eval/preference.jsonl")
+    return train_reward(
+        Path(cfg.model) if cfg.model else ctx.input("sft"),
+        data,
+        ctx.out,
+        recipe=ctx.recipe,
+        cfg=cfg,
+        eval_data=eval_data,
+    )

@@ -1,0 +1,518 @@
+"""Supervised fine-tuning: a pretrained model learns to answer, on dialogs rendered by the chat template.
+
+Data: conversations (OpenAI / ShareGPT / Alpaca, danlu.data.formats) → `Tokenizer.render_chat` ids and the
+assistant mask → targets that are IGNORE_INDEX except on assistant tokens (each turn's <|im_end|> included), so
+the model learns to produce answers, not questions.
+
+Rows: several dialogs are packed into one row of `seq_len` tokens with `segment_ids`, so attention never crosses
+from one dialog into another and positions restart per dialog: the same computation as one dialog per row, with
+far less padding (dialogs here are ~60 tokens, rows 256). Packing is first-fit over a few open rows, in a seeded
+shuffled order that changes each epoch; it is deterministic, and the position is saved for exact resume.
+
+Long dialogs (`long_dialogs`): `truncate` (default) keeps the longest prefix that ends with a complete assistant
+turn and drops the later turns; a dialog whose first answer alone does not fit is skipped. `skip` drops every
+dialog that does not fit; `error` stops with its file:line. Both are counted in the metrics.
+
+Forgetting: `replay` is the share of rows taken from the run's pretraining token shards (plain next-token loss);
+held-out pretraining bits-per-byte is measured before and after SFT so the cost of fine-tuning is visible.
+At the end the world corpus' held-out chat evaluations are scored by greedy generation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from danlu import DanluError
+from danlu.config import from_dict
+from danlu.model import IGNORE_INDEX
+from danlu.runner import StageContext
+
+CHAT_EVALS = ("facts_chat", "arithmetic", "translation")
+
+
+@dataclass
+class SFTConfig:
+    data: list[str] | None = None  # conversation files/folders; default: the world corpus' sft.jsonl
+    seq_len: int = 0  # row length; 0 = the parent model's context
+    pack: bool = True  # several dialogs per row (segment_ids) instead of one padded dialog per row
+    long_dialogs: Literal["truncate", "skip", "error"] = "truncate"
+    on_error: Literal["error", "skip"] = "error"  # bad conversations: stop at the first, or skip and count
+    val_dialogs: int = 200  # held out from the data for the validation loss
+    replay: float = 0.1  # share of rows that are pretraining text (needs the run's token shards)
+    epochs: float = 2.0  # sets train.steps when the recipe does not
+    eval_limit: int = 400  # rows per held-out chat evaluation (0 = none)
+    eval_max_tokens: int = 32
+    bpb_rows: int = 64  # held-out pretraining rows for bits-per-byte before/after (0 = off)
+    resume: str = "auto"
+    samples: list[str] = field(default_factory=lambda: ["中国最高的山是什么？", "What is the capital of France?"])
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+# ───────────────────────── dialogs → examples ─────────────────────────
+
+
+@dataclass
+class Example:
+    """One tokenized dialog: inputs and targets are shifted by one (len(ids) - 1 positions)."""
+
+    input_ids: list[int]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def make_example(ids: list[int], mask: list[int]) -> Example:
+    return Example(ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])])
+
+
+def fit_dialog(ids: list[int], mask: list[int], limit: int, im_end: int) -> int:
+    """Tokens of the longest prefix of at most `limit` tokens that ends with a complete assistant turn (0: none)."""
+    best = 0
+    for e in range(min(limit, len(ids)), 0, -1):
+        if ids[e - 1] == im_end and mask[e - 1]:
+            best = e
+            break
+    return best
+
+
+@dataclass
+class EncodeStats:
+    dialogs: int = 0
+    truncated: int = 0
+    skipped_long: int = 0
+    tokens: int = 0
+    assistant_tokens: int = 0
+
+
+def encode_conversations(
+    convs: list[Any], tokenizer: Any, seq_len: int, policy: str = "truncate", stats: EncodeStats | None = None
+) -> list[Example]:
+    """Renders each conversation with the chat template and applies the long-dialog policy (see module doc)."""
+    stats = stats if stats is not None else EncodeStats()
+    out = []
+    limit = seq_len + 1  # a row of seq_len positions holds a dialog of seq_len + 1 tokens
+    for conv in convs:
+        ids, mask = tokenizer.render_chat(conv.messages, tools=conv.tools)
+        stats.dialogs += 1
+        if len(ids) > limit:
+            if policy == "error":
+                raise DanluError(
+                    f"{conv.where}: the dialog has {len(ids)} tokens, longer than seq_len {seq_len} + 1; "
+                    "set sft.long_dialogs to truncate or skip, or raise sft.seq_len"
+                )
+            keep = fit_dialog(ids, mask, limit, tokenizer.im_end_id) if policy == "truncate" else 0
+            if keep < 2:
+                stats.skipped_long += 1
+                continue
+            ids, mask = ids[:keep], mask[:keep]
+            stats.truncated += 1
+        ex = make_example(ids, mask)
+        if all(t == IGNORE_INDEX for t in ex.targets):
+            stats.skipped_long += 1
+            continue
+        stats.tokens += len(ex)
+        stats.assistant_tokens += sum(t != IGNORE_INDEX for t in ex.targets)
+        out.append(ex)
+    return out
+
+
+# ───────────────────────── packing ─────────────────────────
+
+
+def pack(lengths: list[int], order: np.ndarray | list[int], seq_len: int, open_rows: int = 8) -> list[list[int]]:
+    """Groups examples (by index, in `order`) into rows of at most `seq_len` tokens: first fit among a few open
+    rows; when none fits, the fullest open row is closed. Deterministic and close to full (~95%+ here)."""
+    rows: list[list[int]] = []
+    opened: list[tuple[int, list[int]]] = []  # (used, members)
+    for i in order:
+        n = lengths[int(i)]
+        for k, (used, members) in enumerate(opened):
+            if used + n <= seq_len:
+                members.append(int(i))
+                opened[k] = (used + n, members)
+                break
+        else:
+            if len(opened) >= open_rows:
+                k = max(range(len(opened)), key=lambda j: opened[j][0])
+                rows.append(opened.pop(k)[1])
+            opened.append((n, [int(i)]))
+    rows.extend(m for _, m in opened)
+    return rows
+
+
+def collate(examples: list[Example], rows: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of packed examples → input_ids, targets and segment_ids (padding is its own segment, never scored)."""
+    b = len(rows)
+    x = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    y = torch.full((b, seq_len), IGNORE_INDEX, dtype=torch.long)
+    seg = torch.full((b, seq_len), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        pos = 0
+        for s, i in enumerate(members):
+            ex = examples[i]
+            n = len(ex)
+            x[r, pos : pos + n] = torch.tensor(ex.input_ids)
+            y[r, pos : pos + n] = torch.tensor(ex.targets)
+            seg[r, pos : pos + n] = s
+            pos += n
+        seg[r, pos:] = len(members)
+    return {"input_ids": x, "targets": y, "segment_ids": seg}
+
+
+class SFTRows:
+    """The SFT data source: packed dialog rows, reshuffled every epoch, with an optional share of pretraining
+    rows (`replay`) mixed into every batch. Each distributed rank takes its slice of every global batch."""
+
+    def __init__(
+        self, examples: list[Example], seq_len: int, batch_size: int, *, pad_id: int, seed: int = 0,
+        packed: bool = True, shuffle: bool = True, replay: Any = None, replay_share: float = 0.0,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:  # fmt: skip
+        if not examples:
+            raise DanluError("no SFT dialogs to train on")
+        self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
+        self.pad_id, self.seed, self.packed, self.shuffle = pad_id, seed, packed, shuffle
+        self.replay, self.replay_share = replay, replay_share if replay is not None else 0.0
+        self.rank, self.world_size = rank, world_size
+        self.lengths = [len(e) for e in examples]
+        if max(self.lengths) > seq_len:
+            raise DanluError(f"an SFT example of {max(self.lengths)} tokens exceeds seq_len {seq_len}")
+        self.epoch, self.pos, self.batches = 0, 0, 0
+        self._rows = self._epoch_rows(0)
+
+    def _epoch_rows(self, epoch: int) -> list[list[int]]:
+        n = len(self.examples)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if not self.packed:
+            return [[int(i)] for i in order]
+        rows = pack(self.lengths, order, self.seq_len)
+        if self.shuffle:  # closing order follows length; shuffle rows so batches mix short and long dialogs
+            perm = np.random.default_rng([self.seed, epoch, 1]).permutation(len(rows))
+            rows = [rows[i] for i in perm]
+        return rows
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self._rows)
+
+    def fill(self) -> float:
+        """Share of row positions holding dialog tokens (1.0 = no padding)."""
+        return sum(self.lengths) / max(1, len(self._rows) * self.seq_len)
+
+    def _replay_count(self, batch_index: int, global_batch: int) -> int:
+        share = self.replay_share
+        return math.floor((batch_index + 1) * global_batch * share) - math.floor(batch_index * global_batch * share)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        global_batch = self.batch_size * self.world_size
+        n_replay = self._replay_count(self.batches, global_batch)
+        n_sft = global_batch - n_replay
+        self.batches += 1
+        picked: list[list[int]] = []
+        while len(picked) < n_sft:
+            if self.pos >= len(self._rows):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._rows = self._epoch_rows(self.epoch)
+            take = min(n_sft - len(picked), len(self._rows) - self.pos)
+            picked += self._rows[self.pos : self.pos + take]
+            self.pos += take
+        batch = collate(self.examples, picked, self.seq_len, self.pad_id)
+        if n_replay:
+            rows = [self.replay.next_batch() for _ in range(n_replay)]
+            batch["input_ids"] = torch.cat([batch["input_ids"], *(r["input_ids"] for r in rows)])
+            batch["targets"] = torch.cat([batch["targets"], *(r["targets"] for r in rows)])
+            batch["segment_ids"] = torch.cat([batch["segment_ids"], torch.zeros(n_replay, self.seq_len, dtype=torch.long)])
+        lo = self.rank * self.batch_size
+        return {k: v[lo : lo + self.batch_size] for k, v in batch.items()}
+
+    def sequential(self, batch_size: int = 16) -> Any:
+        for i in range(0, len(self._rows), batch_size):
+            yield collate(self.examples, self._rows[i : i + batch_size], self.seq_len, self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "pos": self.pos, "batches": self.batches, "seed": self.seed,
+                 "examples": len(self.examples)}  # fmt: skip
+        if self.replay is not None:
+            state["replay"] = self.replay.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("examples") != len(self.examples) or state.get("seed") != self.seed:
+            raise DanluError(
+                f"the checkpoint's data position belongs to other SFT data ({state.get('examples')} dialogs, seed "
+                f"{state.get('seed')}; now {len(self.examples)} dialogs, seed {self.seed})"
+            )
+        self.epoch, self.pos, self.batches = int(state["epoch"]), int(state["pos"]), int(state["batches"])
+        self._rows = self._epoch_rows(self.epoch)
+        if self.replay is not None and "replay" in state:
+            self.replay.load_state_dict(state["replay"])
+
+
+def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    return model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"]), {}
+
+
+@torch.no_grad()
+def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
+    """Mean loss per assistant token over the held-out dialogs."""
+    device = model.lm_head.weight.device
+    total, count = 0.0, 0
+    for b in rows.sequential(batch_size):
+        y = b["targets"].to(device)
+        per = model(b["input_ids"].to(device), y, segment_ids=b["segment_ids"].to(device), reduction="none")
+        valid = y != IGNORE_INDEX
+        total += per.float()[valid].sum().item()
+        count += int(valid.sum())
+    return total / max(1, count)
+
+
+# ───────────────────────── held-out evaluations ─────────────────────────
+
+
+def chat_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """completion_accuracy on chat rows, split into seen/unseen facts when the rows say which."""
+    from danlu.eval.generative import completion_accuracy
+
+    res = completion_accuracy(generator, rows, chat=True, max_tokens=max_tokens)
+    if any("seen_in_sft" in r for r in rows):
+        for flag, name in ((True, "seen"), (False, "unseen")):
+            part = [r for r in rows if bool(r.get("seen_in_sft")) == flag]
+            if part:
+                res[f"accuracy_{name}_facts"] = completion_accuracy(generator, part, chat=True, max_tokens=max_tokens)[
+                    "accuracy"
+                ]
+    return res
+
+
+def tool_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int = 48) -> dict[str, Any]:
+    """Two rounds per row: is the tool call right (name; for the calculator, an expression with the right
+    value), and after running it with danlu.tools.run_tool, does the final answer contain the right answer?"""
+    from danlu.eval.generative import contains_answer
+    from danlu.generate import SamplingParams
+    from danlu.tools import parse_tool_calls, run_tool
+
+    tok = generator.tokenizer
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    first = generator.generate([tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in rows], params)
+    call_ok, follow, convos, examples = [], [], [], []
+    for row, comp in zip(rows, first):
+        content, calls = parse_tool_calls(comp.text)
+        ok = False
+        if calls:
+            fn = calls[0]["function"]
+            ok = fn["name"] == row["tool"]
+            if ok and row["tool"] == "calculator":
+                ok = run_tool("calculator", fn["arguments"]) == str(row["answer"])
+            today = dt.date.fromisoformat(row["today"]) if row.get("today") else None
+            convo = [*row["messages"], {"role": "assistant", "content": content, "tool_calls": calls}]
+            for c in calls:
+                f = c["function"]
+                convo.append({"role": "tool", "name": f["name"], "content": run_tool(f["name"], f["arguments"], today)})
+            follow.append(len(convos))
+            convos.append(convo)
+        else:
+            follow.append(None)
+        call_ok.append(ok)
+    prompts = [tok.render_chat(c, add_generation_prompt=True)[0] for c in convos]
+    ctx = generator.context
+    fits = [len(p) < ctx for p in prompts]
+    second = generator.generate([p for p, f in zip(prompts, fits) if f], params) if any(fits) else []
+    texts, it = [], iter(second)
+    for f in fits:
+        texts.append(next(it).text if f else "")
+    answer_ok = []
+    for i, (row, comp) in enumerate(zip(rows, first)):
+        final = texts[follow[i]] if follow[i] is not None else comp.text
+        ok = contains_answer(final, row.get("answers") or [row["answer"]])
+        answer_ok.append(ok)
+        if len(examples) < 4:
+            examples.append({"prompt": row["messages"][-1]["content"], "call": comp.text, "final": final,
+                             "answer": row["answer"], "call_ok": call_ok[i], "correct": ok})  # fmt: skip
+    n = max(1, len(rows))
+    out: dict[str, Any] = {"call_accuracy": round(sum(call_ok) / n, 4), "accuracy": round(sum(answer_ok) / n, 4),
+                           "n": len(rows), "examples": examples}  # fmt: skip
+    for name in sorted({r["tool"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["tool"] == name]
+        out[f"accuracy_{name}"] = round(sum(answer_ok[i] for i in idx) / len(idx), 4)
+    return out
+
+
+def heldout_evals(model: Any, tokenizer: Any, eval_dir: Path, limit: int, max_tokens: int) -> dict[str, Any]:
+    from danlu.files import read_records
+    from danlu.generate import Generator
+
+    gen = Generator(model.eval(), tokenizer)
+    out: dict[str, Any] = {}
+    for name in (*CHAT_EVALS, "tools"):
+        path = eval_dir / f"{name}.jsonl"
+        if not path.exists() or not limit:
+            continue
+        rows = [r for r in read_records(path)][:limit]
+        if name == "tools":
+            res = tool_accuracy(gen, rows, max_tokens=max(max_tokens, 48))
+            out["chat_tools_call_accuracy"] = res["call_accuracy"]
+        else:
+            res = chat_accuracy(gen, rows, max_tokens)
+        key = "chat_facts" if name == "facts_chat" else f"chat_{name}"
+        out[f"{key}_accuracy"] = res["accuracy"]
+        out.update({f"{key}_{k}": v for k, v in res.items() if k.startswith("accuracy_")})
+        out[f"{key}_examples"] = res["examples"][:4]
+    return out
+
+
+# ───────────────────────── the stage ─────────────────────────
+
+
+def _load_dialogs(paths: list[Path], cfg: SFTConfig, tokenizer: Any, seq_len: int) -> tuple[list[Example], dict[str, Any]]:
+    from danlu.data.formats import ReadStats, read_conversations
+
+    rstats = ReadStats()
+    convs = read_conversations(paths, on_error=cfg.on_error, stats=rstats)
+    estats = EncodeStats()
+    examples = encode_conversations(convs, tokenizer, seq_len, cfg.long_dialogs, estats)
+    if not examples:
+        raise DanluError(f"none of the {len(convs)} dialogs fits in seq_len {seq_len}")
+    for reason, msg in rstats.first_skipped.items():
+        print(f"[danlu] sft: skipped {rstats.skipped[reason]} conversation(s) ({reason}), e.g. {msg}")
+    info = {**rstats.as_metrics("data_"), "dialogs": len(examples), "dialogs_truncated": estats.truncated,
+            "dialogs_skipped_too_long": estats.skipped_long, "dialog_tokens": estats.tokens,
+            "assistant_tokens": estats.assistant_tokens}  # fmt: skip
+    return examples, info
+
+
+def sft(
+    parent: Path, data: list[Path], out: Path, *, recipe: dict[str, Any], cfg: SFTConfig,
+    tokens_dir: Path | None = None, eval_dir: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tunes the checkpoint `parent` on conversation files into the chat checkpoint `out`; returns metrics."""
+    from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
+    from danlu.engine import Hooks, Trainer, init_distributed, set_seed
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.pretrain import bits_per_byte, token_bytes
+
+    ckpt = parent_checkpoint(parent)
+    model, tokenizer, model_cfg = ckpt.model, ckpt.tokenizer, ckpt.config
+    context = int(model_cfg.max_position_embeddings)
+    seq_len = cfg.seq_len or context
+    if seq_len > context:
+        raise DanluError(f"sft.seq_len {seq_len} exceeds the context of {parent} ({context} tokens)")
+    tcfg = train_config(recipe, cfg.train, "sft")
+    d = init_distributed(tcfg.device)
+    set_seed(tcfg.seed)
+    examples, info = _load_dialogs(data, cfg, tokenizer, seq_len)
+    n_val = min(cfg.val_dialogs, len(examples) // 10)
+    perm = np.random.default_rng([tcfg.seed, 7]).permutation(len(examples))
+    val_ex = [examples[i] for i in perm[:n_val]]
+    train_ex = [examples[i] for i in perm[n_val:]]
+
+    replay = val_tokens = None
+    if tokens_dir is not None and (cfg.replay > 0 or cfg.bpb_rows):
+        index = load_index(tokens_dir)
+        if index.get("tokenizer_sha256") != tokenizer_sha256(parent):
+            raise DanluError(f"{tokens_dir} was tokenized with another tokenizer than {parent}'s")
+        if cfg.replay > 0:
+            replay = TokenRows(tokens_dir, "train", seq_len, 1, seed=tcfg.seed + 1)
+        if cfg.bpb_rows and "val" in index["splits"]:
+            val_tokens = TokenRows(tokens_dir, "val", seq_len, 1, shuffle=False)
+    if not 0.0 <= cfg.replay < 1.0:
+        raise DanluError(f"sft.replay must be in [0, 1), got {cfg.replay}")
+    train_rows = SFTRows(
+        train_ex, seq_len, tcfg.batch_size, pad_id=tokenizer.pad_id, seed=tcfg.seed, packed=cfg.pack,
+        replay=replay, replay_share=cfg.replay, rank=d.rank, world_size=d.world_size,
+    )  # fmt: skip
+    val_rows = SFTRows(val_ex, seq_len, 1, pad_id=tokenizer.pad_id, packed=cfg.pack, shuffle=False) if val_ex else None
+    explicit_steps = "steps" in (recipe.get("train") or {}) or "steps" in cfg.train
+    if not explicit_steps:
+        per_step = tcfg.batch_size * tcfg.grad_accum * d.world_size * (1 - cfg.replay)
+        tcfg.steps = max(1, math.ceil(cfg.epochs * train_rows.rows_per_epoch / per_step))
+    if "lr" not in (recipe.get("train") or {}) and "lr" not in cfg.train:
+        tcfg.lr = 1e-3
+    if "warmup_steps" not in (recipe.get("train") or {}) and "warmup_steps" not in cfg.train:
+        tcfg.warmup_steps = max(1, tcfg.steps // 20)  # a short warmup: the model is trained already
+    tbytes = token_bytes(tokenizer, model_cfg.vocab_size)
+
+    def pretrain_bpb(m: Any) -> dict[str, float]:
+        return bits_per_byte(m, val_tokens.sequential(cfg.bpb_rows, batch_size=16), tbytes) if val_tokens else {}
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return {"val_loss": dialog_loss(m, val_rows)} if val_rows else {}
+
+    def sample(m: Any) -> list[str]:
+        from danlu.generate import Generator, SamplingParams
+
+        prompts = [tokenizer.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)[0]
+                   for q in cfg.samples]  # fmt: skip
+        outs = Generator(m, tokenizer).generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
+        return [f"{q} → {c.text}" for q, c in zip(cfg.samples, outs)]
+
+    meta = {"stage": "sft", "parent": str(parent), "data": [str(p) for p in data], "model": model_cfg.to_dict()}
+    hooks = Hooks(save_model=make_saver(model_cfg, tokenizer, meta, chat=True), evaluate=evaluate, sample=sample)
+    trainer = Trainer(
+        tcfg, model, train_rows, sft_loss, out, hooks, flops_per_token=model_cfg.flops_per_token(seq_len), stage="sft"
+    )
+    result: dict[str, Any] = {**info, "seq_len": seq_len, "packed": cfg.pack, "pack_fill": round(train_rows.fill(), 4),
+                              "rows_per_epoch": train_rows.rows_per_epoch, "replay": cfg.replay}  # fmt: skip
+    if val_tokens is not None and d.main:
+        trainer.raw_model.eval()
+        with torch.no_grad(), trainer.autocast():
+            result["pretrain_val_bpb_before"] = pretrain_bpb(trainer.raw_model).get("val_bpb")
+        trainer.raw_model.train()
+    if resume_wanted(out, cfg.resume, tcfg, "sft"):
+        trainer.resume()
+    if d.main:
+        print(
+            f"[danlu] sft: {len(train_ex):,} dialogs ({info['dialogs_truncated']} truncated, "
+            f"{info['dialogs_skipped_too_long']} too long skipped), {len(val_ex)} held out; {tcfg.steps} steps × "
+            f"{tcfg.batch_size * tcfg.grad_accum * d.world_size} rows × {seq_len} tokens "
+            f"({'packed, fill ' + format(train_rows.fill(), '.0%') if cfg.pack else 'one dialog per row'}, "
+            f"replay {cfg.replay:.0%}), lr {tcfg.lr:g}"
+        )
+    first_eval = next((h for h in trainer.history if h.get("event") == "eval"), None)
+    metrics = trainer.fit()
+    evals = [h for h in trainer.history if h.get("event") == "eval"]
+    result.update({"steps": trainer.step, "train_loss": metrics.get("loss"), "tokens_per_s": metrics.get("tokens_per_s")})
+    if evals:
+        result["val_loss_start"] = (first_eval or evals[0]).get("val_loss")
+        result["val_loss_end"] = evals[-1].get("val_loss")
+    if d.main:
+        m = trainer.raw_model.eval()
+        with torch.no_grad(), trainer.autocast():
+            if val_tokens is not None:
+                result["pretrain_val_bpb_after"] = pretrain_bpb(m).get("val_bpb")
+            if eval_dir is not None and eval_dir.is_dir():
+                result.update(heldout_evals(m, tokenizer, eval_dir, cfg.eval_limit, cfg.eval_max_tokens))
+        _update_meta(out, result)
+    return result
+
+
+def _update_meta(out: Path, result: dict[str, Any]) -> None:
+    from danlu.files import write_json_atomic
+
+    path = out / "danlu.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in result.items() if not isinstance(v, list)}}
+    write_json_atomic(path, meta)
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.files import expand_inputs
+
+    cfg = from_dict(SFTConfig, ctx.cfg, "sft")
+    if cfg.data:
+        data = expand_inputs(cfg.data, suffixes=(".jsonl", ".json", ".parquet"))
+    else:
+        data = [ctx.input("world") / "sft.jsonl"]
+    return sft(
+        ctx.input("pretrain"), data, ctx.out, recipe=ctx.recipe, cfg=cfg,
+        tokens_dir=ctx.input("tokens") if ctx.has("tokens") else None,
+        eval_dir=ctx.run_dir / "world" / "eval" if ctx.has("world") else None,
+    )  # fmt: skip

@@ -1,0 +1,96 @@
+"""Overfitting made visible and avoidable (early stopping), and the run report built from a real training log."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from danlu import DanluError
+from danlu.cli import main
+from danlu.data.shards import TokenRows, tokenize_corpus
+from danlu.engine import Hooks, TrainConfig, Trainer
+from danlu.eval.bpb import bits_per_byte, token_bytes
+from danlu.files import write_json_atomic, write_jsonl_atomic
+from danlu.io import save_model_dir
+from danlu.model import ModelConfig, Transformer
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[Path, Trainer]:
+    """A 'run folder' whose pretrain stage memorizes four sentences and is judged on unrelated text."""
+    base = tmp_path_factory.mktemp("overfit")
+    tiny_tokenizer.save(base / "tok")
+    write_jsonl_atomic(
+        base / "train.jsonl",
+        [{"text": f"日本的首都是东京。{i} + 34 = {i + 34}. Hello!"} for i in range(4)],
+    )
+    write_jsonl_atomic(
+        base / "val.jsonl",
+        [{"text": f"The highest mountain in China is Mount Everest {i}."} for i in range(6)],
+    )
+    tokenize_corpus({"train": [base / "train.jsonl"], "val": [base / "val.jsonl"]}, base / "tok", base / "shards",
+                    workers=1, progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    cfg = TrainConfig(steps=300, batch_size=2, lr=1e-2, warmup_steps=0, schedule="constant", dtype="fp32",
+                      device="cpu", log_every=5, eval_every=5, early_stopping_patience=2, progress=False)  # fmt: skip
+    mcfg = ModelConfig(vocab_size=tiny_tokenizer.padded_vocab_size(64), depth=1, max_position_embeddings=16)
+    train = TokenRows(base / "shards", "train", 16, cfg.batch_size, seed=0)
+    val = TokenRows(base / "shards", "val", 16, 4, shuffle=False)
+    tbytes = token_bytes(tiny_tokenizer, mcfg.vocab_size)
+    hooks = Hooks(
+        save_model=lambda state, folder, meta: save_model_dir(folder, state, mcfg, tiny_tokenizer, meta),
+        evaluate=lambda m: bits_per_byte(m, val.sequential(8, batch_size=4), tbytes),
+        sample=lambda m: ["日本的首都是 → 东京"],
+    )
+    run = base / "run"
+    trainer = Trainer(cfg, Transformer(mcfg), train, lambda m, b: (m(b["input_ids"], b["targets"]), {}),
+                      run / "pretrain", hooks, flops_per_token=mcfg.flops_per_token(16), stage="pretrain")  # fmt: skip
+    trainer.fit()
+    write_json_atomic(run / "summary.json", {"stages": {"pretrain": {"steps": trainer.step, "seconds": 1.0}}})
+    write_json_atomic(run / "world" / "stats.json", {"facts": {"total": 342}, "pretrain": {"docs": 2}})
+    results = {"pretrain": {"world/facts_base": {"accuracy": 0.1, "n": 10, "examples": [
+        {"prompt": "智利的首都名叫", "completion": "圣地亚哥", "answer": "圣地亚哥", "correct": True}]},
+        "bpb": {"bpb": 3.2, "n": 100}},
+        "sft": {"world/facts_base": {"accuracy": 0.3, "n": 10}, "world/preference_chat": {"accuracy": 0.6, "random": 0.5, "n": 10}}}  # fmt: skip
+    write_json_atomic(run / "eval" / "results.json", results)
+    return run, trainer
+
+
+def test_early_stopping_stops_an_overfitting_run(overfit_run) -> None:
+    _, trainer = overfit_run
+    evals = [h for h in trainer.history if h.get("event") == "eval"]
+    train = [h["loss"] for h in trainer.history if h.get("event") == "train"]
+    assert trainer.step < 300  # stopped before the step budget
+    assert any(h.get("event") == "early_stop" for h in trainer.history)
+    best = min(e["val_loss"] for e in evals)
+    assert evals[-1]["val_loss"] > best  # validation got worse while …
+    assert train[-1] < evals[-1]["val_loss"] - 0.5  # … training loss kept falling: a visible gap
+
+
+def test_report_is_self_contained_and_shows_every_part(overfit_run) -> None:
+    run, _ = overfit_run
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text(encoding="utf-8")
+    md = (run / "report.md").read_text(encoding="utf-8")
+    for title in ("Loss curves: train vs validation", "Evaluation before/after each stage", "Throughput and MFU",
+                  "Data statistics", "Sample conversations"):  # fmt: skip
+        assert title in page and f"## {title}" in md
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: one file to send or archive
+    assert "overfitting" in page and "stopped early" in page
+    assert (
+        "| pretrain | 0.100 | 3.200 |  |" in md and "| sft | 0.300 |  | 0.600 |" in md
+    )  # stage rows, result columns
+    assert "圣地亚哥" in page and "facts.total" in md
+    assert (run / "report_files" / "loss.png").stat().st_size > 1000
+
+
+def test_report_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    with pytest.raises(DanluError, match="not a run folder"):
+        from danlu.eval.report import write_report
+
+        write_report(tmp_path)

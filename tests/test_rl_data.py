@@ -1,0 +1,97 @@
+"""Preference and RL-prompt readers in every supported format, the checking rewards, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from danlu import DanluError
+from danlu.data.preference import read_pairs, read_rl_prompts
+from danlu.rewards import compute_rewards, get_reward_fn
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_all_preference_formats_read_as_messages(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "1+1?", "chosen": "2", "rejected": "3"},
+        {"prompt": [{"role": "user", "content": "1+1?"}], "chosen": [{"role": "assistant", "content": "2"}],
+         "rejected": [{"role": "assistant", "content": "3"}]},
+        {"conversations": [{"from": "human", "value": "1+1?"}], "chosen": {"from": "gpt", "value": "2"},
+         "rejected": {"from": "gpt", "value": "3"}},
+        {"instruction": "1+1?", "input": "", "chosen": "2", "rejected": "3"},
+        {"chosen": "\n\nHuman: 1+1?\n\nAssistant: 2", "rejected": "\n\nHuman: 1+1?\n\nAssistant: 3"},
+        {"chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+         "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "3"}]},
+    ]  # fmt: skip
+    pairs = read_pairs(_write(tmp_path / "p.jsonl", rows))
+    assert len(pairs) == 6
+    for p in pairs:
+        assert p.prompt == [{"role": "user", "content": "1+1?"}]
+        assert p.chosen == [{"role": "assistant", "content": "2"}]
+        assert p.rejected == [{"role": "assistant", "content": "3"}]
+
+
+def test_hh_rlhf_multi_turn_prompt(tmp_path: Path) -> None:
+    base = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: capital of France?\n\nAssistant: "
+    pairs = read_pairs(_write(tmp_path / "hh.jsonl", [{"chosen": base + "Paris", "rejected": base + "Rome"}]))
+    assert [m["role"] for m in pairs[0].prompt] == ["user", "assistant", "user"]
+    assert pairs[0].chosen[0]["content"] == "Paris"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+        ({"prompt": "q", "chosen": "  ", "rejected": "no"}, "empty completion"),
+        ({"prompt": "q", "chosen": "a"}, "needs `chosen` and `rejected`"),
+    ],
+)
+def test_bad_pairs_name_file_and_line(tmp_path: Path, row: dict, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}) + "\n\n" + json.dumps(row) + "\n"
+    )
+    with pytest.raises(DanluError, match=message) as e:
+        read_pairs(path)
+    assert f"{path}:3" in str(e.value)
+
+
+def test_rl_prompts_and_gsm8k(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "2+3?"}], "answer": "5"},
+        {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
+    ]
+    prompts = read_rl_prompts(_write(tmp_path / "rl.jsonl", rows))
+    assert prompts[0].answers == ["5"] and prompts[0].reward is None
+    assert prompts[1].answers == ["7"] and prompts[1].reward == "gsm8k"
+    with pytest.raises(DanluError, match=r"rl2.jsonl:1: an RL prompt needs an `answer`"):
+        read_rl_prompts(_write(tmp_path / "rl2.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))
+
+
+def test_checking_rewards() -> None:
+    world = get_reward_fn("world")
+    assert world("89加17等于106。", ["106"]) == 1.0
+    assert world("89 + 17 = 105", ["106"]) == 0.0
+    assert world("The capital of France is Paris.", ["Paris"]) == 1.0
+    assert get_reward_fn("gsm8k")("so 3+4=7\n#### 7", ["7"]) == 1.0
+    assert get_reward_fn("gsm8k")("#### 1,200", ["1200"]) == 1.0
+    assert get_reward_fn("exact")(" Paris. ", ["paris"]) == 1.0
+    with pytest.raises(DanluError, match="unknown reward function"):
+        get_reward_fn("nope")
+
+
+def test_reward_function_that_raises_or_returns_nan_stops() -> None:
+    def broken(text: str, answers: list[str]) -> float:
+        raise ValueError("boom")
+
+    with pytest.raises(DanluError, match="raised ValueError: boom.*rl.jsonl:4"):
+        compute_rewards([broken], ["x"], [["1"]], ["rl.jsonl:4"], ["broken"])
+    with pytest.raises(DanluError, match="returned nan"):
+        compute_rewards([lambda t, a: math.nan], ["x"], [["1"]], ["rl.jsonl:1"], ["nanfn"])

@@ -1,0 +1,138 @@
+"""Reward model, DPO, GRPO and PPO on a tiny random checkpoint: they run, save standard folders, and refuse
+bad input. (Whether they improve a real model is the tiny recipe's job: see summary.json.)"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from danlu import DanluError
+
+FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rl_data")
+    pairs, prompts = [], []
+    for a in range(2, 8):
+        q = [{"role": "user", "content": f"{a} + 3 = ?"}]
+        pairs.append({"prompt": q, "chosen": f"{a + 3}", "rejected": f"{a + 4} 不对"})
+        prompts.append({"messages": q, "answer": str(a + 3)})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    (root / "rl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl"}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reward_model_loads_in_transformers_with_same_scores(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    from transformers import LlamaForSequenceClassification
+
+    from danlu.rewards import RewardModelScorer, load_reward_model
+    from danlu.stages.reward import RewardConfig, train_reward
+
+    out = tmp_path / "rm"
+    res = train_reward(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+                       cfg=RewardConfig(resume="false", train={**FAST, "steps": 3}))  # fmt: skip
+    assert 0.0 <= res["heldout_pair_accuracy"] <= 1.0 and "heldout_pair_accuracy_before" in res
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "LlamaForSequenceClassification"
+    ]
+    rm, tok = load_reward_model(out)
+    convs = [
+        [{"role": "user", "content": "2 + 3 = ?"}, {"role": "assistant", "content": c}]
+        for c in ("5", "6 不对 好")
+    ]
+    ours = RewardModelScorer(rm, tok).score(convs)
+    hf = LlamaForSequenceClassification.from_pretrained(out).eval()
+    assert hf.config.num_labels == 1 and hf.config.pad_token_id == tok.pad_id
+    ids = [tok.render_chat(c)[0] for c in convs]
+    longest = max(map(len, ids))
+    batch = torch.tensor([i + [tok.pad_id] * (longest - len(i)) for i in ids])
+    with torch.no_grad():
+        theirs = hf(input_ids=batch).logits.squeeze(-1).tolist()
+    assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+def test_dpo_starts_at_log2_and_cached_equals_online(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    from danlu.stages.dpo import DPOConfig, train_dpo
+
+    losses = {}
+    for mode in ("cached", "online"):
+        out = tmp_path / mode
+        res = train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+                        cfg=DPOConfig(resume="false", reference_mode=mode, train={**FAST, "steps": 2}))  # fmt: skip
+        losses[mode] = [m["loss"] for m in _metrics(out) if m.get("event") == "train"]
+        assert {"heldout_pref_accuracy_before", "heldout_pref_accuracy", "reward_margin"} <= set(res)
+        assert (out / "model.safetensors").exists() and json.loads((out / "danlu.json").read_text())["chat"]
+    assert losses["cached"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses["cached"] == pytest.approx(losses["online"], abs=1e-4)
+
+
+def test_grpo_runs_and_resumes_exactly(tiny_checkpoint: Path, data: dict, tmp_path: Path) -> None:
+    from danlu.stages.grpo import GRPOConfig, train_grpo
+
+    def run(out: Path, steps: int, resume: str) -> list[float]:
+        cfg = GRPOConfig(resume=resume, group_size=2, prompts_per_step=2, max_new_tokens=4, beta=0.04, eval_rows=4,
+                         train={**FAST, "steps": steps, "save_every": 2})  # fmt: skip
+        res = train_grpo(tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, eval_data=data["rl"])
+        assert {"heldout_accuracy_before", "heldout_accuracy", "train_reward_first"} <= set(res)
+        return [m["loss"] for m in _metrics(out) if m.get("event") == "train"]
+
+    full = run(tmp_path / "a", 3, "false")
+    run(tmp_path / "b", 2, "false")
+    state = json.loads((tmp_path / "b" / "trainer_state" / "state.json").read_text())
+    state["finished"], state["config"]["steps"] = False, 3  # as if stopped after step 2 of 3
+    (tmp_path / "b" / "trainer_state" / "state.json").write_text(json.dumps(state))
+    resumed = run(tmp_path / "b", 3, "true")
+    assert resumed[-1] == full[-1]
+
+
+def test_ppo_runs_with_reward_model_and_reports_kl(tiny_checkpoint: Path, data: dict, tmp_path: Path) -> None:
+    from danlu.stages.ppo import PPOConfig, train_ppo
+    from danlu.stages.reward import RewardConfig, train_reward
+
+    rm = tmp_path / "rm"
+    train_reward(
+        tiny_checkpoint,
+        data["pairs"],
+        rm,
+        recipe={},
+        cfg=RewardConfig(resume="false", train={**FAST, "steps": 1}),
+    )
+    out = tmp_path / "ppo"
+    cfg = PPOConfig(
+        resume="false", prompts_per_step=3, max_new_tokens=4, eval_rows=3, train={**FAST, "steps": 2}
+    )
+    res = train_ppo(
+        tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, reward=str(rm), eval_data=data["rl"]
+    )
+    assert math.isfinite(res["kl"]) and math.isfinite(res["value_loss"]) and "heldout_reward_before" in res
+    from danlu.io import load_checkpoint
+
+    assert load_checkpoint(out).model is not None  # a plain causal LM: no value head in the folder
+
+
+def test_reference_with_another_tokenizer_is_refused(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    from conftest import SAMPLE_TEXT, make_checkpoint
+
+    from danlu.stages.dpo import DPOConfig, train_dpo
+    from danlu.tokenizer import Tokenizer
+
+    other = make_checkpoint(tmp_path / "other", Tokenizer.train(SAMPLE_TEXT[:2], vocab_size=350))
+    with pytest.raises(DanluError, match="tokenizer of .*other differs"):
+        train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "x", recipe={},
+                  cfg=DPOConfig(resume="false", reference=str(other), train={**FAST, "steps": 1}))  # fmt: skip

@@ -1,0 +1,362 @@
+"""The built-in world corpus: determinism, truth, shapes, valid dialogs, and the held-out DISJOINTNESS proof."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from danlu import DanluError
+from danlu.cli import main
+from danlu.runner import StageContext
+from danlu.tools import run_tool
+from danlu.world import build_world, load_facts
+from danlu.world.facts import build_facts
+from danlu.world.index import World
+from danlu.world.numbers import OP_EN, OP_ZH, Problem, en_number, is_heldout, zh_number
+from danlu.world.templates import TEXTS, fill, heldout_renderings, training_renderings
+
+SCALE = 0.05
+TRAINING_FILES = ("pretrain.jsonl", "sft.jsonl", "preference.jsonl", "rl.jsonl")
+POST_TRAINING_FILES = ("sft.jsonl", "preference.jsonl", "rl.jsonl")
+
+
+def rows(folder: Path, name: str) -> list[dict[str, Any]]:
+    with open(folder / name, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def strings(obj: Any) -> list[str]:
+    """Every string value inside a record (message contents, tool arguments, chosen/rejected …)."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in strings(v)]
+    return []
+
+
+def norm(text: str) -> str:
+    """Full-width and ASCII punctuation alike, so a held-out question cannot hide behind ？ vs ?."""
+    return text.replace("？", "?").replace("，", ",").replace("：", ":")
+
+
+def blob(folder: Path, names: tuple[str, ...]) -> str:
+    return norm("\n\x00".join(s for name in names for r in rows(folder, name) for s in strings(r)))
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world") / "w"
+    build_world(out, seed=0, scale=SCALE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def training_text(world_dir: Path) -> str:
+    return blob(world_dir, TRAINING_FILES)
+
+
+def all_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(world_dir: Path, tmp_path: Path) -> None:
+    build_world(tmp_path / "again", seed=0, scale=SCALE)
+    first, again = all_files(world_dir), all_files(tmp_path / "again")
+    assert sorted(first) == sorted(again)
+    assert [k for k in first if first[k] != again[k]] == []
+    build_world(tmp_path / "other", seed=1, scale=SCALE)
+    other = all_files(tmp_path / "other")
+    for name in ("pretrain.jsonl", "sft.jsonl", "preference.jsonl", "rl.jsonl", "eval/facts_base.jsonl"):
+        assert other[name] != first[name], name
+    assert not list(tmp_path.rglob("*.tmp")), "no temporary files may be left behind"
+
+
+def test_fact_table_is_large_bilingual_and_true(world_dir: Path) -> None:
+    facts = rows(world_dir, "facts.jsonl")
+    assert len(facts) >= 150
+    assert len({f["relation"] for f in facts}) >= 8
+    assert len({f["id"] for f in facts}) == len(facts)
+    for f in facts:
+        for key in ("subject_zh", "subject_en", "object_zh", "object_en"):
+            assert isinstance(f[key], str) and f[key].strip(), (f["id"], key)
+        assert re.search(r"[\u4e00-\u9fff]|\d", f["subject_zh"] + f["object_zh"]), f
+        assert isinstance(f["aliases_zh"], list) and isinstance(f["aliases_en"], list)
+    by_id = {f["id"]: f for f in facts}
+    assert by_id["highest_mountain:china"]["object_zh"] == "珠穆朗玛峰"
+    assert "Everest" in by_id["highest_mountain:china"]["object_en"]
+    assert by_id["longest_river:china"]["object_zh"] == "长江"
+    assert (by_id["capital:japan"]["object_zh"], by_id["capital:japan"]["object_en"]) == ("东京", "Tokyo")
+    assert (by_id["capital:australia"]["object_zh"], by_id["capital:australia"]["object_en"]) == (
+        "堪培拉",
+        "Canberra",
+    )
+    assert by_id["planet_order:earth"]["object_en"] == "third"
+    assert by_id["largest_moon:jupiter"]["object_en"] == "Ganymede"
+    assert (by_id["element_symbol:gold"]["object_en"], by_id["atomic_number:gold"]["object_en"]) == (
+        "Au",
+        "79",
+    )
+    assert by_id["unit_conversion:km-m"]["object_zh"] == "1000米"
+    # aliases of a unit answer are the smaller unit, never the larger one (1 千米 ≠ 1000 公里)
+    for f in facts:
+        if f["relation"] == "unit_conversion":
+            assert all(f["subject_zh"] not in a for a in f["aliases_zh"]), f
+    assert [f.id for f in load_facts(world_dir / "facts.jsonl")] == [f["id"] for f in facts]
+
+
+def test_load_facts_names_the_file_and_the_missing_key(tmp_path: Path) -> None:
+    bad = tmp_path / "facts.jsonl"
+    bad.write_text(json.dumps({"id": "capital:x", "relation": "capital"}) + "\n", encoding="utf-8")
+    with pytest.raises(DanluError, match=r"facts.jsonl: fact 1: missing key 'subject_zh'"):
+        load_facts(bad)
+
+
+def test_pretraining_text_has_four_domains_both_languages_and_arithmetic(world_dir: Path) -> None:
+    docs = rows(world_dir, "pretrain.jsonl")
+    assert all(set(d) == {"text", "source", "domain", "lang", "id", "url"} for d in docs)
+    assert {d["source"] for d in docs} == {"world"}
+    assert {d["domain"] for d in docs} == {"encyclopedia", "news", "qa", "forum"}
+    for domain in ("encyclopedia", "news", "qa", "forum"):
+        assert {d["lang"] for d in docs if d["domain"] == domain} == {"zh", "en"}
+    zh_share = sum(d["lang"] == "zh" for d in docs) / len(docs)
+    assert 0.4 < zh_share < 0.6
+    assert len({d["id"] for d in docs}) == len(docs) and len({d["url"] for d in docs}) == len(docs)
+    text = "\n".join(d["text"] for d in docs)
+    assert re.search(r"\b\d+ \+ \d+ = \d+\b", text) and re.search(r"\d+ × \d+ = \d+", text)
+    assert re.search(r"[一二三四五六七八九十]+乘以[一二三四五六七八九十]+等于", text)
+    val = rows(world_dir, "pretrain_val.jsonl")
+    assert len(val) >= 50 and {d["domain"] for d in val} <= {"encyclopedia", "news", "qa", "forum"}
+    assert not {d["text"] for d in val} & {d["text"] for d in docs}
+    # forum threads have several turns
+    assert any(len(re.findall(r"^\d+楼 ", d["text"], re.M)) >= 3 for d in docs if d["domain"] == "forum")
+
+
+def check_dialog(messages: list[dict[str, Any]]) -> None:
+    """Roles in order; every tool call answered by its tool's real result; a final assistant answer."""
+    i = 0
+    if messages[0]["role"] == "system":
+        assert messages[0]["content"]
+        i = 1
+    assert messages[i]["role"] == "user"
+    expect = "user"
+    while i < len(messages):
+        m = messages[i]
+        assert set(m) <= {"role", "content", "tool_calls", "name"}, m
+        if expect == "user":
+            assert m["role"] == "user" and m["content"].strip(), m
+            expect = "assistant"
+            i += 1
+            continue
+        assert m["role"] == "assistant", m
+        calls = m.get("tool_calls")
+        if calls:
+            assert m["content"] == ""
+            results = messages[i + 1 : i + 1 + len(calls)]
+            assert len(results) == len(calls)
+            for call, res in zip(calls, results):
+                assert call["type"] == "function"
+                fn = call["function"]
+                args = json.loads(fn["arguments"])
+                assert res == {"role": "tool", "name": fn["name"], "content": res["content"]}
+                today = None
+                if fn["name"] == "get_date":
+                    import datetime as dt
+
+                    today = dt.date.fromisoformat(res["content"].split()[0])
+                assert res["content"] == run_tool(fn["name"], args, today=today)
+            i += 1 + len(calls)
+            expect = "assistant"
+            continue
+        assert m["content"].strip()
+        i += 1
+        expect = "user"
+    assert messages[-1]["role"] == "assistant" and not messages[-1].get("tool_calls")
+
+
+def test_sft_dialogs_are_valid_and_cover_every_kind(world_dir: Path) -> None:
+    dialogs = rows(world_dir, "sft.jsonl")
+    kinds = {d["kind"] for d in dialogs}
+    assert kinds >= {
+        "fact",
+        "fact_multi",
+        "translation",
+        "summary",
+        "plan",
+        "arithmetic",
+        "calculator",
+        "date_tool",
+        "date_system",
+    }
+    assert {d["lang"] for d in dialogs} == {"zh", "en"}
+    for d in dialogs:
+        assert "tools" not in d
+        check_dialog(d["messages"])
+    calc = [d for d in dialogs if d["kind"] == "calculator"]
+    assert all(d["messages"][-3]["tool_calls"][0]["function"]["name"] == "calculator" for d in calc)
+    for d in calc:  # the final answer uses the tool's result
+        assert d["messages"][-2]["content"] in d["messages"][-1]["content"]
+    for d in (d for d in dialogs if d["kind"] == "date_tool"):
+        iso, weekday_en, weekday_zh = d["messages"][-2]["content"].split()
+        assert (
+            iso in d["messages"][-1]["content"]
+            or weekday_en in d["messages"][-1]["content"]
+            or weekday_zh in d["messages"][-1]["content"]
+        )
+    for d in (d for d in dialogs if d["kind"] == "date_system"):
+        assert d["messages"][0]["role"] == "system" and len(d["messages"]) == 3
+    system_share = sum(d["messages"][0]["role"] == "system" for d in dialogs) / len(dialogs)
+    assert 0.05 < system_share < 0.5
+    assert any(len([m for m in d["messages"] if m["role"] == "user"]) >= 2 for d in dialogs)
+
+
+def test_preference_and_rl_records(world_dir: Path) -> None:
+    pairs = rows(world_dir, "preference.jsonl")
+    assert {p["kind"] for p in pairs} == {
+        "fact_wrong",
+        "arithmetic",
+        "evasive",
+        "repetitive",
+        "wrong_language",
+    }
+    for p in pairs:
+        assert p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"]
+    facts = build_facts()
+    for p in (p for p in pairs if p["kind"] == "fact_wrong"):
+        assert not any(
+            p["rejected"] == fill(t[0 if p["lang"] == "zh" else 1], f, p["lang"])
+            for f in facts
+            for t in TEXTS[f.relation].pairs
+        ), p
+    rl = rows(world_dir, "rl.jsonl")
+    assert {r["kind"] for r in rl} == {"arithmetic", "fact"}
+    for r in rl:
+        assert r["messages"][-1]["role"] == "user" and r["answer"] in r["answers"]
+        if r["kind"] == "arithmetic":
+            nums = [int(x) for x in re.findall(r"\d+", r["messages"][0]["content"])]
+            op = next(
+                o
+                for o in ("+", "-", "×", "÷", "加", "减", "乘以", "除以", "plus", "minus", "times", "divided")
+                if o in r["messages"][0]["content"]
+            )
+            if len(nums) == 2:
+                a, b = nums
+                expect = {
+                    "+": a + b,
+                    "加": a + b,
+                    "plus": a + b,
+                    "-": a - b,
+                    "减": a - b,
+                    "minus": a - b,
+                    "×": a * b,
+                    "乘以": a * b,
+                    "times": a * b,
+                }.get(op, a // b if b else None)
+                assert r["answer"] == str(expect), r
+
+
+def eval_prompts(folder: Path) -> list[str]:
+    out = []
+    for path in sorted((folder / "eval").glob("*.jsonl")):
+        for r in rows(folder, f"eval/{path.name}"):
+            if "prompt" in r and isinstance(r["prompt"], str):
+                out.append(r["prompt"])
+            msgs = r.get("messages") or (r.get("prompt") if isinstance(r.get("prompt"), list) else [])
+            out += [m["content"] for m in msgs if m["role"] == "user"]
+    return out
+
+
+def test_heldout_eval_prompts_never_occur_in_training_files(world_dir: Path, training_text: str) -> None:
+    prompts = eval_prompts(world_dir)
+    assert len(prompts) > 2000
+    leaked = [p for p in prompts if norm(p) in training_text]
+    assert leaked == []
+
+
+def test_heldout_templates_are_used_by_no_training_text(world_dir: Path, training_text: str) -> None:
+    facts = build_facts()
+    renderings = {norm(h) for f in facts for lang in ("zh", "en") for h in heldout_renderings(f, lang)}
+    assert [h for h in renderings if h in training_text] == []
+    # and, independently of any corpus, no held-out rendering is part of any training rendering
+    for lang in ("zh", "en"):
+        train = norm("\n".join(t for f in facts for t in training_renderings(f, lang)))
+        assert [h for f in facts for h in heldout_renderings(f, lang) if norm(h) in train] == []
+
+
+def test_reserved_facts_are_only_in_pretraining_and_every_fact_is_answerable(world_dir: Path) -> None:
+    world = World.create(0)
+    post = blob(world_dir, POST_TRAINING_FILES)
+    pretrain = norm("\n".join(d["text"] for d in rows(world_dir, "pretrain.jsonl")))
+    assert world.reserved
+    for fact in world.facts:
+        for lang in ("zh", "en"):
+            seen = [t for t in training_renderings(fact, lang) if norm(t) in post]
+            if fact.id in world.reserved:
+                assert seen == [], (fact.id, seen)
+            statements = [fill(t, fact, lang) for t in TEXTS[fact.relation].statements(lang)]
+            assert any(norm(s) in pretrain for s in statements), (fact.id, lang)
+    chat = rows(world_dir, "eval/facts_chat.jsonl")
+    assert {r["fact_id"] for r in chat} == {f.id for f in world.facts}
+    assert {r["fact_id"] for r in chat if not r["seen_in_sft"]} == set(world.reserved)
+    sft_users = {
+        norm(m["content"]) for d in rows(world_dir, "sft.jsonl") for m in d["messages"] if m["role"] == "user"
+    }
+    assert not {norm(r["messages"][0]["content"]) for r in chat} & sft_users
+
+
+def forms(p: Problem) -> list[str]:
+    """Every way the corpus writes a problem's left-hand side."""
+    out = [
+        f"{p.a} {p.op} {p.b}",
+        f"{p.a}{p.op}{p.b}",
+        f"{p.a}{OP_ZH[p.op]}{p.b}",
+        f"{zh_number(p.a)}{OP_ZH[p.op]}{zh_number(p.b)}",
+        f"{p.a} {OP_EN[p.op]} {p.b}",
+        f"{en_number(p.a)} {OP_EN[p.op]} {en_number(p.b)}",
+    ]
+    return out + [f.replace("-", "−") for f in out if "-" in f]
+
+
+def test_heldout_arithmetic_is_correct_and_absent_from_training(world_dir: Path, training_text: str) -> None:
+    items = rows(world_dir, "eval/arithmetic.jsonl")
+    heldout = [r for r in items if not r["pair_in_training"]]
+    assert len(heldout) >= 100
+    for r in items:
+        assert r["answer"] == str(Problem(r["a"], r["op"], r["b"]).result)
+    for r in heldout:
+        assert is_heldout(Problem(r["a"], r["op"], r["b"]), seed=0)
+    patterns = [re.escape(f) for r in heldout for f in forms(Problem(r["a"], r["op"], r["b"]))]
+    found = re.findall(
+        r"(?<![0-9零一二三四五六七八九十百千万\w-])(?:" + "|".join(patterns) + r")(?![0-9\w])", training_text
+    )
+    assert found == []
+
+
+def test_cli_prints_stats_and_rejects_bad_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["world", "--out", str(tmp_path / "w"), "--scale", "0.02", "--seed", "5"]) == 0
+    shown = capsys.readouterr().out
+    for word in ("facts:", "pretrain.jsonl", "sft.jsonl", "encyclopedia", "forum", "eval (held-out)"):
+        assert word in shown
+    stats = json.loads((tmp_path / "w" / "stats.json").read_text())
+    assert stats["seed"] == 5 and stats["facts"]["total"] >= 150 and "seconds" not in stats
+    assert main(["world", "--out", str(tmp_path / "bad"), "--scale", "-1"]) == 2
+    assert "scale" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_pipeline_stage_uses_recipe_seed_and_rejects_unknown_keys(tmp_path: Path) -> None:
+    from danlu.stages.world import run_stage
+
+    ctx = StageContext(name="world", run_dir=tmp_path, cfg={"scale": 0.02}, recipe={"seed": 3, "world": {}})
+    metrics = run_stage(ctx)
+    assert json.loads((tmp_path / "world" / "stats.json").read_text())["seed"] == 3
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert metrics["facts"] >= 150 and metrics["pretrain_docs"] > 0 and metrics["eval_facts_chat"] > 0
+    bad = StageContext(name="world", run_dir=tmp_path, cfg={"scael": 1}, recipe={})
+    with pytest.raises(DanluError, match="scael.*valid keys: scale, seed"):
+        run_stage(bad)
