@@ -12,10 +12,8 @@ import torch
 def machine() -> str:
     cpu = platform.processor() or "cpu"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
     desc = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -68,7 +68,7 @@ def main() -> None:
           f"seq {args.seq}, batch {args.batch}, device {device}")  # fmt: skip
     print(f"danlu        ({str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}, fused AdamW): "
           f"{ours_tps:>10,.0f} tokens/s  MFU {100 * mfu:.1f}%")  # fmt: skip
-    del ours, model, opt
+    ours = model = opt = None  # free memory before the baseline  # noqa: F841
     if args.skip_baseline:
         return
 

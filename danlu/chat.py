@@ -77,7 +77,9 @@ class ChatSession:
         self.history.append({"role": "user", "content": text})
         dropped = self.trim()
         if dropped:
-            notice(f"[history too long for the {self.context}-token context: dropped the oldest {dropped} turn(s)]")
+            notice(
+                f"[history too long for the {self.context}-token context: dropped the oldest {dropped} turn(s)]"
+            )
         if self.prompt_tokens() >= self.context:
             self.history.pop()
             notice(f"[message too long: it does not fit in the model's {self.context}-token context]")
@@ -104,7 +106,11 @@ class ChatSession:
         sampling = Sampling(max_tokens=budget, temperature=self.temperature, top_p=self.top_p)
         outcome = None
         async for kind, payload in answer_chat(
-            self.model, self.prompt_messages(), sampling, builtin_tools=self.tools, today=lambda: self.now().date()
+            self.model,
+            self.prompt_messages(),
+            sampling,
+            builtin_tools=self.tools,
+            today=lambda: self.now().date(),
         ):
             if kind == "delta":
                 on_delta(payload)
@@ -148,7 +154,9 @@ def _args_text(arguments: Any) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in (arguments or {}).items())
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], Any] | None = None) -> int:
+def repl(
+    session: ChatSession, read: Callable[[str], str] = input, write: Callable[[str], Any] | None = None
+) -> int:
     """The loop: read a line, run a command or answer it with streaming output, until /quit or end of input."""
     import sys
 

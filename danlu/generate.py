@@ -179,13 +179,13 @@ class Generator:
         for step in range(budget):
             toks, lp = sample_next(logits, params, gen)
             keep = []
-            for row, (t, l) in enumerate(zip(toks.tolist(), lp.tolist())):
+            for row, (t, logprob) in enumerate(zip(toks.tolist(), lp.tolist())):
                 i = active[row]
                 if t in stop_ids:
                     finish[i] = "stop"
                     continue
                 out[i].append(t)
-                lps[i].append(l)
+                lps[i].append(logprob)
                 if stops.stops and stops.find(self.tokenizer.decode(out[i][-32:]), 0) >= 0:
                     finish[i] = "stop"
                     continue

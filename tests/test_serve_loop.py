@@ -17,32 +17,13 @@ NOW = dt.datetime(2026, 11, 21, 14, 5)
 
 
 def _fine_tune(ckpt: Path, sft_file: Path, out: Path, steps: int = 120) -> Path:
-    """Supervised fine-tuning on exported `messages` records: loss on assistant tokens only.
+    """`danlu sft`'s code on the exported `messages` records: loss on assistant tokens only, a chat checkpoint."""
+    from danlu.stages.sft import SFTConfig, sft
 
-    Kept small and local until `danlu sft` lands; it reads the export exactly as an SFT stage does.
-    """
-    import torch
-
-    from danlu.files import read_records
-    from danlu.io import load_checkpoint, save_model_dir
-    from danlu.model import IGNORE_INDEX
-
-    ck = load_checkpoint(ckpt)
-    rows = []
-    for rec in read_records(sft_file):
-        ids, mask = ck.tokenizer.render_chat(rec["messages"])
-        rows.append((ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]))
-    assert rows, "the export has no SFT records"
-    model = ck.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(steps):
-        loss = sum(model(torch.tensor([x]), torch.tensor([y])) for x, y in rows) / len(rows)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_model_dir(
-        out, model.state_dict(), ck.config, ck.tokenizer, {"stage": "sft", "parent": str(ckpt)}, chat=True
-    )
+    train = {"steps": steps, "batch_size": 1, "lr": 3e-3, "warmup_steps": 1, "weight_decay": 0.0, "eval_every": 0,
+             "compile": "off", "progress": False, "device": "cpu", "dtype": "fp32"}  # fmt: skip
+    cfg = SFTConfig(val_dialogs=0, replay=0.0, eval_limit=0, bpb_rows=0, train=train)
+    sft(ckpt, [sft_file], out, recipe={}, cfg=cfg)
     return out
 
 

@@ -81,10 +81,14 @@ def test_pack_places_every_example_once_within_rows() -> None:
 def test_packed_rows_compute_exactly_what_separate_dialogs_do(tiny_tokenizer) -> None:
     """Attention never crosses dialogs and positions restart: the packed per-token loss equals each alone."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tiny_tokenizer.padded_vocab_size(64), depth=1, max_position_embeddings=256)).eval()
+    model = Transformer(
+        ModelConfig(vocab_size=tiny_tokenizer.padded_vocab_size(64), depth=1, max_position_embeddings=256)
+    ).eval()
     examples = encode_conversations(convs(), tiny_tokenizer, 256)
     batch = collate(examples, [[0, 1, 2]], 256, tiny_tokenizer.pad_id)
-    packed = model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"], reduction="none")[0]
+    packed = model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"], reduction="none")[
+        0
+    ]
     pos = 0
     for ex in examples:
         alone = model(torch.tensor([ex.input_ids]), torch.tensor([ex.targets]), reduction="none")[0]
@@ -101,7 +105,9 @@ def replay_rows(folder: Path, seq_len: int):
 
     folder.mkdir()
     np.full(seq_len * 40 + 1, 7, dtype=np.uint16).tofile(folder / "train-0.bin")
-    (folder / INDEX).write_text(json.dumps({"dtype": "uint16", "splits": {"train": [{"file": "train-0.bin"}]}}))
+    (folder / INDEX).write_text(
+        json.dumps({"dtype": "uint16", "splits": {"train": [{"file": "train-0.bin"}]}})
+    )
     return TokenRows(folder, "train", seq_len, 1, seed=1)
 
 
@@ -130,7 +136,7 @@ def write_dialogs(path: Path, dialogs=DIALOGS, copies: int = 4) -> Path:
     return path
 
 
-def fine_tune(parent: Path, data: Path, out: Path, steps: int = 60, **cfg) -> dict:
+def fine_tune(parent: Path, data: Path, out: Path, steps: int = 80, **cfg) -> dict:
     """A short real SFT run (the engine, packing, the chat checkpoint) on a random-init 1-layer model."""
     train = {"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5, "eval_every": steps, "log_every": 20,
              "compile": "off", "progress": False, "device": "cpu", "dtype": "fp32", "weight_decay": 0.0}  # fmt: skip
@@ -145,13 +151,21 @@ def test_sft_writes_a_chat_checkpoint_that_learned_the_dialogs(tmp_path: Path, t
     from danlu.generate import Generator, SamplingParams
     from danlu.io import load_checkpoint
 
-    parent = make_checkpoint(tmp_path / "base", tiny_tokenizer, chat=False, context=128)
+    parent = make_checkpoint(tmp_path / "base", tiny_tokenizer, chat=False, context=256)
     data = write_dialogs(tmp_path / "d.jsonl")
     result = fine_tune(parent, data, tmp_path / "chat", pack=True)
-    assert result["dialogs"] == 12 and result["steps"] == 60 and result["train_loss"] < 0.5
+    assert (
+        result["dialogs"] == 12
+        and result["dialogs_truncated"] == 0
+        and result["steps"] == 80
+        and result["train_loss"] < 0.5
+    )
     ck = load_checkpoint(tmp_path / "chat")
     assert ck.is_chat and ck.meta["stage"] == "sft" and ck.meta["parent"] == str(parent)
-    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"][0] == ck.tokenizer.im_end_id
+    assert (
+        json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"][0]
+        == ck.tokenizer.im_end_id
+    )
     prompt = ck.tokenizer.render_chat(DIALOGS[0][:1], add_generation_prompt=True)[0]
     out = Generator(ck.model, ck.tokenizer).generate([prompt], SamplingParams(max_tokens=12, temperature=0))
     assert out[0].text == "珠穆朗玛峰。" and out[0].finish_reason == "stop"

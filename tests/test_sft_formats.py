@@ -81,7 +81,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("record", "reason", "message"), BAD)
-def test_bad_conversations_rejected_with_file_line_or_skipped(tmp_path: Path, record, reason, message) -> None:
+def test_bad_conversations_rejected_with_file_line_or_skipped(
+    tmp_path: Path, record, reason, message
+) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [OPENAI, record, OPENAI])
     with pytest.raises(DanluError, match=rf"d\.jsonl:2: .*{message}"):
         read_conversations([path])
@@ -107,12 +109,18 @@ def test_empty_file_and_malformed_json(tmp_path: Path) -> None:
         read_conversations([empty], on_error="skip")
 
 
-def test_rendering_matches_transformers_and_mask_covers_assistant_tokens_only(tiny_tokenizer, tmp_path) -> None:
+def test_rendering_matches_transformers_and_mask_covers_assistant_tokens_only(
+    tiny_tokenizer, tmp_path
+) -> None:
     transformers = pytest.importorskip("transformers")
     tiny_tokenizer.save(tmp_path / "tok")
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     multi = turns_to_messages(["你好", "你好！", "日本的首都是哪里？", "东京。"], system="You are 丹炉.")
-    for conv in (to_conversation(SHAREGPT_TOOL, "x"), to_conversation(ALPACA, "x"), to_conversation({"messages": multi}, "x")):
+    for conv in (
+        to_conversation(SHAREGPT_TOOL, "x"),
+        to_conversation(ALPACA, "x"),
+        to_conversation({"messages": multi}, "x"),
+    ):
         ids, mask = tiny_tokenizer.render_chat(conv.messages, tools=conv.tools)
         hf_out = hf.apply_chat_template(conv.messages, tools=conv.tools, tokenize=True)
         hf_ids = list(hf_out["input_ids"] if isinstance(hf_out, dict) or hasattr(hf_out, "keys") else hf_out)
@@ -130,7 +138,50 @@ def test_rendering_matches_transformers_and_mask_covers_assistant_tokens_only(ti
             if m["role"] == "assistant":
                 body = m["content"]
                 for c in m.get("tool_calls") or []:
-                    body += ("\n" if body else "") + '<tool_call>\n{"name": "calculator", "arguments": ' + \
-                        json.dumps(json.loads(c["function"]["arguments"]), ensure_ascii=False) + "}\n</tool_call>"
+                    body += (
+                        ("\n" if body else "")
+                        + '<tool_call>\n{"name": "calculator", "arguments": '
+                        + json.dumps(json.loads(c["function"]["arguments"]), ensure_ascii=False)
+                        + "}\n</tool_call>"
+                    )
                 wanted.append(body + "<|im_end|>")
         assert pieces == wanted
+
+
+@pytest.mark.slow
+def test_real_datasets_read_and_fine_tune_a_few_steps(
+    shared_data: Path, tmp_path: Path, tiny_tokenizer
+) -> None:
+    """LLaMA-Factory demos (Alpaca, ShareGPT tool calls), Alpaca Chinese, KdConv and chatterbot → a few SFT steps."""
+    import yaml
+    from conftest import make_checkpoint
+    from test_sft import fine_tune
+
+    lf = shared_data / "llamafactory_demo"
+    stats = ReadStats()
+    convs = read_conversations(
+        [lf / "alpaca_zh_demo.json", lf / "alpaca_en_demo.json", lf / "glaive_toolcall_zh_demo.json"],
+        on_error="skip",
+        stats=stats,
+    )
+    assert stats.formats["alpaca"] >= 1990 and stats.formats["sharegpt"] >= 290
+    assert sum(stats.skipped.values()) <= 5  # e.g. glaive rows whose call is plain text, not a function_call
+    assert sum(1 for c in convs if c.tools) >= 150
+    zh = sorted((shared_data / "alpaca_zh_hikariming").glob("*.json"))[0]
+    assert len(read_conversations([zh], on_error="skip")) > 3000
+    kd = json.loads((shared_data / "kdconv" / "film" / "dev.json").read_text(encoding="utf-8"))
+    chatterbot = yaml.safe_load((shared_data / "chatterbot_zh" / "greetings.yml").read_text(encoding="utf-8"))
+    rows = [{"messages": turns_to_messages([t["message"] for t in d["messages"]][: len(d["messages"]) // 2 * 2])}
+            for d in kd[:20]]  # fmt: skip
+    rows += [
+        {"messages": turns_to_messages(c[: len(c) // 2 * 2])}
+        for c in chatterbot["conversations"]
+        if len(c) >= 2
+    ]
+    rows += [{"messages": c.messages, "tools": c.tools} for c in convs[:: len(convs) // 40]]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    parent = make_checkpoint(tmp_path / "base", tiny_tokenizer, chat=False, context=256)
+    result = fine_tune(parent, data, tmp_path / "out", steps=4)
+    assert result["steps"] == 4 and result["dialogs"] + result["dialogs_skipped_too_long"] == len(rows)
+    assert result["dialogs_truncated"] > 0  # KdConv dialogs are longer than the 256-token context

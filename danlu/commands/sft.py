@@ -10,13 +10,17 @@ HELP = "supervised fine-tuning on dialogs (OpenAI messages, ShareGPT, Alpaca; JS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="parent", required=True, metavar="CKPT", help="checkpoint folder to fine-tune")
+    p.add_argument(
+        "--from", dest="parent", required=True, metavar="CKPT", help="checkpoint folder to fine-tune"
+    )
     p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="conversation files or folders")
     p.add_argument("--out", required=True, help="chat checkpoint folder to write")
     p.add_argument("--recipe", default="tiny", help="recipe whose train/sft sections to use (default: tiny)")
     p.add_argument("--tokens", help="token shard folder: pretraining replay and bits-per-byte before/after")
     p.add_argument("--eval", dest="eval_dir", help="folder of held-out chat evals (a world corpus' eval/)")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad conversations (counted) instead of stopping")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip bad conversations (counted) instead of stopping"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.train.steps=300 sft.replay=0")
 

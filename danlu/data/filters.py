@@ -9,12 +9,17 @@ written to `rejected/<step>/` with its reason, and the reason is counted in the 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
+from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
+from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 
@@ -24,6 +29,8 @@ from danlu.data.langid import MixedWordTokenizer, detect_language, han_ratio
 # Frequent Chinese function words; running text uses many of them, keyword lists and spam use few.
 ZH_STOP_WORDS = ["的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "而", "及", "与", "着", "一个", "为", "以", "他", "她", "它", "们", "对", "从", "到", "被", "把"]  # fmt: skip
 ZH_SPAM_WORDS = ["代开发票", "博彩", "赌场", "六合彩", "时时彩", "私服", "外挂", "裸聊", "代孕", "办证", "成人视频", "百家乐", "网赚", "刷单"]  # fmt: skip
+
+EN_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with", "is", "are", "was", "a", "an", "in", "it", "for", "on", "as", "by", "at", "this", "from"]  # fmt: skip
 
 PUBLIC_META = ("source", "domain", "lang", "url", "title")
 
@@ -37,34 +44,56 @@ class LanguageConfig:
 
 @dataclass
 class LengthConfig:
-    min_chars: int = 20
+    # a floor against empty and near-empty documents; "问：9×11=？答：等于99。" is a whole Q&A pair in 15
+    # characters, and the language rules (Gopher's word count, Chinese stop words) judge short texts better
+    min_chars: int = 10
     max_chars: int = 1_000_000
 
 
 @dataclass
 class EnglishConfig:
-    """datatrove's English rules; null disables a rule (or a whole filter with `enabled: false`)."""
+    """datatrove's English rules; null disables a rule (or a whole filter with `enabled: false`).
 
-    short_domains: list[str] = field(default_factory=lambda: ["qa", "forum"])  # short by nature: see below
+    `short_domains` are sources whose documents are legitimately short and made of short lines (a stub article
+    with an infobox table, a Q&A thread, a forum reply): there the minimum length is `min_doc_words_short`, one
+    stop word is enough, the n-gram repetition rules wait for `ngram_min_words_short` words (people restating
+    the same fact in their own answers repeat its words), and FineWeb's line-shape rules (short lines, list
+    ratio) are off. News and web pages get the full web thresholds.
+    """
+
+    short_domains: list[str] = field(default_factory=lambda: ["encyclopedia", "qa", "forum"])
     gopher_repetition: bool = True
-    repetition_min_words: int = 50  # n-gram repetition shares mean nothing on a two-line answer
+    repetition_min_words: int = 50  # below this the repetition rules do not judge at all
+    # In documents shorter than `echo_max_words`, an n-gram said at most `echo_count` times is an echo (a
+    # headline repeated in the lead, an answer restating the question), not repetition; in short domains at
+    # most `echo_count_short` times (three answers in a thread each restate the same fact).
+    echo_max_words: int = 200
+    echo_count: int = 2
+    echo_count_short: int = 3
     dup_line_frac: float | None = 0.3
     dup_para_frac: float | None = 0.3
     dup_line_char_frac: float | None = 0.2
     dup_para_char_frac: float | None = 0.2
     gopher_quality: bool = True
     min_doc_words: int | None = 25
-    min_doc_words_short: int | None = 5  # for short_domains (a Q&A pair, a forum reply)
+    min_doc_words_short: int | None = 5
     max_doc_words: int | None = 100_000
     min_avg_word_length: int | None = 3
+    min_avg_word_length_short: int | None = 2  # "Q: What is 7 + 5? A: It is 12." is short words by nature
     max_avg_word_length: int | None = 10
     max_symbol_word_ratio: float | None = 0.1
     max_non_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
+    min_stop_words_short: int | None = 1
+    # Gopher's eight words, and the next most frequent English function words: the rule asks "is this running
+    # text?", and "is", "a", "in" answer it as well as "the" does (keyword lists and spam have none of them)
+    stop_words: list[str] = field(default_factory=lambda: list(EN_STOP_WORDS))
+    numbers_are_words: bool = True  # see EnglishQualityFilter
     fineweb: bool = True
     line_punct_thr: float = 0.12
     short_line_thr: float = 0.67
     char_duplicates_ratio: float = 0.1
+    char_duplicates_ratio_short: float = 0.2  # two people giving the same one-line answer
     new_line_ratio: float = 0.3
     c4: bool = False  # C4's rules are strict (≥5 sentences, every line ending in punctuation): opt in
 
@@ -82,6 +111,9 @@ class ChineseConfig:
     dup_ngrams: list[list[float]] = field(default_factory=lambda: [[10, 0.3], [15, 0.25], [20, 0.2]])
     ngram_min_chars: int = 200  # the n-gram rules only judge documents at least this long
     min_stop_words: int = 2
+    # a text shorter than this (content characters) needs only one stop word: "问：23减3是多少？答：等于20。"
+    # has one, a keyword list of any length has none
+    stop_words_short_chars: int = 60
     spam_words: list[str] = field(default_factory=lambda: list(ZH_SPAM_WORDS))
     max_spam_hits: int = 2
 
@@ -187,18 +219,18 @@ class LengthFilter(DanluFilter):
 
 
 class LanguageRouted(DanluFilter):
-    """Runs a datatrove filter only on documents of one language (and at least `min_words` words); the others
-    pass untouched. Documents of `short_domains` go to `short_inner` (the same rules, short-text thresholds)."""
+    """Runs a datatrove filter (anything with `filter(doc)`) only on documents of one language (and at least
+    `min_words` words); the others pass untouched. Documents of `short_domains` go to `short_inner` (the same rules, short-text thresholds)."""
 
     def __init__(
         self,
         name: str,
-        inner: BaseFilter,
+        inner: Any,
         lang: str,
         exclusion_writer: DiskWriter | None = None,
         *,
         min_words: int = 0,
-        short_inner: BaseFilter | None = None,
+        short_inner: Any = None,
         short_domains: list[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__(name, exclusion_writer)
@@ -216,77 +248,233 @@ class LanguageRouted(DanluFilter):
         return self.inner.filter(doc)
 
 
+def _is_number(word: str) -> bool:
+    return word.isdigit()
+
+
+class EnglishQualityFilter(GopherQualityFilter):
+    """datatrove's Gopher quality rules, with the same thresholds and reasons, corrected for two cases where
+    they judge clean text by its form rather than its quality:
+
+    - stop words are counted case-insensitively ("The" is the stop word "the"; Gopher's list is lower case,
+      and a sentence-initial "The" is the commonest way it occurs in a short text);
+    - with `numbers_are_words`, numbers ("42", "1865") are words, not non-alphabetic junk: they are left out of
+      the mean word length (a digit string's length says nothing about prose) and count as words in the
+      alphabetic-word share, so arithmetic, dates and tables of figures are judged by their other words.
+    """
+
+    def __init__(self, *, numbers_are_words: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.numbers_are_words = numbers_are_words
+        self.stop_words = {w.lower() for w in self.stop_words}
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        text = doc.text
+        words = split_into_words(text, self.language)
+        n_words = len(words)
+        if n_words == 0:
+            return False, "gopher_short_doc"
+        content = [w for w in words if any(ch not in PUNCTUATION_SET for ch in w)]
+        if self.min_doc_words and len(content) < self.min_doc_words:
+            return False, "gopher_short_doc"
+        if self.max_doc_words and len(content) > self.max_doc_words:
+            return False, "gopher_long_doc"
+        numeric = sum(map(_is_number, content)) if self.numbers_are_words else 0
+        measured = [w for w in content if not w.isdigit()] if numeric else content
+        if measured:
+            avg = sum(map(len, measured)) / len(measured)
+            if self.min_avg_word_length and avg < self.min_avg_word_length:
+                return False, "gopher_below_avg_threshold"
+            if self.max_avg_word_length and avg > self.max_avg_word_length:
+                return False, "gopher_above_avg_threshold"
+        if self.max_symbol_word_ratio and text.count("#") / n_words > self.max_symbol_word_ratio:
+            return False, "gopher_too_many_hashes"
+        if self.max_symbol_word_ratio and (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:  # fmt: skip
+            return False, "gopher_too_many_ellipsis"
+        lines = text.splitlines() or [""]
+        if self.max_bullet_lines_ratio and sum(s.lstrip().startswith(("•", "-")) for s in lines) / len(lines) > self.max_bullet_lines_ratio:  # fmt: skip
+            return False, "gopher_too_many_bullets"
+        if self.max_ellipsis_lines_ratio and sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:  # fmt: skip
+            return False, "gopher_too_many_end_ellipsis"
+        if self.max_non_alpha_words_ratio:
+            alpha = sum(any(c.isalpha() for c in w) for w in words) + numeric
+            if alpha / n_words < self.max_non_alpha_words_ratio:
+                return False, "gopher_below_alpha_threshold"
+        if self.min_stop_words:
+            found = {w.lower() for w in words if len(w) <= 4} & self.stop_words
+            if len(found) < self.min_stop_words:
+                return False, "gopher_enough_stop_words"
+        return True
+
+
+class _Vocab(dict):
+    """Word → small integer id, growing as new words arrive (one per worker process)."""
+
+    def __missing__(self, word: str) -> int:
+        self[word] = n = len(self) + 1
+        return n
+
+
+_VOCAB = _Vocab()
+_ROLL = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mod 2**64 loses nothing
+_FRESH = np.uint64(1 << 63)  # keys that stand for "never a repeat" in the duplicated-n-gram walk
+
+
+class RepetitionFilter:
+    """Gopher's repetition rules (datatrove's thresholds and reasons), with the n-gram rules vectorized.
+
+    Paragraph and line rules are datatrove's own. The n-gram rules measure the same shares as datatrove's
+    `find_top_duplicate` / `find_all_duplicate`, on word ids hashed into rolling 64-bit n-gram keys and counted
+    with numpy instead of joining a string per n-gram; the sequential duplicated-n-gram walk only runs when a
+    vectorized upper bound (all repeated occurrences) is over the threshold, which clean text rarely is.
+
+    One difference, for short texts: in a document of fewer than `echo_max_words` words, n-grams that occur at
+    most `echo_count` times are echoes (a headline repeated in the lead, answers restating one fact), not
+    repetition, and count for neither n-gram rule; keyword stuffing repeats its phrase far more often.
+    """
+
+    def __init__(
+        self,
+        *,
+        dup_line_frac: float | None = 0.3,
+        dup_para_frac: float | None = 0.3,
+        dup_line_char_frac: float | None = 0.2,
+        dup_para_char_frac: float | None = 0.2,
+        top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16)),
+        dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)),  # fmt: skip
+        echo_max_words: int = 0,
+        echo_count: int = 2,
+        language: Any = None,
+    ) -> None:
+        self.lines = GopherRepetitionFilter(
+            dup_line_frac=dup_line_frac, dup_para_frac=dup_para_frac, dup_line_char_frac=dup_line_char_frac,
+            dup_para_char_frac=dup_para_char_frac, top_n_grams=(), dup_n_grams=(), language=language,
+        )  # fmt: skip
+        self.top_n_grams, self.dup_n_grams = tuple(top_n_grams), tuple(dup_n_grams)
+        self.echo_max_words, self.echo_count, self.language = echo_max_words, echo_count, language
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = self.lines.filter(doc)
+        if verdict is not True:
+            return verdict
+        words = split_into_words(doc.text, self.language)
+        return self._ngram_rules(words, len(doc.text)) if words else True
+
+    def _ngram_rules(self, words: list[str], n_chars: int) -> bool | tuple[bool, str]:
+        ids = np.fromiter(map(_VOCAB.__getitem__, words), dtype=np.uint64, count=len(words))
+        ends = np.zeros(len(words) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=ends[1:])
+        echo = self.echo_count if len(words) < self.echo_max_words else 1
+        top = dict(self.top_n_grams)
+        dup = dict(self.dup_n_grams)
+        h = ids
+        for n in range(1, max([*top, *dup, 1]) + 1):
+            if n > 1:
+                h = h[:-1] * _ROLL + ids[n - 1 :]
+            if len(h) == 0:
+                break
+            if n not in top and n not in dup:
+                continue
+            _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+            gram_chars = ends[n:] - ends[:-n]  # characters of each n-gram's words, without separators
+            if n in top:
+                most = int(counts.max())
+                if most > echo or echo == 1:
+                    # the n-gram (with its spaces) that reaches the top count first, as Counter.most_common does
+                    pos = int(first[counts == most].min())
+                    if (gram_chars[pos] + n - 1) * most / n_chars > top[n]:
+                        return False, f"top_{n}_gram"
+            if n in dup:
+                later = first[inverse] != np.arange(len(h))
+                if echo > 1:
+                    later &= counts[inverse] > echo
+                limit = dup[n] * n_chars
+                if later.any() and int(gram_chars[later].sum()) > limit:
+                    keys = np.where(counts[inverse] > echo, h, np.arange(len(h), dtype=np.uint64) + _FRESH)
+                    if _walk_duplicates(keys.tolist(), gram_chars.tolist(), n) > limit:
+                        return False, f"duplicated_{n}_n_grams"
+        return True
+
+
+def _walk_duplicates(keys: list[int], chars: list[int], n: int) -> int:
+    """Gopher's duplicated-n-gram count: walk the n-grams; a repeat adds its characters and jumps past itself."""
+    seen: set[int] = set()
+    repeated = i = 0
+    while i < len(keys):
+        if keys[i] in seen:
+            repeated += chars[i]
+            i += n
+        else:
+            seen.add(keys[i])
+            i += 1
+    return repeated
+
+
 def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
     """datatrove's English rules, each routed to `lang == "en"`; `writer_for(name)` gives its rejected writer."""
-    from datatrove.pipeline.filters import (
-        C4QualityFilter,
-        FineWebQualityFilter,
-        GopherQualityFilter,
-        GopherRepetitionFilter,
-    )
+    from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter
 
     words = MixedWordTokenizer()  # no NLTK/spaCy download; identical to whitespace-ish splitting for English
+    short = cfg.short_domains
     out: list[DanluFilter] = []
     if cfg.gopher_repetition:
-        inner = GopherRepetitionFilter(
-            dup_line_frac=cfg.dup_line_frac,
-            dup_para_frac=cfg.dup_para_frac,
-            dup_line_char_frac=cfg.dup_line_char_frac,
-            dup_para_char_frac=cfg.dup_para_char_frac,
-            language=words,
-        )
-        out.append(
-            LanguageRouted(
-                "filter:gopher_repetition",
-                inner,
-                "en",
-                writer_for("gopher_repetition"),
-                min_words=cfg.repetition_min_words,
-            )
-        )
-    if cfg.gopher_quality:
 
-        def gopher(min_words: int | None) -> BaseFilter:
-            return GopherQualityFilter(
-                min_doc_words=min_words,
-                max_doc_words=cfg.max_doc_words,
-                min_avg_word_length=cfg.min_avg_word_length,
-                max_avg_word_length=cfg.max_avg_word_length,
-                max_symbol_word_ratio=cfg.max_symbol_word_ratio,
-                max_non_alpha_words_ratio=cfg.max_non_alpha_words_ratio,
-                min_stop_words=cfg.min_stop_words,
+        def repetition(echo_count: int) -> RepetitionFilter:
+            return RepetitionFilter(
+                dup_line_frac=cfg.dup_line_frac,
+                dup_para_frac=cfg.dup_para_frac,
+                dup_line_char_frac=cfg.dup_line_char_frac,
+                dup_para_char_frac=cfg.dup_para_char_frac,
+                echo_max_words=cfg.echo_max_words,
+                echo_count=echo_count,
                 language=words,
             )
 
         out.append(
             LanguageRouted(
-                "filter:gopher_quality",
-                gopher(cfg.min_doc_words),
-                "en",
-                writer_for("gopher_quality"),
-                short_inner=gopher(cfg.min_doc_words_short),
-                short_domains=cfg.short_domains,
+                "filter:gopher_repetition", repetition(cfg.echo_count), "en",
+                writer_for("gopher_repetition"), min_words=cfg.repetition_min_words,
+                short_inner=repetition(cfg.echo_count_short), short_domains=short,
+            )  # fmt: skip
+        )
+    if cfg.gopher_quality:
+
+        def gopher(min_words: int | None, min_stop_words: int | None, min_avg: int | None) -> BaseFilter:
+            return EnglishQualityFilter(
+                min_doc_words=min_words,
+                max_doc_words=cfg.max_doc_words,
+                min_avg_word_length=min_avg,
+                max_avg_word_length=cfg.max_avg_word_length,
+                max_symbol_word_ratio=cfg.max_symbol_word_ratio,
+                max_non_alpha_words_ratio=cfg.max_non_alpha_words_ratio,
+                min_stop_words=min_stop_words,
+                stop_words=cfg.stop_words,
+                numbers_are_words=cfg.numbers_are_words,
+                language=words,
+            )
+
+        out.append(
+            LanguageRouted(
+                "filter:gopher_quality", gopher(cfg.min_doc_words, cfg.min_stop_words, cfg.min_avg_word_length), "en",
+                writer_for("gopher_quality"), short_domains=short,
+                short_inner=gopher(cfg.min_doc_words_short, cfg.min_stop_words_short, cfg.min_avg_word_length_short),
             )  # fmt: skip
         )
     if cfg.fineweb:
 
-        def fineweb(short_line_thr: float) -> BaseFilter:
+        def fineweb(line_rules: bool, char_duplicates_ratio: float) -> BaseFilter:
             return FineWebQualityFilter(
-                line_punct_thr=cfg.line_punct_thr,
-                short_line_thr=short_line_thr,
-                char_duplicates_ratio=cfg.char_duplicates_ratio,
-                new_line_ratio=cfg.new_line_ratio,
+                line_punct_thr=cfg.line_punct_thr if line_rules else -1.0,
+                short_line_thr=cfg.short_line_thr if line_rules else math.inf,
+                char_duplicates_ratio=char_duplicates_ratio,
+                new_line_ratio=cfg.new_line_ratio if line_rules else math.inf,
                 language=words,
             )
 
         out.append(
             LanguageRouted(
-                "filter:fineweb",
-                fineweb(cfg.short_line_thr),
-                "en",
-                writer_for("fineweb"),
-                short_inner=fineweb(1.01),
-                short_domains=cfg.short_domains,
+                "filter:fineweb", fineweb(True, cfg.char_duplicates_ratio), "en", writer_for("fineweb"),
+                short_inner=fineweb(False, cfg.char_duplicates_ratio_short), short_domains=short,
             )  # fmt: skip
         )
     if cfg.c4:
@@ -295,21 +483,36 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
     return out
 
 
-def _ngram_stats(chars: str, n: int) -> tuple[float, float]:
-    """(share of chars in the most frequent n-gram's occurrences, share of chars in repeated n-grams)."""
-    if len(chars) < n + 1:
-        return 0.0, 0.0
-    counts: dict[str, int] = {}
-    grams = [chars[i : i + n] for i in range(len(chars) - n + 1)]
-    for g in grams:
-        counts[g] = counts.get(g, 0) + 1
-    top = max(counts.values())
-    top_share = top * n / len(chars) if top > 1 else 0.0
-    covered = bytearray(len(chars))
-    for i, g in enumerate(grams):
-        if counts[g] > 1:
-            covered[i : i + n] = b"\x01" * n
-    return min(top_share, 1.0), sum(covered) / len(chars)
+def ngram_shares(chars: str, ns: list[int]) -> dict[int, tuple[float, float]]:
+    """For each n in `ns`: (share of chars in the most frequent character n-gram's occurrences, counted only if
+    it occurs more than once; share of chars covered by n-grams that occur more than once).
+
+    Vectorized: n-grams are rolling 64-bit polynomial hashes of the code points, built up one character at a
+    time (n-gram = (n-1)-gram × R + next char), and counted with one sort per n.
+    """
+    out: dict[int, tuple[float, float]] = {}
+    size = len(chars)
+    wanted = sorted({n for n in ns if 0 < n < size})
+    for n in ns:
+        out[n] = (0.0, 0.0)
+    if not wanted:
+        return out
+    codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+    h = codes
+    for n in range(1, wanted[-1] + 1):
+        if n > 1:
+            h = h[:-1] * _ROLL + codes[n - 1 :]
+        if n not in wanted:
+            continue
+        _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+        top = int(counts.max())
+        starts = np.flatnonzero(counts[inverse] > 1)
+        edges = np.zeros(size + 1, dtype=np.int32)
+        edges[starts] += 1
+        edges[starts + n] -= 1
+        covered = int(np.count_nonzero(np.cumsum(edges[:size])))
+        out[n] = (min(top * n / size, 1.0) if top > 1 else 0.0, covered / size)
+    return out
 
 
 _NON_CONTENT = re.compile(r"[\s\W_]+")
@@ -339,28 +542,29 @@ class ChineseQualityFilter(DanluFilter):
             seen: dict[str, int] = {}
             for ln in lines:
                 seen[ln] = seen.get(ln, 0) + 1
-            dup_lines = sum(v for v in seen.values() if v > 1)
-            dup_chars = sum(len(k) * v for k, v in seen.items() if v > 1)
+            # as Gopher counts them: the copies after a line's first occurrence
+            dup_lines = sum(v - 1 for v in seen.values())
+            dup_chars = sum(len(k) * (v - 1) for k, v in seen.items())
             if dup_lines / len(lines) > c.max_dup_line_frac:
                 return False, "zh_dup_lines"
             if dup_chars / max(1, sum(map(len, lines))) > c.max_dup_line_char_frac:
                 return False, "zh_dup_line_chars"
         chars = _NON_CONTENT.sub("", text)
         if len(chars) < c.ngram_min_chars:
-            return self._words_rules(text)
+            return self._words_rules(text, len(chars))
+        shares = ngram_shares(chars, [int(n) for n, _ in c.top_ngrams] + [int(n) for n, _ in c.dup_ngrams])
         for n, limit in c.top_ngrams:
-            top, _ = _ngram_stats(chars, int(n))
-            if top > limit:
+            if shares[int(n)][0] > limit:
                 return False, f"zh_top_{int(n)}gram"
         for n, limit in c.dup_ngrams:
-            _, dup = _ngram_stats(chars, int(n))
-            if dup > limit:
+            if shares[int(n)][1] > limit:
                 return False, f"zh_dup_{int(n)}gram"
-        return self._words_rules(text)
+        return self._words_rules(text, len(chars))
 
-    def _words_rules(self, text: str) -> bool | tuple[bool, str]:
+    def _words_rules(self, text: str, n_chars: int) -> bool | tuple[bool, str]:
         c = self.cfg
-        if c.min_stop_words and sum(text.count(w) for w in ZH_STOP_WORDS) < c.min_stop_words:
+        need = 1 if n_chars < c.stop_words_short_chars else c.min_stop_words
+        if c.min_stop_words and sum(text.count(w) for w in ZH_STOP_WORDS) < min(need, c.min_stop_words):
             return False, "zh_few_stop_words"
         if c.spam_words and sum(text.count(w) for w in c.spam_words) > c.max_spam_hits:
             return False, "zh_spam_words"

@@ -61,7 +61,9 @@ class ReadStats:
     kept: int = 0
     formats: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)  # reason → count
-    first_skipped: dict[str, str] = field(default_factory=dict)  # reason → the first message, to show the user
+    first_skipped: dict[str, str] = field(
+        default_factory=dict
+    )  # reason → the first message, to show the user
 
     def as_metrics(self, prefix: str = "") -> dict[str, int]:
         out = {f"{prefix}records": self.records, f"{prefix}kept": self.kept}
@@ -85,21 +87,21 @@ def located_records(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise DanluError(f"{path}: is a folder, expected a file")
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        if name.endswith(".gz"):
-            import gzip
+        import gzip
 
-            handle = gzip.open(path, "rt", encoding="utf-8")
-        else:
-            handle = path.open(encoding="utf-8")
-        with handle as f:
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path}:{lineno}", ConversationError(
-                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json"
+                    yield (
+                        f"{path}:{lineno}",
+                        ConversationError(
+                            f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json"
+                        ),
                     )
     elif name.endswith(".json"):
         yield from _json_items(path, path.read_text(encoding="utf-8"))
@@ -201,7 +203,9 @@ def _text(value: Any, where: str, what: str) -> str:
 
 def _openai(messages: Any, where: str) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
-        raise ConversationError(f"{where}: 'messages' must be a list, got {type(messages).__name__}", "bad_record")
+        raise ConversationError(
+            f"{where}: 'messages' must be a list, got {type(messages).__name__}", "bad_record"
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
@@ -209,9 +213,13 @@ def _openai(messages: Any, where: str) -> list[dict[str, Any]]:
         role = m.get("role")
         if role not in ROLES:
             raise ConversationError(
-                f"{where}: messages[{i}] has unknown role {role!r}; valid roles: {', '.join(ROLES)}", "unknown_role"
+                f"{where}: messages[{i}] has unknown role {role!r}; valid roles: {', '.join(ROLES)}",
+                "unknown_role",
             )
-        msg: dict[str, Any] = {"role": role, "content": _text(m.get("content"), where, f"messages[{i}].content")}
+        msg: dict[str, Any] = {
+            "role": role,
+            "content": _text(m.get("content"), where, f"messages[{i}].content"),
+        }
         if m.get("tool_calls"):
             if role != "assistant":
                 raise ConversationError(f"{where}: messages[{i}] ({role}) has tool_calls", "role_order")
@@ -237,10 +245,15 @@ def _call(call: Any, where: str) -> dict[str, Any]:
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError:
-            raise ConversationError(f"{where}: arguments of {fn['name']!r} are not JSON", "bad_record") from None
+            raise ConversationError(
+                f"{where}: arguments of {fn['name']!r} are not JSON", "bad_record"
+            ) from None
     if not isinstance(args, Mapping):
         raise ConversationError(f"{where}: arguments of {fn['name']!r} must be a JSON object", "bad_record")
-    return {"type": "function", "function": {"name": fn["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    return {
+        "type": "function",
+        "function": {"name": fn["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+    }
 
 
 def _sharegpt(record: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
@@ -297,7 +310,10 @@ def _alpaca(record: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     instruction = _text(record.get("instruction"), where, "instruction")
     extra = _text(record.get("input"), where, "input")
     user = "\n".join(x for x in (instruction, extra) if x)
-    out += [{"role": "user", "content": user}, {"role": "assistant", "content": _text(record["output"], where, "output")}]
+    out += [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": _text(record["output"], where, "output")},
+    ]
     return out
 
 
@@ -314,7 +330,9 @@ def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
         raise ConversationError(f"{where}: 'tools' must be a list of tool schemas", "bad_record")
-    return [dict(t) if t.get("type") == "function" else {"type": "function", "function": dict(t)} for t in value]
+    return [
+        dict(t) if t.get("type") == "function" else {"type": "function", "function": dict(t)} for t in value
+    ]
 
 
 def validate_messages(messages: list[dict[str, Any]], where: str) -> None:
@@ -329,7 +347,9 @@ def validate_messages(messages: list[dict[str, Any]], where: str) -> None:
         role = m["role"]
         if role == "system":
             if i != 0:
-                raise ConversationError(f"{where}: messages[{i}]: a system message must come first", "role_order")
+                raise ConversationError(
+                    f"{where}: messages[{i}]: a system message must come first", "role_order"
+                )
             continue
         if pending_calls and role != "tool" and results == 0:
             raise ConversationError(
@@ -339,28 +359,36 @@ def validate_messages(messages: list[dict[str, Any]], where: str) -> None:
         if role == "tool":
             if not pending_calls:
                 raise ConversationError(
-                    f"{where}: messages[{i}]: a tool result without a preceding assistant tool call", "role_order"
+                    f"{where}: messages[{i}]: a tool result without a preceding assistant tool call",
+                    "role_order",
                 )
             results += 1
             if results > pending_calls:
                 raise ConversationError(
-                    f"{where}: messages[{i}]: more tool results than tool calls ({pending_calls})", "role_order"
+                    f"{where}: messages[{i}]: more tool results than tool calls ({pending_calls})",
+                    "role_order",
                 )
             expect_user = False  # after results the assistant answers
             continue
         if role == "user":
             if not expect_user:
                 raise ConversationError(
-                    f"{where}: messages[{i}]: two user turns in a row (expected an assistant turn)", "role_order"
+                    f"{where}: messages[{i}]: two user turns in a row (expected an assistant turn)",
+                    "role_order",
                 )
             expect_user = False
             pending_calls = results = 0
             continue
         # assistant
         if expect_user:
-            what = "the conversation starts" if i == 0 or messages[i - 1]["role"] == "system" else "two assistant turns"
+            what = (
+                "the conversation starts"
+                if i == 0 or messages[i - 1]["role"] == "system"
+                else "two assistant turns"
+            )
             raise ConversationError(
-                f"{where}: messages[{i}]: {what} with an assistant turn where a user turn is expected", "role_order"
+                f"{where}: messages[{i}]: {what} with an assistant turn where a user turn is expected",
+                "role_order",
             )
         calls = m.get("tool_calls") or []
         if not calls and not (m.get("content") or "").strip():
@@ -414,7 +442,9 @@ def read_conversations(
             stats.first_skipped.setdefault("empty_file", str(err))
     if not out:
         shown = "; ".join(stats.first_skipped.values())
-        raise DanluError(f"no usable conversations in {', '.join(map(str, paths))}" + (f" ({shown})" if shown else ""))
+        raise DanluError(
+            f"no usable conversations in {', '.join(map(str, paths))}" + (f" ({shown})" if shown else "")
+        )
     return out
 
 

@@ -90,7 +90,7 @@ class _ShardWriter:
         if self._file:
             self._file.close()
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        self._file = open(self.folder / name, "wb")
+        self._file = open(self.folder / name, "wb")  # noqa: SIM115 — closed by close() or the next _open()
         self._count = 0
         self.shards.append({"file": name, "tokens": 0})
 

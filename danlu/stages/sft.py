@@ -52,7 +52,9 @@ class SFTConfig:
     eval_max_tokens: int = 32
     bpb_rows: int = 64  # held-out pretraining rows for bits-per-byte before/after (0 = off)
     resume: str = "auto"
-    samples: list[str] = field(default_factory=lambda: ["中国最高的山是什么？", "What is the capital of France?"])
+    samples: list[str] = field(
+        default_factory=lambda: ["中国最高的山是什么？", "What is the capital of France?"]
+    )
     train: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,7 +130,9 @@ def encode_conversations(
 # ───────────────────────── packing ─────────────────────────
 
 
-def pack(lengths: list[int], order: np.ndarray | list[int], seq_len: int, open_rows: int = 8) -> list[list[int]]:
+def pack(
+    lengths: list[int], order: np.ndarray | list[int], seq_len: int, open_rows: int = 8
+) -> list[list[int]]:
     """Groups examples (by index, in `order`) into rows of at most `seq_len` tokens: first fit among a few open
     rows; when none fits, the fullest open row is closed. Deterministic and close to full (~95%+ here)."""
     rows: list[list[int]] = []
@@ -149,7 +153,9 @@ def pack(lengths: list[int], order: np.ndarray | list[int], seq_len: int, open_r
     return rows
 
 
-def collate(examples: list[Example], rows: list[list[int]], seq_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    examples: list[Example], rows: list[list[int]], seq_len: int, pad_id: int
+) -> dict[str, torch.Tensor]:
     """Rows of packed examples → input_ids, targets and segment_ids (padding is its own segment, never scored)."""
     b = len(rows)
     x = torch.full((b, seq_len), pad_id, dtype=torch.long)
@@ -210,7 +216,9 @@ class SFTRows:
 
     def _replay_count(self, batch_index: int, global_batch: int) -> int:
         share = self.replay_share
-        return math.floor((batch_index + 1) * global_batch * share) - math.floor(batch_index * global_batch * share)
+        return math.floor((batch_index + 1) * global_batch * share) - math.floor(
+            batch_index * global_batch * share
+        )
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         global_batch = self.batch_size * self.world_size
@@ -230,7 +238,9 @@ class SFTRows:
             rows = [self.replay.next_batch() for _ in range(n_replay)]
             batch["input_ids"] = torch.cat([batch["input_ids"], *(r["input_ids"] for r in rows)])
             batch["targets"] = torch.cat([batch["targets"], *(r["targets"] for r in rows)])
-            batch["segment_ids"] = torch.cat([batch["segment_ids"], torch.zeros(n_replay, self.seq_len, dtype=torch.long)])
+            batch["segment_ids"] = torch.cat(
+                [batch["segment_ids"], torch.zeros(n_replay, self.seq_len, dtype=torch.long)]
+            )
         lo = self.rank * self.batch_size
         return {k: v[lo : lo + self.batch_size] for k, v in batch.items()}
 
@@ -287,9 +297,9 @@ def chat_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int) -
         for flag, name in ((True, "seen"), (False, "unseen")):
             part = [r for r in rows if bool(r.get("seen_in_sft")) == flag]
             if part:
-                res[f"accuracy_{name}_facts"] = completion_accuracy(generator, part, chat=True, max_tokens=max_tokens)[
-                    "accuracy"
-                ]
+                res[f"accuracy_{name}_facts"] = completion_accuracy(
+                    generator, part, chat=True, max_tokens=max_tokens
+                )["accuracy"]
     return res
 
 
@@ -302,7 +312,9 @@ def tool_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int = 
 
     tok = generator.tokenizer
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    first = generator.generate([tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in rows], params)
+    first = generator.generate(
+        [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in rows], params
+    )
     call_ok, follow, convos, examples = [], [], [], []
     for row, comp in zip(rows, first):
         content, calls = parse_tool_calls(comp.text)
@@ -316,7 +328,9 @@ def tool_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int = 
             convo = [*row["messages"], {"role": "assistant", "content": content, "tool_calls": calls}]
             for c in calls:
                 f = c["function"]
-                convo.append({"role": "tool", "name": f["name"], "content": run_tool(f["name"], f["arguments"], today)})
+                convo.append(
+                    {"role": "tool", "name": f["name"], "content": run_tool(f["name"], f["arguments"], today)}
+                )
             follow.append(len(convos))
             convos.append(convo)
         else:
@@ -372,7 +386,9 @@ def heldout_evals(model: Any, tokenizer: Any, eval_dir: Path, limit: int, max_to
 # ───────────────────────── the stage ─────────────────────────
 
 
-def _load_dialogs(paths: list[Path], cfg: SFTConfig, tokenizer: Any, seq_len: int) -> tuple[list[Example], dict[str, Any]]:
+def _load_dialogs(
+    paths: list[Path], cfg: SFTConfig, tokenizer: Any, seq_len: int
+) -> tuple[list[Example], dict[str, Any]]:
     from danlu.data.formats import ReadStats, read_conversations
 
     rstats = ReadStats()
@@ -429,7 +445,11 @@ def sft(
         train_ex, seq_len, tcfg.batch_size, pad_id=tokenizer.pad_id, seed=tcfg.seed, packed=cfg.pack,
         replay=replay, replay_share=cfg.replay, rank=d.rank, world_size=d.world_size,
     )  # fmt: skip
-    val_rows = SFTRows(val_ex, seq_len, 1, pad_id=tokenizer.pad_id, packed=cfg.pack, shuffle=False) if val_ex else None
+    val_rows = (
+        SFTRows(val_ex, seq_len, 1, pad_id=tokenizer.pad_id, packed=cfg.pack, shuffle=False)
+        if val_ex
+        else None
+    )
     explicit_steps = "steps" in (recipe.get("train") or {}) or "steps" in cfg.train
     if not explicit_steps:
         per_step = tcfg.batch_size * tcfg.grad_accum * d.world_size * (1 - cfg.replay)
@@ -441,7 +461,9 @@ def sft(
     tbytes = token_bytes(tokenizer, model_cfg.vocab_size)
 
     def pretrain_bpb(m: Any) -> dict[str, float]:
-        return bits_per_byte(m, val_tokens.sequential(cfg.bpb_rows, batch_size=16), tbytes) if val_tokens else {}
+        return (
+            bits_per_byte(m, val_tokens.sequential(cfg.bpb_rows, batch_size=16), tbytes) if val_tokens else {}
+        )
 
     def evaluate(m: Any) -> dict[str, float]:
         return {"val_loss": dialog_loss(m, val_rows)} if val_rows else {}
@@ -454,10 +476,24 @@ def sft(
         outs = Generator(m, tokenizer).generate(prompts, SamplingParams(max_tokens=32, temperature=0.0))
         return [f"{q} → {c.text}" for q, c in zip(cfg.samples, outs)]
 
-    meta = {"stage": "sft", "parent": str(parent), "data": [str(p) for p in data], "model": model_cfg.to_dict()}
-    hooks = Hooks(save_model=make_saver(model_cfg, tokenizer, meta, chat=True), evaluate=evaluate, sample=sample)
+    meta = {
+        "stage": "sft",
+        "parent": str(parent),
+        "data": [str(p) for p in data],
+        "model": model_cfg.to_dict(),
+    }
+    hooks = Hooks(
+        save_model=make_saver(model_cfg, tokenizer, meta, chat=True), evaluate=evaluate, sample=sample
+    )
     trainer = Trainer(
-        tcfg, model, train_rows, sft_loss, out, hooks, flops_per_token=model_cfg.flops_per_token(seq_len), stage="sft"
+        tcfg,
+        model,
+        train_rows,
+        sft_loss,
+        out,
+        hooks,
+        flops_per_token=model_cfg.flops_per_token(seq_len),
+        stage="sft",
     )
     result: dict[str, Any] = {**info, "seq_len": seq_len, "packed": cfg.pack, "pack_fill": round(train_rows.fill(), 4),
                               "rows_per_epoch": train_rows.rows_per_epoch, "replay": cfg.replay}  # fmt: skip
@@ -479,7 +515,13 @@ def sft(
     first_eval = next((h for h in trainer.history if h.get("event") == "eval"), None)
     metrics = trainer.fit()
     evals = [h for h in trainer.history if h.get("event") == "eval"]
-    result.update({"steps": trainer.step, "train_loss": metrics.get("loss"), "tokens_per_s": metrics.get("tokens_per_s")})
+    result.update(
+        {
+            "steps": trainer.step,
+            "train_loss": metrics.get("loss"),
+            "tokens_per_s": metrics.get("tokens_per_s"),
+        }
+    )
     if evals:
         result["val_loss_start"] = (first_eval or evals[0]).get("val_loss")
         result["val_loss_end"] = evals[-1].get("val_loss")
@@ -499,7 +541,10 @@ def _update_meta(out: Path, result: dict[str, Any]) -> None:
 
     path = out / "danlu.json"
     meta = json.loads(path.read_text()) if path.exists() else {}
-    meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in result.items() if not isinstance(v, list)}}
+    meta["metrics"] = {
+        **meta.get("metrics", {}),
+        **{k: v for k, v in result.items() if not isinstance(v, list)},
+    }
     write_json_atomic(path, meta)
 
 
