@@ -175,10 +175,11 @@ class Attention(nn.Module):
             cache.v[self.layer, :, :, cache.pos : end] = v
             k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
             causal = mask is None and cache.pos == 0 and t > 1
-        if self.n_kv != self.n_head:
-            rep = self.n_head // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # enable_gqa shares each K/V head across its query group without copying (torch >= 2.5): copies of the
+        # cache with repeat_interleave cost more than the attention itself when decoding.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_head
+        )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -109,3 +109,105 @@ def test_short_domains_keep_short_answers():
     news = doc("Q: What is the capital of France?\nA: The capital of France is Paris.", "en", "news")
     assert len(run_filters(filters, [qa])) == 1
     assert run_filters(filters, [news]) == []  # the same text as a web page is too short
+
+
+def en_kept(text: str, domain: str) -> tuple[bool, str]:
+    """(kept, reason) after the default English rules."""
+    filters = english_filters(EnglishConfig(), lambda name: None)
+    kept = run_filters(filters, [doc(text, "en", domain)])
+    removed = [k.split(":", 1)[1] for f in filters for k in f.stats.stats if k.startswith("removed:")]
+    return bool(kept), ",".join(removed)
+
+
+HEADLINE_ECHO = (
+    "Open chemistry lesson on calcium\n\nOn 28 November 2015, a secondary school in Tokyo held an open chemistry "
+    "lesson on calcium, attended by about 20 students.\n\nThe chemical symbol of calcium is Ca. In the periodic "
+    "table, calcium has the atomic number 20.\n\nThe teacher said: “This is my first time at an event like this.”"
+)
+STUFFED = (
+    "Looking for the best pizza in New York? The best pizza in New York is at Tony's. Our best pizza in New York "
+    "is made fresh. Order the best pizza in New York today and taste the best pizza in New York. Best pizza in "
+    "New York, best pizza delivery in New York, cheap pizza in New York."
+)
+KEYWORDS = (
+    "Buy cheap watches online. Cheap watches, luxury watches, replica watches, watches sale, discount watches "
+    "for men, gold watches, sport watches, diving watches, pocket watches, smart watches, best watch deals now."
+)
+ARITHMETIC_QA = "Q: 2 × 7 = ?\nA: 2 × 7 = 14.\n\nQ: What is 0 divided by 11?\nA: It is 0.\n\nQ: How much is 9 × 12?\nA: It is 108."  # fmt: skip
+STUB = "Yard\n\nThe yard is a unit of measurement. One yard is 3 feet.\n\nKey facts\n\n| Field | Value |\n| Conversion | 1 yard = 3 feet |"  # fmt: skip
+
+
+def test_short_templated_text_is_kept_and_short_spam_is_not():
+    assert en_kept(HEADLINE_ECHO, "news") == (True, "")  # a headline said again in the lead is not repetition
+    assert en_kept(STUFFED, "news") == (False, "top_3_gram")
+    assert en_kept(STUFFED, "forum") == (False, "top_3_gram")  # short domains still catch stuffing
+    assert en_kept(KEYWORDS, "news") == (False, "gopher_enough_stop_words")
+    # numbers are words; "Q", "A" and "is" are short words by nature in a Q&A
+    assert en_kept(ARITHMETIC_QA, "qa") == (True, "")
+    # "The" is the stop word "the"; an infobox is made of short lines
+    assert en_kept(STUB, "encyclopedia") == (True, "")
+    assert en_kept(STUB, "news")[0] is False  # the same text as a web page is too short
+
+
+def test_repetition_rules_match_datatrove():
+    """Vectorized n-gram rules: datatrove's verdicts (echoes off), on clean text, stuffing and repeated lines."""
+    from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
+
+    from danlu.data.filters import RepetitionFilter
+
+    words = MixedWordTokenizer()
+    texts = [EN_NEWS, EN_ARTICLE, STUFFED, "Buy now! " * 100, "a b c a b c a b c d e f", "x",
+             HEADLINE_ECHO * 3, "Call now to book.\n" * 5 + EN_NEWS, " ".join(EN_ARTICLE.split()[:40]) * 2]  # fmt: skip
+    ours, theirs = RepetitionFilter(language=words), GopherRepetitionFilter(language=words)
+    verdicts = [ours.filter(doc(t, "en")) for t in texts]
+    assert verdicts == [theirs.filter(doc(t, "en")) for t in texts]
+    assert verdicts[:2] == [True, True] and len({str(v) for v in verdicts}) >= 4
+
+
+def test_chinese_ngram_statistics_and_short_text():
+    from danlu.data.filters import CharNgrams, ngram_verdict
+
+    def reference(chars: str, n: int) -> tuple[float, float]:
+        grams = [chars[i : i + n] for i in range(len(chars) - n + 1)]
+        counts = {g: grams.count(g) for g in set(grams)}
+        top = max(counts.values())
+        covered = {i + k for i, g in enumerate(grams) if counts[g] > 1 for k in range(n)}
+        return (min(top * n / len(chars), 1.0) if top > 1 else 0.0), len(covered) / len(chars)
+
+    for text in (ZH_NEWS, ZH_SPAM.replace(" ", ""), "春眠不觉晓处处闻啼鸟" * 3 + ZH_ARTICLE):
+        grams = CharNgrams(text)
+        for n in (2, 3, 4, 10, 15, 20):
+            assert (grams.top_share(n), grams.dup_share(n)) == reference(text, n)
+    cfg = ChineseConfig()
+    assert ngram_verdict(ZH_NEWS, cfg.top_ngrams, cfg.dup_ngrams) is None
+    assert ngram_verdict(ZH_SPAM.replace(" ", ""), cfg.top_ngrams, cfg.dup_ngrams) == "zh_top_2gram"
+    f = zh_filter()
+    short_qa = "问：23减3是多少？\n答：23 - 3 = 20。"
+    assert f.filter(doc(short_qa, "zh", "qa")) is True  # one stop word is enough in a short text
+    sheet = "口算练习（第29套）答案\n\n1. 85-78=7\n2. 6 × 5 = 30\n3. 十二加九十五等于一百零七\n4. 四十四加五等于四十九的和"
+    assert f.filter(doc(sheet, "zh", "qa")) is True  # digits and symbols belong to no language: still Chinese
+
+
+def test_minhash_words_and_signatures_match_datatrove(tmp_path):
+    """The fast normalization gives datatrove's words, and the in-place signature datatrove's numbers."""
+    from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+    from datatrove.utils.text import simplify_text
+
+    from danlu.data.dedup import (
+        MinhashSettings,
+        datatrove_minhash_config,
+        minhash_signature_step,
+        simplify_for_words,
+        text_hash,
+    )
+
+    cfg = datatrove_minhash_config(MinhashSettings())
+    words = MixedWordTokenizer()
+    for text in (ZH_NEWS, EN_NEWS, "Café naïve foo_bar １２ Ω\u2126 한국 e\u0301 ≠ — ﬁ", "__ _ 3,5"):
+        want = words.word_tokenize(simplify_text(text, cfg.norm_config))
+        assert words.word_tokenize(simplify_for_words(text, cfg.norm_config)) == want
+    ours = minhash_signature_step(str(tmp_path / "a"), cfg)
+    stock = MinhashDedupSignature(str(tmp_path / "b"), config=cfg, language=words)
+    shingles = ours.get_shingles(ZH_ARTICLE + EN_ARTICLE)
+    assert len(shingles) > 100 and ours.get_signature(shingles) == stock.get_signature(shingles)
+    assert text_hash(EN_NEWS) == text_hash(EN_NEWS.upper().replace(",", " ,")) != text_hash(EN_ARTICLE)

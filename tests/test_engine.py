@@ -144,25 +144,31 @@ def test_recipe_errors_name_the_key() -> None:
     assert apply_overrides({}, ["pretrain.train.steps=5"]) == {"pretrain": {"train": {"steps": 5}}}
 
 
-def test_two_process_ddp_matches_one_process(tmp_path: Path, shards) -> None:
-    """torchrun with 2 CPU processes (gloo), batch B each, gives the losses of 1 process with batch 2B."""
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards) -> None:
+    """torchrun with 2 CPU processes (gloo), batch B each, gives the losses of 1 process with batch 2B — with DDP
+    and with FSDP2 (fully_shard), through the same code path."""
     shard_dir, tok = shards
     common = [f"--data={shard_dir}", f"--tokenizer={tok}", "--recipe=smoke", "dtype=fp32", "device=cpu",
               "model.depth=1", "pretrain.seq_len=32", "pretrain.eval_facts=0", "pretrain.train.steps=6",
               "pretrain.train.eval_every=0", "pretrain.train.sample_every=0", "pretrain.train.log_every=1",
               "pretrain.train.warmup_steps=2", "train.threads=1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "danlu", "pretrain", f"--out={tmp_path / 'one'}", *common,
-                          "train.batch_size=8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "danlu", "pretrain", f"--out={tmp_path / 'two'}", *common, "train.batch_size=4"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert two.returncode == 0, two.stderr[-2000:]
 
     def losses(p: Path) -> list[float]:
         return [r["loss"] for r in read_records(p / "metrics.jsonl") if r.get("event") == "train"]
 
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    one = subprocess.run([sys.executable, "-m", "danlu", "pretrain", f"--out={tmp_path / 'one'}", *common,
+                          "train.batch_size=8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    reference = losses(tmp_path / "one")
+    assert len(reference) == 6
+    for parallel in ("ddp", "fsdp"):
+        out = tmp_path / parallel
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "danlu", "pretrain", f"--out={out}", *common, "train.batch_size=4",
+                              f"train.parallel={parallel}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert two.returncode == 0, two.stderr[-2000:]
+        got = losses(out)
+        assert len(got) == 6
+        assert max(abs(x - y) for x, y in zip(reference, got)) < 1e-5, parallel

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from danlu.data.langid import estimate_tokens
 
 _FULLWIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F) if chr(c - 0xFEE0).isalnum()}
 _FULLWIDTH[0x3000] = 0x20  # ideographic space
+_HAS_FULLWIDTH = re.compile("[" + "".join(map(chr, sorted(_FULLWIDTH))) + "]")
+_THREE_DIGITS = re.compile(r"\d{3}")  # every phone and ID pattern below has three digits in a row
 _CONTROL = re.compile(
     r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff\u00ad]"
 )
@@ -49,6 +52,20 @@ DEFAULT_BOILERPLATE = [
 ]
 
 
+
+def _any_line(patterns: list[str]) -> re.Pattern[str]:
+    """One multi-line regex that finds a line any of `patterns` (each anchored at the line start) would."""
+    alts = []
+    for p in patterns:
+        flags, body = ("i", p[4:]) if p.startswith("(?i)") else ("", p)
+        assert body.startswith("^"), p
+        alts.append(f"(?{flags}:{body[1:]})" if flags else f"(?:{body[1:]})")
+    return re.compile("^(?:" + "|".join(alts) + ")", re.MULTILINE)
+
+
+_BOILERPLATE_ANY_LINE = _any_line(DEFAULT_BOILERPLATE)
+
+
 @dataclass
 class CleanConfig:
     """Recipe `data.clean:`; every step can be switched off."""
@@ -69,11 +86,18 @@ class CleanConfig:
 
 
 class TextCleaner:
-    """The cleaning rules as a plain function object, so tests and the benchmark can use them without datatrove."""
+    """The cleaning rules as a plain function object, so tests and the benchmark can use them without datatrove.
+
+    Each rule first asks a cheap question of the whole text (is there a full-width character, three digits in
+    a row, a line any boilerplate pattern matches?) and only then does the per-line or substituting work.
+    """
 
     def __init__(self, cfg: CleanConfig) -> None:
         self.cfg = cfg
-        self._boiler = [re.compile(p) for p in (DEFAULT_BOILERPLATE + list(cfg.boilerplate_patterns))]
+        patterns = DEFAULT_BOILERPLATE + list(cfg.boilerplate_patterns)
+        self._boiler = [re.compile(p) for p in patterns]
+        # the built-in patterns as one search over the whole text first; a recipe's own patterns line by line
+        self._boiler_anywhere = None if cfg.boilerplate_patterns else _BOILERPLATE_ANY_LINE
         self._t2s = None
 
     def clean(self, text: str, lang: str = "") -> tuple[str, dict[str, int]]:
@@ -81,8 +105,11 @@ class TextCleaner:
         c = self.cfg
         counts: dict[str, int] = {}
         if c.normalize_unicode:
-            text = unicodedata.normalize("NFC", text).translate(_FULLWIDTH)
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
+            text = unicodedata.normalize("NFC", text)
+            if _HAS_FULLWIDTH.search(text):
+                text = text.translate(_FULLWIDTH)
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
         if c.remove_control:
             text = _CONTROL.sub("", text)
         if c.strip_markup and ("<" in text or "&" in text or "{{" in text or "[[" in text):
@@ -100,28 +127,25 @@ class TextCleaner:
         if c.mask_emails and "@" in text:
             text, n = EMAIL_RE.subn(c.email_token, text)
             counts["masked_email"] = n
+        digits = (c.mask_ids or c.mask_phones) and _THREE_DIGITS.search(text) is not None
         if c.mask_ids:
-            text, n = ID_RE.subn(c.id_token, text)
+            text, n = ID_RE.subn(c.id_token, text) if digits else (text, 0)
             counts["masked_id"] = n
         if c.mask_phones:
-            text, n = PHONE_RE.subn(c.phone_token, text)
+            text, n = PHONE_RE.subn(c.phone_token, text) if digits else (text, 0)
             counts["masked_phone"] = n
         if c.normalize_whitespace or c.remove_boilerplate:
-            lines = []
-            dropped = 0
-            for line in text.split("\n"):
-                if c.normalize_whitespace:
-                    line = _SPACES.sub(" ", line).strip()
-                if (
-                    c.remove_boilerplate
-                    and line
-                    and len(line) < 200
-                    and any(p.search(line) for p in self._boiler)
-                ):
-                    dropped += 1
-                    continue
-                lines.append(line)
+            if c.normalize_whitespace:
+                text = _SPACES.sub(" ", text)
+                lines = [line.strip() for line in text.split("\n")]
+            else:
+                lines = text.split("\n")
             text = "\n".join(lines)
+            dropped = 0
+            if c.remove_boilerplate and (self._boiler_anywhere is None or self._boiler_anywhere.search(text)):
+                kept = [ln for ln in lines if not (ln and len(ln) < 200 and any(p.search(ln) for p in self._boiler))]
+                dropped = len(lines) - len(kept)
+                text = "\n".join(kept)
             counts["boilerplate_lines"] = dropped
             if c.normalize_whitespace:
                 text = _BLANKS.sub("\n\n", text).strip()
@@ -141,21 +165,24 @@ class Cleaner(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         cleaner = self._cleaner = self._cleaner or TextCleaner(self.cfg)
-        for doc in data:
-            with self.track_time():
-                count_in(self, doc)
-                lang = doc.metadata.get("lang", "")
-                doc.text, counts = cleaner.clean(doc.text, lang)
-                for k, v in counts.items():
-                    if v:
-                        self.stat_update(k, value=v)
-                msgs = doc.metadata.get("messages")
-                if msgs:
-                    doc.metadata["messages"] = [
-                        {**m, "content": cleaner.clean(m.get("content") or "", lang)[0]} for m in msgs
-                    ]
-                count_out(self, doc)
-            yield doc
+        try:
+            for doc in data:
+                with self.track_time():
+                    count_in(self, doc)
+                    lang = doc.metadata.get("lang", "")
+                    doc.text, counts = cleaner.clean(doc.text, lang)
+                    for k, v in counts.items():
+                        if v:
+                            tally(self, k, v)
+                    msgs = doc.metadata.get("messages")
+                    if msgs:
+                        doc.metadata["messages"] = [
+                            {**m, "content": cleaner.clean(m.get("content") or "", lang)[0]} for m in msgs
+                        ]
+                    count_out(self, doc)
+                yield doc
+        finally:
+            flush_tally(self)
 
 
 def doc_tokens(doc: Document) -> int:
@@ -167,13 +194,29 @@ def doc_tokens(doc: Document) -> int:
     return meta["_tok"]
 
 
+def tally(step: PipelineStep, label: str, value: int = 1) -> None:
+    """Adds to a step's counter without datatrove's per-call bookkeeping (running mean, variance, min, max:
+    several Python calls per update, per document, per step); `flush_tally` hands the totals over at the end.
+    danlu's stats read only the totals."""
+    pending = step.__dict__.get("_pending")
+    if pending is None:
+        pending = step.__dict__["_pending"] = defaultdict(int)
+    pending[label] += value
+
+
+def flush_tally(step: PipelineStep) -> None:
+    """Moves the step's tallied totals into its datatrove stats (call when its `run` ends, in a `finally`)."""
+    for label, total in step.__dict__.pop("_pending", {}).items():
+        step.stat_update(label, value=total)
+
+
 def count_in(step: PipelineStep, doc: Document) -> None:
-    step.stat_update("docs_in")
-    step.stat_update("chars_in", value=len(doc.text))
-    step.stat_update("tokens_in", value=doc_tokens(doc))
+    tally(step, "docs_in")
+    tally(step, "chars_in", len(doc.text))
+    tally(step, "tokens_in", doc_tokens(doc))
 
 
 def count_out(step: PipelineStep, doc: Document) -> None:
-    step.stat_update("docs_out")
-    step.stat_update("chars_out", value=len(doc.text))
-    step.stat_update("tokens_out", value=doc_tokens(doc))
+    tally(step, "docs_out")
+    tally(step, "chars_out", len(doc.text))
+    tally(step, "tokens_out", doc_tokens(doc))

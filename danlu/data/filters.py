@@ -23,7 +23,7 @@ from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 
-from danlu.data.clean import count_in, count_out
+from danlu.data.clean import count_in, count_out, flush_tally, tally
 from danlu.data.langid import MixedWordTokenizer, detect_language, han_ratio
 
 # Frequent Chinese function words; running text uses many of them, keyword lists and spam use few.
@@ -55,21 +55,21 @@ class EnglishConfig:
     """datatrove's English rules; null disables a rule (or a whole filter with `enabled: false`).
 
     `short_domains` are sources whose documents are legitimately short and made of short lines (a stub article
-    with an infobox table, a Q&A thread, a forum reply): there the minimum length is `min_doc_words_short`, one
-    stop word is enough, the n-gram repetition rules wait for `ngram_min_words_short` words (people restating
-    the same fact in their own answers repeat its words), and FineWeb's line-shape rules (short lines, list
-    ratio) are off. News and web pages get the full web thresholds.
+    with an infobox table, a Q&A thread, a forum reply): there the `*_short` thresholds apply (fewer words,
+    one stop word, shorter words, more echoes of one phrase, more duplicated answer lines) and FineWeb's
+    line-shape rules (line-end punctuation, short lines, list ratio) are off. News and web pages get the web
+    thresholds.
     """
 
     short_domains: list[str] = field(default_factory=lambda: ["encyclopedia", "qa", "forum"])
     gopher_repetition: bool = True
-    repetition_min_words: int = 50  # below this the repetition rules do not judge at all
-    # In documents shorter than `echo_max_words`, an n-gram said at most `echo_count` times is an echo (a
-    # headline repeated in the lead, an answer restating the question), not repetition; in short domains at
-    # most `echo_count_short` times (three answers in a thread each restate the same fact).
+    repetition_min_words: int = 20  # below this the repetition rules do not judge at all
+    # In a document of fewer than `echo_max_words` words, an n-gram said at most `echo_count` times is an echo
+    # (a headline repeated in the lead), not repetition; in short domains at most `echo_count_short` times
+    # (the answers in a thread each restate the same fact). Keyword stuffing repeats its phrase far more.
     echo_max_words: int = 200
     echo_count: int = 2
-    echo_count_short: int = 3
+    echo_count_short: int = 5
     dup_line_frac: float | None = 0.3
     dup_para_frac: float | None = 0.3
     dup_line_char_frac: float | None = 0.2
@@ -154,22 +154,25 @@ class DanluFilter(BaseFilter):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         with self.exclusion_writer or _Null() as writer:
-            for doc in data:
-                count_in(self, doc)
-                with self.track_time():
-                    result = self.filter(doc) if self.applies(doc) else True
-                ok, reason = (result, None) if not isinstance(result, tuple) else result
-                if ok:
-                    count_out(self, doc)
-                    yield doc
-                    continue
-                reason = reason or "rejected"
-                self.stat_update(f"removed:{reason}")
-                self.stat_update(f"removed_chars:{reason}", value=len(doc.text))
-                if self.exclusion_writer is not None:
-                    doc.metadata["filter_reason"] = reason
-                    doc.metadata["rejected_by"] = self.name
-                    writer.write(doc, rank)
+            try:
+                for doc in data:
+                    count_in(self, doc)
+                    with self.track_time():
+                        result = self.filter(doc) if self.applies(doc) else True
+                    ok, reason = (result, None) if not isinstance(result, tuple) else result
+                    if ok:
+                        count_out(self, doc)
+                        yield doc
+                        continue
+                    reason = reason or "rejected"
+                    tally(self, f"removed:{reason}")
+                    tally(self, f"removed_chars:{reason}", len(doc.text))
+                    if self.exclusion_writer is not None:
+                        doc.metadata["filter_reason"] = reason
+                        doc.metadata["rejected_by"] = self.name
+                        writer.write(doc, rank)
+            finally:
+                flush_tally(self)
 
 
 class _Null:
@@ -198,7 +201,7 @@ class LanguageFilter(DanluFilter):
             return False, f"language_{lang}"
         if conf < self.cfg.min_confidence:
             return False, "language_mixed"
-        self.stat_update(f"lang:{lang}")
+        tally(self, f"lang:{lang}")
         return True
 
 
@@ -248,8 +251,22 @@ class LanguageRouted(DanluFilter):
         return self.inner.filter(doc)
 
 
-def _is_number(word: str) -> bool:
-    return word.isdigit()
+CONTENT, ALPHA, NUMBER = 1, 2, 4
+
+
+class _WordKinds(dict):
+    """Word → bit flags (CONTENT: not only punctuation, ALPHA: has a letter, NUMBER: all digits), remembered:
+    a worker meets the same words over and over, so each is looked at once instead of once per occurrence."""
+
+    def __missing__(self, word: str) -> int:
+        kind = CONTENT if any(ch not in PUNCTUATION_SET for ch in word) else 0
+        kind |= ALPHA if any(ch.isalpha() for ch in word) else 0
+        kind |= NUMBER if word.isdigit() else 0
+        self[word] = kind
+        return kind
+
+
+_KINDS = _WordKinds()
 
 
 class EnglishQualityFilter(GopherQualityFilter):
@@ -274,15 +291,18 @@ class EnglishQualityFilter(GopherQualityFilter):
         n_words = len(words)
         if n_words == 0:
             return False, "gopher_short_doc"
-        content = [w for w in words if any(ch not in PUNCTUATION_SET for ch in w)]
-        if self.min_doc_words and len(content) < self.min_doc_words:
+        kinds = np.fromiter(map(_KINDS.__getitem__, words), dtype=np.uint8, count=n_words)
+        content = (kinds & CONTENT) > 0
+        n_content = int(content.sum())
+        if self.min_doc_words and n_content < self.min_doc_words:
             return False, "gopher_short_doc"
-        if self.max_doc_words and len(content) > self.max_doc_words:
+        if self.max_doc_words and n_content > self.max_doc_words:
             return False, "gopher_long_doc"
-        numeric = sum(map(_is_number, content)) if self.numbers_are_words else 0
-        measured = [w for w in content if not w.isdigit()] if numeric else content
-        if measured:
-            avg = sum(map(len, measured)) / len(measured)
+        numeric = content & ((kinds & NUMBER) > 0) if self.numbers_are_words else np.zeros(n_words, dtype=bool)
+        measured = content & ~numeric
+        if measured.any():
+            lengths = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
+            avg = float(lengths[measured].mean())
             if self.min_avg_word_length and avg < self.min_avg_word_length:
                 return False, "gopher_below_avg_threshold"
             if self.max_avg_word_length and avg > self.max_avg_word_length:
@@ -297,11 +317,11 @@ class EnglishQualityFilter(GopherQualityFilter):
         if self.max_ellipsis_lines_ratio and sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > self.max_ellipsis_lines_ratio:  # fmt: skip
             return False, "gopher_too_many_end_ellipsis"
         if self.max_non_alpha_words_ratio:
-            alpha = sum(any(c.isalpha() for c in w) for w in words) + numeric
+            alpha = int(((kinds & ALPHA) > 0).sum() + numeric.sum())
             if alpha / n_words < self.max_non_alpha_words_ratio:
                 return False, "gopher_below_alpha_threshold"
         if self.min_stop_words:
-            found = {w.lower() for w in words if len(w) <= 4} & self.stop_words
+            found = {w.lower() for w in set(words)} & self.stop_words
             if len(found) < self.min_stop_words:
                 return False, "gopher_enough_stop_words"
         return True
@@ -341,7 +361,7 @@ class RepetitionFilter:
         dup_line_char_frac: float | None = 0.2,
         dup_para_char_frac: float | None = 0.2,
         top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16)),
-        dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)),  # fmt: skip
+        dup_n_grams: tuple[tuple[int, float], ...] = tuple((n, 0.2 - 0.01 * n) for n in range(5, 11)),
         echo_max_words: int = 0,
         echo_count: int = 2,
         language: Any = None,
@@ -435,7 +455,7 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
                 "filter:gopher_repetition", repetition(cfg.echo_count), "en",
                 writer_for("gopher_repetition"), min_words=cfg.repetition_min_words,
                 short_inner=repetition(cfg.echo_count_short), short_domains=short,
-            )  # fmt: skip
+            )
         )
     if cfg.gopher_quality:
 
@@ -483,36 +503,77 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
     return out
 
 
-def ngram_shares(chars: str, ns: list[int]) -> dict[int, tuple[float, float]]:
-    """For each n in `ns`: (share of chars in the most frequent character n-gram's occurrences, counted only if
-    it occurs more than once; share of chars covered by n-grams that occur more than once).
+class CharNgrams:
+    """Character n-gram statistics of one text, computed on demand.
 
-    Vectorized: n-grams are rolling 64-bit polynomial hashes of the code points, built up one character at a
-    time (n-gram = (n-1)-gram × R + next char), and counted with one sort per n.
+    N-grams are rolling 64-bit polynomial hashes of the code points, built up one character at a time
+    ((n-1)-gram × R + next character) and counted with one numpy sort per n, instead of a Python dict of
+    substrings. `top_share` and `dup_share` are the two statistics of the Chinese n-gram rules.
     """
-    out: dict[int, tuple[float, float]] = {}
-    size = len(chars)
-    wanted = sorted({n for n in ns if 0 < n < size})
-    for n in ns:
-        out[n] = (0.0, 0.0)
-    if not wanted:
-        return out
-    codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
-    h = codes
-    for n in range(1, wanted[-1] + 1):
-        if n > 1:
-            h = h[:-1] * _ROLL + codes[n - 1 :]
-        if n not in wanted:
-            continue
-        _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
-        top = int(counts.max())
-        starts = np.flatnonzero(counts[inverse] > 1)
-        edges = np.zeros(size + 1, dtype=np.int32)
+
+    def __init__(self, chars: str) -> None:
+        self.size = len(chars)
+        self.codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+        self.n, self.hashes = 1, self.codes
+        self._counted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _count(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(per n-gram position: how often its n-gram occurs, per distinct n-gram: count)."""
+        if n not in self._counted:
+            if n < self.n:
+                self.n, self.hashes = 1, self.codes
+            while self.n < n:
+                self.hashes = self.hashes[:-1] * _ROLL + self.codes[self.n :]
+                self.n += 1
+            _, inverse, counts = np.unique(self.hashes, return_inverse=True, return_counts=True)
+            self._counted[n] = (counts[inverse], counts)
+        return self._counted[n]
+
+    def top_count(self, n: int) -> int:
+        return int(self._count(n)[1].max()) if 0 < n < self.size else 0
+
+    def top_share(self, n: int) -> float:
+        """Share of characters in the occurrences of the most frequent n-gram, if it occurs more than once."""
+        top = self.top_count(n)
+        return min(top * n / self.size, 1.0) if top > 1 else 0.0
+
+    def dup_share(self, n: int) -> float:
+        """Share of characters covered by n-grams that occur more than once."""
+        if not 0 < n < self.size:
+            return 0.0
+        starts = np.flatnonzero(self._count(n)[0] > 1)
+        edges = np.zeros(self.size + 1, dtype=np.int32)
         edges[starts] += 1
         edges[starts + n] -= 1
-        covered = int(np.count_nonzero(np.cumsum(edges[:size])))
-        out[n] = (min(top * n / size, 1.0) if top > 1 else 0.0, covered / size)
-    return out
+        return int(np.count_nonzero(np.cumsum(edges[: self.size]))) / self.size
+
+
+def ngram_verdict(chars: str, top_ngrams: list[list[float]], dup_ngrams: list[list[float]]) -> str | None:
+    """The first n-gram rule `chars` breaks (`zh_top_<n>gram`, `zh_dup_<n>gram`), or None.
+
+    Clean text is far from the limits, so most statistics need not be computed: an n-gram occurs at most as
+    often as any shorter one inside it (top count for n ≤ top count for any m < n), and characters covered by
+    repeated n-grams are covered by repeated m-grams (dup share for n ≤ dup share for m < n). A rule whose
+    bound from a shorter n is already within its limit is passed without counting.
+    """
+    grams = CharNgrams(chars)
+    tops: dict[int, int] = {}
+    for n, limit in ((int(n), lim) for n, lim in top_ngrams):
+        known = [c for m, c in tops.items() if m < n]
+        if known and (min(known) <= 1 or min(known) * n / grams.size <= limit):
+            continue
+        tops[n] = grams.top_count(n)
+        if grams.top_share(n) > limit:
+            return f"zh_top_{n}gram"
+    dups: dict[int, float] = {}
+    for n, limit in ((int(n), lim) for n, lim in dup_ngrams):
+        known = [d for m, d in dups.items() if m < n]
+        if known and min(known) <= limit:
+            continue
+        dups[n] = grams.dup_share(n)
+        if dups[n] > limit:
+            return f"zh_dup_{n}gram"
+    return None
 
 
 _NON_CONTENT = re.compile(r"[\s\W_]+")
@@ -552,14 +613,8 @@ class ChineseQualityFilter(DanluFilter):
         chars = _NON_CONTENT.sub("", text)
         if len(chars) < c.ngram_min_chars:
             return self._words_rules(text, len(chars))
-        shares = ngram_shares(chars, [int(n) for n, _ in c.top_ngrams] + [int(n) for n, _ in c.dup_ngrams])
-        for n, limit in c.top_ngrams:
-            if shares[int(n)][0] > limit:
-                return False, f"zh_top_{int(n)}gram"
-        for n, limit in c.dup_ngrams:
-            if shares[int(n)][1] > limit:
-                return False, f"zh_dup_{int(n)}gram"
-        return self._words_rules(text, len(chars))
+        broken = ngram_verdict(chars, c.top_ngrams, c.dup_ngrams)
+        return (False, broken) if broken else self._words_rules(text, len(chars))
 
     def _words_rules(self, text: str, n_chars: int) -> bool | tuple[bool, str]:
         c = self.cfg

@@ -56,7 +56,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from danlu import DanluError
 from danlu.config import apply_overrides, from_dict, load_recipe
-from danlu.data.clean import CleanConfig, Cleaner, count_in, count_out, doc_tokens
+from danlu.data.clean import CleanConfig, Cleaner, count_in, count_out, doc_tokens, flush_tally, tally
 from danlu.data.dedup import (
     ApplyPlan,
     DedupCluster,
@@ -218,12 +218,14 @@ class RankFileReader(PipelineStep):
         self.folder = folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import orjson  # datatrove's JsonlWriter wrote the file with it
+
         path = os.path.join(self.folder, f"{rank:05d}.jsonl")
         if not os.path.exists(path):
             return
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for line in f:
-                row = json.loads(line)
+                row = orjson.loads(line)
                 yield Document(text=row["text"], id=row["id"], metadata=row.get("metadata") or {})
 
 
@@ -297,22 +299,25 @@ class OutputStats(PipelineStep):
             from tokenizers import Tokenizer
 
             self._tok = Tokenizer.from_file(self.tokenizer)
-        for doc in data:
-            n = doc_tokens(doc)
-            m = doc.metadata
-            self.stat_update("docs")
-            self.stat_update("chars", value=len(doc.text))
-            self.stat_update("tokens", value=n)
-            if m.get("messages"):
-                self.stat_update("dialogs")
-            for kind in ("lang", "domain"):
-                key = str(m.get(kind) or "unknown")
-                self.stat_update(f"{kind}:{key}:docs")
-                self.stat_update(f"{kind}:{key}:chars", value=len(doc.text))
-                self.stat_update(f"{kind}:{key}:tokens", value=n)
-            if self._tok is not None:
-                self.stat_update("tokens_exact", value=len(self._tok.encode(doc.text).ids))
-            yield doc
+        try:
+            for doc in data:
+                n = doc_tokens(doc)
+                m = doc.metadata
+                tally(self, "docs")
+                tally(self, "chars", len(doc.text))
+                tally(self, "tokens", n)
+                if m.get("messages"):
+                    tally(self, "dialogs")
+                for kind in ("lang", "domain"):
+                    key = str(m.get(kind) or "unknown")
+                    tally(self, f"{kind}:{key}:docs")
+                    tally(self, f"{kind}:{key}:chars", len(doc.text))
+                    tally(self, f"{kind}:{key}:tokens", n)
+                if self._tok is not None:
+                    tally(self, "tokens_exact", len(self._tok.encode(doc.text).ids))
+                yield doc
+        finally:
+            flush_tally(self)
 
 
 class Passthrough(PipelineStep):
@@ -325,10 +330,13 @@ class Passthrough(PipelineStep):
         super().__init__()
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            count_in(self, doc)
-            count_out(self, doc)
-            yield doc
+        try:
+            for doc in data:
+                count_in(self, doc)
+                count_out(self, doc)
+                yield doc
+        finally:
+            flush_tally(self)
 
 
 class Publish(PipelineStep):
@@ -430,7 +438,7 @@ def build_executors(dc: DataConfig, out: Path, base_dir: Path | None) -> tuple[A
         Passthrough("read"),
         Cleaner(dc.clean),
         *filters,
-        DedupSignatures(str(work / "meta")),
+        DedupSignatures(str(work / "meta"), mh_cfg.norm_config if mh_cfg is not None else None),
     ]
     from datatrove.pipeline.writers import JsonlWriter
 

@@ -25,8 +25,19 @@ def normalize(text: str) -> str:
 
 
 def contains_answer(completion: str, answers: list[str]) -> bool:
+    """True if an accepted answer occurs in the completion. Short answers (numbers, symbols like "H") must stand
+    alone — not inside a longer number or word — so that "1" does not match "12"."""
     got = normalize(completion)
-    return any(normalize(a) and normalize(a) in got for a in answers)
+    for a in answers:
+        want = normalize(a)
+        if not want:
+            continue
+        if len(want) > 3 and not want.isdigit():
+            if want in got:
+                return True
+        elif re.search(rf"(?<![0-9a-z.]){re.escape(want)}(?![0-9a-z]|\.[0-9])", got):
+            return True
+    return False
 
 
 def completion_accuracy(
@@ -61,7 +72,7 @@ def completion_accuracy(
             by_lang[lang][0] += ok
             by_lang[lang][1] += 1
             if len(examples) < keep_examples:
-                shown = row.get("prompt") or row["messages"][-1]["content"]
+                shown = row["messages"][-1]["content"] if chat else row["prompt"]
                 examples.append(
                     {"prompt": shown, "completion": comp.text, "answer": answers[0], "correct": bool(ok)}
                 )

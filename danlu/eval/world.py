@@ -101,7 +101,7 @@ def tool_call_accuracy(
     """Share of requests answered with a call of the right tool (calculator, get_date), given the tool schemas."""
     from danlu.eval.generative import fit_prompts
     from danlu.generate import SamplingParams
-    from danlu.tools import TOOL_SCHEMAS, parse_tool_calls
+    from danlu.tools import parse_tool_calls
 
     tok = generator.tokenizer
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -109,7 +109,7 @@ def tool_call_accuracy(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = [
-            tok.render_chat(r["messages"], tools=TOOL_SCHEMAS, add_generation_prompt=True)[0] for r in chunk
+            tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk
         ]
         window = generator.model.config.max_position_embeddings
         prompts, params.max_tokens = fit_prompts(prompts, window, max_tokens)
