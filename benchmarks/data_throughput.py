@@ -83,7 +83,9 @@ def build_input(folder: Path, mb: float, files: int, seed: int = 0) -> int:
 def run_ours(inp: Path, out: Path, workers: int) -> dict[str, int]:
     from danlu.data.pipeline import run_data
 
-    stats = run_data({"inputs": [{"path": str(inp)}], "executor": {"workers": workers, "tasks": workers}}, out)
+    stats = run_data(
+        {"inputs": [{"path": str(inp)}], "executor": {"workers": workers, "tasks": workers}}, out
+    )
     steps = {s["step"]: s for s in stats["steps"]}
     return {"to_dedup": steps["dedup"]["docs_in"], "out": stats["documents_out"]}
 
@@ -198,7 +200,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=100.0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each pipeline (alternating); the best counts")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs of each pipeline (alternating); the best counts"
+    )
     args = ap.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"{SHARED} not found: the benchmark needs ../shared/data")

@@ -52,7 +52,6 @@ DEFAULT_BOILERPLATE = [
 ]
 
 
-
 def _any_line(patterns: list[str]) -> re.Pattern[str]:
     """One multi-line regex that finds a line any of `patterns` (each anchored at the line start) would."""
     alts = []
@@ -143,7 +142,11 @@ class TextCleaner:
             text = "\n".join(lines)
             dropped = 0
             if c.remove_boilerplate and (self._boiler_anywhere is None or self._boiler_anywhere.search(text)):
-                kept = [ln for ln in lines if not (ln and len(ln) < 200 and any(p.search(ln) for p in self._boiler))]
+                kept = [
+                    ln
+                    for ln in lines
+                    if not (ln and len(ln) < 200 and any(p.search(ln) for p in self._boiler))
+                ]
                 dropped = len(lines) - len(kept)
                 text = "\n".join(kept)
             counts["boilerplate_lines"] = dropped

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import struct
-import sys
 import unicodedata
 import zlib
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from danlu.data.clean import count_in, count_out, doc_tokens, flush_tally
-from danlu.data.langid import MixedWordTokenizer
+from danlu.data.langid import WORD_HASHES, MixedWordTokenizer
 from danlu.data.mix import MixConfig, plan_mix
 
 REASONS = ["", "exact_duplicate", "url_duplicate", "near_duplicate", "mix_downsampled"]
@@ -106,15 +105,6 @@ def _strip_marks(text: str) -> str:
     return codes[~drop].tobytes().decode("utf-32-le", "surrogatepass") if drop.any() else nfd
 
 
-class _WordHashes(dict):
-    """Word → 64-bit hash, remembered (a worker sees the same few hundred thousand words again and again)."""
-
-    def __missing__(self, word: str) -> int:
-        self[word] = h = xxhash.xxh64_intdigest(word.encode("utf-8", "surrogatepass"))
-        return h
-
-
-_WORD_HASHES = _WordHashes()
 _ROLL = np.uint64(0x9E3779B97F4A7C15)
 _MERSENNE = np.uint64((1 << 61) - 1)  # datatrove's modulus for its MinHash permutations
 _last_words: tuple[str, Any, np.ndarray] | None = None
@@ -175,10 +165,14 @@ def word_hashes(text: str, norm: Any = None) -> np.ndarray:
     """
     global _last_words
     cfg = _norm(norm)
-    if _last_words is not None and _last_words[0] is text and (_last_words[1] is cfg or _last_words[1] == cfg):
+    if (
+        _last_words is not None
+        and _last_words[0] is text
+        and (_last_words[1] is cfg or _last_words[1] == cfg)
+    ):
         return _last_words[2]
     words = _WORDS.word_tokenize(simplify_for_words(text, cfg))
-    out = np.fromiter(map(_WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
+    out = np.fromiter(map(WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
     _last_words = (text, cfg, out)
     return out
 

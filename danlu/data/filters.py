@@ -19,12 +19,12 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_quality_filter import GopherQualityFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
-from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
+from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 
 from danlu.data.clean import count_in, count_out, flush_tally, tally
-from danlu.data.langid import MixedWordTokenizer, detect_language, han_ratio
+from danlu.data.langid import WORD_HASHES, MixedWordTokenizer, WordMemo, detect_language, han_ratio
 
 # Frequent Chinese function words; running text uses many of them, keyword lists and spam use few.
 ZH_STOP_WORDS = ["的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "而", "及", "与", "着", "一个", "为", "以", "他", "她", "它", "们", "对", "从", "到", "被", "把"]  # fmt: skip
@@ -52,7 +52,7 @@ class LengthConfig:
 
 @dataclass
 class EnglishConfig:
-    """datatrove's English rules; null disables a rule (or a whole filter with `enabled: false`).
+    """datatrove's English rules; null disables a rule, `gopher_repetition/gopher_quality/fineweb: false` a filter.
 
     `short_domains` are sources whose documents are legitimately short and made of short lines (a stub article
     with an infobox table, a Q&A thread, a forum reply): there the `*_short` thresholds apply (fewer words,
@@ -101,8 +101,9 @@ class EnglishConfig:
 @dataclass
 class ChineseConfig:
     enabled: bool = True
-    min_han_ratio: float = 0.3
+    min_han_ratio: float = 0.3  # Han characters among letters; digits and symbols count for no language
     min_avg_line_chars: float = 6.0
+    # repeated lines, counted as Gopher counts them: the copies after a line's first occurrence
     max_dup_line_frac: float = 0.3
     max_dup_line_char_frac: float = 0.2
     # (n characters, max share of characters covered by the most frequent n-gram)
@@ -254,16 +255,13 @@ class LanguageRouted(DanluFilter):
 CONTENT, ALPHA, NUMBER = 1, 2, 4
 
 
-class _WordKinds(dict):
-    """Word → bit flags (CONTENT: not only punctuation, ALPHA: has a letter, NUMBER: all digits), remembered:
-    a worker meets the same words over and over, so each is looked at once instead of once per occurrence."""
+class _WordKinds(WordMemo):
+    """Word → bit flags (CONTENT: not only punctuation, ALPHA: has a letter, NUMBER: all digits)."""
 
-    def __missing__(self, word: str) -> int:
+    def compute(self, word: str) -> int:
         kind = CONTENT if any(ch not in PUNCTUATION_SET for ch in word) else 0
         kind |= ALPHA if any(ch.isalpha() for ch in word) else 0
-        kind |= NUMBER if word.isdigit() else 0
-        self[word] = kind
-        return kind
+        return kind | (NUMBER if word.isdigit() else 0)
 
 
 _KINDS = _WordKinds()
@@ -298,7 +296,9 @@ class EnglishQualityFilter(GopherQualityFilter):
             return False, "gopher_short_doc"
         if self.max_doc_words and n_content > self.max_doc_words:
             return False, "gopher_long_doc"
-        numeric = content & ((kinds & NUMBER) > 0) if self.numbers_are_words else np.zeros(n_words, dtype=bool)
+        numeric = (
+            content & ((kinds & NUMBER) > 0) if self.numbers_are_words else np.zeros(n_words, dtype=bool)
+        )
         measured = content & ~numeric
         if measured.any():
             lengths = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
@@ -327,15 +327,6 @@ class EnglishQualityFilter(GopherQualityFilter):
         return True
 
 
-class _Vocab(dict):
-    """Word → small integer id, growing as new words arrive (one per worker process)."""
-
-    def __missing__(self, word: str) -> int:
-        self[word] = n = len(self) + 1
-        return n
-
-
-_VOCAB = _Vocab()
 _ROLL = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it mod 2**64 loses nothing
 _FRESH = np.uint64(1 << 63)  # keys that stand for "never a repeat" in the duplicated-n-gram walk
 
@@ -344,7 +335,7 @@ class RepetitionFilter:
     """Gopher's repetition rules (datatrove's thresholds and reasons), with the n-gram rules vectorized.
 
     Paragraph and line rules are datatrove's own. The n-gram rules measure the same shares as datatrove's
-    `find_top_duplicate` / `find_all_duplicate`, on word ids hashed into rolling 64-bit n-gram keys and counted
+    `find_top_duplicate` / `find_all_duplicate`, on word hashes rolled into 64-bit n-gram keys and counted
     with numpy instead of joining a string per n-gram; the sequential duplicated-n-gram walk only runs when a
     vectorized upper bound (all repeated occurrences) is over the threshold, which clean text rarely is.
 
@@ -361,7 +352,14 @@ class RepetitionFilter:
         dup_line_char_frac: float | None = 0.2,
         dup_para_char_frac: float | None = 0.2,
         top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.2), (3, 0.18), (4, 0.16)),
-        dup_n_grams: tuple[tuple[int, float], ...] = tuple((n, 0.2 - 0.01 * n) for n in range(5, 11)),
+        dup_n_grams: tuple[tuple[int, float], ...] = (
+            (5, 0.15),
+            (6, 0.14),
+            (7, 0.13),
+            (8, 0.12),
+            (9, 0.11),
+            (10, 0.1),
+        ),
         echo_max_words: int = 0,
         echo_count: int = 2,
         language: Any = None,
@@ -381,7 +379,7 @@ class RepetitionFilter:
         return self._ngram_rules(words, len(doc.text)) if words else True
 
     def _ngram_rules(self, words: list[str], n_chars: int) -> bool | tuple[bool, str]:
-        ids = np.fromiter(map(_VOCAB.__getitem__, words), dtype=np.uint64, count=len(words))
+        ids = np.fromiter(map(WORD_HASHES.__getitem__, words), dtype=np.uint64, count=len(words))
         ends = np.zeros(len(words) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, words), dtype=np.int64, count=len(words)), out=ends[1:])
         echo = self.echo_count if len(words) < self.echo_max_words else 1
@@ -395,7 +393,9 @@ class RepetitionFilter:
                 break
             if n not in top and n not in dup:
                 continue
-            _, first, inverse, counts = np.unique(h, return_index=True, return_inverse=True, return_counts=True)
+            _, first, inverse, counts = np.unique(
+                h, return_index=True, return_inverse=True, return_counts=True
+            )
             gram_chars = ends[n:] - ends[:-n]  # characters of each n-gram's words, without separators
             if n in top:
                 most = int(counts.max())
@@ -452,9 +452,13 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
 
         out.append(
             LanguageRouted(
-                "filter:gopher_repetition", repetition(cfg.echo_count), "en",
-                writer_for("gopher_repetition"), min_words=cfg.repetition_min_words,
-                short_inner=repetition(cfg.echo_count_short), short_domains=short,
+                "filter:gopher_repetition",
+                repetition(cfg.echo_count),
+                "en",
+                writer_for("gopher_repetition"),
+                min_words=cfg.repetition_min_words,
+                short_inner=repetition(cfg.echo_count_short),
+                short_domains=short,
             )
         )
     if cfg.gopher_quality:
@@ -475,10 +479,15 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
 
         out.append(
             LanguageRouted(
-                "filter:gopher_quality", gopher(cfg.min_doc_words, cfg.min_stop_words, cfg.min_avg_word_length), "en",
-                writer_for("gopher_quality"), short_domains=short,
-                short_inner=gopher(cfg.min_doc_words_short, cfg.min_stop_words_short, cfg.min_avg_word_length_short),
-            )  # fmt: skip
+                "filter:gopher_quality",
+                gopher(cfg.min_doc_words, cfg.min_stop_words, cfg.min_avg_word_length),
+                "en",
+                writer_for("gopher_quality"),
+                short_domains=short,
+                short_inner=gopher(
+                    cfg.min_doc_words_short, cfg.min_stop_words_short, cfg.min_avg_word_length_short
+                ),
+            )
         )
     if cfg.fineweb:
 
@@ -493,9 +502,13 @@ def english_filters(cfg: EnglishConfig, writer_for: Any) -> list[DanluFilter]:
 
         out.append(
             LanguageRouted(
-                "filter:fineweb", fineweb(True, cfg.char_duplicates_ratio), "en", writer_for("fineweb"),
-                short_inner=fineweb(False, cfg.char_duplicates_ratio_short), short_domains=short,
-            )  # fmt: skip
+                "filter:fineweb",
+                fineweb(True, cfg.char_duplicates_ratio),
+                "en",
+                writer_for("fineweb"),
+                short_inner=fineweb(False, cfg.char_duplicates_ratio_short),
+                short_domains=short,
+            )
         )
     if cfg.c4:
         inner = C4QualityFilter(language=words)
@@ -513,7 +526,9 @@ class CharNgrams:
 
     def __init__(self, chars: str) -> None:
         self.size = len(chars)
-        self.codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+        self.codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(
+            np.uint64
+        )
         self.n, self.hashes = 1, self.codes
         self._counted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 

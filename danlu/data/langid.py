@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import xxhash
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -36,7 +37,14 @@ def _class_table() -> np.ndarray:
         LATIN: [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)],
         KANA: [(0x3040, 0x30FF)],
         HANGUL: [(0xAC00, 0xD7AF), (0x1100, 0x11FF)],
-        OTHER: [(0x370, 0x3FF), (0x400, 0x4FF), (0x590, 0x5FF), (0x600, 0x6FF), (0x900, 0xDFF), (0xE00, 0xE7F)],
+        OTHER: [
+            (0x370, 0x3FF),
+            (0x400, 0x4FF),
+            (0x590, 0x5FF),
+            (0x600, 0x6FF),
+            (0x900, 0xDFF),
+            (0xE00, 0xE7F),
+        ],
         DIGIT: [(0x30, 0x39), (0xFF10, 0xFF19)],
     }
     for cls, spans in ranges.items():
@@ -110,6 +118,34 @@ def estimate_tokens(text: str) -> int:
     """
     han = int(char_classes(text)[HAN_C])
     return int(round(han / 1.5 + (len(text) - han) / 4.0))
+
+
+class WordMemo(dict):
+    """A per-process memo of a pure function of a word (`compute`), emptied when it reaches `limit` entries.
+
+    A worker meets the same words over and over, so each is looked at once instead of once per occurrence;
+    the limit keeps a long run over a vocabulary of URLs, numbers and typos from growing without bound (the
+    answers never change, so forgetting them is always safe).
+    """
+
+    limit = 2_000_000
+
+    def compute(self, word: str) -> int:
+        raise NotImplementedError
+
+    def __missing__(self, word: str) -> int:
+        if len(self) >= self.limit:
+            self.clear()
+        self[word] = value = self.compute(word)
+        return value
+
+
+class _WordHashes(WordMemo):
+    def compute(self, word: str) -> int:
+        return xxhash.xxh64_intdigest(word.encode("utf-8", "surrogatepass"))
+
+
+WORD_HASHES = _WordHashes()  # word → 64-bit xxhash, shared by the repetition rules and MinHash
 
 
 class MixedWordTokenizer(WordTokenizer):

@@ -17,10 +17,11 @@ Recipe schema (`data:`; every key optional except `inputs` outside `danlu run`, 
               remove_boilerplate, boilerplate_patterns, mask_emails, mask_phones, mask_ids, *_token}
       filters:
         language: {languages: [zh, en], min_confidence: 0.5, trust_source_lang: false}
-        length: {min_chars: 20, max_chars: 1000000}
-        english: {gopher_repetition, gopher_quality, fineweb, c4, and their thresholds}  (English docs only)
+        length: {min_chars: 10, max_chars: 1000000}
+        english: {gopher_repetition, gopher_quality, fineweb, c4, and their thresholds;   (English docs only)
+                  short_domains: [encyclopedia, qa, forum] get the `*_short` thresholds, see EnglishConfig}
         chinese: {enabled, min_han_ratio, min_avg_line_chars, max_dup_line_frac, top_ngrams, dup_ngrams,
-                  min_stop_words, spam_words, max_spam_hits}                              (Chinese docs only)
+                  min_stop_words, stop_words_short_chars, spam_words, max_spam_hits}      (Chinese docs only)
       dedup: {exact: true, url: true, minhash: true | {n_grams: 5, num_buckets: 14, hashes_per_bucket: 8,
               normalize_numbers: false}, top_clusters: 10}
       mix: {weights: {encyclopedia: 0.4, news: 0.3, qa: 0.2, forum: 0.1}, token_budget: null, max_repeat: 4,
