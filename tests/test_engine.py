@@ -69,8 +69,14 @@ def test_resume_continues_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) ->
     resumed.fit()
     for k, v in straight.raw_model.state_dict().items():
         assert torch.equal(v, resumed.raw_model.state_dict()[k]), k
-    losses_a = [r["loss"] for r in read_records(tmp_path / "a" / "metrics.jsonl") if r.get("event") == "train"]
-    losses_b = {r["step"]: r["loss"] for r in read_records(tmp_path / "b" / "metrics.jsonl") if r.get("event") == "train"}
+    losses_a = [
+        r["loss"] for r in read_records(tmp_path / "a" / "metrics.jsonl") if r.get("event") == "train"
+    ]
+    losses_b = {
+        r["step"]: r["loss"]
+        for r in read_records(tmp_path / "b" / "metrics.jsonl")
+        if r.get("event") == "train"
+    }
     assert [losses_b[s] for s in range(1, 13)] == losses_a
 
 

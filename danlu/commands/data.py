@@ -23,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--text-field", default="text")
     tok.add_argument("--workers", type=int, default=2)
     tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
-    tok.add_argument("--val-fraction", type=float, default=0.0, help="share of documents held out for validation")
+    tok.add_argument(
+        "--val-fraction", type=float, default=0.0, help="share of documents held out for validation"
+    )
     tok.set_defaults(_sub=_tokenize)
 
 

@@ -5,35 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from danlu.commands._training import add_output_arguments, add_rl_arguments, print_result, stage_config
+from danlu.commands.reward import PAIRS_HELP
+
 HELP = "DPO: train a chat model on preference pairs against a frozen reference"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="parent", required=True, help="SFT checkpoint folder to start from")
-    p.add_argument(
-        "--data",
-        required=True,
-        help="preference pairs (prompt/chosen/rejected, LLaMA-Factory, TRL or HH-RLHF): file or folder",
-    )
-    p.add_argument("--eval-data", default=None, help="held-out file for the before/after numbers")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--recipe", default="tiny", help="recipe whose train/dpo sections to use")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. dpo.train.steps=50")
+    add_rl_arguments(p, PAIRS_HELP)
+    add_output_arguments(p, "dpo", "dpo.train.steps=50 dpo.beta=0.2")
 
 
 def run(args: argparse.Namespace) -> int:
-    from danlu.config import apply_overrides, from_dict, load_recipe
     from danlu.stages.dpo import DPOConfig, train_dpo
 
-    recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
-    section = dict(recipe.get("dpo") or {})
-    section.pop("enabled", None)
-    section["resume"] = "true" if args.resume else "false"
-    cfg = from_dict(DPOConfig, section, "dpo")
+    recipe, cfg = stage_config(args, "dpo", DPOConfig)
     result = train_dpo(
         Path(args.parent), args.data, Path(args.out), recipe=recipe, cfg=cfg, eval_data=args.eval_data
     )
-    shown = {k: v for k, v in result.items() if not isinstance(v, list)}
-    print(f"[danlu] dpo: {shown}\nwrote {args.out}")
+    print_result("dpo", result, args.out, f"Try it:  danlu chat {args.out}")
     return 0

@@ -11,7 +11,9 @@ HELP = "stream a completion from a checkpoint (temperature, top-k, top-p, max to
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint folder")
     p.add_argument("prompt", help="prompt text ('-' reads standard input)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap the prompt as a user turn with the chat template"
+    )
     p.add_argument("--system", help="system prompt (with --chat)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

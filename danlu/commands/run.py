@@ -10,10 +10,16 @@ HELP = "run a pipeline recipe end to end (default: tiny, on the built-in world c
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="?", default="tiny", help="built-in recipe name (tiny, smoke, …) or a YAML file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.train.steps=200 device=cuda")
+    p.add_argument(
+        "recipe", nargs="?", default="tiny", help="built-in recipe name (tiny, smoke, …) or a YAML file"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. pretrain.train.steps=200 device=cuda"
+    )
     p.add_argument("--out", help="run folder (default: runs/<recipe name>)")
-    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun from this stage even if unchanged")
+    p.add_argument(
+        "--from", dest="from_stage", metavar="STAGE", help="rerun from this stage even if unchanged"
+    )
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     p.add_argument("--list", action="store_true", help="list the recipe's stages and their state, then exit")
 
@@ -40,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.only:
         unknown = [s for s in args.only if s not in active_stages(recipe)]
         if unknown:
-            raise DanluError(f"--only: {', '.join(unknown)} not in this recipe's stages: {', '.join(active_stages(recipe))}")
+            raise DanluError(
+                f"--only: {', '.join(unknown)} not in this recipe's stages: {', '.join(active_stages(recipe))}"
+            )
     summary = run_pipeline(recipe, out, from_stage=args.from_stage, only=args.only)
     _print_summary(summary, out)
     return 0
@@ -49,9 +57,14 @@ def run(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict, out: Path) -> None:
     print(f"\n[danlu] run finished: {out}")
     for stage, metrics in summary.get("stages", {}).items():
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        shown = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+        }
         print(f"  {stage:<10} " + json.dumps(shown, ensure_ascii=False)[:300])
-    model = next((out / s for s in ("grpo", "ppo", "dpo", "sft", "pretrain") if (out / s / "config.json").exists()), None)
+    model = next(
+        (out / s for s in ("grpo", "ppo", "dpo", "sft", "pretrain") if (out / s / "config.json").exists()),
+        None,
+    )
     if model is not None:
         chat = (out / "sft" / "config.json").exists() and model.name != "pretrain"
         if chat:

@@ -1,0 +1,66 @@
+"""End to end: `danlu run smoke` through every stage, as a user runs it, then the commands on its outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def danlu(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "danlu", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> None:
+    run = tmp_path / "smoke"
+    result = danlu("run", "smoke", "--out", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())["stages"]
+    for stage in (
+        "world",
+        "data",
+        "tokenizer",
+        "tokens",
+        "pretrain",
+        "sft",
+        "reward",
+        "dpo",
+        "ppo",
+        "grpo",
+        "eval",
+    ):
+        assert stage in summary, stage
+        assert (run / stage / "stage.json").exists()
+    pre = summary["pretrain"]
+    assert pre["val_bpb_end"] < 0.8 * pre["val_bpb_start"]  # pretraining learned the world text
+    assert summary["sft"]["pretrain_val_bpb_before"] > 0 and "chat_facts_accuracy" in summary["sft"]
+    assert "danlu chat" in result.stdout  # ends by saying what to try
+    assert (run / "report.html").exists() and (run / "report.md").exists()
+
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        config = json.loads((run / stage / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"], stage
+    gen = danlu("generate", str(run / "pretrain"), "中国最高的山是", "--max-tokens", "8", "--seed", "1")
+    assert gen.returncode == 0 and gen.stdout.startswith("中国最高的山是"), gen.stderr
+    chat = danlu("generate", str(run / "sft"), "你好", "--chat", "--temperature", "0", "--max-tokens", "8")
+    assert chat.returncode == 0, chat.stderr
+
+    again = danlu("run", "smoke", "--out", str(run))  # nothing changed: every stage is skipped
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:]
+
+
+def test_bad_recipe_input_is_one_clear_error(tmp_path: Path) -> None:
+    bad = danlu("run", "smoke", "--out", str(tmp_path / "r"), "pretrain.train.stpes=3")
+    assert bad.returncode == 2
+    assert "pretrain.train: unknown key 'stpes'" in bad.stderr and "valid keys" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = danlu("generate", str(tmp_path / "nope"), "hi")
+    assert missing.returncode == 2 and "no such checkpoint folder" in missing.stderr
