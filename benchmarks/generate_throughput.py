@@ -1,7 +1,7 @@
 """Batch-1 decode tokens/s with danlu's KV-cache generator vs transformers' `generate` on the same weights.
 
-    python benchmarks/generate_throughput.py                 # tiny default shape, 128 new tokens
-    python benchmarks/generate_throughput.py --depth 12 --device cuda
+python benchmarks/generate_throughput.py                 # tiny default shape, 128 new tokens
+python benchmarks/generate_throughput.py --depth 12 --device cuda
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ def main() -> None:
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    cfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.prompt + args.new + 8)
+    cfg = ModelConfig(
+        vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.prompt + args.new + 8
+    )
     torch.manual_seed(0)
     ours = Transformer(cfg).to(device).eval()
     hf = LlamaForCausalLM(hf_twin(cfg)).to(device).eval()
-    hf.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("rope_")}, strict=False)
+    hf.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if not k.startswith("rope_")}, strict=False
+    )
     prompt = torch.randint(0, args.vocab, (1, args.prompt), device=device)
 
     gen = Generator(ours, _NoStopTokenizer(args.vocab))

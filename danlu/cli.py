@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # `danlu run tiny --out X a.b=1`: key=value overrides may follow options, which argparse alone refuses.
     if extra:
-        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        if isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra
+        ):
             args.overrides.extend(extra)
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -32,7 +32,9 @@ def load_recipe(name_or_path: str | Path) -> dict[str, Any]:
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise DanluError(f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(recipe_names())}")
+            raise DanluError(
+                f"unknown recipe {str(name_or_path)!r}; built-in recipes: {', '.join(recipe_names())}"
+            )
     if not path.exists():
         raise DanluError(f"{path}: no such recipe file")
     try:
@@ -62,7 +64,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
     out = copy.deepcopy(recipe)
     for item in overrides:
         if "=" not in item:
-            raise DanluError(f"override {item!r} is not of the form key=value (for example pretrain.steps=100)")
+            raise DanluError(
+                f"override {item!r} is not of the form key=value (for example pretrain.steps=100)"
+            )
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
@@ -112,7 +116,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise DanluError(f"{where}: {value!r} is not a valid {_name(hint)}")
     if origin is typing.Literal:
         if value not in typing.get_args(hint):
-            raise DanluError(f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(hint)))}")
+            raise DanluError(
+                f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(hint)))}"
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

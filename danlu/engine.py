@@ -259,7 +259,9 @@ class Hooks:
     """What a stage plugs into the loop besides data and loss."""
 
     save_model: Callable[[dict[str, torch.Tensor], Path, dict[str, Any]], None]  # (state dict, folder, meta)
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # must include "val_loss" for early stopping
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = (
+        None  # must include "val_loss" for early stopping
+    )
     sample: Callable[[nn.Module], list[str]] | None = None
 
 
@@ -275,7 +277,14 @@ class Trainer:
         self, cfg: TrainConfig, model: nn.Module, data: DataSource, loss_fn: LossFn, out: Path, hooks: Hooks,
         *, tokens_per_row: int = 0, flops_per_token: float = 0.0, stage: str = "train",
     ) -> None:  # fmt: skip
-        self.cfg, self.data, self.loss_fn, self.out, self.hooks, self.stage = cfg, data, loss_fn, Path(out), hooks, stage
+        self.cfg, self.data, self.loss_fn, self.out, self.hooks, self.stage = (
+            cfg,
+            data,
+            loss_fn,
+            Path(out),
+            hooks,
+            stage,
+        )
         self.dist = init_distributed(cfg.device)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
@@ -368,35 +377,47 @@ class Trainer:
     def _full_state(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(
+            self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def resume(self) -> None:
         """Restores weights, optimizer, data position, RNG and step from `out`; errors name what is wrong."""
         recover_swapped(self.out)
         state_path = self.out / "trainer_state" / "state.json"
         if not state_path.exists():
-            raise DanluError(f"--resume: {self.out} has no trainer_state/state.json (no checkpoint of this stage)")
+            raise DanluError(
+                f"--resume: {self.out} has no trainer_state/state.json (no checkpoint of this stage)"
+            )
         try:
             state = json.loads(state_path.read_text())
-            blob = torch.load(self.out / "trainer_state" / "optimizer.pt", weights_only=True, map_location=self.device)
+            blob = torch.load(
+                self.out / "trainer_state" / "optimizer.pt", weights_only=True, map_location=self.device
+            )
         except Exception as e:  # a truncated or foreign file
             raise DanluError(f"--resume: {self.out}/trainer_state is unreadable or partial ({e})") from None
         if state.get("stage") != self.stage:
-            raise DanluError(f"--resume: {self.out} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
+            raise DanluError(
+                f"--resume: {self.out} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}"
+            )
         from danlu.io import load_state_dict_file
 
         weights = load_state_dict_file(self.out / "model.safetensors")
         missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
-            raise DanluError(f"--resume: {self.out} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise DanluError(
+                f"--resume: {self.out} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
         for i, opt in enumerate(self.optimizers):
             if f"optimizer_{i}" not in blob:
                 raise DanluError(f"--resume: {self.out} was saved with another optimizer setting")
             opt.load_state_dict(blob[f"optimizer_{i}"])
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(blob["rng_torch"].cpu())
-        np.random.set_state(("MT19937", blob["rng_numpy"].cpu().numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0))
+        np.random.set_state(
+            ("MT19937", blob["rng_numpy"].cpu().numpy().astype(np.uint32), state["numpy_rng_pos"], 0, 0.0)
+        )
         random.setstate((3, tuple(state["python_rng"]), None))
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
@@ -439,7 +460,10 @@ class Trainer:
         with torch.no_grad(), self.autocast():
             result = self.hooks.evaluate(self.raw_model)
         self.raw_model.train()
-        return {k: all_reduce_mean(v, self.dist, self.device) if k.startswith("val_") else v for k, v in result.items()}
+        return {
+            k: all_reduce_mean(v, self.dist, self.device) if k.startswith("val_") else v
+            for k, v in result.items()
+        }
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -467,7 +491,9 @@ class Trainer:
                         group["lr"] = group["base_lr"] * factor
                 loss_sum, stats_sum, tokens = 0.0, {}, 0
                 for micro in range(cfg.grad_accum):
-                    batch = {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+                    batch = {
+                        k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()
+                    }
                     sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
                     ctx = self.model.no_sync() if not sync else _null()
                     with ctx:
@@ -496,7 +522,9 @@ class Trainer:
                 nonfinite = 0
                 grad_norm = float("nan")
                 if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip))
+                    grad_norm = float(
+                        torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
+                    )
                 for opt in self.optimizers:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -511,21 +539,36 @@ class Trainer:
                         "lr": self.optimizers[-1].param_groups[0]["lr"],
                         "grad_norm": round(grad_norm, 4),
                         "tokens_per_s": round(tps, 1),
-                        "mfu": round(tps * self.flops_per_token / self.peak, 5) if self.flops_per_token else None,
+                        "mfu": round(tps * self.flops_per_token / self.peak, 5)
+                        if self.flops_per_token
+                        else None,
                         **{k: round(v / cfg.grad_accum, 5) for k, v in stats_sum.items()},
                     }
                     self.log({"event": "train", **record})
                     if bar:
-                        post = {"loss": f"{loss_value:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{tps:,.0f}"}
+                        post = {
+                            "loss": f"{loss_value:.4f}",
+                            "lr": f"{record['lr']:.2e}",
+                            "tok/s": f"{tps:,.0f}",
+                        }
                         if record["mfu"] is not None:
                             post["mfu"] = f"{100 * record['mfu']:.1f}%"
                         bar.set_postfix(post, refresh=False)
                     t_last, tokens_since, steps_since = time.time(), 0, 0
                 if bar:
                     bar.update(1)
-                if cfg.eval_every and self.hooks.evaluate and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                if (
+                    cfg.eval_every
+                    and self.hooks.evaluate
+                    and (self.step % cfg.eval_every == 0 or self.step == cfg.steps)
+                ):
                     stop_requested = self._eval_and_check(loss_value)
-                if cfg.sample_every and self.hooks.sample and self.dist.main and self.step % cfg.sample_every == 0:
+                if (
+                    cfg.sample_every
+                    and self.hooks.sample
+                    and self.dist.main
+                    and self.step % cfg.sample_every == 0
+                ):
                     self.raw_model.eval()
                     samples = self.hooks.sample(self.raw_model)
                     self.raw_model.train()
@@ -557,7 +600,9 @@ class Trainer:
             self.bad_evals += 1
         if self.cfg.early_stopping_patience and self.bad_evals >= self.cfg.early_stopping_patience:
             if self.dist.main:
-                print(f"\n[danlu] {self.stage}: early stopping at step {self.step}: val loss has not improved for {self.bad_evals} evaluations")
+                print(
+                    f"\n[danlu] {self.stage}: early stopping at step {self.step}: val loss has not improved for {self.bad_evals} evaluations"
+                )
             self.log({"event": "early_stop", "best_val_loss": self.best_val})
             return True
         return False

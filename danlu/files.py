@@ -44,7 +44,9 @@ def read_records(path: str | Path, *, text_field: str = "text") -> Iterator[dict
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DanluError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise DanluError(
+                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 if not isinstance(obj, dict):
                     raise DanluError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 yield obj

@@ -40,7 +40,9 @@ class Completion:
         return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
 
 
-def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V) → (token ids (B,), their log-probabilities under the unmodified model distribution)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -117,7 +119,9 @@ class Generator:
     ) -> Iterator[str | Completion]:
         """Yields text deltas as they are complete, then one final `Completion`."""
         self._check(prompt_ids)
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids)
+        stop_ids = set(
+            params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids
+        )
         budget = min(params.max_tokens, self.context - len(prompt_ids))
         gen = self._generator(params.seed)
         cache = self.model.new_cache(1, len(prompt_ids) + budget)
@@ -153,7 +157,9 @@ class Generator:
             text += decoder.flush()
         if len(text) > sent:
             yield text[sent:]
-        yield Completion(text, out_ids, "length" if finish == "cancelled" else finish, len(prompt_ids), logprobs)
+        yield Completion(
+            text, out_ids, "length" if finish == "cancelled" else finish, len(prompt_ids), logprobs
+        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -162,7 +168,9 @@ class Generator:
             return []
         for p in prompts:
             self._check(p)
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids)
+        stop_ids = set(
+            params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids
+        )
         longest = max(len(p) for p in prompts)
         budget = min(params.max_tokens, self.context - longest)
         pad_id = self.tokenizer.pad_id

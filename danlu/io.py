@@ -58,7 +58,9 @@ def hf_config(cfg: ModelConfig, tokenizer: Any, *, chat: bool, dtype: str = "flo
 
 def model_config_from_hf(cfg: dict[str, Any], where: Path) -> ModelConfig:
     if cfg.get("model_type") != "llama":
-        raise DanluError(f"{where}: model_type {cfg.get('model_type')!r} is not supported (danlu loads Llama models)")
+        raise DanluError(
+            f"{where}: model_type {cfg.get('model_type')!r} is not supported (danlu loads Llama models)"
+        )
     rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
     try:
         mc = ModelConfig(
@@ -76,7 +78,9 @@ def model_config_from_hf(cfg: dict[str, Any], where: Path) -> ModelConfig:
     except KeyError as e:
         raise DanluError(f"{where}/config.json: missing key {e}") from None
     if cfg.get("head_dim") not in (None, mc.head_dim):
-        raise DanluError(f"{where}/config.json: head_dim {cfg['head_dim']} differs from hidden_size/heads = {mc.head_dim}")
+        raise DanluError(
+            f"{where}/config.json: head_dim {cfg['head_dim']} differs from hidden_size/heads = {mc.head_dim}"
+        )
     return mc
 
 
@@ -92,7 +96,9 @@ def save_model_dir(
     for k, v in state_dict.items():
         if k.startswith("rope_") or (cfg.tie_word_embeddings and k == "lm_head.weight"):
             continue
-        tensors[k.removeprefix("_orig_mod.").removeprefix("module.")] = v.detach().to("cpu", torch.float32).contiguous()
+        tensors[k.removeprefix("_orig_mod.").removeprefix("module.")] = (
+            v.detach().to("cpu", torch.float32).contiguous()
+        )
     save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
     _write_json(folder / "config.json", hf_config(cfg, tokenizer, chat=chat))
     eos = [tokenizer.im_end_id, tokenizer.eos_id] if chat else [tokenizer.eos_id]
@@ -102,9 +108,16 @@ def save_model_dir(
          "do_sample": True, "temperature": 0.7, "top_p": 0.9},
     )  # fmt: skip
     tokenizer.save(
-        folder, model_max_length=cfg.max_position_embeddings, eos_token="<|im_end|>" if chat else "<|endoftext|>"
+        folder,
+        model_max_length=cfg.max_position_embeddings,
+        eos_token="<|im_end|>" if chat else "<|endoftext|>",
     )
-    full_meta = {"danlu_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "chat": chat, **meta}
+    full_meta = {
+        "danlu_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "chat": chat,
+        **meta,
+    }
     _write_json(folder / META, full_meta)
 
 
@@ -121,7 +134,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise DanluError(f"{path}: unreadable safetensors file ({e}); the checkpoint is partial or corrupt") from None
+        raise DanluError(
+            f"{path}: unreadable safetensors file ({e}); the checkpoint is partial or corrupt"
+        ) from None
 
 
 @dataclass
@@ -141,7 +156,9 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / "config.json").exists() and (Path(path) / WEIGHTS).exists()
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Checkpoint:
     """Loads a danlu (or any local HF Llama) checkpoint folder, checking that its tokenizer fits the model."""
     from danlu.tokenizer import Tokenizer
 
@@ -150,7 +167,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if not path.is_dir():
         raise DanluError(f"{path}: no such checkpoint folder")
     if not (path / "config.json").exists():
-        raise DanluError(f"{path}: not a checkpoint folder (no config.json); expected the output of a training stage")
+        raise DanluError(
+            f"{path}: not a checkpoint folder (no config.json); expected the output of a training stage"
+        )
     try:
         hf = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:

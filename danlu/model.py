@@ -49,7 +49,9 @@ class ModelConfig:
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -69,7 +71,9 @@ class ModelConfig:
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), the 6N + attention estimate of the PaLM paper."""
-        n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size  # the lm_head matmul counts
+        n = (
+            self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
+        )  # the lm_head matmul counts
         attn = 12 * self.num_hidden_layers * self.hidden_size * seq_len
         return 6 * n + attn
 
@@ -91,8 +95,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(cfg: ModelConfig, length: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+def rope_tables(
+    cfg: ModelConfig, length: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (
+        cfg.rope_theta
+        ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
+    )
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)  # transformers' "rotate_half" layout, not interleaved pairs
@@ -248,7 +257,11 @@ class Transformer(nn.Module):
         return cos, sin
 
     def hidden_states(
-        self, input_ids: torch.Tensor, *, cache: KVCache | None = None, segment_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, H). `segment_ids` (B, T) packs several documents in a row: attention
         stays inside each segment and positions restart at each segment's start."""
@@ -290,14 +303,19 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+            logits.view(-1, logits.size(-1)),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
         return loss.view(targets.shape) if reduction == "none" else loss
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         p = self.lm_head.weight
         dtype = torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
-        return KVCache(self.config, batch, max_len or self.config.max_position_embeddings, p.device, dtype, pad)
+        return KVCache(
+            self.config, batch, max_len or self.config.max_position_embeddings, p.device, dtype, pad
+        )
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,11 @@ _CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
     """How the chat template writes one call inside an assistant turn."""
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+    return (
+        "<tool_call>\n"
+        + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        + "\n</tool_call>"
+    )
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:

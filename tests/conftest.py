@@ -40,7 +40,9 @@ def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return Tokenizer.load(path)
 
 
-def make_checkpoint(path: Path, tokenizer, *, chat: bool = True, depth: int = 1, seed: int = 0, context: int = 128) -> Path:
+def make_checkpoint(
+    path: Path, tokenizer, *, chat: bool = True, depth: int = 1, seed: int = 0, context: int = 128
+) -> Path:
     """A random-init model + tokenizer saved as a danlu checkpoint folder."""
     import torch
 
@@ -48,7 +50,9 @@ def make_checkpoint(path: Path, tokenizer, *, chat: bool = True, depth: int = 1,
     from danlu.model import ModelConfig, Transformer
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=tokenizer.padded_vocab_size(64), depth=depth, max_position_embeddings=context)
+    cfg = ModelConfig(
+        vocab_size=tokenizer.padded_vocab_size(64), depth=depth, max_position_embeddings=context
+    )
     model = Transformer(cfg)
     save_model_dir(path, model.state_dict(), cfg, tokenizer, {"stage": "test"}, chat=chat)
     return path

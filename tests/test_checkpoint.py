@@ -15,11 +15,17 @@ from danlu.io import load_checkpoint
 from tests.conftest import make_checkpoint
 
 
-def test_transformers_loads_our_checkpoint_with_identical_logits_and_greedy_tokens(tmp_path: Path, tiny_tokenizer) -> None:
+def test_transformers_loads_our_checkpoint_with_identical_logits_and_greedy_tokens(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
     transformers = pytest.importorskip("transformers")
     path = make_checkpoint(tmp_path / "ckpt", tiny_tokenizer, chat=False, depth=2)
     config = json.loads((path / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and "rope_theta" in config and "num_key_value_heads" in config
+    assert (
+        config["architectures"] == ["LlamaForCausalLM"]
+        and "rope_theta" in config
+        and "num_key_value_heads" in config
+    )
     ours = load_checkpoint(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)

@@ -178,3 +178,16 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards) -> N
         got = losses(out)
         assert len(got) == 6
         assert max(abs(x - y) for x, y in zip(reference, got)) < 1e-5, parallel
+
+
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    def trainer(out: str, batch: int, accum: int) -> Trainer:
+        t = _trainer(shards, tmp_path / out, tiny_tokenizer, steps=4, grad_accum=accum)
+        t.data = TokenRows(shards[0], "train", 32, batch, seed=1)
+        return t
+
+    big, small = trainer("big", 8, 1), trainer("small", 4, 2)
+    big.fit()
+    small.fit()
+    for k, v in big.raw_model.state_dict().items():
+        torch.testing.assert_close(v, small.raw_model.state_dict()[k], atol=1e-5, rtol=1e-4)

@@ -10,7 +10,12 @@ from danlu.model import ModelConfig, Transformer
 
 def test_depth_knob_sets_a_consistent_shape() -> None:
     cfg = ModelConfig(vocab_size=1000, depth=6)
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (384, 6, 3, 64)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (
+        384,
+        6,
+        3,
+        64,
+    )
     assert cfg.intermediate_size % 64 == 0 and cfg.intermediate_size >= 8 * cfg.hidden_size // 3
     model = Transformer(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()

@@ -49,7 +49,9 @@ def _init_worker(tokenizer_dir: str) -> None:
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, int]:
     bos = _worker_tokenizer.bos_id
     ids = _worker_tokenizer.encode_batch(texts)
-    flat = np.fromiter((t for doc in ids for t in (bos, *doc)), dtype=np.int64, count=sum(len(d) + 1 for d in ids))
+    flat = np.fromiter(
+        (t for doc in ids for t in (bos, *doc)), dtype=np.int64, count=sum(len(d) + 1 for d in ids)
+    )
     return flat, sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -127,7 +129,13 @@ def tokenize_corpus(
             for split, files in splits.items():
                 writer = _ShardWriter(tmp, split, dtype, shard_tokens)
                 total_bytes = sum(f.stat().st_size for f in files)
-                bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {split}", disable=not progress)
+                bar = tqdm(
+                    total=total_bytes,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"tokenize {split}",
+                    disable=not progress,
+                )
                 docs = tokens = text_bytes = 0
                 chunks = _texts(files, text_field)
                 for (flat, nbytes), n_docs in _imap_with_counts(pool, chunks):
@@ -160,7 +168,9 @@ def _imap_with_counts(pool: Any, chunks: Iterable[list[str]]) -> Iterator[tuple[
 def load_index(shard_dir: str | Path) -> dict[str, Any]:
     path = Path(shard_dir) / INDEX
     if not path.exists():
-        raise DanluError(f"{shard_dir}: not a token shard folder (no {INDEX}); create one with `danlu data tokenize`")
+        raise DanluError(
+            f"{shard_dir}: not a token shard folder (no {INDEX}); create one with `danlu data tokenize`"
+        )
     return json.loads(path.read_text())
 
 
@@ -220,11 +230,15 @@ class TokenRows:
         first = self.state.pos + self.rank * self.batch_size
         picked = self._order[first : first + self.batch_size]
         self.state.pos += global_batch
-        rows = np.stack([self._arrays[s][o : o + self.seq_len + 1] for s, o in self._rows[picked]]).astype(np.int64)
+        rows = np.stack([self._arrays[s][o : o + self.seq_len + 1] for s, o in self._rows[picked]]).astype(
+            np.int64
+        )
         t = torch.from_numpy(rows)
         return {"input_ids": t[:, :-1], "targets": t[:, 1:]}
 
-    def sequential(self, max_rows: int | None = None, batch_size: int = 16) -> Iterator[dict[str, torch.Tensor]]:
+    def sequential(
+        self, max_rows: int | None = None, batch_size: int = 16
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Rows in file order (for evaluation), split across ranks, `batch_size` at a time."""
         n = len(self._rows) if max_rows is None else min(max_rows, len(self._rows))
         mine = np.arange(self.rank, n, self.world_size)
@@ -261,7 +275,9 @@ def tokenize_command(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(Path(args.out).with_name(f".{Path(args.out).name}.split"), ignore_errors=True)
     for split, st in index["stats"].items():
-        print(f"{split}: {st['documents']:,} documents, {st['tokens']:,} tokens, {st['bytes'] / max(st['tokens'], 1):.2f} bytes/token")
+        print(
+            f"{split}: {st['documents']:,} documents, {st['tokens']:,} tokens, {st['bytes'] / max(st['tokens'], 1):.2f} bytes/token"
+        )
     print(f"wrote {args.out}")
     return 0
 

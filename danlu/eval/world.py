@@ -108,9 +108,7 @@ def tool_call_accuracy(
     correct, examples = 0, []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        prompts = [
-            tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk
-        ]
+        prompts = [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk]
         window = generator.model.config.max_position_embeddings
         prompts, params.max_tokens = fit_prompts(prompts, window, max_tokens)
         for row, comp in zip(chunk, generator.generate(prompts, params)):

@@ -29,9 +29,7 @@ def train_config(recipe: dict[str, Any], stage_train: dict[str, Any] | None, whe
     return from_dict(TrainConfig, merged, f"{where}.train")
 
 
-def make_saver(
-    model_cfg: ModelConfig, tokenizer: Any, meta: dict[str, Any], *, chat: bool
-) -> Any:
+def make_saver(model_cfg: ModelConfig, tokenizer: Any, meta: dict[str, Any], *, chat: bool) -> Any:
     """The engine's save hook: writes the HF-format model folder with danlu.json describing the stage."""
 
     def save(state_dict: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:

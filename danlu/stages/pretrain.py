@@ -71,7 +71,11 @@ def pretrain(
     tbytes = token_bytes(tokenizer, model_cfg.vocab_size)
 
     def evaluate(m: Transformer) -> dict[str, float]:
-        return bits_per_byte(m, val_rows.sequential(tcfg.eval_rows, batch_size=min(tcfg.batch_size, 16)), tbytes) if val_rows else {}
+        return (
+            bits_per_byte(m, val_rows.sequential(tcfg.eval_rows, batch_size=min(tcfg.batch_size, 16)), tbytes)
+            if val_rows
+            else {}
+        )
 
     def sample(m: Transformer) -> list[str]:
         from danlu.generate import Generator, SamplingParams
@@ -82,7 +86,9 @@ def pretrain(
         return [p + c.text for p, c in zip(cfg.samples, outs)]
 
     meta = {"stage": "pretrain", "parent": parent, "data": str(shard_dir), "model": model_cfg.to_dict()}
-    hooks = Hooks(save_model=make_saver(model_cfg, tokenizer, meta, chat=False), evaluate=evaluate, sample=sample)
+    hooks = Hooks(
+        save_model=make_saver(model_cfg, tokenizer, meta, chat=False), evaluate=evaluate, sample=sample
+    )
     trainer = Trainer(
         tcfg, model, train_rows, lambda m, b: (m(b["input_ids"], b["targets"]), {}), out, hooks,
         flops_per_token=model_cfg.flops_per_token(cfg.seq_len), stage="pretrain",
@@ -134,7 +140,10 @@ def _fact_accuracy(model: Transformer, tokenizer: Any, path: Path, limit: int) -
 def _update_meta(out: Path, result: dict[str, Any]) -> None:
     path = out / "danlu.json"
     meta = json.loads(path.read_text()) if path.exists() else {}
-    meta["metrics"] = {**meta.get("metrics", {}), **{k: v for k, v in result.items() if not isinstance(v, list)}}
+    meta["metrics"] = {
+        **meta.get("metrics", {}),
+        **{k: v for k, v in result.items() if not isinstance(v, list)},
+    }
     from danlu.files import write_json_atomic
 
     write_json_atomic(path, meta)

@@ -48,4 +48,3 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         "val_tokens": st["val"]["tokens"],
         "bytes_per_token": round(st["train"]["bytes"] / max(1, st["train"]["tokens"]), 3),
     }
-
