@@ -29,6 +29,9 @@ class DPOConfig:
     eval_data: str | None = None
     beta: float = 0.1
     label_smoothing: float = 0.0
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + α·NLL of the chosen answer, per token. DPO alone may lower
+    # both answers' likelihood; this term keeps the chosen one likely, so the other SFT skills survive.
+    rpo_alpha: float = 0.0
     reference_mode: str = "cached"  # cached | online
     max_pairs: int = 0
     eval_pairs: int = 200
@@ -141,7 +144,15 @@ def train_dpo(
         else:
             rc, rr = b["ref_logps"].float().chunk(2)
         losses, cr, rj = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.label_smoothing)
-        return losses.mean(), {
+        loss = losses.mean()
+        extra = {}
+        if cfg.rpo_alpha:
+            chosen_tokens = (b["targets"] != -100).chunk(2)[0].sum(-1).clamp(min=1)
+            nll = (-pc / chosen_tokens).mean()
+            loss = loss + cfg.rpo_alpha * nll
+            extra["nll_chosen"] = float(nll)
+        return loss, {
+            **extra,
             "accuracy": float((cr > rj).float().mean()),
             "rewards_chosen": float(cr.mean()),
             "rewards_rejected": float(rj.mean()),

@@ -40,6 +40,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     loss_type: str = "grpo"  # grpo | bnpo
+    kinds: list[str] = field(default_factory=list)  # keep only prompts whose `kind` is listed ([] = all)
     max_prompts: int = 0
     eval_rows: int = 200
     resume: str = "auto"
@@ -155,6 +156,29 @@ def answer_accuracy(
     return {"accuracy": round(sum(scores) / max(1, len(scores)), 4), "examples": examples[:4]}
 
 
+def read_prompts(data: str | Path, kinds: list[str], limit: int | None) -> list[Any]:
+    """RL prompts, keeping only the listed `kind`s: the world's rl.jsonl mixes facts the SFT model already
+    answers (every sample scores 1, so every advantage is 0 and the rollout teaches nothing) with arithmetic."""
+    from danlu.data.preference import parse_rl_prompt, read_rl_prompts, records_with_lines
+    from danlu.files import expand_inputs
+
+    if not kinds:
+        return read_rl_prompts(data, limit)
+    files = expand_inputs([data])
+    out = []
+    for f in files:
+        for where, rec in records_with_lines(f):
+            if rec.get("kind") in kinds:
+                out.append(parse_rl_prompt(rec, where))
+                if limit is not None and len(out) >= limit:
+                    return out
+    if not out:
+        raise DanluError(
+            f"{data}: no RL prompts of kind {', '.join(kinds)} (grpo.kinds); check the `kind` field"
+        )
+    return out
+
+
 def frozen_reference(ckpt: Any, reference: str | None) -> Any:
     from danlu.stages.dpo import load_reference
 
@@ -181,7 +205,7 @@ def train_grpo(
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
     ref = frozen_reference(ckpt, cfg.reference) if cfg.beta else None
-    prompts = read_rl_prompts(data, cfg.max_prompts or None)
+    prompts = read_prompts(data, cfg.kinds, cfg.max_prompts or None)
     held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
     reward = make_scorer(cfg.reward, tok)
     source = Rollouts(
@@ -196,7 +220,9 @@ def train_grpo(
             logp, logp.detach(), b["advantages"], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
             ref_logp=b.get("ref_logps"), loss_type=cfg.loss_type,
         )  # fmt: skip
+        groups = b["rewards"].view(-1, cfg.group_size)
         return loss, {"reward": float(b["rewards"].mean()), "reward_std": float(b["rewards"].std()),
+                      "groups_learning": float((groups.std(1) > 0).float().mean()),
                       "kl": float(st["kl"]), "clip_ratio": float(st["clip_ratio"]),
                       "completion_tokens": float(b["completion_tokens"].mean())}  # fmt: skip
 
