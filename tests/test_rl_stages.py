@@ -136,3 +136,27 @@ def test_reference_with_another_tokenizer_is_refused(
     with pytest.raises(DanluError, match="tokenizer of .*other differs"):
         train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "x", recipe={},
                   cfg=DPOConfig(resume="false", reference=str(other), train={**FAST, "steps": 1}))  # fmt: skip
+
+
+def test_dpo_rpo_term_adds_the_chosen_nll(tiny_checkpoint: Path, data: dict, tmp_path: Path) -> None:
+    from danlu.stages.dpo import DPOConfig, train_dpo
+
+    out = tmp_path / "rpo"
+    train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+              cfg=DPOConfig(resume="false", rpo_alpha=0.5, train={**FAST, "steps": 1}))  # fmt: skip
+    first = next(m for m in _metrics(out) if m.get("event") == "train")
+    assert first["nll_chosen"] > 0  # policy == reference at step 0: the DPO part is exactly log 2
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll_chosen"], abs=1e-3)
+
+
+def test_grpo_kinds_select_prompts_and_name_a_missing_kind(tmp_path: Path) -> None:
+    from danlu.stages.grpo import read_prompts
+
+    rows = [{"messages": [{"role": "user", "content": f"{a}+1=?"}], "answer": str(a + 1), "kind": k}
+            for a, k in [(1, "arithmetic"), (2, "fact"), (3, "arithmetic")]]  # fmt: skip
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(read_prompts(path, [], None)) == 3
+    assert len(read_prompts(path, ["arithmetic"], None)) == 2
+    with pytest.raises(DanluError, match="no RL prompts of kind gsm8k"):
+        read_prompts(path, ["gsm8k"], None)

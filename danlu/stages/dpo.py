@@ -150,7 +150,7 @@ def train_dpo(
             chosen_tokens = (b["targets"] != -100).chunk(2)[0].sum(-1).clamp(min=1)
             nll = (-pc / chosen_tokens).mean()
             loss = loss + cfg.rpo_alpha * nll
-            extra["nll_chosen"] = float(nll)
+            extra["nll_chosen"] = float(nll.detach())
         return loss, {
             **extra,
             "accuracy": float((cr > rj).float().mean()),
