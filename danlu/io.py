@@ -125,6 +125,19 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
+def update_meta_metrics(folder: Path, metrics: dict[str, Any]) -> None:
+    """Adds a stage's final metrics (lists left out) to the checkpoint's danlu.json, after training saved it."""
+    from danlu.files import write_json_atomic
+
+    path = Path(folder) / META
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta["metrics"] = {
+        **meta.get("metrics", {}),
+        **{k: v for k, v in metrics.items() if not isinstance(v, list)},
+    }
+    write_json_atomic(path, meta)
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

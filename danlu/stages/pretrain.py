@@ -7,7 +7,6 @@ tokens per parameter (Chinchilla's ~20).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.eval.bpb import bits_per_byte, token_bytes
+from danlu.io import update_meta_metrics
 from danlu.model import ModelConfig, Transformer
 from danlu.runner import StageContext
 
@@ -118,7 +118,7 @@ def pretrain(
     if d.main and facts_path is not None and facts_path.exists() and cfg.eval_facts:
         result.update(_fact_accuracy(trainer.raw_model, tokenizer, facts_path, cfg.eval_facts))
     if d.main:
-        _update_meta(out, result)
+        update_meta_metrics(out, result)
     return result
 
 
@@ -135,18 +135,6 @@ def _fact_accuracy(model: Transformer, tokenizer: Any, path: Path, limit: int) -
         **{f"heldout_fact_{k}": v for k, v in res.items() if k.startswith("accuracy_")},
         "heldout_fact_examples": res["examples"],
     }
-
-
-def _update_meta(out: Path, result: dict[str, Any]) -> None:
-    path = out / "danlu.json"
-    meta = json.loads(path.read_text()) if path.exists() else {}
-    meta["metrics"] = {
-        **meta.get("metrics", {}),
-        **{k: v for k, v in result.items() if not isinstance(v, list)},
-    }
-    from danlu.files import write_json_atomic
-
-    write_json_atomic(path, meta)
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -21,7 +21,6 @@ At the end the world corpus' held-out chat evaluations are scored by greedy gene
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 
 from danlu import DanluError
 from danlu.config import from_dict
+from danlu.io import update_meta_metrics
 from danlu.model import IGNORE_INDEX
 from danlu.runner import StageContext
 
@@ -532,20 +532,8 @@ def sft(
                 result["pretrain_val_bpb_after"] = pretrain_bpb(m).get("val_bpb")
             if eval_dir is not None and eval_dir.is_dir():
                 result.update(heldout_evals(m, tokenizer, eval_dir, cfg.eval_limit, cfg.eval_max_tokens))
-        _update_meta(out, result)
+        update_meta_metrics(out, result)
     return result
-
-
-def _update_meta(out: Path, result: dict[str, Any]) -> None:
-    from danlu.files import write_json_atomic
-
-    path = out / "danlu.json"
-    meta = json.loads(path.read_text()) if path.exists() else {}
-    meta["metrics"] = {
-        **meta.get("metrics", {}),
-        **{k: v for k, v in result.items() if not isinstance(v, list)},
-    }
-    write_json_atomic(path, meta)
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
