@@ -412,8 +412,8 @@ def sft(
     """Fine-tunes the checkpoint `parent` on conversation files into the chat checkpoint `out`; returns metrics."""
     from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
     from danlu.engine import Hooks, Trainer, init_distributed, set_seed
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
     from danlu.eval.bpb import bits_per_byte, token_bytes
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
 
     ckpt = parent_checkpoint(parent)
     model, tokenizer, model_cfg = ckpt.model, ckpt.tokenizer, ckpt.config
