@@ -59,3 +59,18 @@ def parent_checkpoint(path: str | Path, device: str = "cpu") -> Any:
     if not Path(path).exists():
         raise DanluError(f"--from {path}: no such checkpoint folder")
     return load_checkpoint(path, device=device)
+
+
+def rl_stage_inputs(ctx: Any, cfg: Any, data_name: str, eval_name: str) -> tuple[Path, str, str | None]:
+    """Parent checkpoint, training data and held-out data of a reward/DPO/PPO/GRPO stage in a run: the section's
+    `model`, `data` and `eval_data` when given, else the run's SFT checkpoint and the world corpus' files."""
+
+    def world_file(name: str) -> str | None:
+        path = ctx.run_dir / "world" / name
+        return str(path) if ctx.has("world") and path.exists() else None
+
+    data = cfg.data or world_file(data_name)
+    if data is None:
+        raise DanluError(f"{ctx.name}: no `data:` given and no world corpus in this run")
+    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    return parent, data, cfg.eval_data or world_file(eval_name)

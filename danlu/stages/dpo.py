@@ -193,12 +193,8 @@ def train_dpo(
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
-    from danlu.stages.reward import world_file
+    from danlu.stages.common import rl_stage_inputs
 
     cfg = from_dict(DPOConfig, ctx.cfg, "dpo")
-    data = cfg.data or world_file(ctx, "preference.jsonl")
-    if data is None:
-        raise DanluError("dpo: no `data:` given and no world corpus in this run")
-    eval_data = cfg.eval_data or world_file(ctx, "eval/preference.jsonl")
-    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    parent, data, eval_data = rl_stage_inputs(ctx, cfg, "preference.jsonl", "eval/preference.jsonl")
     return train_dpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

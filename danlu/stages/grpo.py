@@ -309,12 +309,8 @@ class Scorer:
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
-    from danlu.stages.reward import world_file
+    from danlu.stages.common import rl_stage_inputs
 
     cfg = from_dict(GRPOConfig, ctx.cfg, "grpo")
-    data = cfg.data or world_file(ctx, "rl.jsonl")
-    if data is None:
-        raise DanluError("grpo: no `data:` given and no world corpus in this run")
-    eval_data = cfg.eval_data or world_file(ctx, "eval/arithmetic.jsonl")
-    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
+    parent, data, eval_data = rl_stage_inputs(ctx, cfg, "rl.jsonl", "eval/arithmetic.jsonl")
     return train_grpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

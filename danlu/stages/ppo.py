@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from danlu import DanluError
 from danlu.config import from_dict
 from danlu.model import Transformer
 from danlu.runner import StageContext
@@ -189,13 +188,9 @@ def train_ppo(
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
-    from danlu.stages.reward import world_file
+    from danlu.stages.common import rl_stage_inputs
 
     cfg = from_dict(PPOConfig, ctx.cfg, "ppo")
-    data = cfg.data or world_file(ctx, "rl.jsonl")
-    if data is None:
-        raise DanluError("ppo: no `data:` given and no world corpus in this run")
+    parent, data, eval_data = rl_stage_inputs(ctx, cfg, "rl.jsonl", "eval/rl.jsonl")
     reward = cfg.reward or (str(ctx.input("reward")) if ctx.has("reward") else "world")
-    parent = Path(cfg.model) if cfg.model else ctx.input("sft")
-    eval_data = cfg.eval_data or world_file(ctx, "eval/rl.jsonl")
     return train_ppo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, reward=reward, eval_data=eval_data)

@@ -208,22 +208,9 @@ def train_reward(
     return result
 
 
-def world_file(ctx: StageContext, name: str) -> str | None:
-    path = ctx.run_dir / "world" / name
-    return str(path) if ctx.has("world") and path.exists() else None
-
-
 def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.stages.common import rl_stage_inputs
+
     cfg = from_dict(RewardConfig, ctx.cfg, "reward")
-    data = cfg.data or world_file(ctx, "preference.jsonl")
-    if data is None:
-        raise DanluError("reward: no `data:` given and no world corpus in this run")
-    eval_data = cfg.eval_data or world_file(ctx, "eval/preference.jsonl")
-    return train_reward(
-        Path(cfg.model) if cfg.model else ctx.input("sft"),
-        data,
-        ctx.out,
-        recipe=ctx.recipe,
-        cfg=cfg,
-        eval_data=eval_data,
-    )
+    parent, data, eval_data = rl_stage_inputs(ctx, cfg, "preference.jsonl", "eval/preference.jsonl")
+    return train_reward(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)
