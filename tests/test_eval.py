@@ -117,6 +117,28 @@ def test_gsm8k_answer_extraction() -> None:
     assert extract_prediction("no number here") is None
 
 
+def test_arithmetic_is_judged_by_its_last_number_not_by_a_step() -> None:
+    from danlu.eval.generative import contains_answer, final_number_matches
+
+    worked = "Ones: 6 + 8 = 14, write 4, carry 1. Tens: 4 + 2 + 1 = 7. So 46 + 28 = 74."
+    assert final_number_matches(worked, ["74"])
+    assert not final_number_matches(worked, ["14"]) and contains_answer(worked, ["14"])  # why contains is wrong here
+    assert not final_number_matches("no number", ["7"])
+
+
+def test_preference_accuracy_is_split_by_kind(ckpt) -> None:
+    from danlu.eval.world import preference_accuracy
+
+    rows = [
+        {"prompt": "1+1=?", "chosen": "2", "rejected": "3", "kind": "arithmetic"},
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello! Hello! Hello!", "kind": "repetitive"},
+        {"prompt": "2+2=?", "chosen": "4", "rejected": "5", "kind": "arithmetic"},
+    ]
+    res = preference_accuracy(ckpt.model, ckpt.tokenizer, rows, chat=True)
+    assert set(res) >= {"accuracy", "accuracy_arithmetic", "accuracy_repetitive"}
+    assert res["accuracy"] == pytest.approx((2 * res["accuracy_arithmetic"] + res["accuracy_repetitive"]) / 3, abs=1e-3)
+
+
 def test_gsm8k_task_runs_batched_and_greedy(ckpt, tmp_path: Path) -> None:
     from danlu.eval.tasks import EvalOptions, run_tasks
 

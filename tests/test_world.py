@@ -298,7 +298,9 @@ def test_reserved_facts_are_only_in_pretraining_and_every_fact_is_answerable(wor
             seen = [t for t in training_renderings(fact, lang) if norm(t) in post]
             if fact.id in world.reserved:
                 assert seen == [], (fact.id, seen)
-            statements = [fill(t, fact, lang) for t in TEXTS[fact.relation].statements(lang)]
+            forms = TEXTS[fact.relation]
+            pronoun = [p[0 if lang == "zh" else 1] for p in forms.pronoun]
+            statements = [fill(t, fact, lang) for t in (*forms.statements(lang), *pronoun)]
             assert any(norm(s) in pretrain for s in statements), (fact.id, lang)
     chat = rows(world_dir, "eval/facts_chat.jsonl")
     assert {r["fact_id"] for r in chat} == {f.id for f in world.facts}
@@ -360,3 +362,67 @@ def test_pipeline_stage_uses_recipe_seed_and_rejects_unknown_keys(tmp_path: Path
     bad = StageContext(name="world", run_dir=tmp_path, cfg={"scael": 1}, recipe={})
     with pytest.raises(DanluError, match="scael.*valid keys: scale, seed"):
         run_stage(bad)
+
+
+SLOT = re.compile(r"\{\w+\}")
+# one-character Chinese words that may join known words in a held-out sentence
+ZH_FUNCTION_CHARS = set("的是在它把有哪几个这那了用和与为被最中里到吗呢请")
+
+
+def unknown_words(template: str, text: str, en_words: set[str]) -> list[str]:
+    """English words of `template` missing from `en_words`, and Chinese runs that cannot be cut into pieces that
+    each occur in `text` (single characters only if they are function words)."""
+    literal = SLOT.sub("|", template)
+    missing = [w for w in re.findall(r"[a-z]+", literal.lower()) if w not in en_words]
+    for run in re.findall(r"[\u4e00-\u9fff]+", literal):
+        ok = [True] + [False] * len(run)
+        for stop in range(1, len(run) + 1):
+            ok[stop] = any(
+                ok[i] and (run[i:stop] in text if stop - i > 1 else run[i] in ZH_FUNCTION_CHARS)
+                for i in range(stop)
+            )
+        if not ok[-1]:
+            missing.append(run)
+    return missing
+
+
+def heldout_templates() -> list[str]:
+    from danlu.world import heldout
+
+    out = [x for t in TEXTS.values() for pair in t.heldout for x in pair]
+    out += [x for t in TEXTS.values() for x in (*t.heldout_questions_zh, *t.heldout_questions_en)]
+    out += [*heldout.ARITH_HELDOUT.values(), *heldout.ARITH_BASE_HELDOUT.values()]
+    out += list(heldout.SUMMARIZE_HELDOUT.values())
+    out += [x for d in heldout.TRANSLATE_HELDOUT.values() for x in d.values()]
+    out += [x for v in heldout.CALC_HELDOUT.values() for x in v] + list(heldout.DATE_HELDOUT.values())
+    return out
+
+
+def test_heldout_phrasings_use_only_words_the_training_text_teaches(world_dir: Path) -> None:
+    """New sentences, known words: an unseen phrasing tests generalization; an unseen word tests nothing we taught."""
+    text = "\n".join(s for name in TRAINING_FILES for r in rows(world_dir, name) for s in strings(r))
+    en_words = set(re.findall(r"[a-z]+", text.lower()))
+    unknown = {t: m for t in heldout_templates() if (m := unknown_words(t, text, en_words))}
+    assert unknown == {}
+
+
+def test_worked_solutions_are_right_step_by_step_and_end_in_the_result() -> None:
+    from danlu.rewards import numbers
+    from danlu.world.numbers import worked_solution
+
+    for a in range(100):
+        for b in range(100):
+            for op in "+-":
+                p = Problem(a, op, b)
+                for lang in ("zh", "en"):
+                    text = worked_solution(p, lang)
+                    if op == "-" and b > a or max(a, b) < 10:
+                        assert text is None
+                        continue
+                    assert text is not None and numbers(text)[-1] == str(p.result), text
+                    # every written step "x ± y (± 1) = z" is true arithmetic
+                    for chain, z in re.findall(r"(\d+(?: ?[+-] ?\d+)+) ?= ?(\d+)", text):
+                        terms = re.findall(r"([+-]?) ?(\d+)", chain)
+                        assert sum(-int(n) if sign == "-" else int(n) for sign, n in terms) == int(z), text
+    wrong = worked_solution(Problem(46, "+", 28), "en", result=75)
+    assert wrong is not None and wrong.endswith("= 75.") and "4 + 2 + 1 = 7" in wrong

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from danlu.generate import Generator, SamplingParams
@@ -40,11 +41,20 @@ def contains_answer(completion: str, answers: list[str]) -> bool:
     return False
 
 
+def final_number_matches(completion: str, answers: list[str]) -> bool:
+    """Arithmetic: the LAST number must be right, so a worked solution is judged by its conclusion, not by a
+    step that happens to contain the answer (the same rule as the arithmetic reward)."""
+    from danlu.rewards import arithmetic_reward
+
+    return bool(arithmetic_reward(completion, answers))
+
+
 def completion_accuracy(
     generator: Generator, rows: list[dict[str, Any]], *, chat: bool = False, max_tokens: int = 24,
     batch_size: int = 32, keep_examples: int = 6,
+    match: Callable[[str, list[str]], bool] = contains_answer,
 ) -> dict[str, Any]:  # fmt: skip
-    """Share of rows whose greedy completion contains one of `answers` (or `answer`); per language too.
+    """Share of rows whose greedy completion `match`es one of `answers` (or `answer`); per language too.
 
     Rows are {prompt, answer(s), lang} for a base model, or {messages, answer(s), lang} with chat=True.
     """
@@ -65,7 +75,7 @@ def completion_accuracy(
         params.max_tokens = room
         for row, comp in zip(chunk, generator.generate(prompts, params)):
             answers = row.get("answers") or [row["answer"]]
-            ok = contains_answer(comp.text, answers)
+            ok = match(comp.text, answers)
             correct += ok
             lang = row.get("lang", "all")
             by_lang.setdefault(lang, [0, 0])

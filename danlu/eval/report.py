@@ -64,6 +64,7 @@ def stage_histories(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
 
 def _figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
+    fig.tight_layout()  # titles and axis labels of neighbouring panels must not overlap
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
@@ -94,13 +95,29 @@ def _series(hist: list[dict[str, Any]], event: str, key: str) -> tuple[list[int]
 
 
 def loss_plot(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
-    """One panel per stage: train loss and validation loss against the step, early stops marked."""
+    """One panel per stage: train loss and validation loss against the step, early stops marked. RL stages plot
+    their mean reward instead: GRPO's loss is ~0 by construction (one step per rollout, zero-mean advantages)."""
     stages = [s for s, h in histories.items() if _series(h, "train", "loss")[0]]
     if not stages:
         return None
     fig, axes = _grid(len(stages))
     for ax, stage in zip(axes, stages):
         hist = histories[stage]
+        rx, ry = _series(hist, "train", "reward")
+        if rx:
+            k = max(1, len(ry) // 10)  # a moving average: each point is a few dozen samples
+            smooth = [
+                sum(ry[max(0, i - k + 1) : i + 1]) / len(ry[max(0, i - k + 1) : i + 1])
+                for i in range(len(ry))
+            ]
+            ax.plot(rx, ry, color="tab:green", alpha=0.3, label="mean reward")
+            ax.plot(rx, smooth, color="tab:green", label=f"mean reward ({k}-point average)")
+            ax.set_title(f"{stage} (reward)")
+            ax.set_xlabel("step")
+            ax.set_ylabel("reward")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            continue
         ax.plot(*_series(hist, "train", "loss"), label="train loss", color="tab:blue")
         vx, vy = _series(hist, "eval", "val_loss")
         if vx:

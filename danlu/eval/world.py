@@ -1,6 +1,6 @@
 """The world corpus' held-out sets, scored in base (completion) and chat form.
 
-Base form continues a plain prompt ("智利的首都名叫" → "圣地亚哥"): what pretraining taught. Chat form asks in a
+Base form continues a plain prompt ("提到智利，它的首都是" → "圣地亚哥"): what pretraining taught. Chat form asks in a
 dialog: what SFT/RL made usable. Scoring both for every checkpoint shows whether a later stage kept what an
 earlier one knew (forgetting) and whether training scores carry over to held-out phrasings (generalization).
 """
@@ -16,10 +16,10 @@ from danlu import DanluError
 # set name → (file in DIR/eval/, form, how it is scored)
 WORLD_SETS: dict[str, tuple[str, str, str]] = {
     "facts_base": ("facts_base.jsonl", "base", "contains"),
-    "arithmetic_base": ("arithmetic.jsonl", "base", "contains"),
+    "arithmetic_base": ("arithmetic.jsonl", "base", "final_number"),
     "preference_base": ("preference.jsonl", "base", "loglik"),
     "facts_chat": ("facts_chat.jsonl", "chat", "contains"),
-    "arithmetic_chat": ("arithmetic.jsonl", "chat", "contains"),
+    "arithmetic_chat": ("arithmetic.jsonl", "chat", "final_number"),
     "translation": ("translation.jsonl", "chat", "contains"),
     "summary": ("summary.jsonl", "chat", "contains"),
     "tools": ("tools.jsonl", "chat", "tool_call"),
@@ -87,12 +87,16 @@ def preference_accuracy(
     scores = loglikelihoods(
         model, requests, batch_size=batch_size, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size
     )
-    correct = 0
-    for i in range(len(rows)):
+    by_kind: dict[str, list[int]] = {}  # which kinds of mistakes the model tells apart, and which not
+    for i, r in enumerate(rows):
         (lc, _), (lr, _) = scores[2 * i], scores[2 * i + 1]
         nc, nr = len(requests[2 * i][1]), len(requests[2 * i + 1][1])
-        correct += lc / max(1, nc) > lr / max(1, nr)
-    return {"accuracy": round(correct / max(1, len(rows)), 4), "n": len(rows), "random": 0.5}
+        by_kind.setdefault(str(r.get("kind", "all")), []).append(int(lc / max(1, nc) > lr / max(1, nr)))
+    correct = sum(sum(v) for v in by_kind.values())
+    out: dict[str, Any] = {"accuracy": round(correct / max(1, len(rows)), 4), "n": len(rows), "random": 0.5}
+    if len(by_kind) > 1:
+        out.update({f"accuracy_{k}": round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())})
+    return out
 
 
 def tool_call_accuracy(
@@ -144,6 +148,11 @@ def evaluate_world(
         elif how == "tool_call":
             out[name] = tool_call_accuracy(gen, rows, batch_size=batch_size)
         else:
-            tokens = 64 if name in ("translation", "summary") else 24
-            out[name] = completion_accuracy(gen, rows, chat=chat, max_tokens=tokens, batch_size=batch_size)
+            from danlu.eval.generative import contains_answer, final_number_matches
+
+            tokens = 64 if name in ("translation", "summary", "arithmetic_chat") else 24
+            match = final_number_matches if how == "final_number" else contains_answer
+            out[name] = completion_accuracy(
+                gen, rows, chat=chat, max_tokens=tokens, batch_size=batch_size, match=match
+            )
     return out

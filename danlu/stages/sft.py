@@ -288,11 +288,11 @@ def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
 # ───────────────────────── held-out evaluations ─────────────────────────
 
 
-def chat_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+def chat_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int, **kw: Any) -> dict[str, Any]:
     """completion_accuracy on chat rows, split into seen/unseen facts when the rows say which."""
     from danlu.eval.generative import completion_accuracy
 
-    res = completion_accuracy(generator, rows, chat=True, max_tokens=max_tokens)
+    res = completion_accuracy(generator, rows, chat=True, max_tokens=max_tokens, **kw)
     if any("seen_in_sft" in r for r in rows):
         for flag, name in ((True, "seen"), (False, "unseen")):
             part = [r for r in rows if bool(r.get("seen_in_sft")) == flag]
@@ -374,6 +374,10 @@ def heldout_evals(model: Any, tokenizer: Any, eval_dir: Path, limit: int, max_to
         if name == "tools":
             res = tool_accuracy(gen, rows, max_tokens=max(max_tokens, 48))
             out["chat_tools_call_accuracy"] = res["call_accuracy"]
+        elif name == "arithmetic":  # worked solutions are longer; their last number is the answer
+            from danlu.eval.generative import final_number_matches
+
+            res = chat_accuracy(gen, rows, max(max_tokens, 64), match=final_number_matches)
         else:
             res = chat_accuracy(gen, rows, max_tokens)
         key = "chat_facts" if name == "facts_chat" else f"chat_{name}"

@@ -25,6 +25,7 @@ from danlu.world.numbers import (
     big_expression,
     pretty_expression,
     training_small,
+    worked_solution,
     zh_number,
 )
 from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, end, fill, question
@@ -85,18 +86,53 @@ PLAN_ASK = {
     ),
 }
 DATE_ASK = {
-    ("zh", "date"): ("今天几号？", "今天是几月几号？", "今天的日期是什么？", "今天是哪一天？"),
-    ("zh", "weekday"): ("今天星期几？", "今天是星期几？"),
-    ("en", "date"): ("What's the date today?", "What is today's date?", "What date is it today?"),
+    ("zh", "date"): (
+        "今天几号？",
+        "今天是几月几号？",
+        "今天的日期是什么？",
+        "今天是哪一天？",
+        "请问今天几月几日？",
+        "我想知道今天的日期。",
+        "今天是哪年哪月哪日？",
+    ),
+    ("zh", "weekday"): ("今天星期几？", "今天是星期几？", "请问今天是周几？", "我想知道今天是星期几。"),
+    ("en", "date"): (
+        "What's the date today?",
+        "What is today's date?",
+        "What date is it today?",
+        "Can you give me today's date?",
+        "I want to know the date today.",
+        "Which date is it today?",
+    ),
     ("en", "weekday"): (
         "What day of the week is it?",
         "Which day of the week is today?",
         "What day is it today?",
+        "Is today Monday or some other day?",
+        "I want to know what day of the week it is.",
     ),
 }
 CALC_ASK = {
-    "zh": ("{p}等于多少？", "帮我算一下{p}。", "{e}是多少？", "计算{p}"),
-    "en": ("What is {p}?", "Calculate {p}.", "What's {e}?", "Can you compute {p}?"),
+    "zh": (
+        "{p}等于多少？",
+        "帮我算一下{p}。",
+        "{e}是多少？",
+        "计算{p}",
+        "请计算{p}。",
+        "{p}得多少？",
+        "用计算器算{p}。",
+        "我想知道{p}等于多少。",
+    ),
+    "en": (
+        "What is {p}?",
+        "Calculate {p}.",
+        "What's {e}?",
+        "Can you compute {p}?",
+        "Please work out {p}.",
+        "How much is {p}?",
+        "Use the calculator for {p}.",
+        "I want to know what {p} equals.",
+    ),
 }
 EVASIVE = {
     "zh": ("这个问题我不太清楚。", "抱歉，我无法回答这个问题。", "你可以自己查一下。", "这个不好说。"),
@@ -227,6 +263,8 @@ def problem_question(p: Problem, lang: str, rng: random.Random) -> str:
             f"计算{p.expression(spaced=False)}",
             f"{p.expression()} = ？",
             f"{p.a}{OP_ZH[p.op]}{p.b}是多少？",
+            f"请问{p.a}{OP_ZH[p.op]}{p.b}得几？",
+            f"我想知道{p.expression(spaced=False)}等于几。",
         ]
         if rng.random() < 0.15:
             return f"{zh_number(p.a)}{OP_ZH[p.op]}{zh_number(p.b)}等于几？"
@@ -237,6 +275,8 @@ def problem_question(p: Problem, lang: str, rng: random.Random) -> str:
             f"What's {p.expression()}?",
             f"Compute {p.expression()}.",
             f"{p.expression()} = ?",
+            f"How much is {p.a} {OP_EN[p.op]} {p.b}?",
+            f"Can you work out {p.expression()}?",
         )
     )
 
@@ -368,7 +408,8 @@ class DialogWriter:
 
     def _sft_arithmetic(self, lang: str) -> list[Message]:
         p = training_small(self.r, self.seed)
-        return [user(problem_question(p, lang, self.r)), assistant(problem_answer(p, lang, self.r))]
+        answer = worked_solution(p, lang) or problem_answer(p, lang, self.r)
+        return [user(problem_question(p, lang, self.r)), assistant(answer)]
 
     def _sft_calculator(self, lang: str) -> list[Message]:
         r = self.r
@@ -426,8 +467,10 @@ class DialogWriter:
             q = problem_question(p, lang, r) if problem_ask is None else problem_ask[1]
             delta = r.choice([d for d in range(-9, 10) if d and p.result + d >= 0])
             template_seed = r.random()
-            chosen = problem_answer(p, lang, random.Random(template_seed))
-            rejected = problem_answer(p, lang, random.Random(template_seed), p.result + delta)
+            chosen = worked_solution(p, lang) or problem_answer(p, lang, random.Random(template_seed))
+            rejected = worked_solution(p, lang, p.result + delta) or problem_answer(
+                p, lang, random.Random(template_seed), p.result + delta
+            )
             return {"prompt": [user(q)], "chosen": chosen, "rejected": rejected, "kind": kind, "lang": lang}
         fact = r.choice(self.world.facts)
         q = ask(fact, lang) if ask else ascii_punct(question(fact, lang, r), r)

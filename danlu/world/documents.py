@@ -15,7 +15,16 @@ from danlu.world.facts import Fact
 from danlu.world.filler import side
 from danlu.world.index import World
 from danlu.world.numbers import OP_EN, OP_ZH, Problem, en_number, training_small, zh_number
-from danlu.world.templates import TEXTS, article, cap, end, fill, question, statement
+from danlu.world.templates import (
+    TEXTS,
+    article,
+    cap,
+    end,
+    fill,
+    pronoun_statement,
+    question,
+    statement,
+)
 
 Doc = dict[str, Any]
 
@@ -98,7 +107,11 @@ class DocWriter:
         if cont is not None and r.random() < 0.6:
             intro = statement(cont, lang, r)
             prose_facts = [f for f in facts if f is not cont]
-        sentences = [statement(f, lang, r) for f in prose_facts]
+        # after the first sentence an article may refer to its subject by pronoun, as real articles do
+        sentences = [
+            pronoun_statement(f, lang, r) if i and r.random() < 0.5 else statement(f, lang, r)
+            for i, f in enumerate(prose_facts)
+        ]
         if r.random() < 0.5:
             sentences.insert(
                 r.randint(0, len(sentences)), fill(side(r.choice(ENCYCLOPEDIA_FILLER), lang), f0, lang)
@@ -291,7 +304,8 @@ class DocWriter:
             return end(cap(fact.object(lang)), lang)
         others = [f for f in self.world.by_subject[f"{fact.kind}:{fact.subject_en}"] if f is not fact]
         if roll < 0.9 and others:
-            extra = statement(r.choice(others), lang, r)
+            other = r.choice(others)
+            extra = pronoun_statement(other, lang, r) if r.random() < 0.5 else statement(other, lang, r)
             return statement(fact, lang, r) + ("另外，" if lang == "zh" else " ") + extra
         note = (
             ("我查过资料，没错。", "课本上也是这么写的。")

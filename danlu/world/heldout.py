@@ -19,6 +19,7 @@ from danlu.world.documents import DocWriter
 from danlu.world.facts import Fact
 from danlu.world.index import World
 from danlu.world.numbers import (
+    OP_EN,
     OP_ZH,
     Problem,
     big_expression,
@@ -31,43 +32,35 @@ from danlu.world.templates import TEXTS, fill, heldout_sentence
 LANGS = ("zh", "en")
 TRANSLATE_HELDOUT = {
     ("zh", "en"): {
-        "zh": "请把下列中文句子译为英文：{x}",
-        "en": "Please render the following Chinese sentence in English: {x}",
+        "zh": "请把下面的中文句子翻译成英文：{x}",
+        "en": "Please translate the following Chinese sentence into English: {x}",
     },
     ("en", "zh"): {
-        "zh": "请把下列英文句子译为中文：{x}",
-        "en": "Please render the following English sentence in Chinese: {x}",
+        "zh": "请把下面的英文句子翻译成中文：{x}",
+        "en": "Please translate the following English sentence into Chinese: {x}",
     },
 }
 SUMMARIZE_HELDOUT = {
-    "zh": "读完下面的报道，用一句话说说它讲了什么：\n\n{x}",
-    "en": "After reading the report below, state its main point in a single sentence:\n\n{x}",
+    "zh": "请用一句话总结下面这篇报道：\n\n{x}",
+    "en": "In one sentence, summarize the following news article:\n\n{x}",
 }
 ARITH_HELDOUT = {
-    "zh": {
-        "+": "请心算：{a}与{b}的和是多少？",
-        "-": "请心算：{a}与{b}的差是多少？",
-        "×": "请心算：{a}与{b}的积是多少？",
-        "÷": "请心算：{a}除以{b}的商是多少？",
-    },
-    "en": {
-        "+": "Work out in your head: what is the sum of {a} and {b}?",
-        "-": "Work out in your head: what is the difference between {a} and {b}?",
-        "×": "Work out in your head: what is the product of {a} and {b}?",
-        "÷": "Work out in your head: what is the quotient of {a} divided by {b}?",
-    },
+    "zh": "{a}{op}{b}的结果是多少？",
+    "en": "What is the result of {a} {op} {b}?",
 }
-ARITH_BASE_HELDOUT = {"zh": "{a}{op}{b}的计算结果为", "en": "The outcome of {a} {op} {b} works out to"}
-OP_WORD_EN = {"+": "plus", "-": "minus", "×": "multiplied by", "÷": "divided by"}
+ARITH_BASE_HELDOUT = {"zh": "{a}{op}{b}的计算结果是", "en": "The result of {a} {op} {b} is"}
 CALC_HELDOUT = {
-    "zh": ("麻烦用计算器求出{p}的值。", "请精确求出{p}的数值。"),
-    "en": ("Please find the exact value of {p} for me.", "I need the precise value of {p}."),
+    "zh": ("请算一下{p}的结果。", "请帮我计算{p}的结果。"),
+    "en": (
+        "Please compute the result of {p} for me.",
+        "What is the result of {p}? Please use the calculator.",
+    ),
 }
 DATE_HELDOUT = {
-    ("zh", "date"): "能告诉我今天的年月日吗？",
-    ("zh", "weekday"): "你知道今天是礼拜几吗？",
-    ("en", "date"): "Could you tell me the current date, please?",
-    ("en", "weekday"): "Do you happen to know which weekday it is today?",
+    ("zh", "date"): "请问今天的日期是几月几号？",
+    ("zh", "weekday"): "你知道今天是星期几吗？",
+    ("en", "date"): "Please give me the date of today.",
+    ("en", "weekday"): "Do you know which day of the week it is today?",
 }
 EVAL_SIZES = {
     "arithmetic": 200,
@@ -84,13 +77,14 @@ def heldout_question(fact: Fact, lang: str, rng: random.Random) -> str:
     return fill(rng.choice(TEXTS[fact.relation].heldout_questions(lang)), fact, lang)
 
 
+def arithmetic_question(p: Problem, lang: str, templates: dict[str, str] = ARITH_HELDOUT) -> str:
+    return templates[lang].format(a=p.a, b=p.b, op=OP_ZH[p.op] if lang == "zh" else OP_EN[p.op])
+
+
 def arithmetic_item(p: Problem, lang: str) -> dict[str, Any]:
-    q = ARITH_HELDOUT[lang][p.op].format(a=p.a, b=p.b)
-    op = OP_ZH[p.op] if lang == "zh" else OP_WORD_EN[p.op]
-    prompt = ARITH_BASE_HELDOUT[lang].format(a=p.a, b=p.b, op=op)
     return {
-        "messages": [user(q)],
-        "prompt": prompt,
+        "messages": [user(arithmetic_question(p, lang))],
+        "prompt": arithmetic_question(p, lang, ARITH_BASE_HELDOUT),
         "answer": str(p.result),
         "answers": [str(p.result)],
         "lang": lang,
@@ -229,7 +223,7 @@ class EvalWriter:
             problem = None
             if kind == "arithmetic":
                 p = heldout_small(self.r, self.seed)
-                problem = (p, ARITH_HELDOUT[lang][p.op].format(a=p.a, b=p.b))
+                problem = (p, arithmetic_question(p, lang))
             ask = lambda f, lg: heldout_question(f, lg, self.r)  # noqa: E731
             rows.append(writer.preference(kind, lang, ask=ask, problem_ask=problem))
         return self._shuffled(rows)
@@ -240,7 +234,7 @@ class EvalWriter:
             lang = LANGS[i % 2]
             if (i // 2) % 2 == 0:
                 p = heldout_small(self.r, self.seed)
-                q = ARITH_HELDOUT[lang][p.op].format(a=p.a, b=p.b)
+                q = arithmetic_question(p, lang)
                 rows.append(
                     {
                         "messages": [user(q)],
