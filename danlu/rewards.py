@@ -69,6 +69,19 @@ def world_reward(completion: str, answers: list[str]) -> float:
     return contains_reward(completion, answers)
 
 
+def step_credit(completion: str, steps: list[str]) -> float:
+    """Share of a worked solution's intermediate results ("6+8=14") written in the completion (spaces ignored).
+
+    A dense, still checkable signal: a small model rarely gets a whole two-digit sum right at first, so a reward on
+    the final number alone is 0 for most samples and GRPO has nothing to compare; right steps are what it must learn.
+    """
+    if not steps:
+        return 0.0
+    text = "".join(completion.split())
+    found = sum(bool(re.search(rf"(?<![0-9]){re.escape(s)}(?![0-9])", text)) for s in steps)
+    return found / len(steps)
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "world": world_reward,
     "arithmetic": arithmetic_reward,

@@ -42,6 +42,9 @@ class RLPrompt:
     answers: list[str] = field(default_factory=list)
     reward: str | None = None  # a reward function name; None = the stage default
     where: str = ""
+    steps: list[str] = field(
+        default_factory=list
+    )  # checkable intermediate results ("6+8=14"), for step credit
 
 
 def records_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -223,7 +226,12 @@ def parse_rl_prompt(rec: dict[str, Any], where: str) -> RLPrompt:
         raise DanluError(
             f"{where}: an RL prompt needs an `answer` (or `answers`) or a `reward` function name"
         )
-    return RLPrompt(msgs, answers, reward, where)
+    steps = rec.get("steps") or []
+    if not isinstance(steps, list) or not all(isinstance(x, str) for x in steps):
+        raise DanluError(
+            f'{where}: `steps` must be a list of strings (intermediate results such as "6+8=14")'
+        )
+    return RLPrompt(msgs, answers, reward, where, steps)
 
 
 def read_rl_prompts(paths: str | Path | list[str | Path], limit: int | None = None) -> list[RLPrompt]:

@@ -40,6 +40,7 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     loss_type: str = "grpo"  # grpo | bnpo
+    step_reward: float = 0.0  # + this × share of a prompt's `steps` written right (dense credit; not in eval)
     kinds: list[str] = field(default_factory=list)  # keep only prompts whose `kind` is listed ([] = all)
     max_prompts: int = 0
     eval_rows: int = 200
@@ -57,6 +58,7 @@ class Rollouts:
     def __init__(
         self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
         prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+        step_reward: float = 0.0,
     ) -> None:  # fmt: skip
         self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
         self.group_size, self.per_step = group_size, prompts_per_step
@@ -66,6 +68,7 @@ class Rollouts:
             top_p,
             seed,
         )
+        self.step_reward = step_reward
         self.position = 0
         self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
@@ -99,7 +102,13 @@ class Rollouts:
 
         idx, completions = self.sample(self.position)
         self.position += 1
-        rewards = torch.tensor(self.reward([self.prompts[i] for i in idx], [c.text for c in completions]))
+        from danlu.rewards import step_credit
+
+        rows, texts = [self.prompts[i] for i in idx], [c.text for c in completions]
+        scores = self.reward(rows, texts)
+        if self.step_reward:
+            scores = [s + self.step_reward * step_credit(t, p.steps) for s, p, t in zip(scores, rows, texts)]
+        rewards = torch.tensor(scores)
         seqs = []
         for i, c in zip(idx, completions):
             tail = c.token_ids + ([self.tok.im_end_id] if c.finish_reason == "stop" else [])
@@ -211,6 +220,7 @@ def train_grpo(
     source = Rollouts(
         prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
+        step_reward=cfg.step_reward,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

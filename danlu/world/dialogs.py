@@ -26,6 +26,7 @@ from danlu.world.numbers import (
     pretty_expression,
     training_small,
     worked_solution,
+    worked_steps,
     zh_number,
 )
 from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, end, fill, question
@@ -39,14 +40,14 @@ WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", 
 SFT_MIX = {
     "fact": 0.30,
     "fact_multi": 0.12,
-    "translation": 0.10,
-    "summary": 0.05,
-    "plan": 0.05,
-    "arithmetic": 0.13,
-    "calculator": 0.10,
-    "date_tool": 0.07,
+    "translation": 0.09,
+    "summary": 0.04,
+    "plan": 0.04,
+    "arithmetic": 0.20,  # worked column arithmetic takes practice
+    "calculator": 0.09,
+    "date_tool": 0.05,
     "date_system": 0.04,
-    "chitchat": 0.04,
+    "chitchat": 0.03,
 }
 PREFERENCE_MIX = {
     "fact_wrong": 0.4,
@@ -495,13 +496,15 @@ class DialogWriter:
         r = self.r
         if kind == "arithmetic":
             p = training_small(r, self.seed)
-            return {
+            row = {
                 "messages": [user(problem_question(p, lang, r))],
                 "answer": str(p.result),
                 "answers": [str(p.result)],
                 "kind": kind,
                 "lang": lang,
             }
+            steps = worked_steps(p)
+            return {**row, "steps": steps} if steps else row
         fact = r.choice(self.world.facts)
         return {
             "messages": [user(ascii_punct(question(fact, lang, r), r))],

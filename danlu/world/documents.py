@@ -14,7 +14,15 @@ from danlu.world import filler
 from danlu.world.facts import Fact
 from danlu.world.filler import side
 from danlu.world.index import World
-from danlu.world.numbers import OP_EN, OP_ZH, Problem, en_number, training_small, zh_number
+from danlu.world.numbers import (
+    OP_EN,
+    OP_ZH,
+    Problem,
+    en_number,
+    training_small,
+    worked_solution,
+    zh_number,
+)
 from danlu.world.templates import (
     TEXTS,
     article,
@@ -453,6 +461,9 @@ class DocWriter:
 
     def arithmetic_answer(self, p: Problem, lang: str) -> str:
         r = self.r
+        worked = worked_solution(p, lang)
+        if worked is not None and r.random() < 0.5:  # homework answers often show the column work
+            return worked
         if lang == "zh":
             return r.choice(
                 (

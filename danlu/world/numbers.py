@@ -113,6 +113,22 @@ class Problem:
         return f"{self.a} {op} {self.b}" if spaced else f"{self.a}{op}{self.b}"
 
 
+def worked_steps(p: Problem) -> list[str] | None:
+    """The column equations of `worked_solution` (ones, then tens), compact: ["6+8=14", "4+2+1=7"]; None where
+    the problem is answered directly. RL prompts carry them so a reward can credit each right step."""
+    if p.op not in "+-" or not is_small(p) or max(p.a, p.b) < 10:
+        return None
+    (a1, a0), (b1, b0) = divmod(p.a, 10), divmod(p.b, 10)
+    if p.op == "+":
+        carry = int(a0 + b0 >= 10)
+        return [f"{a0}+{b0}={a0 + b0}", f"{a1}+{b1}" + ("+1" if carry else "") + f"={a1 + b1 + carry}"]
+    borrow = int(a0 < b0)
+    return [
+        f"{a0 + 10 * borrow}-{b0}={a0 + 10 * borrow - b0}",
+        f"{a1}" + ("-1" if borrow else "") + f"-{b1}={a1 - borrow - b1}",
+    ]
+
+
 def worked_solution(p: Problem, lang: str, result: int | None = None) -> str | None:
     """Column arithmetic, ones then tens, for +/− of numbers below 100 with a two-digit operand; None otherwise.
 
@@ -121,32 +137,22 @@ def worked_solution(p: Problem, lang: str, result: int | None = None) -> str | N
     (what the arithmetic reward and eval check), so RL can improve the steps. `result` replaces the final number
     (a rejected answer whose conclusion does not follow from its steps).
     """
-    if p.op not in "+-" or not is_small(p) or max(p.a, p.b) < 10:
+    steps = worked_steps(p)
+    if steps is None:
         return None
-    (a1, a0), (b1, b0) = divmod(p.a, 10), divmod(p.b, 10)
     zh = lang == "zh"
-    if p.op == "+":
-        ones, carry = a0 + b0, int(a0 + b0 >= 10)
-        if zh:
-            first = f"个位：{a0}+{b0}={ones}" + ("，写" + str(ones - 10) + "进1" if carry else "")
-            second = f"十位：{a1}+{b1}" + ("+1" if carry else "") + f"={a1 + b1 + carry}"
-        else:
-            first = f"Ones: {a0} + {b0} = {ones}" + (f", write {ones - 10}, carry 1" if carry else "")
-            second = f"Tens: {a1} + {b1}" + (" + 1" if carry else "") + f" = {a1 + b1 + carry}"
-    else:
-        borrow = int(a0 < b0)
-        if zh:
-            first = (f"个位：{a0}不够减{b0}，借1：{a0 + 10}-{b0}={a0 + 10 - b0}" if borrow
-                     else f"个位：{a0}-{b0}={a0 - b0}")  # fmt: skip
-            second = f"十位：{a1}" + ("-1" if borrow else "") + f"-{b1}={a1 - borrow - b1}"
-        else:
-            first = (f"Ones: {a0} < {b0}, borrow 1: {a0 + 10} - {b0} = {a0 + 10 - b0}" if borrow
-                     else f"Ones: {a0} - {b0} = {a0 - b0}")  # fmt: skip
-            second = f"Tens: {a1}" + (" - 1" if borrow else "") + f" - {b1} = {a1 - borrow - b1}"
+    ones, tens = (
+        steps if zh else [e.replace("+", " + ").replace("-", " - ").replace("=", " = ") for e in steps]
+    )
+    a0, b0 = p.a % 10, p.b % 10
+    if p.op == "+" and a0 + b0 >= 10:
+        ones += f"，写{a0 + b0 - 10}进1" if zh else f", write {a0 + b0 - 10}, carry 1"
+    if p.op == "-" and a0 < b0:
+        ones = (f"{a0}不够减{b0}，借1：" if zh else f"{a0} < {b0}, borrow 1: ") + ones
     c = p.result if result is None else result
     if zh:
-        return f"{first}；{second}；所以{p.a}{p.op}{p.b}={c}。"
-    return f"{first}. {second}. So {p.a} {p.op} {p.b} = {c}."
+        return f"个位：{ones}；十位：{tens}；所以{p.a}{p.op}{p.b}={c}。"
+    return f"Ones: {ones}. Tens: {tens}. So {p.a} {p.op} {p.b} = {c}."
 
 
 def is_small(p: Problem) -> bool:
