@@ -117,6 +117,16 @@ def test_gsm8k_answer_extraction() -> None:
     assert extract_prediction("no number here") is None
 
 
+def test_short_answers_must_stand_alone_as_words() -> None:
+    from danlu.eval.generative import contains_answer
+
+    assert contains_answer("S is the chemical symbol for sulfur.", ["S"])  # a word, although a letter follows a space
+    assert contains_answer("The element with atomic number 15 is phosphorus.", ["15"])
+    assert contains_answer("铜的元素符号是Cu。", ["Cu"]) and contains_answer("首都是新德里。", ["新德里"])
+    assert not contains_answer("The Sun", ["S"]) and not contains_answer("12", ["1"]) and not contains_answer("1.5", ["1"])
+    assert contains_answer("The capital is New  Delhi.", ["New Delhi"])
+
+
 def test_arithmetic_is_judged_by_its_last_number_not_by_a_step() -> None:
     from danlu.eval.generative import contains_answer, final_number_matches
 

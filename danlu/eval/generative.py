@@ -27,8 +27,10 @@ def normalize(text: str) -> str:
 
 def contains_answer(completion: str, answers: list[str]) -> bool:
     """True if an accepted answer occurs in the completion. Short answers (numbers, symbols like "H") must stand
-    alone — not inside a longer number or word — so that "1" does not match "12"."""
+    alone — not inside a longer number or word — so that "1" does not match "12" nor "S" match "Sun"; they are
+    looked for with the spaces kept, since removing them would glue "S is" into one word."""
     got = normalize(completion)
+    spaced = " ".join(completion.lower().split())
     for a in answers:
         want = normalize(a)
         if not want:
@@ -36,7 +38,7 @@ def contains_answer(completion: str, answers: list[str]) -> bool:
         if len(want) > 3 and not want.isdigit():
             if want in got:
                 return True
-        elif re.search(rf"(?<![0-9a-z.]){re.escape(want)}(?![0-9a-z]|\.[0-9])", got):
+        elif re.search(rf"(?<![0-9a-z.]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z]|\.[0-9])", spaced):
             return True
     return False
 
