@@ -120,10 +120,16 @@ def test_gsm8k_answer_extraction() -> None:
 def test_short_answers_must_stand_alone_as_words() -> None:
     from danlu.eval.generative import contains_answer
 
-    assert contains_answer("S is the chemical symbol for sulfur.", ["S"])  # a word, although a letter follows a space
+    assert contains_answer(
+        "S is the chemical symbol for sulfur.", ["S"]
+    )  # a word, although a letter follows a space
     assert contains_answer("The element with atomic number 15 is phosphorus.", ["15"])
     assert contains_answer("铜的元素符号是Cu。", ["Cu"]) and contains_answer("首都是新德里。", ["新德里"])
-    assert not contains_answer("The Sun", ["S"]) and not contains_answer("12", ["1"]) and not contains_answer("1.5", ["1"])
+    assert (
+        not contains_answer("The Sun", ["S"])
+        and not contains_answer("12", ["1"])
+        and not contains_answer("1.5", ["1"])
+    )
     assert contains_answer("The capital is New  Delhi.", ["New Delhi"])
 
 
@@ -132,7 +138,9 @@ def test_arithmetic_is_judged_by_its_last_number_not_by_a_step() -> None:
 
     worked = "Ones: 6 + 8 = 14, write 4, carry 1. Tens: 4 + 2 + 1 = 7. So 46 + 28 = 74."
     assert final_number_matches(worked, ["74"])
-    assert not final_number_matches(worked, ["14"]) and contains_answer(worked, ["14"])  # why contains is wrong here
+    assert not final_number_matches(worked, ["14"]) and contains_answer(
+        worked, ["14"]
+    )  # why contains is wrong here
     assert not final_number_matches("no number", ["7"])
 
 
@@ -146,7 +154,9 @@ def test_preference_accuracy_is_split_by_kind(ckpt) -> None:
     ]
     res = preference_accuracy(ckpt.model, ckpt.tokenizer, rows, chat=True)
     assert set(res) >= {"accuracy", "accuracy_arithmetic", "accuracy_repetitive"}
-    assert res["accuracy"] == pytest.approx((2 * res["accuracy_arithmetic"] + res["accuracy_repetitive"]) / 3, abs=1e-3)
+    assert res["accuracy"] == pytest.approx(
+        (2 * res["accuracy_arithmetic"] + res["accuracy_repetitive"]) / 3, abs=1e-3
+    )
 
 
 def test_gsm8k_task_runs_batched_and_greedy(ckpt, tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ def test_rl_prompts_and_gsm8k(tmp_path: Path) -> None:
 
 
 def test_rl_prompt_steps_are_read_and_checked(tmp_path: Path) -> None:
-    rows = [{"messages": [{"role": "user", "content": "46+28?"}], "answer": "74", "steps": ["6+8=14", "4+2+1=7"]}]
+    rows = [
+        {"messages": [{"role": "user", "content": "46+28?"}], "answer": "74", "steps": ["6+8=14", "4+2+1=7"]}
+    ]
     assert read_rl_prompts(_write(tmp_path / "rl.jsonl", rows))[0].steps == ["6+8=14", "4+2+1=7"]
     bad = [{**rows[0], "steps": "6+8=14"}]
     with pytest.raises(DanluError, match=r"bad.jsonl:1: `steps` must be a list of strings"):
@@ -87,7 +89,9 @@ def test_step_credit_counts_right_steps_whole_numbers_only() -> None:
     from danlu.rewards import step_credit
 
     steps = ["6+8=14", "4+2+1=7"]
-    assert step_credit("Ones: 6 + 8 = 14, write 4, carry 1. Tens: 4 + 2 + 1 = 7. So 46 + 28 = 74.", steps) == 1.0
+    assert (
+        step_credit("Ones: 6 + 8 = 14, write 4, carry 1. Tens: 4 + 2 + 1 = 7. So 46 + 28 = 74.", steps) == 1.0
+    )
     assert step_credit("个位：6+8=14，写4进1；十位：4+2=6；所以46+28=64。", steps) == 0.5
     assert step_credit("16+8=145", ["6+8=14"]) == 0.0  # not inside longer numbers
     assert step_credit("anything", []) == 0.0

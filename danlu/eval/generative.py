@@ -38,7 +38,9 @@ def contains_answer(completion: str, answers: list[str]) -> bool:
         if len(want) > 3 and not want.isdigit():
             if want in got:
                 return True
-        elif re.search(rf"(?<![0-9a-z.]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z]|\.[0-9])", spaced):
+        elif re.search(
+            rf"(?<![0-9a-z.]){re.escape(' '.join(a.lower().split()))}(?![0-9a-z]|\.[0-9])", spaced
+        ):
             return True
     return False
 
