@@ -293,7 +293,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.raw_model = model.to(self.device)
-        self.model = self._wrap(self.raw_model)
+        self.compiled = self._use_compile()
+        self.model = self._wrap(self.raw_model, self.compiled)
         self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
         self.step = 0
         self.tokens_per_row = tokens_per_row
@@ -305,7 +306,9 @@ class Trainer:
         self._tb = None
 
     # -- setup --
-    def _wrap(self, model: nn.Module) -> nn.Module:
+    def _wrap(self, model: nn.Module, compile: bool) -> nn.Module:
+        if self.dist.world_size > 1 and hasattr(self, "model"):  # re-wrapping: keep the DDP/FSDP wrapper
+            return getattr(self.model, "_orig_mod", self.model)
         wrapped = model
         if self.dist.world_size > 1:
             if self.cfg.parallel == "fsdp":
@@ -319,9 +322,27 @@ class Trainer:
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 wrapped = DistributedDataParallel(model, device_ids=ids)
-        if self._use_compile():
+        if compile:
             wrapped = torch.compile(wrapped)
         return wrapped
+
+    def _fall_back_to_eager(self, error: BaseException) -> bool:
+        """`compile: auto` must never cost a user their run: if torch.compile fails (no working C++ toolchain, an
+        unsupported op), say so once and go on eagerly. With `compile: on` the error stands."""
+        kind = type(error).__module__
+        if not (
+            self.compiled
+            and self.cfg.compile == "auto"
+            and kind.startswith(("torch._dynamo", "torch._inductor"))
+        ):
+            return False
+        print(f"[danlu] {self.stage}: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+              "training on without it (set train.compile=off to skip the attempt)")  # fmt: skip
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.compiled = False
+        self.model = self._wrap(self.raw_model, False)
+        return True
 
     def _use_compile(self) -> bool:
         """`auto`: on GPUs; on CPUs only for runs of 500+ steps with a C++ compiler at hand. Measured on the tiny
@@ -332,6 +353,13 @@ class Trainer:
         if self.device.type == "cuda":
             return True
         return self.device.type == "cpu" and self.cfg.steps >= 500 and shutil.which("c++") is not None
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor], ctx: Any, grad_accum: int) -> tuple[Any, Any]:
+        with ctx:
+            with self.autocast():
+                loss, stats = self.loss_fn(self.model, batch)
+            (loss / grad_accum).backward()
+        return loss, stats
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -496,10 +524,12 @@ class Trainer:
                     }
                     sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
                     ctx = self.model.no_sync() if not sync else _null()
-                    with ctx:
-                        with self.autocast():
-                            loss, stats = self.loss_fn(self.model, batch)
-                        (loss / cfg.grad_accum).backward()
+                    try:
+                        loss, stats = self._forward_backward(batch, ctx, cfg.grad_accum)
+                    except Exception as e:
+                        if not self._fall_back_to_eager(e):
+                            raise
+                        loss, stats = self._forward_backward(batch, _null(), cfg.grad_accum)
                     loss_sum += loss.detach().float().item()
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)

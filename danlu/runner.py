@@ -90,9 +90,23 @@ def _file_signature(value: Any) -> Any:
     return value
 
 
+def code_signature(name: str) -> str:
+    """danlu's version, and for the world stage a hash of the generator's source: the built-in corpus is code, so
+    after an upgrade (or an edit of its templates) a rerun must rebuild it and everything trained on it."""
+    from danlu import __version__
+
+    if name != "world":
+        return __version__
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "world").glob("*.py")):
+        digest.update(path.read_bytes())
+    return f"{__version__}:{digest.hexdigest()[:12]}"
+
+
 def fingerprint(name: str, recipe: dict[str, Any], previous: str) -> str:
     payload = {
         "stage": name,
+        "code": code_signature(name),
         "section": _file_signature(recipe.get(name)),
         "global": {k: recipe.get(k) for k in GLOBAL_KEYS if k != "extends"},
         "previous": previous,

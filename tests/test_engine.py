@@ -109,6 +109,40 @@ def test_nan_loss_stops_without_touching_the_last_checkpoint(tmp_path: Path, sha
     assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "n").model.parameters())
 
 
+class _BrokenCompile:
+    """Stands in for a compiled module whose compilation fails, as torch.compile does without a C++ toolchain."""
+
+    class Error(RuntimeError):
+        pass
+
+    Error.__module__ = "torch._inductor.exc"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        raise self.Error("C++ compile error: cannot find a compiler")
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_failing_compile_falls_back_under_auto_and_stops_under_on(
+    tmp_path: Path, shards, tiny_tokenizer, monkeypatch, capsys, mode: str
+) -> None:
+    monkeypatch.setattr(torch, "compile", _BrokenCompile)
+    monkeypatch.setattr(Trainer, "_use_compile", lambda self: True)
+    t = _trainer(shards, tmp_path / mode, tiny_tokenizer, steps=3, compile=mode)
+    assert isinstance(t.model, _BrokenCompile)
+    if mode == "on":
+        with pytest.raises(_BrokenCompile.Error):
+            t.fit()
+        return
+    t.fit()
+    assert t.step == 3 and t.model is t.raw_model and not t.compiled
+    assert "torch.compile failed" in capsys.readouterr().out
+    losses = [h["loss"] for h in t.history if h.get("event") == "train"]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # it trained, eagerly, from the first step
+
+
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, shards, tiny_tokenizer) -> None:
     t = _trainer(shards, tmp_path / "s", tiny_tokenizer, steps=2)
     t.fit()

@@ -39,6 +39,25 @@ def test_unchanged_stages_are_skipped_and_from_reruns(tmp_path: Path, capsys) ->
     assert _stamp(run, "world") == first["world"] and _stamp(run, "tokenizer") != again
 
 
+def test_new_danlu_code_reruns_the_world_and_what_follows(tmp_path: Path, monkeypatch) -> None:
+    import danlu
+    import danlu.runner
+
+    run = tmp_path / "run"
+    run_pipeline(dict(RECIPE), run)
+    first = {s: _stamp(run, s) for s in ("world", "tokenizer")}
+    real = danlu.runner.code_signature
+    monkeypatch.setattr(
+        danlu.runner, "code_signature", lambda name: real(name) + ("+edited" if name == "world" else "")
+    )
+    run_pipeline(dict(RECIPE), run)  # the corpus generator changed: its output and everything after are stale
+    assert all(_stamp(run, s) != first[s] for s in first)
+    monkeypatch.setattr(danlu, "__version__", "99.0")
+    again = {s: _stamp(run, s) for s in first}
+    run_pipeline(dict(RECIPE), run)
+    assert all(_stamp(run, s) != again[s] for s in first)
+
+
 def test_a_failing_stage_stops_the_run_and_leaves_earlier_stages(tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     bad = {**RECIPE, "tokenizer": {"vocab_size": 300, "bogus_key": 1}}
