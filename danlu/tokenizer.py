@@ -32,6 +32,21 @@ TOOL_CALL_END = "</tool_call>"
 # tags are ordinary added tokens, so decoded assistant text keeps them and danlu.tools.parse_tool_calls can read it.
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 ADDED_TOKENS = [*SPECIAL_TOKENS, TOOL_CALL_START, TOOL_CALL_END]
+
+
+def defuse_special_tokens(text: str) -> str:
+    """Text in which a typed "<|im_start|>" (or any other control token) can no longer become that token.
+
+    The tokenizer turns these strings into control ids wherever they occur (as transformers does), so a chat user
+    could otherwise close their turn and write a system message of their own. A zero-width space after the "<"
+    keeps the text readable and makes it plain text to the tokenizer.
+    """
+    for token in ADDED_TOKENS:
+        if token in text:
+            text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
+
+
 ROLES = ("system", "user", "assistant", "tool")
 
 # Qwen2's pre-tokenizer regex (llama.cpp: LLAMA_VOCAB_PRE_TYPE_QWEN2, name "qwen2").

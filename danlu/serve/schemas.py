@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from danlu.tokenizer import defuse_special_tokens
+
 MAX_N = 8
 MAX_STOP = 4
 
@@ -47,13 +49,14 @@ class ChatMessage(_Lenient):
     tool_call_id: str | None = None
 
     def plain(self) -> dict[str, Any]:
-        """The message as the chat template reads it: text content only (image parts are refused earlier)."""
+        """The message as the chat template reads it: text content only (image parts are refused earlier), with
+        control tokens a client typed made harmless."""
         if isinstance(self.content, list):
             text = "".join(p.text or "" for p in self.content if p.type == "text")
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        out: dict[str, Any] = {"role": role, "content": text}
+        out: dict[str, Any] = {"role": role, "content": defuse_special_tokens(text)}
         if self.tool_calls:
             out["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
         if self.name:
