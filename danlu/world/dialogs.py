@@ -29,7 +29,7 @@ from danlu.world.numbers import (
     worked_steps,
     zh_number,
 )
-from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, end, fill, question
+from danlu.world.templates import SAME_RELATION_FOLLOWUPS, TEXTS, cap, end, fill, question, statement
 
 Message = dict[str, Any]
 SHOWCASE_WEIGHT = 4
@@ -40,6 +40,7 @@ WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", 
 SFT_MIX = {
     "fact": 0.30,
     "fact_multi": 0.12,
+    "fact_context": 0.06,
     "translation": 0.09,
     "summary": 0.04,
     "plan": 0.04,
@@ -320,6 +321,23 @@ class DialogWriter:
         if r.random() < 0.05:
             out.insert(0, {"role": "system", "content": date_system_prompt(random_day(r), lang, r)})
         return out
+
+    def _sft_fact_context(self, lang: str) -> list[Message]:
+        """A question after a statement the user makes ("In Kenya, people pay with the shilling. What is its
+        capital?"): a user turn that holds sentences is not always a text to translate, and the answer stays in
+        the user's language."""
+        r = self.r
+        fact = self.ask_fact()
+        others = [
+            f
+            for f in self.world.by_subject[subject_id(fact)]
+            if f.id != fact.id and f.id not in self.world.reserved
+        ]
+        if not others:
+            return self._sft_fact(lang)
+        context = statement(r.choice(others), lang, r)
+        ask = context + ("" if lang == "zh" else " ") + question(fact, lang, r)
+        return [user(ascii_punct(ask, r)), assistant(answer_sentence(fact, lang, r))]
 
     def _sft_fact_multi(self, lang: str) -> list[Message]:
         r = self.r
