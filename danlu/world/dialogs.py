@@ -40,7 +40,7 @@ WEEKDAYS_ZH = ("星期一", "星期二", "星期三", "星期四", "星期五", 
 SFT_MIX = {
     "fact": 0.30,
     "fact_multi": 0.12,
-    "fact_context": 0.06,
+    "fact_context": 0.12,
     "translation": 0.09,
     "summary": 0.04,
     "plan": 0.04,
