@@ -44,8 +44,8 @@ SFT_MIX = {
     "translation": 0.09,
     "summary": 0.04,
     "plan": 0.04,
-    "arithmetic": 0.20,  # worked column arithmetic takes practice
-    "calculator": 0.09,
+    "arithmetic": 0.24,  # worked column arithmetic takes practice
+    "calculator": 0.11,
     "date_tool": 0.05,
     "date_system": 0.04,
     "chitchat": 0.03,
