@@ -294,7 +294,7 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.raw_model = model.to(self.device)
         self.compiled = self._use_compile()
-        self.model = self._wrap(self.raw_model, self.compiled)
+        self.model = self._wrap(self.raw_model)
         self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
         self.step = 0
         self.tokens_per_row = tokens_per_row
@@ -306,9 +306,7 @@ class Trainer:
         self._tb = None
 
     # -- setup --
-    def _wrap(self, model: nn.Module, compile: bool) -> nn.Module:
-        if self.dist.world_size > 1 and hasattr(self, "model"):  # re-wrapping: keep the DDP/FSDP wrapper
-            return getattr(self.model, "_orig_mod", self.model)
+    def _wrap(self, model: nn.Module) -> nn.Module:
         wrapped = model
         if self.dist.world_size > 1:
             if self.cfg.parallel == "fsdp":
@@ -322,7 +320,7 @@ class Trainer:
 
                 ids = [self.device.index] if self.device.type == "cuda" else None
                 wrapped = DistributedDataParallel(model, device_ids=ids)
-        if compile:
+        if self.compiled:
             wrapped = torch.compile(wrapped)
         return wrapped
 
@@ -341,7 +339,7 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.compiled = False
-        self.model = self._wrap(self.raw_model, False)
+        self.model = self.model._orig_mod  # what torch.compile wrapped: the model, or its DDP/FSDP wrapper
         return True
 
     def _use_compile(self) -> bool:

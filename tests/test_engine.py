@@ -118,7 +118,7 @@ class _BrokenCompile:
     Error.__module__ = "torch._inductor.exc"
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
+        self._orig_mod = model  # as torch.compile's OptimizedModule names what it wraps
 
     def __call__(self, *args, **kwargs):
         raise self.Error("C++ compile error: cannot find a compiler")

@@ -42,9 +42,8 @@ class RLPrompt:
     answers: list[str] = field(default_factory=list)
     reward: str | None = None  # a reward function name; None = the stage default
     where: str = ""
-    steps: list[str] = field(
-        default_factory=list
-    )  # checkable intermediate results ("6+8=14"), for step credit
+    # checkable intermediate results ("6+8=14"), for GRPO's step credit
+    steps: list[str] = field(default_factory=list)
 
 
 def records_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -94,6 +94,36 @@ def _series(hist: list[dict[str, Any]], event: str, key: str) -> tuple[list[int]
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
+def _label(ax: Any, title: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _reward_panel(ax: Any, stage: str, steps: list[int], rewards: list[float]) -> None:
+    k = max(1, len(rewards) // 10)  # a moving average: each point is a few dozen samples
+    windows = [rewards[max(0, i - k + 1) : i + 1] for i in range(len(rewards))]
+    ax.plot(steps, rewards, color="tab:green", alpha=0.3, label="mean reward")
+    ax.plot(
+        steps, [sum(w) / len(w) for w in windows], color="tab:green", label=f"mean reward ({k}-point average)"
+    )
+    _label(ax, f"{stage} (reward)", "reward")
+
+
+def _loss_panel(ax: Any, stage: str, hist: list[dict[str, Any]]) -> None:
+    ax.plot(*_series(hist, "train", "loss"), label="train loss", color="tab:blue")
+    vx, vy = _series(hist, "eval", "val_loss")
+    if vx:
+        ax.plot(vx, vy, "o-", label="validation loss", color="tab:orange")
+    else:
+        ax.text(0.5, 0.9, "no validation set", transform=ax.transAxes, ha="center", color="gray")
+    for r in hist:
+        if r.get("event") == "early_stop":
+            ax.axvline(r["step"], color="red", ls="--", label="early stop")
+    _label(ax, stage, "loss (nats/token)")
+
+
 def loss_plot(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
     """One panel per stage: train loss and validation loss against the step, early stops marked. RL stages plot
     their mean reward instead: GRPO's loss is ~0 by construction (one step per rollout, zero-mean advantages)."""
@@ -102,35 +132,11 @@ def loss_plot(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
         return None
     fig, axes = _grid(len(stages))
     for ax, stage in zip(axes, stages):
-        hist = histories[stage]
-        rx, ry = _series(hist, "train", "reward")
+        rx, ry = _series(histories[stage], "train", "reward")
         if rx:
-            k = max(1, len(ry) // 10)  # a moving average: each point is a few dozen samples
-            smooth = [
-                sum(ry[max(0, i - k + 1) : i + 1]) / len(ry[max(0, i - k + 1) : i + 1])
-                for i in range(len(ry))
-            ]
-            ax.plot(rx, ry, color="tab:green", alpha=0.3, label="mean reward")
-            ax.plot(rx, smooth, color="tab:green", label=f"mean reward ({k}-point average)")
-            ax.set_title(f"{stage} (reward)")
-            ax.set_xlabel("step")
-            ax.set_ylabel("reward")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            continue
-        ax.plot(*_series(hist, "train", "loss"), label="train loss", color="tab:blue")
-        vx, vy = _series(hist, "eval", "val_loss")
-        if vx:
-            ax.plot(vx, vy, "o-", label="validation loss", color="tab:orange")
+            _reward_panel(ax, stage, rx, ry)
         else:
-            ax.text(0.5, 0.9, "no validation set", transform=ax.transAxes, ha="center", color="gray")
-        for r in hist:
-            if r.get("event") == "early_stop":
-                ax.axvline(r["step"], color="red", ls="--", label="early stop")
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
+            _loss_panel(ax, stage, histories[stage])
         ax.legend(fontsize=8)
     return _figure_png(fig)
 
@@ -143,10 +149,7 @@ def throughput_plot(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
     for ax, stage in zip(axes, stages):
         hist = histories[stage]
         ax.plot(*_series(hist, "train", "tokens_per_s"), color="tab:green", label="tokens/s")
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("tokens/s")
-        ax.grid(alpha=0.3)
+        _label(ax, stage, "tokens/s")
         mx, my = _series(hist, "train", "mfu")
         if mx:
             ax2 = ax.twinx()

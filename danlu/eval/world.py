@@ -130,7 +130,7 @@ def evaluate_world(
     batch_size: int = 32, seed: int = 0,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """Scores each named held-out set; returns {set name: metrics}."""
-    from danlu.eval.generative import completion_accuracy
+    from danlu.eval.generative import completion_accuracy, contains_answer, final_number_matches
     from danlu.generate import Generator
 
     unknown = [s for s in sets if s not in WORLD_SETS]
@@ -148,8 +148,6 @@ def evaluate_world(
         elif how == "tool_call":
             out[name] = tool_call_accuracy(gen, rows, batch_size=batch_size)
         else:
-            from danlu.eval.generative import contains_answer, final_number_matches
-
             tokens = 64 if name in ("translation", "summary", "arithmetic_chat") else 24
             match = final_number_matches if how == "final_number" else contains_answer
             out[name] = completion_accuracy(

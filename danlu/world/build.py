@@ -126,34 +126,27 @@ def _mix(total: int, shares: dict[str, float]) -> list[str]:
     return kinds
 
 
-def sft_dialogs(world: World, seed: int, scale: float) -> list[dict[str, Any]]:
-    rng = random.Random(f"{seed}:sft")
-    writer = DialogWriter(world.open(), rng, seed)
-    rows = [writer.sft(kind, rng.choice(LANGS)) for kind in _mix(scaled(SFT_DIALOGS, scale, 50), SFT_MIX)]
+def _written(world: World, seed: int, scale: float, part: str, count: int, minimum: int,
+             mix: dict[str, float]) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows from DialogWriter.<part> (sft, preference, rl), one per kind in the scaled mix, in a shuffled order;
+    each part has its own random stream, so changing one part leaves the others byte-identical."""
+    rng = random.Random(f"{seed}:{part}")
+    write = getattr(DialogWriter(world.open(), rng, seed), part)
+    rows = [write(kind, rng.choice(LANGS)) for kind in _mix(scaled(count, scale, minimum), mix)]
     rng.shuffle(rows)
     return rows
+
+
+def sft_dialogs(world: World, seed: int, scale: float) -> list[dict[str, Any]]:
+    return _written(world, seed, scale, "sft", SFT_DIALOGS, 50, SFT_MIX)
 
 
 def preference_pairs(world: World, seed: int, scale: float) -> list[dict[str, Any]]:
-    rng = random.Random(f"{seed}:preference")
-    writer = DialogWriter(world.open(), rng, seed)
-    rows = [
-        writer.preference(k, rng.choice(LANGS))
-        for k in _mix(scaled(PREFERENCE_PAIRS, scale, 20), PREFERENCE_MIX)
-    ]
-    rng.shuffle(rows)
-    return rows
+    return _written(world, seed, scale, "preference", PREFERENCE_PAIRS, 20, PREFERENCE_MIX)
 
 
 def rl_prompts(world: World, seed: int, scale: float) -> list[dict[str, Any]]:
-    rng = random.Random(f"{seed}:rl")
-    writer = DialogWriter(world.open(), rng, seed)
-    rows = [
-        writer.rl(k, rng.choice(LANGS))
-        for k in _mix(scaled(RL_PROMPTS, scale, 20), {"arithmetic": 0.5, "fact": 0.5})
-    ]
-    rng.shuffle(rows)
-    return rows
+    return _written(world, seed, scale, "rl", RL_PROMPTS, 20, {"arithmetic": 0.5, "fact": 0.5})
 
 
 def check_args(seed: Any, scale: Any) -> tuple[int, float]:
