@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 from collections.abc import Callable
 
@@ -44,3 +45,25 @@ def timed(fn: Callable[[], None], warmup: int, iters: int, sync: Callable[[], No
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
+
+
+def timed_side_by_side(
+    fns: dict[str, Callable[[], None]], warmup: int, rounds: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round by round.
+
+    Shared machines slow down for seconds at a time; interleaving puts both sides under the same load and the
+    median drops the rounds that caught a stall, so the ratio is steadier than two back-to-back means.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hf_twin, machine, timed  # noqa: E402
+from _common import hf_twin, machine, timed_side_by_side  # noqa: E402
 
 from danlu.generate import Generator, SamplingParams  # noqa: E402
 from danlu.model import ModelConfig, Transformer  # noqa: E402
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="generated tokens")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -70,8 +70,8 @@ def main() -> None:
             out["hf"] = hf.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
                                     pad_token_id=0)[0, args.prompt :].tolist()  # fmt: skip
 
-    t_ours = timed(run_ours, 1, args.iters, sync)
-    t_hf = timed(run_hf, 1, args.iters, sync)
+    seconds = timed_side_by_side({"ours": run_ours, "hf": run_hf}, 1, args.rounds, sync)
+    t_ours, t_hf = seconds["ours"], seconds["hf"]
     same = out["ours"] == out["hf"]
     print(f"machine: {machine()}")
     print(f"config: depth {args.depth} (hidden {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M params), vocab "

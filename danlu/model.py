@@ -88,6 +88,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one kernel; decoding a token runs 2 norms a layer, so calls add up
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # Normalize in fp32 as transformers does, so logits match it closely under bf16 autocast too.
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
@@ -95,37 +97,37 @@ class RMSNorm(nn.Module):
 def rope_tables(
     cfg: ModelConfig, length: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and *signed* sin tables: the sin's first half is negated, so `apply_rope` rotates with one `roll`."""
     inv_freq = 1.0 / (
         cfg.rope_theta
         ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
     )
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # transformers' "rotate_half" layout, not interleaved pairs
-    return emb.cos(), emb.sin()
+    # transformers' "rotate_half" layout (not interleaved pairs): dims i and i + D/2 rotate together.
+    return torch.cat([freqs, freqs], dim=-1).cos(), torch.cat([-freqs, freqs], dim=-1).sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D). rotate_half(x) * sin == roll(x, D/2) * signed sin."""
+    return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
 class KVCache:
     """Preallocated keys/values for generation. Rows may be left-padded: `pad[b]` leading slots of row b are ignored.
 
     All rows advance together (`pos`), which is what batched sampling needs; each row's RoPE position is
-    `pos - pad[b]`, so a left-padded prompt gets the same positions as it would alone.
+    `pos - pad[b]`, so a left-padded prompt gets the same positions as it would alone. One tensor per layer, so
+    a decode step writes and reads it with `narrow` views (the step is small enough that indexing calls show).
     """
 
     def __init__(
         self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
         pad: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.pos = 0
         self.max_len = max_len
         self.pad = pad.to(device) if pad is not None and bool((pad > 0).any()) else None
@@ -147,9 +149,17 @@ class KVCache:
             allowed = allowed & (k >= self.pad.view(-1, 1, 1, 1))
         return allowed
 
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this step's keys/values (B, H, t, D) at `pos` and returns all of them so far."""
+        t, end = k.size(2), self.pos + k.size(2)
+        self.k[layer].narrow(2, self.pos, t).copy_(k)
+        self.v[layer].narrow(2, self.pos, t).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps only the rows in `index` (finished rows leave a batch)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
         if self.pad is not None:
             self.pad = self.pad[index]
 
@@ -176,10 +186,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = mask is None
         if cache is not None:
-            end = cache.pos + t
-            cache.k[self.layer, :, :, cache.pos : end] = k
-            cache.v[self.layer, :, :, cache.pos : end] = v
-            k, v = cache.k[self.layer, :, :, :end], cache.v[self.layer, :, :, :end]
+            k, v = cache.append(self.layer, k, v)
             causal = mask is None and cache.pos == 0 and t > 1
         # enable_gqa shares each K/V head across its query group without copying (torch >= 2.5): copies of the
         # cache with repeat_interleave cost more than the attention itself when decoding.
@@ -269,19 +276,22 @@ class Transformer(nn.Module):
         if cache is not None:
             if cache.pos + t > min(limit, cache.max_len):
                 raise ValueError(f"sequence of {cache.pos + t} tokens exceeds the context of {limit}")
-            positions = cache.positions(t, device)
             mask = cache.mask(t, device)
+            if cache.pad is None and t == 1:  # a decode step: a view of the tables, no index
+                cos, sin = self.rope_cos.narrow(0, cache.pos, 1), self.rope_sin.narrow(0, cache.pos, 1)
+            else:
+                cos, sin = self._rope(cache.positions(t, device))
         elif segment_ids is not None:
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
             positions = _segment_positions(segment_ids)
             same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
             mask = (same & torch.ones(t, t, dtype=torch.bool, device=device).tril()).unsqueeze(1)
+            cos, sin = self._rope(positions)
         else:
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
-            positions = torch.arange(t, device=device).unsqueeze(0)
-        cos, sin = self._rope(positions)
+            cos, sin = self._rope(torch.arange(t, device=device).unsqueeze(0))
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
