@@ -42,6 +42,9 @@ def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> N
     pre = summary["pretrain"]
     assert pre["val_bpb_end"] < 0.8 * pre["val_bpb_start"]  # pretraining learned the world text
     assert summary["sft"]["pretrain_val_bpb_before"] > 0 and "chat_facts_accuracy" in summary["sft"]
+    dpo = summary["dpo"]  # pairs judged from the SFT model's own samples, with the world's held-out prompts
+    assert dpo["judged_prompts"] == 16 and "heldout_answer_accuracy" in dpo and "heldout_pref_accuracy" in dpo
+    assert {"train_prompt_accuracy", "heldout_accuracy_before"} <= set(summary["grpo"])
     assert "danlu chat" in result.stdout  # ends by saying what to try
     assert (run / "report.html").exists() and (run / "report.md").exists()
 

@@ -87,7 +87,12 @@ def test_grpo_runs_and_resumes_exactly(tiny_checkpoint: Path, data: dict, tmp_pa
         cfg = GRPOConfig(resume=resume, group_size=2, prompts_per_step=2, max_new_tokens=4, beta=0.04, eval_rows=4,
                          train={**FAST, "steps": steps, "save_every": 2})  # fmt: skip
         res = train_grpo(tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, eval_data=data["rl"])
-        assert {"heldout_accuracy_before", "heldout_accuracy", "train_reward_first"} <= set(res)
+        assert {
+            "heldout_accuracy_before",
+            "heldout_accuracy",
+            "train_prompt_accuracy_before",
+            "train_prompt_accuracy",
+        } <= set(res)
         return [m["loss"] for m in _metrics(out) if m.get("event") == "train"]
 
     full = run(tmp_path / "a", 3, "false")
@@ -160,3 +165,37 @@ def test_grpo_kinds_select_prompts_and_name_a_missing_kind(tmp_path: Path) -> No
     assert len(read_prompts(path, ["arithmetic"], None)) == 2
     with pytest.raises(DanluError, match="no RL prompts of kind gsm8k"):
         read_prompts(path, ["gsm8k"], None)
+
+
+def test_judged_pairs_prefer_the_best_finished_sample_to_the_worst() -> None:
+    import random
+
+    from danlu.generate import Completion
+    from danlu.stages.judged_pairs import best_and_worst
+
+    def done(text: str, finish: str = "stop") -> Completion:
+        return Completion(text, [1], finish, 3)
+
+    rng = random.Random(0)
+    group = [(1.0, done("right")), (0.0, done("wrong")), (2.0, done("cut off", "length")), (-1.0, done("  "))]
+    assert best_and_worst(group, rng) == ((1.0, "right"), (0.0, "wrong"))  # cut-off and empty answers sit out
+    assert best_and_worst([(1.0, done("a")), (1.0, done("b"))], rng) is None  # all alike: nothing to prefer
+    assert best_and_worst([(0.5, done("x", "length"))], rng) is None
+
+
+def test_dpo_with_judged_pairs_reports_them_or_says_why_there_are_none(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    from danlu.stages.dpo import DPOConfig, train_dpo
+
+    # One new token can only be <|im_end|> (an empty answer) or a cut-off one: no sample can take part in a pair.
+    judged = {"sample_prompts": 4, "samples": 2, "sample_tokens": 1, "prompts": str(data["rl"]),
+              "eval_prompts": str(data["rl"])}  # fmt: skip
+    res = train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "both", recipe={}, eval_data=data["pairs"],
+                    cfg=DPOConfig(resume="false", train={**FAST, "steps": 1}, **judged))  # fmt: skip
+    assert res["judged_prompts"] == 4 and res["judged_pairs"] == 0 and res["heldout_judged_pairs"] == 0
+    assert 0.0 <= res["heldout_answer_accuracy_before"] <= 1.0 and "heldout_answer_accuracy" in res
+    assert (tmp_path / "both" / "judged_pairs_train.jsonl").read_text() == ""
+    with pytest.raises(DanluError, match="no judged pairs.*written_pairs"):
+        train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "only", recipe={},
+                  cfg=DPOConfig(resume="false", written_pairs=False, train={**FAST, "steps": 1}, **judged))  # fmt: skip

@@ -220,12 +220,18 @@ def test_preference_and_rl_records(world_dir: Path) -> None:
     assert {p["kind"] for p in pairs} == {
         "fact_wrong",
         "arithmetic",
+        "arithmetic_misread",
         "evasive",
         "repetitive",
         "wrong_language",
     }
     for p in pairs:
         assert p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"]
+    for p in (p for p in pairs if p["kind"] == "arithmetic_misread"):
+        # the rejected answer works another problem's columns right, then states its result for this problem
+        chosen, rejected = (re.findall(r"\d+", p[k]) for k in ("chosen", "rejected"))
+        assert chosen[-3:-1] == rejected[-3:-1] and chosen[-1] != rejected[-1], p  # "So a op b = …"
+        assert chosen[:-3] != rejected[:-3], p
     facts = build_facts()
     for p in (p for p in pairs if p["kind"] == "fact_wrong"):
         assert not any(
@@ -238,6 +244,7 @@ def test_preference_and_rl_records(world_dir: Path) -> None:
     for r in rl:
         assert r["messages"][-1]["role"] == "user" and r["answer"] in r["answers"]
         if r["kind"] == "arithmetic":
+            assert r["steps"], r  # worked in columns: the sums RL can still improve
             nums = [int(x) for x in re.findall(r"\d+", r["messages"][0]["content"])]
             op = next(
                 o

@@ -35,6 +35,18 @@ class DPOConfig:
     reference_mode: str = "cached"  # cached | online
     max_pairs: int = 0
     eval_pairs: int = 200
+    # Pairs judged from the starting model's own samples (danlu/stages/judged_pairs.py): `samples` answers to each
+    # of `sample_prompts` RL prompts (`prompts`, pipeline: world/rl.jsonl; `prompt_kinds` filters by `kind`),
+    # scored by `judge` (a reward function name or a reward model folder). Held-out prompts (`eval_prompts`,
+    # pipeline: world/eval/rl.jsonl) give judged held-out pairs and greedy answer accuracy, before and after.
+    sample_prompts: int = 0  # 0 = off
+    samples: int = 4
+    sample_tokens: int = 72
+    judge: str = "world"
+    prompts: str | None = None
+    prompt_kinds: list[str] = field(default_factory=list)
+    eval_prompts: str | None = None
+    written_pairs: bool = True  # also train on `data`; false: on the judged pairs only
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -89,8 +101,10 @@ def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
     return ref.eval()
 
 
-def preference_eval(policy: Any, ref: Any, batches: Any, beta: float, autocast: Any) -> dict[str, float]:
-    """val_loss (DPO), val_pref_accuracy (policy: log π(chosen) > log π(rejected)), val_reward_accuracy
+def preference_eval(
+    policy: Any, ref: Any, batches: Any, beta: float, autocast: Any, prefix: str = "val_"
+) -> dict[str, float]:
+    """{prefix}loss (DPO), {prefix}pref_accuracy (policy: log π(chosen) > log π(rejected)), {prefix}reward_accuracy
     (implicit reward β·log π/π_ref ranks chosen higher; 0.5 by definition when policy = reference)."""
     from danlu.losses import dpo_loss
 
@@ -107,7 +121,11 @@ def preference_eval(policy: Any, ref: Any, batches: Any, beta: float, autocast: 
         rew += float((cr > rj).sum() + 0.5 * (cr == rj).sum())
         n += pc.numel()
     n = max(n, 1)
-    return {"val_loss": loss / n, "val_pref_accuracy": pref / n, "val_reward_accuracy": rew / n}
+    return {
+        f"{prefix}loss": loss / n,
+        f"{prefix}pref_accuracy": pref / n,
+        f"{prefix}reward_accuracy": rew / n,
+    }
 
 
 def train_dpo(
@@ -128,9 +146,8 @@ def train_dpo(
     tok = ckpt.tokenizer
     context = ckpt.config.max_position_embeddings
     ref = load_reference(ckpt, cfg.reference)
-    train, dropped = encode_pairs(read_pairs(data, cfg.max_pairs or None), tok, context)
-    if not train:
-        raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
+    written = read_pairs(data, cfg.max_pairs or None) if cfg.written_pairs else []
+    train, dropped = encode_pairs(written, tok, context)
     held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
     source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
     held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
@@ -160,9 +177,15 @@ def train_dpo(
         }
 
     trainer: Any = None
+    judged = JudgedSets(cfg, tok, context, tcfg.seed) if cfg.sample_prompts else None
 
     def evaluate(m: Any) -> dict[str, float]:
-        return preference_eval(m, ref, held_batches, cfg.beta, trainer.autocast) if held_batches else {}
+        out = preference_eval(m, ref, held_batches, cfg.beta, trainer.autocast) if held_batches else {}
+        if judged is not None and judged.held_batches is not None:
+            out.update(
+                preference_eval(m, ref, judged.held_batches, cfg.beta, trainer.autocast, "val_judged_")
+            )
+        return out
 
     meta = {"stage": "dpo", "parent": str(parent), "data": str(data), "beta": cfg.beta}
     hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True), evaluate=evaluate)
@@ -170,6 +193,18 @@ def train_dpo(
         tcfg.eval_every = tcfg.steps
     trainer = Trainer(tcfg, ckpt.model, source, loss_fn, out, hooks, stage="dpo")
     ref.to(trainer.device)
+    if judged is not None:  # sampled from the starting model, before a resume loads later weights
+        with trainer.autocast():
+            judged.sample(trainer.raw_model)
+        train.extend(judged.train)
+    if not train:
+        if judged is not None and not cfg.written_pairs:
+            raise DanluError(
+                f"dpo: no judged pairs: the samples for {len(judged.prompts)} prompts of {cfg.prompts} all scored "
+                f"alike under judge {cfg.judge!r} (or none ended within {cfg.sample_tokens} tokens); "
+                "raise dpo.samples or dpo.sample_tokens, or set dpo.written_pairs: true"
+            )
+        raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
     if not online:  # same device and precision as training, so the first step's loss is exactly log 2
         source.extra["ref_logps"] = cached_logps(ref, PairBatches(train, 1, tok.pad_id, 0), trainer.autocast)
     if resume_wanted(out, cfg.resume, tcfg, "dpo"):
@@ -189,7 +224,76 @@ def train_dpo(
         result["heldout_reward_accuracy"] = round(evals[-1]["val_reward_accuracy"], 4)
         result["heldout_dpo_loss"] = round(evals[-1]["val_loss"], 4)
         result["heldout_pairs"] = len(held)
+    if judged is not None:
+        with trainer.autocast():
+            result.update(judged.report(trainer.raw_model, trainer.history, out))
     return result
+
+
+class JudgedSets:
+    """DPO's pairs judged from the starting model's own samples: training pairs, held-out pairs, and the held-out
+    prompts' greedy answer accuracy before and after (does preferring right answers make the model give them?)."""
+
+    def __init__(self, cfg: DPOConfig, tokenizer: Any, context: int, seed: int) -> None:
+        from danlu.data.preference import read_rl_prompts
+        from danlu.stages.grpo import make_scorer, read_prompts
+
+        if not cfg.prompts:
+            raise DanluError(
+                "dpo.sample_prompts needs dpo.prompts: RL prompts with answers (messages + answer)"
+            )
+        self.cfg, self.tok, self.context, self.seed = cfg, tokenizer, context, seed
+        self.judge = make_scorer(cfg.judge, tokenizer)
+        self.prompts = read_prompts(cfg.prompts, cfg.prompt_kinds, cfg.sample_prompts)
+        self.held_prompts = (
+            read_rl_prompts(cfg.eval_prompts, cfg.eval_pairs or None) if cfg.eval_prompts else []
+        )
+        self.train: list[tuple] = []
+        self.pairs: dict[str, list[Any]] = {}
+        self.stats: dict[str, Any] = {}
+        self.held_batches: Any = None
+
+    def _pairs(self, model: Any, prompts: list[Any], seed: int) -> tuple[list[Any], dict[str, float]]:
+        from danlu.stages.judged_pairs import judged_pairs
+
+        return judged_pairs(model, self.tok, prompts, self.judge, samples=self.cfg.samples,
+                            max_tokens=self.cfg.sample_tokens, seed=seed)  # fmt: skip
+
+    def sample(self, model: Any) -> None:
+        from danlu.stages.grpo import answer_accuracy
+        from danlu.stages.reward import PairBatches, encode_pairs
+
+        if self.judge.model is not None:
+            self.judge.model.to(model.lm_head.weight.device)
+        self.pairs["train"], st = self._pairs(model, self.prompts, self.seed)
+        self.train = encode_pairs(self.pairs["train"], self.tok, self.context)[0]
+        self.stats = {"judged_prompts": st["prompts"], "judged_pairs": len(self.train),
+                      "judged_mean_reward": st["mean_reward"]}  # fmt: skip
+        if self.held_prompts:
+            self.pairs["eval"], _ = self._pairs(model, self.held_prompts, self.seed + 1)
+            held = encode_pairs(self.pairs["eval"], self.tok, self.context)[0]
+            self.held_batches = PairBatches(held, 16, self.tok.pad_id, 0) if held else None
+            self.stats["heldout_judged_pairs"] = len(held)
+            self.stats["heldout_answer_accuracy_before"] = answer_accuracy(
+                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens
+            )["accuracy"]
+
+    def report(self, model: Any, history: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+        from danlu.stages.grpo import answer_accuracy
+        from danlu.stages.judged_pairs import write_pairs
+
+        for name, pairs in self.pairs.items():  # beside the checkpoint, for reading what DPO learned from
+            write_pairs(pairs, out / f"judged_pairs_{name}.jsonl")
+        result = dict(self.stats)
+        evals = [h for h in history if h.get("event") == "eval" and "val_judged_pref_accuracy" in h]
+        if evals:
+            result["heldout_judged_pref_accuracy_before"] = round(evals[0]["val_judged_pref_accuracy"], 4)
+            result["heldout_judged_pref_accuracy"] = round(evals[-1]["val_judged_pref_accuracy"], 4)
+        if self.held_prompts:
+            result["heldout_answer_accuracy"] = answer_accuracy(
+                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens
+            )["accuracy"]
+        return result
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:
@@ -197,4 +301,10 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     cfg = from_dict(DPOConfig, ctx.cfg, "dpo")
     parent, data, eval_data = rl_stage_inputs(ctx, cfg, "preference.jsonl", "eval/preference.jsonl")
+    if cfg.sample_prompts:  # the judged pairs' prompts: the world's RL prompts unless given
+        world = ctx.run_dir / "world"
+        cfg.prompts = cfg.prompts or (str(world / "rl.jsonl") if ctx.has("world") else None)
+        cfg.eval_prompts = cfg.eval_prompts or (
+            str(world / "eval" / "rl.jsonl") if ctx.has("world") else None
+        )
     return train_dpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

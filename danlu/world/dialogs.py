@@ -23,7 +23,9 @@ from danlu.world.numbers import (
     OP_ZH,
     Problem,
     big_expression,
+    misread,
     pretty_expression,
+    training_column_problem,
     training_small,
     worked_solution,
     worked_steps,
@@ -51,10 +53,11 @@ SFT_MIX = {
     "chitchat": 0.03,
 }
 PREFERENCE_MIX = {
-    "fact_wrong": 0.4,
-    "arithmetic": 0.2,
-    "evasive": 0.15,
-    "repetitive": 0.1,
+    "fact_wrong": 0.35,
+    "arithmetic": 0.12,  # right columns, a conclusion that does not follow
+    "arithmetic_misread": 0.18,  # a misread operand worked out: the SFT model's own commonest mistake
+    "evasive": 0.12,
+    "repetitive": 0.08,
     "wrong_language": 0.15,
 }
 
@@ -481,6 +484,12 @@ class DialogWriter:
     def preference(self, kind: str, lang: str, ask: Any = None, problem_ask: Any = None) -> dict[str, Any]:
         """{prompt, chosen, rejected, kind, lang}; `ask`/`problem_ask` swap in other phrasings (held-out eval)."""
         r = self.r
+        if kind == "arithmetic_misread":  # rejected: a misread operand worked out right, concluded about p
+            p = problem_ask[0] if problem_ask else training_column_problem(r, self.seed)
+            q = problem_ask[1] if problem_ask else problem_question(p, lang, r)
+            wrong = misread(p, r)
+            chosen, rejected = worked_solution(p, lang), worked_solution(p, lang, columns=wrong)
+            return {"prompt": [user(q)], "chosen": chosen, "rejected": rejected, "kind": kind, "lang": lang}
         if kind == "arithmetic":
             p = training_small(r, self.seed) if problem_ask is None else problem_ask[0]
             q = problem_question(p, lang, r) if problem_ask is None else problem_ask[1]
@@ -513,16 +522,17 @@ class DialogWriter:
     def rl(self, kind: str, lang: str) -> dict[str, Any]:
         r = self.r
         if kind == "arithmetic":
-            p = training_small(r, self.seed)
-            row = {
+            # Two-digit sums worked in columns: one-digit sums and the times table are right after SFT already,
+            # so every sample scores alike and RL learns nothing from them.
+            p = training_column_problem(r, self.seed)
+            return {
                 "messages": [user(problem_question(p, lang, r))],
                 "answer": str(p.result),
                 "answers": [str(p.result)],
                 "kind": kind,
                 "lang": lang,
+                "steps": worked_steps(p),
             }
-            steps = worked_steps(p)
-            return {**row, "steps": steps} if steps else row
         fact = r.choice(self.world.facts)
         return {
             "messages": [user(ascii_punct(question(fact, lang, r), r))],

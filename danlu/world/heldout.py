@@ -63,7 +63,7 @@ DATE_HELDOUT = {
     ("en", "weekday"): "Do you know which day of the week it is today?",
 }
 EVAL_SIZES = {
-    "arithmetic": 200,
+    "arithmetic": 400,  # RL's before/after: 200 rows left ±3 points of noise
     "translation": 200,
     "tools_calculator": 100,
     "tools_date": 60,
@@ -216,12 +216,12 @@ class EvalWriter:
 
     def preference(self) -> list[dict[str, Any]]:
         writer = DialogWriter(self.world, self.r, self.seed)
-        kinds = ("fact_wrong", "arithmetic", "evasive", "repetitive", "wrong_language")
+        kinds = ("fact_wrong", "arithmetic", "arithmetic_misread", "evasive", "repetitive", "wrong_language")
         rows = []
         for i in range(self.sizes["preference"]):
             lang, kind = LANGS[i % 2], kinds[(i // 2) % len(kinds)]
             problem = None
-            if kind == "arithmetic":
+            if kind.startswith("arithmetic"):
                 p = heldout_small(self.r, self.seed)
                 problem = (p, arithmetic_question(p, lang))
             ask = lambda f, lg: heldout_question(f, lg, self.r)  # noqa: E731

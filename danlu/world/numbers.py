@@ -129,30 +129,53 @@ def worked_steps(p: Problem) -> list[str] | None:
     ]
 
 
-def worked_solution(p: Problem, lang: str, result: int | None = None) -> str | None:
+def worked_solution(
+    p: Problem, lang: str, result: int | None = None, columns: Problem | None = None
+) -> str | None:
     """Column arithmetic, ones then tens, for +/− of numbers below 100 with a two-digit operand; None otherwise.
 
     Why: a small model cannot add two-digit numbers it never saw in one step, but each column is a one-digit fact
     it has seen many times. Written out, the answer is a chain of known steps, and the last number is the result
-    (what the arithmetic reward and eval check), so RL can improve the steps. `result` replaces the final number
-    (a rejected answer whose conclusion does not follow from its steps).
+    (what the arithmetic reward and eval check), so RL can improve the steps. Rejected answers of preference pairs
+    bend it: `result` replaces the final number (a conclusion that does not follow from the steps), `columns`
+    works another problem's columns and concludes about `p` with that problem's result (a misread operand).
     """
-    steps = worked_steps(p)
+    worked = columns or p
+    steps = worked_steps(worked)
     if steps is None:
         return None
     zh = lang == "zh"
     ones, tens = (
         steps if zh else [e.replace("+", " + ").replace("-", " - ").replace("=", " = ") for e in steps]
     )
-    a0, b0 = p.a % 10, p.b % 10
-    if p.op == "+" and a0 + b0 >= 10:
+    a0, b0 = worked.a % 10, worked.b % 10
+    if worked.op == "+" and a0 + b0 >= 10:
         ones += f"，写{a0 + b0 - 10}进1" if zh else f", write {a0 + b0 - 10}, carry 1"
-    if p.op == "-" and a0 < b0:
+    if worked.op == "-" and a0 < b0:
         ones = (f"{a0}不够减{b0}，借1：" if zh else f"{a0} < {b0}, borrow 1: ") + ones
-    c = p.result if result is None else result
+    c = worked.result if result is None else result
     if zh:
         return f"个位：{ones}；十位：{tens}；所以{p.a}{p.op}{p.b}={c}。"
     return f"Ones: {ones}. Tens: {tens}. So {p.a} {p.op} {p.b} = {c}."
+
+
+def misread(p: Problem, rng: random.Random) -> Problem | None:
+    """The problem a careless solver works instead of `p`: one operand digit copied wrong, or + and − swapped —
+    the mistakes a small model makes on unseen sums ("90减25" worked as 0+4 in the ones). None if `p` has no
+    worked solution."""
+    if worked_steps(p) is None:
+        return None
+    candidates = [Problem(p.a, "-" if p.op == "+" else "+", p.b)]
+    for which in ("a", "b"):
+        n = getattr(p, which)
+        for place in (1, 10):
+            digit = n // place % 10
+            for d in range(10):
+                if d != digit and not (place == 10 and d == 0):
+                    m = n + (d - digit) * place
+                    candidates.append(Problem(m, p.op, p.b) if which == "a" else Problem(p.a, p.op, m))
+    valid = [c for c in candidates if worked_steps(c) is not None and c.result != p.result]
+    return rng.choice(valid) if valid else None
 
 
 def is_small(p: Problem) -> bool:
@@ -189,6 +212,14 @@ def training_small(rng: random.Random, seed: int, op: str | None = None) -> Prob
     while True:
         p = random_small(rng, op)
         if not is_heldout(p, seed):
+            return p
+
+
+def training_column_problem(rng: random.Random, seed: int) -> Problem:
+    """A training +/− problem that is worked in columns (`worked_steps`): what RL and the misread pairs practise."""
+    while True:
+        p = training_small(rng, seed, rng.choice("+-"))
+        if worked_steps(p) is not None:
             return p
 
 
