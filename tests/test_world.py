@@ -244,7 +244,6 @@ def test_preference_and_rl_records(world_dir: Path) -> None:
     for r in rl:
         assert r["messages"][-1]["role"] == "user" and r["answer"] in r["answers"]
         if r["kind"] == "arithmetic":
-            assert r["steps"], r  # worked in columns: the sums RL can still improve
             nums = [int(x) for x in re.findall(r"\d+", r["messages"][0]["content"])]
             op = next(
                 o

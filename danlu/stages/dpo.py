@@ -221,6 +221,8 @@ def train_dpo(
     if evals:
         result["heldout_pref_accuracy_before"] = round(evals[0]["val_pref_accuracy"], 4)
         result["heldout_pref_accuracy"] = round(evals[-1]["val_pref_accuracy"], 4)
+        # TRL's eval rewards/accuracies: 0.5 before training by definition (policy = reference, every pair a tie)
+        result["heldout_reward_accuracy_before"] = round(evals[0]["val_reward_accuracy"], 4)
         result["heldout_reward_accuracy"] = round(evals[-1]["val_reward_accuracy"], 4)
         result["heldout_dpo_loss"] = round(evals[-1]["val_loss"], 4)
         result["heldout_pairs"] = len(held)

@@ -522,17 +522,17 @@ class DialogWriter:
     def rl(self, kind: str, lang: str) -> dict[str, Any]:
         r = self.r
         if kind == "arithmetic":
-            # Two-digit sums worked in columns: one-digit sums and the times table are right after SFT already,
-            # so every sample scores alike and RL learns nothing from them.
-            p = training_column_problem(r, self.seed)
-            return {
+            # All kinds of small problems: RL on column sums alone took the times table from 28% to 22% held out.
+            p = training_small(r, self.seed)
+            row = {
                 "messages": [user(problem_question(p, lang, r))],
                 "answer": str(p.result),
                 "answers": [str(p.result)],
                 "kind": kind,
                 "lang": lang,
-                "steps": worked_steps(p),
             }
+            steps = worked_steps(p)
+            return {**row, "steps": steps} if steps else row
         fact = r.choice(self.world.facts)
         return {
             "messages": [user(ascii_punct(question(fact, lang, r), r))],
