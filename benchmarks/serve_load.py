@@ -110,18 +110,23 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=300, help="give up (and fail) after this many seconds")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--compile", default="auto", choices=["auto", "on", "off"], help="as `danlu serve --compile`"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
     import torch
 
+    from danlu.generate import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.routing import load_served_model
     from danlu.serve.server import BackgroundServer
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or str(random_checkpoint(Path(tmp) / "ckpt", args.depth, args.context))
-        model = load_served_model("bench", path, device=args.device)
+        compiled = resolve_compile(args.compile, args.device)
+        model = load_served_model("bench", path, device=args.device, compile=compiled)
         app = create_app([model], ServeOptions())
         try:
             with BackgroundServer(app) as url:  # 127.0.0.1, a free port
@@ -137,8 +142,10 @@ def main() -> int:
             model.worker.close()
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads", "model": path if args.checkpoint else
-            f"random-init depth {args.depth}, context {args.context}", "max_tokens": args.max_tokens}  # fmt: skip
-    print(f"# serve load · {info['machine']} · {info['model']} · {args.max_tokens} tokens per answer")
+            f"random-init depth {args.depth}, context {args.context}", "max_tokens": args.max_tokens,
+            "compiled decode": compiled}  # fmt: skip
+    print(f"# serve load · {info['machine']} · {info['model']} · {args.max_tokens} tokens per answer · "
+          f"{'compiled' if compiled else 'eager'} decode")  # fmt: skip
     keys = ["clients", "streams", "errors", "ttft_p50_s", "ttft_max_s", "latency_p50_s", "latency_p95_s",
             "stream_tokens_per_s", "aggregate_tokens_per_s"]  # fmt: skip
     print("| " + " | ".join(keys) + " |")

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-date", action="store_true", help="do not put today's date in the system prompt")
     p.add_argument("--no-tools", action="store_true", help="do not execute get_date / calculator tool calls")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step first (10-20 s): faster answers in a long chat")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from danlu.chat import ChatSession, repl
     from danlu.serve.routing import load_served_model
 
-    model = load_served_model(Path(args.checkpoint).resolve().name, args.checkpoint, device=args.device)
+    model = load_served_model(
+        Path(args.checkpoint).resolve().name, args.checkpoint, device=args.device, compile=args.compile
+    )
     if not model.meta.get("chat", True):
         print(f"[note: {args.checkpoint} is not a chat model (stage {model.meta.get('stage')!r}); "
               "fine-tune it with `danlu sft` first for sensible answers]", file=sys.stderr)  # fmt: skip

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default: context)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile each model's decode step at start-up: several times faster tokens after "
+                   "10-20 s of compiling (auto: where a C++ compiler or a GPU is present)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from danlu import DanluError
+    from danlu.generate import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.feedback import FeedbackStore
     from danlu.serve.memory import CorrectionMemory
@@ -63,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     models = []
     for name, path in specs:
         print(f"[danlu] loading {name} from {path}")
-        m = load_served_model(name, path, device=args.device)
+        m = load_served_model(
+            name, path, device=args.device, compile=resolve_compile(args.compile, args.device)
+        )
         if name in fallbacks:
             m.fallback, m.min_logprob = fallbacks[name], args.min_logprob
         models.append(m)

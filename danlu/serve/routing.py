@@ -99,8 +99,10 @@ def confident(model: ServedModel, completion: Any) -> bool:
     return m is None or m >= model.min_logprob
 
 
-def load_served_model(name: str, path: str, *, device: str = "cpu", max_active: int = 64) -> ServedModel:
-    """Loads a checkpoint (danlu.io) and starts its generation worker."""
+def load_served_model(
+    name: str, path: str, *, device: str = "cpu", max_active: int = 64, compile: bool = False
+) -> ServedModel:
+    """Loads a checkpoint (danlu.io) and starts its generation worker; `compile` compiles its decode step now."""
     import time
 
     from danlu.generate import Generator
@@ -108,7 +110,12 @@ def load_served_model(name: str, path: str, *, device: str = "cpu", max_active: 
     from danlu.serve.engine import ModelWorker
 
     ckpt = load_checkpoint(path, device=device)
-    gen = Generator(ckpt.model, ckpt.tokenizer)
+    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile)
+    if compile:
+        print(
+            f"[danlu] compiling {name}'s decode step (once per process; --compile off skips it)", flush=True
+        )
+        gen.warm_up()
     worker = ModelWorker(gen.stream, name=name, max_active=max_active)
     return ServedModel(
         name=name,

@@ -1,0 +1,85 @@
+"""The static-shape decode step computes what the cache path computes, compiled or not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from danlu.generate import Completion, Generator, SamplingParams, cache_length
+from danlu.model import ModelConfig, Transformer
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, depth=2, max_position_embeddings=64, **kw)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_step_matches_the_cache_path(tied: bool) -> None:
+    model = _model(tie_word_embeddings=tied)
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        reference = model.new_cache(2, 32)
+        model(x[:, :8], cache=reference)
+        static = model.new_cache(2, 32)
+        model(x[:, :8], cache=static)
+        for i in range(8, 20):
+            want = model(x[:, i : i + 1], cache=reference)[:, -1]
+            got = model.decode_step(x[:, i : i + 1], torch.tensor([i]), static.k, static.v)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer in range(2):  # the caches hold the same keys and values too
+        torch.testing.assert_close(static.k[layer][:, :, :20], reference.k[layer][:, :, :20])
+
+
+def test_cache_lengths_are_few() -> None:
+    assert [cache_length(n, 512) for n in (1, 40, 256, 257, 512, 600)] == [256, 256, 256, 512, 512, 512]
+    assert cache_length(100, 64) == 64
+
+
+class _Tokenizer:
+    """Ids as text: enough for Generator without a trained tokenizer."""
+
+    vocab_size, stop_ids, pad_id = 300, {0}, 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def stream_decoder(self, skip_special_tokens: bool = True):  # noqa: ANN201
+        return type("D", (), {"step": staticmethod(lambda t: f"<{t}>"), "flush": staticmethod(lambda: "")})()
+
+
+@pytest.mark.slow
+def test_compiled_generation_gives_the_eager_tokens() -> None:
+    model = _model()
+    prompt = torch.randint(1, 300, (12,)).tolist()
+    eager, compiled = Generator(model, _Tokenizer()), Generator(model, _Tokenizer(), compile=True)
+    for params in (
+        SamplingParams(max_tokens=24, temperature=0.0),
+        SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7),
+    ):
+        want, got = eager.generate([prompt], params)[0], compiled.generate([prompt], params)[0]
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    streamed = list(compiled.stream(prompt, SamplingParams(max_tokens=10, temperature=0.0)))
+    assert "".join(s for s in streamed if isinstance(s, str)) == streamed[-1].text
+
+
+def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[str]) -> None:
+    class CompileError(RuntimeError):  # what inductor raises without a working C++ toolchain
+        __module__ = "torch._inductor.exc"
+
+    model = _model()
+    prompt = torch.randint(1, 300, (12,)).tolist()
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    compiled = Generator(model, _Tokenizer(), compile=True)
+
+    def broken(*args: object) -> torch.Tensor:
+        raise CompileError("C++ compile error: cannot find a compiler")
+
+    compiled._decode = broken
+    got = compiled.generate([prompt], params)[0]
+    assert isinstance(got, Completion)
+    assert got.token_ids == Generator(model, _Tokenizer()).generate([prompt], params)[0].token_ids
+    assert "torch.compile failed" in capsys.readouterr().err
+    assert compiled._decode is None
