@@ -118,14 +118,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     cores = torch.get_num_threads()
     ghz = 2.5
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                ghz = float(line.split(":")[1]) / 1000
-                break
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    # Per core per cycle: AVX-512 fp32 = 2 FMA × 16 lanes × 2 FLOPs; bf16 dot products double that.
-    per_cycle = 128 if dtype == torch.bfloat16 else 64
+        info = ""
+    for line in info.splitlines():
+        if line.startswith("cpu MHz"):
+            ghz = float(line.split(":")[1]) / 1000
+            break
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 lanes of the widest vectors
+    # Per core per cycle: 2 FMA units × lanes × 2 FLOPs; bf16 dot products (AVX-512 BF16, AMX) double that.
+    per_cycle = 2 * lanes * 2 * (2 if dtype == torch.bfloat16 else 1)
     return cores * ghz * 1e9 * per_cycle
 
 

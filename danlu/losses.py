@@ -107,19 +107,34 @@ def group_advantages(
     return adv.reshape(-1)
 
 
+def step_advantages(
+    rewards: torch.Tensor, ends: torch.Tensor, group_size: int, length: int, eps: float = 1e-4
+) -> torch.Tensor:
+    """Token advantages from rewards given at steps: `rewards` and `ends` (B·G, S) hold each sample's reward for
+    step s and the index of the token that completes it (the last step is usually the outcome, at the last token).
+
+    Each step's rewards are normalized within the group like `group_advantages` (a step every sample got equally
+    right or wrong teaches nothing), and a token's advantage is the sum over the steps it helped produce, those
+    ending at or after it (DeepSeekMath's process supervision). Returns (B·G, length)."""
+    adv = torch.stack([group_advantages(rewards[:, s], group_size, eps=eps) for s in range(rewards.size(1))], 1)
+    positions = torch.arange(length, device=rewards.device).view(1, 1, -1)
+    return (adv.unsqueeze(-1) * (positions <= ends.unsqueeze(-1))).sum(1)
+
+
 def grpo_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
     eps_low: float = 0.2, eps_high: float = 0.2, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
     loss_type: str = "grpo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
-    """GRPO's clipped surrogate with a sequence-level advantage broadcast over tokens, plus β·KL (k3).
+    """GRPO's clipped surrogate with a sequence-level advantage (B,) broadcast over tokens, or per-token
+    advantages (B, T) from `step_advantages`, plus β·KL (k3).
 
     loss_type: "grpo" averages tokens within each sequence then over sequences (the paper); "bnpo" averages
     over all tokens of the batch (DAPO's token-level loss: long answers are not down-weighted).
     """
     ratio = torch.exp(logp - old_logp)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    adv = advantages.unsqueeze(1)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     per_token = -torch.min(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp)
     if beta and ref_logp is not None:

@@ -82,6 +82,28 @@ def step_credit(completion: str, steps: list[str]) -> float:
     return found / len(steps)
 
 
+_EQUATION = re.compile(r"(?<![0-9])[0-9]+(?:[-+×÷*/][0-9]+)+=[0-9]+")
+
+
+def step_marks(completion: str, steps: list[str]) -> list[tuple[int, float]]:
+    """Where each expected step was written and whether it is right: for the k-th of `steps`, the character offset
+    just past the k-th equation of the completion and 1.0 when that equation is the step ("9-8=1"; spaces
+    ignored), 0.0 when it is not ("9-8=0", or a misread "0+2=2"); a step never written scores 0.0 at the end.
+
+    This is the process supervision of GRPO (DeepSeekMath §4.1.3) with checked steps instead of a learned process
+    reward model: credit lands on the column that went wrong, not spread over the whole answer."""
+    kept = [i for i, ch in enumerate(completion) if not ch.isspace()]
+    squeezed = "".join(completion[i] for i in kept)
+    written = [(kept[m.end() - 1] + 1, m.group(0)) for m in _EQUATION.finditer(squeezed)]
+    marks = []
+    for k, step in enumerate(steps):
+        if k < len(written):
+            marks.append((written[k][0], float(written[k][1] == step)))
+        else:
+            marks.append((len(completion), 0.0))
+    return marks
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "world": world_reward,
     "arithmetic": arithmetic_reward,

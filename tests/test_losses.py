@@ -64,6 +64,26 @@ def test_group_advantages() -> None:
     assert torch.equal(flat, torch.zeros(8, dtype=torch.float64))
 
 
+def test_step_advantages_sum_each_steps_group_normalized_reward_over_the_tokens_before_it() -> None:
+    rewards = torch.tensor(
+        [[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64
+    )
+    ends = torch.tensor([[1, 4], [2, 3], [0, 5], [1, 2], [3, 5], [0, 1]])
+    got = losses.step_advantages(rewards, ends, group_size=2, length=6)
+
+    def normalized(i: int, k: int) -> float:  # step k's reward of row i, normalized within its group of 2
+        g = [float(rewards[j, k]) for j in (i - i % 2, i - i % 2 + 1)]
+        mean = sum(g) / 2
+        std = math.sqrt(sum((x - mean) ** 2 for x in g) / 1)  # unbiased, n = 2
+        return (float(rewards[i, k]) - mean) / (std + 1e-4)
+
+    for i in range(6):
+        for t in range(6):  # a token carries every step that ends at or after it
+            want = sum(normalized(i, k) for k in range(2) if t <= int(ends[i, k]))
+            assert math.isclose(float(got[i, t]), want, abs_tol=1e-9)
+    assert torch.equal(got[2:4], torch.zeros(2, 6, dtype=torch.float64))  # a group that agrees everywhere
+
+
 def _grpo_reference(lp, old, adv, mask, el, eh, beta, ref, kind):
     per_seq, tot, cnt = [], 0.0, 0.0
     for i in range(lp.shape[0]):
@@ -95,6 +115,11 @@ def test_grpo_clipped_objective_with_kl() -> None:
         want = _grpo_reference(lp, old, adv, mask, 0.2, 0.28, 0.04, ref, kind)
         assert math.isclose(float(got), want, rel_tol=1e-9)
         assert 0.0 < float(stats["clip_ratio"]) < 1.0
+    per_token = adv.unsqueeze(1).expand(4, 6)  # (B, T) advantages equal to broadcasting (B,) ones
+    same, _ = losses.grpo_loss(lp, old, per_token, mask, eps_low=0.2, eps_high=0.28, beta=0.04, ref_logp=ref)
+    assert math.isclose(
+        float(same), _grpo_reference(lp, old, adv, mask, 0.2, 0.28, 0.04, ref, "grpo"), rel_tol=1e-9
+    )
 
 
 def test_gae() -> None:

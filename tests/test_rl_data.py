@@ -97,6 +97,21 @@ def test_step_credit_counts_right_steps_whole_numbers_only() -> None:
     assert step_credit("anything", []) == 0.0
 
 
+def test_step_marks_judge_the_kth_written_equation_against_the_kth_step() -> None:
+    from danlu.rewards import step_marks
+
+    text = "Ones: 9 - 8 = 0. Tens: 7 - 4 = 3. So 79 - 48 = 30."
+    assert step_marks(text, ["9-8=1", "7-4=3"]) == [
+        (15, 0.0),
+        (32, 1.0),
+    ]  # the final equation is the answer's
+    assert text[:15].endswith("= 0") and text[:32].endswith("= 3")
+    zh = "个位：14-6=8；十位：5-1-2=2；所以54-26=28。"
+    assert step_marks(zh, ["14-6=8", "5-1-2=2"]) == [(zh.index("；"), 1.0), (zh.index("；所以"), 1.0)]
+    assert step_marks("The answer is 12.", ["5+0=5", "1+4=5"]) == [(17, 0.0), (17, 0.0)]  # never written
+    assert step_marks("16+8=24", ["6+8=14"]) == [(7, 0.0)]  # a misread operand is a wrong step
+
+
 def test_checking_rewards() -> None:
     world = get_reward_fn("world")
     assert world("89加17等于106。", ["106"]) == 1.0

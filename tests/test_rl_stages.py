@@ -199,3 +199,37 @@ def test_dpo_with_judged_pairs_reports_them_or_says_why_there_are_none(
     with pytest.raises(DanluError, match="no judged pairs.*written_pairs"):
         train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "only", recipe={},
                   cfg=DPOConfig(resume="false", written_pairs=False, train={**FAST, "steps": 1}, **judged))  # fmt: skip
+
+
+def test_step_credit_lands_on_the_tokens_of_each_step(tiny_checkpoint: Path, tiny_tokenizer) -> None:
+    from danlu.data.preference import RLPrompt
+    from danlu.generate import Completion
+    from danlu.io import load_checkpoint
+    from danlu.stages.grpo import Rollouts, Scorer
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    prompt = RLPrompt(
+        [{"role": "user", "content": "79 - 48 = ?"}], ["31"], None, "rl.jsonl:1", ["9-8=1", "7-4=3"]
+    )
+    texts = ["Ones: 9 - 8 = 1. Tens: 7 - 4 = 2.", "Ones: 9 - 8 = 0. Tens: 7 - 4 = 3. So 31."]
+    source = Rollouts(
+        [prompt], tiny_tokenizer, ckpt.model, None, Scorer("world", tiny_tokenizer), group_size=2,
+        prompts_per_step=1, max_new_tokens=32, temperature=1.0, top_p=1.0, seed=0, credit="steps",
+    )  # fmt: skip
+    completions = [Completion(t, tiny_tokenizer.encode(t), "stop", 0) for t in texts]
+    source.sample = lambda position: ([0, 0], completions)
+    batch = source.next_batch()
+    adv, targets = batch["advantages"], batch["targets"]
+    assert adv.shape == targets.shape
+    start = len(source.encoded[0]) - 1
+    for row, completion in enumerate(completions):
+        ids = completion.token_ids
+        first_step_end = next(k for k in range(len(ids)) if len(tiny_tokenizer.decode(ids[: k + 1])) >= 15)
+        a = adv[row, start:].tolist()
+        assert a[first_step_end] == a[0] != a[first_step_end + 1]  # the ones step's credit stops at its token
+        assert adv[row, start + len(ids) + 1 :].abs().sum() == 0  # nothing after <|im_end|>
+    # the ones step: row 0 right, row 1 wrong; the tens step the other way; the answer only row 1
+    assert (
+        adv[0, start] < adv[1, start]
+        and adv[0, start + 1] < 0 < adv[1, start + len(completions[1].token_ids)]
+    )

@@ -41,6 +41,7 @@ class GRPOConfig:
     eps_high: float = 0.28
     loss_type: str = "grpo"  # grpo | bnpo
     step_reward: float = 0.0  # + this × share of a prompt's `steps` written right (dense credit; not in eval)
+    credit: str = "answer"  # answer: one advantage per sample; steps: per checked step, on its tokens (+ answer)
     kinds: list[str] = field(default_factory=list)  # keep only prompts whose `kind` is listed ([] = all)
     max_prompts: int = 0
     eval_rows: int = 200
@@ -58,7 +59,7 @@ class Rollouts:
     def __init__(
         self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
         prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-        step_reward: float = 0.0,
+        step_reward: float = 0.0, credit: str = "answer",
     ) -> None:  # fmt: skip
         self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
         self.group_size, self.per_step = group_size, prompts_per_step
@@ -68,7 +69,9 @@ class Rollouts:
             top_p,
             seed,
         )
-        self.step_reward = step_reward
+        if credit not in ("answer", "steps"):
+            raise DanluError(f"grpo.credit: {credit!r}; expected answer or steps")
+        self.step_reward, self.credit = step_reward, credit
         self.position = 0
         self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
@@ -115,9 +118,12 @@ class Rollouts:
             p = self.encoded[i]
             seqs.append((p + tail, [0] * len(p) + [1] * len(tail)))
         batch = rows_from_sequences(seqs, self.tok.pad_id)
-        batch["advantages"] = (
-            group_advantages(rewards, self.group_size) if self.group_size > 1 else torch.zeros_like(rewards)
-        )
+        if self.group_size < 2:  # no group to compare with (PPO's rollouts): the caller sets advantages
+            batch["advantages"] = torch.zeros_like(rewards)
+        elif self.credit == "steps":
+            batch["advantages"] = self._step_advantages(idx, completions, rewards, batch["targets"].size(1))
+        else:
+            batch["advantages"] = group_advantages(rewards, self.group_size)
         batch["rewards"] = rewards
         batch["completion_tokens"] = torch.tensor([float(len(c.token_ids)) for c in completions])
         if self.ref is not None:
@@ -131,6 +137,25 @@ class Rollouts:
                     .cpu()
                 )
         return batch
+
+    def _step_advantages(self, idx: list[int], completions: list[Any], scores: torch.Tensor, length: int) -> Any:
+        """Per-token advantages (B, length) aligned with the targets: one reward per expected step of the prompt
+        (`rewards.step_marks`) on the token that completes it, and the answer's score on the last token."""
+        from danlu.losses import step_advantages
+        from danlu.rewards import step_marks
+
+        slots = 1 + max(len(self.prompts[i].steps or []) for i in idx)
+        rewards, ends = torch.zeros(len(idx), slots), torch.zeros(len(idx), slots, dtype=torch.long)
+        for row, (i, c, score) in enumerate(zip(idx, completions, scores.tolist())):
+            start = len(self.encoded[i]) - 1  # the target index of the first completion token
+            n = len(c.token_ids) + (c.finish_reason == "stop")  # + <|im_end|>
+            # Character offset → token: the decoded length after each token (ids decode left to right).
+            decoded = [len(self.tok.decode(c.token_ids[: k + 1], skip_special_tokens=True)) for k in range(n - 1)]
+            for s, (offset, right) in enumerate(step_marks(c.text, self.prompts[i].steps or [])):
+                token = next((k for k, end in enumerate(decoded) if end >= offset), n - 1)
+                rewards[row, s], ends[row, s] = right, start + token
+            rewards[row, -1], ends[row, -1] = score, start + n - 1
+        return step_advantages(rewards, ends, self.group_size, length)
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.position, "prompts": len(self.prompts)}
@@ -220,7 +245,7 @@ def train_grpo(
     source = Rollouts(
         prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
-        step_reward=cfg.step_reward,
+        step_reward=cfg.step_reward, credit=cfg.credit,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
