@@ -106,6 +106,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
 
 
+_FP32_NOTE_SHOWN = False
+
+
+def _say_once_if_fp32_cpu(asked: str, device: torch.device, dtype: torch.dtype) -> None:
+    """A CPU without bf16 instructions trains ~3× slower (BENCHMARKS.md); say why once, so the ETA is no surprise."""
+    global _FP32_NOTE_SHOWN
+    if asked == "auto" and device.type == "cpu" and dtype == torch.float32 and not _FP32_NOTE_SHOWN:
+        _FP32_NOTE_SHOWN = True
+        print("[danlu] this CPU has no bf16 instructions (AVX-512 BF16 or AMX): training runs in fp32, about 3× "
+              "slower than on a CPU that has them")  # fmt: skip
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense peak FLOP/s of the device for MFU. GPUs by name; CPUs estimated from cores × clock × SIMD width."""
     if device.type == "cuda":
@@ -295,6 +307,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        _say_once_if_fp32_cpu(cfg.dtype, self.device, self.dtype)
         self.raw_model = model.to(self.device)
         self.compiled = self._use_compile()
         self.model = self._wrap(self.raw_model)

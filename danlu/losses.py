@@ -116,7 +116,9 @@ def step_advantages(
     Each step's rewards are normalized within the group like `group_advantages` (a step every sample got equally
     right or wrong teaches nothing), and a token's advantage is the sum over the steps it helped produce, those
     ending at or after it (DeepSeekMath's process supervision). Returns (B·G, length)."""
-    adv = torch.stack([group_advantages(rewards[:, s], group_size, eps=eps) for s in range(rewards.size(1))], 1)
+    adv = torch.stack(
+        [group_advantages(rewards[:, s], group_size, eps=eps) for s in range(rewards.size(1))], 1
+    )
     positions = torch.arange(length, device=rewards.device).view(1, 1, -1)
     return (adv.unsqueeze(-1) * (positions <= ends.unsqueeze(-1))).sum(1)
 

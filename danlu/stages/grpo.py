@@ -41,7 +41,7 @@ class GRPOConfig:
     eps_high: float = 0.28
     loss_type: str = "grpo"  # grpo | bnpo
     step_reward: float = 0.0  # + this × share of a prompt's `steps` written right (dense credit; not in eval)
-    credit: str = "answer"  # answer: one advantage per sample; steps: per checked step, on its tokens (+ answer)
+    credit: str = "answer"  # answer: one advantage per sample; steps: each checked step's on its own tokens
     kinds: list[str] = field(default_factory=list)  # keep only prompts whose `kind` is listed ([] = all)
     max_prompts: int = 0
     eval_rows: int = 200
@@ -138,7 +138,9 @@ class Rollouts:
                 )
         return batch
 
-    def _step_advantages(self, idx: list[int], completions: list[Any], scores: torch.Tensor, length: int) -> Any:
+    def _step_advantages(
+        self, idx: list[int], completions: list[Any], scores: torch.Tensor, length: int
+    ) -> Any:
         """Per-token advantages (B, length) aligned with the targets: one reward per expected step of the prompt
         (`rewards.step_marks`) on the token that completes it, and the answer's score on the last token."""
         from danlu.losses import step_advantages
@@ -150,7 +152,8 @@ class Rollouts:
             start = len(self.encoded[i]) - 1  # the target index of the first completion token
             n = len(c.token_ids) + (c.finish_reason == "stop")  # + <|im_end|>
             # Character offset → token: the decoded length after each token (ids decode left to right).
-            decoded = [len(self.tok.decode(c.token_ids[: k + 1], skip_special_tokens=True)) for k in range(n - 1)]
+            ids = c.token_ids
+            decoded = [len(self.tok.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))]
             for s, (offset, right) in enumerate(step_marks(c.text, self.prompts[i].steps or [])):
                 token = next((k for k, end in enumerate(decoded) if end >= offset), n - 1)
                 rewards[row, s], ends[row, s] = right, start + token
