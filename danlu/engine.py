@@ -8,6 +8,7 @@ early stopping, atomic checkpoints with exact resume, a NaN/inf guard, a progres
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from danlu import DanluError
+from danlu.compiler import compiler_available, is_compiler_error
 from danlu.files import atomic_path, recover_swapped
 
 
@@ -87,13 +89,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of this CPU (Linux), empty where /proc/cpuinfo is absent."""
+    return set(
+        next((ln.split(":", 1)[1].split() for ln in _cpuinfo().splitlines() if ln.startswith("flags")), [])
+    )
+
+
 def cpu_has_bf16() -> bool:
     """bf16 matmuls are fast on CPUs with AVX-512 BF16 or AMX; elsewhere bf16 would be emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -106,16 +119,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
 
 
-_FP32_NOTE_SHOWN = False
-
-
-def _say_once_if_fp32_cpu(asked: str, device: torch.device, dtype: torch.dtype) -> None:
-    """A CPU without bf16 instructions trains ~3× slower (BENCHMARKS.md); say why once, so the ETA is no surprise."""
-    global _FP32_NOTE_SHOWN
-    if asked == "auto" and device.type == "cpu" and dtype == torch.float32 and not _FP32_NOTE_SHOWN:
-        _FP32_NOTE_SHOWN = True
-        print("[danlu] this CPU has no bf16 instructions (AVX-512 BF16 or AMX): training runs in fp32, about 3× "
-              "slower than on a CPU that has them")  # fmt: skip
+@functools.cache
+def _say_training_runs_in_fp32() -> None:
+    """A CPU without bf16 instructions trains ~3× slower (BENCHMARKS.md); said once, so the ETA is no surprise."""
+    print("[danlu] this CPU has no bf16 instructions (AVX-512 BF16 or AMX): training runs in fp32, about 3× "
+          "slower than on a CPU that has them")  # fmt: skip
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -129,15 +137,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         return 100e12
     cores = torch.get_num_threads()
     ghz = 2.5
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    for line in info.splitlines():
+    for line in _cpuinfo().splitlines():
         if line.startswith("cpu MHz"):
             ghz = float(line.split(":")[1]) / 1000
             break
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    flags = cpu_flags()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4  # fp32 lanes of the widest vectors
     # Per core per cycle: 2 FMA units × lanes × 2 FLOPs; bf16 dot products (AVX-512 BF16, AMX) double that.
     per_cycle = 2 * lanes * 2 * (2 if dtype == torch.bfloat16 else 1)
@@ -307,7 +311,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        _say_once_if_fp32_cpu(cfg.dtype, self.device, self.dtype)
+        if cfg.dtype == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
+            _say_training_runs_in_fp32()
         self.raw_model = model.to(self.device)
         self.compiled = self._use_compile()
         self.model = self._wrap(self.raw_model)
@@ -343,12 +348,7 @@ class Trainer:
     def _fall_back_to_eager(self, error: BaseException) -> bool:
         """`compile: auto` must never cost a user their run: if torch.compile fails (no working C++ toolchain, an
         unsupported op), say so once and go on eagerly. With `compile: on` the error stands."""
-        kind = type(error).__module__
-        if not (
-            self.compiled
-            and self.cfg.compile == "auto"
-            and kind.startswith(("torch._dynamo", "torch._inductor"))
-        ):
+        if not (self.compiled and self.cfg.compile == "auto" and is_compiler_error(error)):
             return False
         print(f"[danlu] {self.stage}: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
               "training on without it (set train.compile=off to skip the attempt)")  # fmt: skip
@@ -364,9 +364,7 @@ class Trainer:
         couple of minutes of training on, and short runs (tests, smoke) stay eager."""
         if self.cfg.compile != "auto":
             return self.cfg.compile == "on"
-        if self.device.type == "cuda":
-            return True
-        return self.device.type == "cpu" and self.cfg.steps >= 500 and shutil.which("c++") is not None
+        return compiler_available(self.device) and (self.device.type == "cuda" or self.cfg.steps >= 500)
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], ctx: Any, grad_accum: int) -> tuple[Any, Any]:
         with ctx:

@@ -112,16 +112,19 @@ class Rollouts:
         if self.step_reward:
             scores = [s + self.step_reward * step_credit(t, p.steps) for s, p, t in zip(scores, rows, texts)]
         rewards = torch.tensor(scores)
-        seqs = []
+        seqs, tails = [], []
         for i, c in zip(idx, completions):
             tail = c.token_ids + ([self.tok.im_end_id] if c.finish_reason == "stop" else [])
             p = self.encoded[i]
             seqs.append((p + tail, [0] * len(p) + [1] * len(tail)))
+            tails.append(len(tail))
         batch = rows_from_sequences(seqs, self.tok.pad_id)
         if self.group_size < 2:  # no group to compare with (PPO's rollouts): the caller sets advantages
             batch["advantages"] = torch.zeros_like(rewards)
         elif self.credit == "steps":
-            batch["advantages"] = self._step_advantages(idx, completions, rewards, batch["targets"].size(1))
+            batch["advantages"] = self._step_advantages(
+                idx, completions, tails, rewards, batch["targets"].size(1)
+            )
         else:
             batch["advantages"] = group_advantages(rewards, self.group_size)
         batch["rewards"] = rewards
@@ -139,7 +142,7 @@ class Rollouts:
         return batch
 
     def _step_advantages(
-        self, idx: list[int], completions: list[Any], scores: torch.Tensor, length: int
+        self, idx: list[int], completions: list[Any], tails: list[int], scores: torch.Tensor, length: int
     ) -> Any:
         """Per-token advantages (B, length) aligned with the targets: one reward per expected step of the prompt
         (`rewards.step_marks`) on the token that completes it, and the answer's score on the last token."""
@@ -148,9 +151,10 @@ class Rollouts:
 
         slots = 1 + max(len(self.prompts[i].steps or []) for i in idx)
         rewards, ends = torch.zeros(len(idx), slots), torch.zeros(len(idx), slots, dtype=torch.long)
-        for row, (i, c, score) in enumerate(zip(idx, completions, scores.tolist())):
-            start = len(self.encoded[i]) - 1  # the target index of the first completion token
-            n = len(c.token_ids) + (c.finish_reason == "stop")  # + <|im_end|>
+        for row, (i, c, n, score) in enumerate(zip(idx, completions, tails, scores.tolist())):
+            start = (
+                len(self.encoded[i]) - 1
+            )  # the target index of the first completion token; n trained tokens
             # Character offset → token: the decoded length after each token (ids decode left to right).
             ids = c.token_ids
             decoded = [len(self.tok.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))]
