@@ -83,3 +83,12 @@ def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[st
     assert got.token_ids == Generator(model, _Tokenizer()).generate([prompt], params)[0].token_ids
     assert "torch.compile failed" in capsys.readouterr().err
     assert compiled._decode is None
+
+
+def test_compile_modes_are_checked() -> None:
+    from danlu import DanluError
+    from danlu.generate import resolve_compile
+
+    assert resolve_compile("on", "cpu") and not resolve_compile("off", "cuda")
+    with pytest.raises(DanluError, match="compile must be auto, on or off, not 'yes'"):
+        resolve_compile("yes", "cpu")

@@ -233,3 +233,14 @@ def test_step_credit_lands_on_the_tokens_of_each_step(tiny_checkpoint: Path, tin
         adv[0, start] < adv[1, start]
         and adv[0, start + 1] < 0 < adv[1, start + len(completions[1].token_ids)]
     )
+
+
+def test_unknown_grpo_credit_is_named_before_anything_is_written(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    from danlu.stages.grpo import GRPOConfig, train_grpo
+
+    cfg = GRPOConfig(credit="tokens", group_size=2, prompts_per_step=2, train={**FAST, "steps": 1})
+    with pytest.raises(DanluError, match="grpo.credit: 'tokens'; expected answer or steps"):
+        train_grpo(tiny_checkpoint, data["rl"], tmp_path / "out", recipe={}, cfg=cfg)
+    assert not (tmp_path / "out").exists()
