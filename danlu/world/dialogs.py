@@ -286,6 +286,27 @@ def problem_question(p: Problem, lang: str, rng: random.Random) -> str:
     )
 
 
+# RL asks small arithmetic in phrasings of its own, which no SFT dialog and no eval uses. Why: the SFT model
+# answered 40% of the held-out Chinese sums (asked in a wording it had never seen) with a calculator call, because
+# its SFT phrasings tie "compute it yourself" to a few wordings. Rewarded on new wordings, RL learns that a small
+# problem is worked in columns however it is asked (those calculator calls went 40% → 0%, BENCHMARKS.md).
+RL_ARITH_ASK = {
+    "zh": ("请算出{a}{op}{b}。", "{a}{op}{b}，答案是什么？", "你能算出{a}{op}{b}吗？", "算一算：{a}{op}{b}",
+           "求{a}{op}{b}的值。", "告诉我{a}{op}{b}的得数。"),
+    "en": ("Work out {a} {op} {b}.", "Find {a} {op} {b}.", "What do you get from {a} {op} {b}?",
+           "Tell me the answer to {a} {op} {b}.", "Solve {a} {op} {b}.", "Quick question: {a} {op} {b}?"),
+}  # fmt: skip
+RL_NEW_PHRASING_SHARE = 0.7  # the rest keeps SFT's phrasings, so RL also practises what SFT taught
+
+
+def rl_problem_question(p: Problem, lang: str, rng: random.Random) -> str:
+    if rng.random() >= RL_NEW_PHRASING_SHARE:
+        return problem_question(p, lang, rng)
+    op = OP_ZH[p.op] if lang == "zh" else OP_EN[p.op]
+    question = rng.choice(RL_ARITH_ASK[lang]).format(a=p.a, b=p.b, op=op)
+    return ascii_punct(question, rng) if lang == "zh" else question
+
+
 def problem_answer(p: Problem, lang: str, rng: random.Random, result: int | None = None) -> str:
     c = p.result if result is None else result
     if lang == "zh":
@@ -525,7 +546,7 @@ class DialogWriter:
             # All kinds of small problems: RL on column sums alone took the times table from 28% to 22% held out.
             p = training_small(r, self.seed)
             row = {
-                "messages": [user(problem_question(p, lang, r))],
+                "messages": [user(rl_problem_question(p, lang, r))],
                 "answer": str(p.result),
                 "answers": [str(p.result)],
                 "kind": kind,
