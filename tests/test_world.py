@@ -351,14 +351,18 @@ def test_rl_arithmetic_is_mostly_asked_in_wordings_no_sft_dialog_or_eval_uses(wo
 
     def pattern(template: str) -> re.Pattern[str]:
         slot = r"(?:\d+|plus|minus|times|divided by|加|减|乘以|除以)"
-        return re.compile(re.escape(template).replace(r"\{a\}", slot).replace(r"\{op\}", slot).replace(r"\{b\}", slot))
+        return re.compile(
+            re.escape(template).replace(r"\{a\}", slot).replace(r"\{op\}", slot).replace(r"\{b\}", slot)
+        )
 
     rl_forms = [pattern(t.replace("？", "?")) for ts in RL_ARITH_ASK.values() for t in ts]
     rl_forms += [pattern(t) for ts in RL_ARITH_ASK.values() for t in ts]
     asked = [r["messages"][-1]["content"] for r in rows(world_dir, "rl.jsonl") if r["kind"] == "arithmetic"]
     share = sum(any(f.fullmatch(q) for f in rl_forms) for q in asked) / len(asked)
     assert 0.55 < share < 0.85, share  # RL_NEW_PHRASING_SHARE of them, the rest in SFT's wordings
-    sft_users = [m["content"] for r in rows(world_dir, "sft.jsonl") for m in r["messages"] if m["role"] == "user"]
+    sft_users = [
+        m["content"] for r in rows(world_dir, "sft.jsonl") for m in r["messages"] if m["role"] == "user"
+    ]
     assert [q for q in sft_users if any(f.search(q) for f in rl_forms)] == []
     heldout = [pattern(t) for t in ARITH_HELDOUT.values()]
     assert [q for q in asked if any(f.search(q) for f in heldout)] == []
