@@ -355,8 +355,10 @@ def test_rl_arithmetic_is_mostly_asked_in_wordings_no_sft_dialog_or_eval_uses(wo
             re.escape(template).replace(r"\{a\}", slot).replace(r"\{op\}", slot).replace(r"\{b\}", slot)
         )
 
-    rl_forms = [pattern(t.replace("？", "?")) for ts in RL_ARITH_ASK.values() for t in ts]
-    rl_forms += [pattern(t) for ts in RL_ARITH_ASK.values() for t in ts]
+    templates = [t for ts in RL_ARITH_ASK.values() for t in ts]
+    rl_forms = [pattern(t) for t in templates] + [
+        pattern(t.replace("？", "?").replace("，", ",")) for t in templates
+    ]
     asked = [r["messages"][-1]["content"] for r in rows(world_dir, "rl.jsonl") if r["kind"] == "arithmetic"]
     share = sum(any(f.fullmatch(q) for f in rl_forms) for q in asked) / len(asked)
     assert 0.55 < share < 0.85, share  # RL_NEW_PHRASING_SHARE of them, the rest in SFT's wordings

@@ -24,6 +24,7 @@ from danlu.world.numbers import (
     Problem,
     big_expression,
     misread,
+    phrase_problem,
     pretty_expression,
     training_column_problem,
     training_small,
@@ -302,8 +303,7 @@ RL_NEW_PHRASING_SHARE = 0.7  # the rest keeps SFT's phrasings, so RL also practi
 def rl_problem_question(p: Problem, lang: str, rng: random.Random) -> str:
     if rng.random() >= RL_NEW_PHRASING_SHARE:
         return problem_question(p, lang, rng)
-    op = OP_ZH[p.op] if lang == "zh" else OP_EN[p.op]
-    question = rng.choice(RL_ARITH_ASK[lang]).format(a=p.a, b=p.b, op=op)
+    question = phrase_problem(rng.choice(RL_ARITH_ASK[lang]), p, lang)
     return ascii_punct(question, rng) if lang == "zh" else question
 
 

@@ -19,11 +19,10 @@ from danlu.world.documents import DocWriter
 from danlu.world.facts import Fact
 from danlu.world.index import World
 from danlu.world.numbers import (
-    OP_EN,
-    OP_ZH,
     Problem,
     big_expression,
     heldout_small,
+    phrase_problem,
     pretty_expression,
     training_small,
 )
@@ -78,7 +77,7 @@ def heldout_question(fact: Fact, lang: str, rng: random.Random) -> str:
 
 
 def arithmetic_question(p: Problem, lang: str, templates: dict[str, str] = ARITH_HELDOUT) -> str:
-    return templates[lang].format(a=p.a, b=p.b, op=OP_ZH[p.op] if lang == "zh" else OP_EN[p.op])
+    return phrase_problem(templates[lang], p, lang)
 
 
 def arithmetic_item(p: Problem, lang: str) -> dict[str, Any]:

@@ -113,6 +113,11 @@ class Problem:
         return f"{self.a} {op} {self.b}" if spaced else f"{self.a}{op}{self.b}"
 
 
+def phrase_problem(template: str, p: Problem, lang: str) -> str:
+    """A question template with slots {a}, {op}, {b} filled: the operator as a word (加, plus), operands in digits."""
+    return template.format(a=p.a, b=p.b, op=OP_ZH[p.op] if lang == "zh" else OP_EN[p.op])
+
+
 def worked_steps(p: Problem) -> list[str] | None:
     """The column equations of `worked_solution` (ones, then tens), compact: ["6+8=14", "4+2+1=7"]; None where
     the problem is answered directly. RL prompts carry them so a reward can credit each right step."""
