@@ -1,91 +1,210 @@
-"""Training tokens/s: danlu's step vs transformers' LlamaForCausalLM (fp32 eager, plain AdamW), side by side.
+"""Training tokens/s: danlu's step vs transformers' LlamaForCausalLM at the same precision and compile setting.
 
-The baseline is what MiniMind and most tutorials do: the HF model in fp32, eager, torch.optim.AdamW.
-Ours is the engine's step: bf16 autocast where the device has it, fused AdamW, optional torch.compile.
+The fair comparison comes first: both models in the precision the engine picks for this device (bf16 autocast on
+CPUs with AVX-512 BF16 or AMX and on GPUs, fp32 elsewhere) and both under torch.compile, then both eager. The last
+row is what MiniMind's CPU path and most tutorials do, the HF model in fp32 eager with torch.optim.AdamW, kept for
+reference. All rows of a shape run interleaved step by step (medians), so a load spike on a shared machine hits
+every row alike.
 
-    python benchmarks/train_throughput.py                      # the tiny default shape (depth 4, seq 256, batch 16)
-    python benchmarks/train_throughput.py --depth 12 --seq 1024 --batch 8 --device cuda   # ~125M on a GPU
+    python benchmarks/train_throughput.py                       # tiny (depth 4, seq 256, batch 16), then depth 12
+    python benchmarks/train_throughput.py --shape tiny          # a short run
+    python benchmarks/train_throughput.py --shape d12 --rounds 3 --no-eager
+    python benchmarks/train_throughput.py --shape d12 --batch 8 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import hf_twin, machine, timed  # noqa: E402
+from _common import hf_twin, machine, timed_side_by_side  # noqa: E402
 
-from danlu.engine import TrainConfig, build_optimizers, peak_flops, resolve_dtype  # noqa: E402
+from danlu.engine import TrainConfig, build_optimizers, optimizer_step, resolve_dtype  # noqa: E402
+from danlu.losses_fused import plain_linear_cross_entropy  # noqa: E402
 from danlu.model import ModelConfig, Transformer  # noqa: E402
+
+# The tiny default recipe's shape, and depth 12 (~81M parameters with this vocabulary) at a 1024-token context.
+SHAPES = {"tiny": {"depth": 4, "seq": 256, "batch": 16}, "d12": {"depth": 12, "seq": 1024, "batch": 2}}
+
+
+@dataclass
+class Row:
+    label: str
+    step: Callable[[], None]
+
+
+def danlu_row(cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, compiled: bool) -> Row:
+    """The engine's step: its optimizers (fused AdamW), autocast, clipping and optimizer step, optional compile."""
+    torch.manual_seed(0)
+    device = x.device
+    model = Transformer(cfg).to(device)
+    tcfg = TrainConfig()
+    opts = build_optimizers(model, tcfg, device)
+    run = torch.compile(model) if compiled else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = run(x, y)
+        loss.backward()
+        optimizer_step(opts, params, tcfg.grad_clip)
+
+    return Row(f"danlu        {_setting(dtype, compiled)} fused AdamW", step)
+
+
+def hf_row(
+    cfg: ModelConfig, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, compiled: bool, fused: bool
+) -> Row:
+    """transformers' model as its users train it: autocast (where bf16) and torch.compile are the two lines they add."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_twin(cfg)).to(x.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    run = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = run(input_ids=x, labels=y).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return Row(f"transformers {_setting(dtype, compiled)} {'fused ' if fused else ''}AdamW", step)
+
+
+def _setting(dtype: torch.dtype, compiled: bool) -> str:
+    return f"({str(dtype).removeprefix('torch.')} {'compiled' if compiled else 'eager'})"
+
+
+def run_shape(name: str, args: argparse.Namespace, device: torch.device) -> None:
+    shape = {**SHAPES[name], **{k: v for k in ("batch", "seq") if (v := getattr(args, k)) is not None}}
+    cfg = ModelConfig(vocab_size=args.vocab, depth=shape["depth"], max_position_embeddings=shape["seq"])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (shape["batch"], shape["seq"]), generator=gen).to(device)
+    y = torch.randint(0, args.vocab, (shape["batch"], shape["seq"]), generator=gen).to(device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    rows = {
+        "ours_compiled": danlu_row(cfg, x, y, dtype, True),
+        "hf_compiled": hf_row(cfg, x, y, dtype, True, fused=True),
+    }
+    if not args.no_eager:
+        rows["ours_eager"] = danlu_row(cfg, x, y, dtype, False)
+        rows["hf_eager"] = hf_row(cfg, x, y, dtype, False, fused=True)
+    rows["hf_fp32_eager"] = hf_row(cfg, x, y, torch.float32, False, fused=False)  # the tutorial path
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds = timed_side_by_side({k: r.step for k, r in rows.items()}, args.warmup, args.rounds, sync)
+    tokens = shape["batch"] * shape["seq"]
+    tps = {k: tokens / s for k, s in seconds.items()}
+
+    print(f"\n== {name}: depth {shape['depth']} (hidden {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M params), "
+          f"vocab {args.vocab}, seq {shape['seq']}, batch {shape['batch']}, {device}; "
+          f"medians of {args.rounds} interleaved rounds after {args.warmup} warmup steps")  # fmt: skip
+    for k, row in rows.items():
+        print(f"  {row.label:<48} {tps[k]:>10,.0f} tokens/s")
+    print(f"  ratio, same precision, compiled:  {tps['ours_compiled'] / tps['hf_compiled']:.2f}x")
+    if not args.no_eager:
+        print(f"  ratio, same precision, eager:     {tps['ours_eager'] / tps['hf_eager']:.2f}x")
+    print(f"  ratio vs HF fp32 eager (reference): {tps['ours_compiled'] / tps['hf_fp32_eager']:.2f}x")
+
+
+class _PlainLoss(Transformer):
+    """The model as it was before the chunked loss: whole fp32 logits, then cross-entropy."""
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return plain_linear_cross_entropy(self.hidden_states(input_ids), self.lm_head.weight, targets)
+
+
+def markov_batches(
+    vocab: int, batch: int, seq: int, seed: int = 0
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Rows from a fixed random Markov chain (8 successors per token, Zipf-weighted): learnable, so a loss curve
+    shows optimization, and its entropy (~1.8 nats) is the floor the loss approaches."""
+    gen = torch.Generator().manual_seed(seed)
+    succ = torch.randint(0, vocab, (vocab, 8), generator=gen)
+    probs = 1.0 / torch.arange(1, 9, dtype=torch.float32)
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.empty(batch, seq + 1, dtype=torch.long)
+        rows[:, 0] = torch.randint(0, vocab, (batch,), generator=gen)
+        for t in range(seq):
+            pick = torch.multinomial(probs.expand(batch, 8), 1, generator=gen).squeeze(1)
+            rows[:, t + 1] = succ[rows[:, t], pick]
+        return rows[:, :-1], rows[:, 1:]
+
+    return draw
+
+
+def loss_curve(args: argparse.Namespace, device: torch.device) -> None:
+    """Trains the chunked-loss model and the plain-loss model from the same seed on the same batches, step by step
+    (the engine's optimizer, schedule and clipping), and prints both losses at every 100th step."""
+    from danlu.engine import lr_factor
+
+    shape = SHAPES["tiny"]
+    cfg = ModelConfig(vocab_size=args.vocab, depth=shape["depth"], max_position_embeddings=shape["seq"])
+    tcfg = TrainConfig(steps=args.loss_curve, warmup_steps=20)
+    dtype = resolve_dtype(args.dtype, device)
+    runs = {}
+    for name, cls in (("chunked", Transformer), ("plain", _PlainLoss)):
+        torch.manual_seed(0)
+        model = cls(cfg).to(device)
+        runs[name] = (model, build_optimizers(model, tcfg, device), [])
+    draw = markov_batches(args.vocab, shape["batch"], shape["seq"])
+    print(
+        f"loss curve: tiny shape, {dtype}, eager, lr {tcfg.lr} cosine, {tcfg.steps} steps, same seed and batches"
+    )
+    for step in range(tcfg.steps):
+        x, y = (t.to(device) for t in draw())
+        for model, opts, losses in runs.values():
+            for opt in opts:
+                for group in opt.param_groups:
+                    group.setdefault("base_lr", group["lr"])
+                    group["lr"] = group["base_lr"] * lr_factor(step, tcfg)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss = model(x, y)
+            loss.backward()
+            optimizer_step(opts, list(model.parameters()), tcfg.grad_clip)
+            losses.append(loss.item())
+        if (step + 1) % 100 == 0 or step + 1 == tcfg.steps:
+            c, p = runs["chunked"][2], runs["plain"][2]
+            lo = max(0, step - 9)
+            print(f"  step {step + 1:>4}: chunked {c[step]:.4f}  plain {p[step]:.4f}  (means of the last 10 steps "
+                  f"{sum(c[lo:]) / len(c[lo:]):.4f} / {sum(p[lo:]) / len(p[lo:]):.4f})", flush=True)  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["tiny", "d12"])
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
+    ap.add_argument("--batch", type=int, default=None, help="override the shape's batch")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument(
+        "--warmup", type=int, default=2, help="steps per row before timing (compiles happen here)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
-    ap.add_argument("--compile", action="store_true", help="torch.compile our model")
-    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-eager", action="store_true", help="skip the same-precision eager pair")
+    ap.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
+                    help="instead of timing: train chunked-loss and plain-loss models side by side for STEPS steps")  # fmt: skip
     args = ap.parse_args()
-
-    from transformers import LlamaForCausalLM
-
     device = torch.device(args.device)
-    cfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.seq)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    y = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    tokens = args.batch * args.seq
-
-    torch.manual_seed(0)
-    ours = Transformer(cfg).to(device)
-    dtype = resolve_dtype(args.dtype, device)
-    opt = build_optimizers(ours, TrainConfig(), device)[0]
-    model = torch.compile(ours) if args.compile else ours
-
-    def our_step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t_ours = timed(our_step, args.warmup, args.steps, sync)
-    ours_tps = tokens / t_ours
-    mfu = ours_tps * cfg.flops_per_token(args.seq) / peak_flops(device, dtype)
-
     print(f"machine: {machine()}")
-    print(f"config: depth {args.depth} (hidden {cfg.hidden_size}, {cfg.num_params() / 1e6:.1f}M params), vocab {args.vocab}, "
-          f"seq {args.seq}, batch {args.batch}, device {device}")  # fmt: skip
-    print(f"danlu        ({str(dtype).removeprefix('torch.')}{', compiled' if args.compile else ''}, fused AdamW): "
-          f"{ours_tps:>10,.0f} tokens/s  MFU {100 * mfu:.1f}%")  # fmt: skip
-    ours = model = opt = None  # free memory before the baseline  # noqa: F841
-    if args.skip_baseline:
+    if args.loss_curve:
+        loss_curve(args, device)
         return
-
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(hf_twin(cfg)).to(device)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-3)
-
-    def hf_step() -> None:
-        loss = hf(input_ids=x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-
-    hf_tps = tokens / timed(hf_step, args.warmup, args.steps, sync)
-    print(f"transformers (fp32 eager, AdamW):  {hf_tps:>10,.0f} tokens/s")
-    print(f"ratio: {ours_tps / hf_tps:.2f}x")
+    print(f"precision: {str(resolve_dtype(args.dtype, device)).removeprefix('torch.')} "
+          f"(--dtype {args.dtype}; bf16 where the CPU has AVX-512 BF16 or AMX, or on a GPU)")  # fmt: skip
+    for name in args.shape:
+        run_shape(name, args, device)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class ChatSession:
     def reply(self, text: str, on_delta: Callable[[str], None] = lambda s: None,
               notice: Callable[[str], None] = lambda s: None) -> str:  # fmt: skip
         """Sends one user message; streams the answer through `on_delta`; returns the final answer text."""
-        self.history.append({"role": "user", "content": text})
+        # typed control tokens are plain text, as the server makes them (danlu.serve.schemas.ChatMessage.plain)
+        self.history.append({"role": "user", "content": self.model.tokenizer.defuse(text)})
         dropped = self.trim()
         if dropped:
             notice(

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch import nn
 
 from danlu import DanluError
 from danlu.compiler import compiler_available, is_compiler_error
-from danlu.files import atomic_path, recover_swapped
+from danlu.files import atomic_path, recover_swapped, write_jsonl_atomic
 
 
 class DataSource(Protocol):
@@ -64,7 +65,8 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"
     eval_every: int = 100
     eval_rows: int = 256
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # also save every N steps; 0: by time only
+    save_minutes: float = 10.0  # save at least this often (and always at the end, on Ctrl-C and SIGTERM); 0: off
     log_every: int = 10
     sample_every: int = 0
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
@@ -260,6 +262,20 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     return [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)]
 
 
+def optimizer_step(optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], grad_clip: float) -> float:
+    """Clips the gradients to `grad_clip` (0: no clipping), steps every optimizer and frees the gradients.
+
+    Returns the gradient norm before clipping (NaN when not clipping). The one place the engine and the training
+    benchmark take a step, so what the benchmark times is what training runs."""
+    grad_norm = float("nan")
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # ───────────────────────── the trainer ─────────────────────────
 
 
@@ -325,6 +341,9 @@ class Trainer:
         self.bad_evals = 0
         self.history: list[dict[str, Any]] = []
         self._tb = None
+        self._interrupted: int | None = None  # the signal that asked training to stop at the next step boundary
+        self._last_save = time.monotonic()
+        self._recover()
 
     # -- setup --
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -383,6 +402,7 @@ class Trainer:
             dist.barrier()
         model_state = self.raw_model.state_dict() if self.cfg.parallel != "fsdp" else self._full_state()
         if not self.dist.main:
+            self._recover()  # meets the barrier rank 0 reaches after writing
             return
         meta = {"step": self.step, "final": final, "metrics": self.last_metrics()}
         with atomic_path(self.out) as tmp:
@@ -390,6 +410,14 @@ class Trainer:
             self.hooks.save_model(model_state, tmp, meta)
             state_dir = tmp / "trainer_state"
             state_dir.mkdir()
+            if _saved_dtype(tmp) != "float32":  # the model folder was rounded (bf16/fp16): keep exact weights
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.detach().to("cpu").contiguous() for k, v in model_state.items() if not k.startswith("rope_")
+                     and not (k.endswith("lm_head.weight") and _is_tied(self.raw_model))},
+                    str(state_dir / MASTER_WEIGHTS),
+                )  # fmt: skip
             opt_states = {f"optimizer_{i}": o.state_dict() for i, o in enumerate(self.optimizers)}
             torch.save(
                 {
@@ -410,9 +438,11 @@ class Trainer:
                 "stage": self.stage,
                 "finished": final,
             }
-            (state_dir / "state.json").write_text(json.dumps(state) + "\n")
             if (self.out / "metrics.jsonl").exists():
                 shutil.copy2(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
+            (state_dir / "state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
+        self._last_save = time.monotonic()
+        self._recover()  # removes temp folders that interrupted saves left beside the checkpoint
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -423,7 +453,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Restores weights, optimizer, data position, RNG and step from `out`; errors name what is wrong."""
-        recover_swapped(self.out)
+        self._recover()
         state_path = self.out / "trainer_state" / "state.json"
         if not state_path.exists():
             raise DanluError(
@@ -440,10 +470,16 @@ class Trainer:
             raise DanluError(
                 f"--resume: {self.out} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}"
             )
-        from danlu.io import load_state_dict_file
+        from danlu.io import load_state_dict_file, load_weights
 
-        weights = load_state_dict_file(self.out / "model.safetensors")
-        missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
+        master = self.out / "trainer_state" / MASTER_WEIGHTS
+        adapter = self.raw_model.__dict__.get("danlu_adapter")  # a peft adapter trains: its folder holds only it
+        if adapter is not None:
+            adapter.restore(self.out)
+            missing, unexpected = [], []
+        else:
+            weights = load_state_dict_file(master) if master.exists() else load_weights(self.out, torch.float32)
+            missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
             raise DanluError(
@@ -464,6 +500,73 @@ class Trainer:
         self.bad_evals = int(state["bad_evals"])
         if self.dist.main:
             print(f"[danlu] resumed {self.stage} from step {self.step} in {self.out}")
+            self._cut_metrics(self.step)
+
+    def _recover(self) -> None:
+        """Puts the newest complete checkpoint in `out` (finishing a save killed between its renames, or taking a
+        complete save left in a temp folder) and removes the leftovers; runs before anything reads or writes `out`,
+        so a rerun never starts over a checkpoint it could not see and then deletes it."""
+        if self.dist.main:
+            recover_swapped(self.out, rank=checkpoint_step)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _cut_metrics(self, step: int) -> None:
+        """Drops metrics.jsonl lines after `step`: a resumed run redoes those steps and logs them again."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+                kept.append(rec)
+        write_jsonl_atomic(path, kept)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Ctrl-C and SIGTERM (a scheduler's stop) ask the loop to save and stop at the next step boundary, so the
+        checkpoint is never of a half-done step; a second signal stops at once. Main thread only (Python's rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupted is not None:
+                raise KeyboardInterrupt
+            self._interrupted = signum
+            if self.dist.main:
+                print(f"\n[danlu] {self.stage}: {signal.Signals(signum).name} received: saving at the end of this "
+                      "step, then stopping (again to stop at once)", flush=True)  # fmt: skip
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, handler)
+        return previous
+
+    def _boundary(self) -> None:
+        """At a step boundary: saves when due (every `save_every` steps, every `save_minutes`), and on a stop signal
+        saves and raises KeyboardInterrupt. Under torchrun every rank takes the same decision."""
+        cfg = self.cfg
+        due = bool(cfg.save_every and self.step % cfg.save_every == 0) or bool(
+            cfg.save_minutes and time.monotonic() - self._last_save >= cfg.save_minutes * 60
+        )
+        stop = self._interrupted is not None
+        if self.dist.world_size > 1:
+            flags = torch.tensor([float(due), float(stop)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            due, stop = bool(flags[0]), bool(flags[1])
+        if stop:
+            if self.step > 0:
+                self.save()
+            if self.dist.main:
+                print(f"[danlu] {self.stage}: stopped at step {self.step}; checkpoint saved in {self.out} (a rerun "
+                      "continues from it)", flush=True)  # fmt: skip
+            raise KeyboardInterrupt
+        if due and self.step < cfg.steps:
+            self.save()
 
     # -- metrics --
     def log(self, record: dict[str, Any]) -> None:
@@ -520,8 +623,7 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, dynamic_ncols=True, unit="step")
         nonfinite = 0
         t_last, tokens_since, steps_since = time.time(), 0, 0
-        previous_handler = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's TERM stops like Ctrl-C
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.step < cfg.steps and not stop_requested:
                 factor = lr_factor(self.step, cfg)
@@ -562,14 +664,7 @@ class Trainer:
                         )
                     continue
                 nonfinite = 0
-                grad_norm = float("nan")
-                if cfg.grad_clip > 0:
-                    grad_norm = float(
-                        torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
-                    )
-                for opt in self.optimizers:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(self.optimizers, list(self.raw_model.parameters()), cfg.grad_clip)
                 self.step += 1
                 tokens_since += tokens * self.dist.world_size
                 steps_since += 1
@@ -615,10 +710,10 @@ class Trainer:
                     samples = self.hooks.sample(self.raw_model)
                     self.raw_model.train()
                     self.log({"event": "samples", "samples": samples})
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save()
+                self._boundary()
         finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+            for sig, previous in previous_handlers.items():
+                signal.signal(sig, previous)
             if bar:
                 bar.close()
         self.save(final=True)
@@ -648,6 +743,33 @@ class Trainer:
             self.log({"event": "early_stop", "best_val_loss": self.best_val})
             return True
         return False
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step of a complete checkpoint folder (model config, optimizer and state.json, written last), or None."""
+    state = folder / "trainer_state" / "state.json"
+    model_file = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()  # or an adapter
+    if not (model_file and (folder / "trainer_state" / "optimizer.pt").is_file()):
+        return None
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+MASTER_WEIGHTS = "master.safetensors"  # fp32 weights for exact resume when the model folder holds bf16/fp16
+
+
+def _saved_dtype(folder: Path) -> str:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    return str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+
+
+def _is_tied(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
 class _null:

@@ -112,6 +112,10 @@ class Generator:
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         self._decode = None
+        if compile and not getattr(model, "supports_compiled_decode", False):
+            print("[danlu] generate: this model runs through transformers; decoding without torch.compile",
+                  file=sys.stderr)  # fmt: skip
+            compile = False
         if compile:  # on a CPU the C++ wrapper drops the Python call per kernel: another ~15% per token
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             self._decode = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)

@@ -8,6 +8,8 @@ Shapes: B sequences, T completion tokens; `mask` (B, T) is 1 on completion token
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -204,3 +206,38 @@ def ppo_value_loss(
     """½·max((V - R)², (clip(V, V_old ± ε) - R)²) averaged over tokens: the value may not jump far per update."""
     clipped = torch.clamp(values, old_values - clip, old_values + clip)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+# ── knowledge distillation ───────────────────────────────────────────────────────────────────────────────────
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+    beta: float = 0.5, temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """TRL's generalized Jensen-Shannon divergence (GKD, Agarwal et al. 2024) between the token distributions at
+    temperature T, mean over the positions `mask` keeps (all when None). β = 0 is the forward KL(teacher‖student),
+    β = 1 the reverse KL(student‖teacher), in between β·KL(t‖m) + (1-β)·KL(s‖m) with m = β·t + (1-β)·s."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if beta == 0:
+        per_token = (t.exp() * (t - s)).sum(-1)
+    elif beta == 1:
+        per_token = (s.exp() * (s - t)).sum(-1)
+    else:
+        mix = torch.logsumexp(torch.stack([s + math.log(1 - beta), t + math.log(beta)]), dim=0)
+        kl_t = (t.exp() * (t - mix)).sum(-1)
+        kl_s = (s.exp() * (s - mix)).sum(-1)
+        per_token = beta * kl_t + (1 - beta) * kl_s
+    if mask is None:
+        return per_token.mean()
+    return masked_mean(per_token, mask)
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """Hinton's distillation loss: T²·KL(p_teacher^T ‖ p_student^T) per token, averaged over `mask`. The T² keeps
+    the gradient's scale independent of the temperature (soft targets' gradients shrink as 1/T²)."""
+    return temperature**2 * generalized_jsd(student_logits, teacher_logits, mask, beta=0.0, temperature=temperature)

@@ -1,7 +1,10 @@
-"""The Llama-compatible decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional tied embeddings, KV cache.
+"""The Llama-family decoder: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional tied embeddings, KV cache.
 
 Module and parameter names are exactly those of transformers' `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`
 …), so a checkpoint is a plain state dict with no renaming, and `transformers`, vLLM and llama.cpp load it as Llama.
+A few config flags grow the same code into the rest of the family, so open weights run on this path too (compiled
+decode, packing, FSDP): q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), an explicit head_dim, untied embeddings and
+Llama-3's rope scaling. Anything outside the family runs through `danlu.hf_model` behind the same interface.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from danlu.losses_fused import linear_cross_entropy
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (the convention of transformers' labels)
 
@@ -36,6 +41,17 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    head_dim: int | None = None  # default hidden_size / heads; Qwen3 and some Llamas set it explicitly
+    qkv_bias: bool = False  # biases on q/k/v (Qwen2; Llama's attention_bias sets this and o_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    rope_scaling: dict | None = (
+        None  # None, {"rope_type": "linear", "factor"} or Llama-3's {"rope_type": "llama3", …}
+    )
+    model_type: str = "llama"  # the HF family written to config.json: llama, mistral, qwen2, qwen3
+    torch_dtype: str = "float32"  # the dtype weights are saved in (the parent's for imported models)
+    hf_extra: dict | None = None  # config.json keys of an imported model that danlu keeps but does not model
 
     def __post_init__(self) -> None:
         depth = self.depth or self.num_hidden_layers or 4
@@ -48,9 +64,16 @@ class ModelConfig:
             self.num_key_value_heads = heads // 2 if heads % 2 == 0 and heads >= 2 else heads
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        rope_type = rope_scaling_type(self.rope_scaling)
+        if rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads"
+                f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -58,14 +81,12 @@ class ModelConfig:
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     def num_params(self, embeddings: bool = True) -> int:
         h, i, n = self.hidden_size, self.intermediate_size, self.num_hidden_layers
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+        per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + (2 * i + h) * self.mlp_bias
+        per_layer += 2 * self.head_dim * self.qk_norm
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return n * per_layer + h + (emb if embeddings else 0)
 
@@ -94,14 +115,45 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_scaling_type(scaling: dict | None) -> str:
+    """The rope type of a config's `rope_scaling` ("default" when absent); HF writes it as `rope_type` or `type`."""
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type") or scaling.get("type") or "default")
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Rotation frequencies per pair of dims, with the config's scaling applied as transformers applies it."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    )
+    kind, scaling = rope_scaling_type(cfg.rope_scaling), cfg.rope_scaling or {}
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if (
+        kind == "llama3"
+    ):  # Llama 3.1+: low frequencies slowed by `factor`, a smooth ramp between the two bands
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
 def rope_tables(
     cfg: ModelConfig, length: int, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and *signed* sin tables: the sin's first half is negated, so `apply_rope` rotates with one `roll`."""
-    inv_freq = 1.0 / (
-        cfg.rope_theta
-        ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim)
-    )
+    inv_freq = rope_inv_freq(cfg, device)
     t = torch.arange(length, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     # transformers' "rotate_half" layout (not interleaved pairs): dims i and i + D/2 rotate together.
@@ -183,10 +235,14 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = Linear(h, self.n_head * self.head_dim, bias=False)
-        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_head * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_head * self.head_dim, h, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -204,8 +260,11 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys (both rotated) and values, (B, heads, T, D)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
@@ -224,9 +283,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -256,23 +315,55 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
+    supports_compiled_decode = True  # `decode_step` exists (the transformers-backed model has none)
+    supports_packing = True  # `segment_ids` work
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def tie_weights(self) -> None:
+        """Shares the embedding with the output head when the config ties them (again after `load_state_dict`
+        with assign=True, which replaces parameters)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recomputes the RoPE tables (a model built on the meta device has none)."""
+        self.rope_cos, self.rope_sin = rope_tables(self.config, self.config.max_position_embeddings, device)
+
+    def resize_token_embeddings(self, rows: int) -> None:
+        """Grows the embedding (and an untied head) to `rows`, new rows the mean of the old ones (transformers'
+        mean resizing): tokens added to a tokenizer, e.g. ChatML's, start as an average token, not as noise."""
+        old = self.model.embed_tokens.weight
+        if rows <= old.size(0):
+            return
+        with torch.no_grad():
+            grown = torch.cat([old, old.mean(0, keepdim=True).expand(rows - old.size(0), -1)])
+            self.model.embed_tokens = nn.Embedding(rows, old.size(1), device=old.device, dtype=old.dtype)
+            self.model.embed_tokens.weight.copy_(grown)
+            if not self.config.tie_word_embeddings:
+                head = self.lm_head.weight
+                new_head = torch.cat([head, head.mean(0, keepdim=True).expand(rows - head.size(0), -1)])
+                self.lm_head = Linear(head.size(1), rows, bias=False, device=head.device, dtype=head.dtype)
+                self.lm_head.weight.copy_(new_head)
+        self.config.vocab_size = rows
+        self.tie_weights()
+
     def reset_parameters(self) -> None:
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)  # GPT-2's scaled residual init
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=residual_std)
@@ -287,15 +378,17 @@ class Transformer(nn.Module):
 
     def hidden_states(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         *,
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, H). `segment_ids` (B, T) packs several documents in a row: attention
-        stays inside each segment and positions restart at each segment's start."""
-        b, t = input_ids.shape
-        device = input_ids.device
+        stays inside each segment and positions restart at each segment's start. `inputs_embeds` (B, T, H) replace
+        the token embeddings (soft prompts: virtual tokens that are vectors, not ids; danlu.adapters.prompts)."""
+        b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
+        device = (input_ids if inputs_embeds is None else inputs_embeds).device
         limit = self.config.max_position_embeddings
         mask = None
         if cache is not None:
@@ -317,7 +410,7 @@ class Transformer(nn.Module):
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
             cos, sin = self._rope(torch.arange(t, device=device).unsqueeze(0))
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
@@ -333,6 +426,9 @@ class Transformer(nn.Module):
         x = self.hidden_states(input_ids, cache=cache, segment_ids=segment_ids)
         if targets is None:
             return self.lm_head(x)
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:  # not wrapped (a LoRA head takes the plain path)
+            # In row chunks: the whole batch's fp32 logits never exist (danlu.losses_fused says why and how).
+            return linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(
             logits.view(-1, logits.size(-1)),

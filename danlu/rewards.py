@@ -183,7 +183,8 @@ def save_reward_model(
     folder: Path, state_dict: dict[str, torch.Tensor], cfg: Any, tokenizer: Any, meta: dict
 ) -> None:
     """An HF folder that transformers loads as LlamaForSequenceClassification (num_labels 1, pad_token_id set)."""
-    from danlu.io import hf_config, save_model_dir
+    from danlu.families import hf_config
+    from danlu.io import save_model_dir
 
     save_model_dir(folder, state_dict, cfg, tokenizer, {**meta, "reward_model": True}, chat=True)
     config = hf_config(cfg, tokenizer, chat=True)
@@ -197,9 +198,10 @@ def save_reward_model(
 
 
 def is_reward_model(path: str | Path) -> bool:
+    """A full reward model folder, or a reward adapter (LoRA + score head) that `danlu reward --peft` wrote."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        return _is_reward_adapter(Path(path))
     try:
         return "LlamaForSequenceClassification" in json.loads(cfg.read_text()).get("architectures", [])
     except json.JSONDecodeError:
@@ -207,10 +209,13 @@ def is_reward_model(path: str | Path) -> bool:
 
 
 def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
-    from danlu.io import load_state_dict_file, model_config_from_hf
+    from danlu.families import model_config_from_hf
+    from danlu.io import load_weights
     from danlu.tokenizer import Tokenizer
 
     path = Path(path)
+    if _is_reward_adapter(path):
+        return _load_reward_adapter(path, device)
     if not is_reward_model(path):
         raise DanluError(
             f"{path}: not a reward model folder (config.json architectures lacks LlamaForSequenceClassification)"
@@ -219,7 +224,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
     tokenizer = Tokenizer.load(path)
     tokenizer.check_fits(cfg.vocab_size, str(path))
     rm = RewardModel(cfg)
-    missing, unexpected = rm.load_state_dict(load_state_dict_file(path / "model.safetensors"), strict=False)
+    missing, unexpected = rm.load_state_dict(load_weights(path), strict=False)
     if missing or unexpected:
         raise DanluError(
             f"{path}: tensors do not fit a reward model (missing {missing[:3]}, unexpected {unexpected[:3]})"
@@ -238,6 +243,30 @@ def check_same_tokenizer(a: Any, b: Any, what: str, where_a: str, where_b: str) 
             f"{what}: the tokenizer of {where_b} differs from that of {where_a}; token ids would not mean the same "
             "thing (use models trained with the same tokenizer)"
         )
+
+
+def _is_reward_adapter(path: Path) -> bool:
+    from danlu.adapters import is_adapter_folder
+    from danlu.io import read_meta
+
+    return is_adapter_folder(path) and bool(read_meta(path).get("reward_model"))
+
+
+def _load_reward_adapter(path: Path, device: str | torch.device) -> tuple[RewardModel, Any]:
+    """Base (the SFT model the adapter names) as a reward model, with the adapter's LoRA and score head on it."""
+    from danlu.adapters.folder import attach_saved, read_adapter_config, read_adapter_tensors
+    from danlu.adapters.identity import check_base
+    from danlu.io import load_checkpoint, read_meta
+
+    meta, config = read_meta(path), read_adapter_config(path)
+    base = (meta.get("base") or {}).get("name") or config.base_model_name_or_path
+    if not base:
+        raise DanluError(f"{path}: the reward adapter names no base model (base_model_name_or_path)")
+    ckpt = load_checkpoint(base, quiet=True)
+    check_base(path, meta.get("base"), ckpt.path, ckpt.config, ckpt.tokenizer, quiet=True)
+    ckpt.model = RewardModel.from_policy(ckpt.model)
+    attach_saved(ckpt, config, read_adapter_tensors(path), str(path))
+    return ckpt.model.to(device).eval(), ckpt.tokenizer
 
 
 class RewardModelScorer:

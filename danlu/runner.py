@@ -22,7 +22,7 @@ from danlu.files import write_json_atomic
 # Order matters: a stage may read the output of any stage before it.
 STAGES: list[str] = [
     "world", "data", "tokenizer", "tokens", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
-    "eval",
+    "eval", "export", "compress",
 ]  # fmt: skip
 GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
 
@@ -148,6 +148,10 @@ def run_pipeline(
         if done_path.exists():
             done_path.unlink()  # a stage that starts over is not finished until it says so again
         print(f"[danlu] ── stage {name} ──")
+        interrupted_at = interrupted_step(ctx.out)
+        if interrupted_at is not None:
+            print(f"[danlu] {name}: an interrupted run left a checkpoint at step {interrupted_at}; the stage continues "
+                  "from it when its settings are unchanged (resume: auto)")  # fmt: skip
         module = importlib.import_module(f"danlu.stages.{name}")
         t0 = time.time()
         try:
@@ -166,6 +170,24 @@ def run_pipeline(
     write_json_atomic(summary_path, summary)
     write_run_report(run_dir)
     return summary
+
+
+def interrupted_step(out: Path) -> int | None:
+    """The step of an unfinished training checkpoint in a stage folder (after finishing any interrupted save), or
+    None: what lets `danlu run` say that it continues an interrupted stage rather than starting it over."""
+    from danlu.files import leftovers, recover_swapped
+
+    state_path = out / "trainer_state" / "state.json"
+    if not state_path.exists() and not leftovers(out):
+        return None
+    from danlu.engine import checkpoint_step
+
+    recover_swapped(out, rank=checkpoint_step)
+    try:
+        state = json.loads(state_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return None if state.get("finished") else int(state.get("step", 0))
 
 
 def write_run_report(run_dir: Path) -> None:

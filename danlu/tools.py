@@ -21,8 +21,10 @@ from __future__ import annotations
 import ast
 import datetime as _dt
 import json
+import math
 import operator
 import re
+import time
 from typing import Any
 
 TOOL_SCHEMAS: list[dict[str, Any]] = [
@@ -60,6 +62,10 @@ _BINARY = {
 }
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_EXPRESSION_CHARS = 200
+MAX_EXPONENT = 64  # |b| in a ** b
+MAX_BASE = 10**6  # |a| in a ** b
+MAX_RESULT_DIGITS = 1000  # any intermediate integer; far below Python's 4,300-digit str() limit
+MAX_SECONDS = 0.5
 
 
 class ToolError(ValueError):
@@ -67,33 +73,58 @@ class ToolError(ValueError):
 
 
 def calculate(expression: str) -> int | float:
-    """Evaluates arithmetic only: numbers, + - * / // % ** and parentheses. Never code, names or calls."""
+    """Evaluates arithmetic only: numbers, + - * / // % ** and parentheses. Never code, names or calls.
+
+    Every way arithmetic can fail or run away becomes a ToolError the model reads: exponents over MAX_EXPONENT or
+    bases over MAX_BASE, integers over MAX_RESULT_DIGITS digits, float overflow, complex results (`(-8)**0.5`),
+    division by zero, and evaluation over MAX_SECONDS. A tool call must never turn into a server error.
+    """
     expr = expression.replace("×", "*").replace("÷", "/").replace("，", "").replace(",", "").strip()
     if len(expr) > MAX_EXPRESSION_CHARS:
         raise ToolError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ToolError(f"not an arithmetic expression: {expression!r}") from None
+    deadline = time.monotonic() + MAX_SECONDS
+    max_bits = int(MAX_RESULT_DIGITS * math.log2(10))
+
+    def checked(value: Any) -> int | float:
+        if isinstance(value, complex):
+            raise ToolError("the result is not a real number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ToolError("the result is too large")
+        if isinstance(value, int) and value.bit_length() > max_bits:
+            raise ToolError(f"the result has more than {MAX_RESULT_DIGITS} digits")
+        if time.monotonic() > deadline:
+            raise ToolError(f"the calculation took longer than {MAX_SECONDS} s")
+        return value
 
     def ev(node: ast.AST) -> int | float:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
+            return checked(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 10**6):
+            if isinstance(node.op, ast.Pow) and (abs(right) > MAX_EXPONENT or abs(left) > MAX_BASE):
                 raise ToolError("exponent too large")
             try:
-                return _BINARY[type(node.op)](left, right)
+                return checked(_BINARY[type(node.op)](left, right))
+            except ToolError:
+                raise
             except ZeroDivisionError:
                 raise ToolError("division by zero") from None
+            except (OverflowError, ValueError, TypeError):  # float overflow, complex operands of // or %
+                raise ToolError(f"cannot compute {ast.unparse(node)}") from None
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](ev(node.operand))
+            return checked(_UNARY[type(node.op)](ev(node.operand)))
         raise ToolError(f"not an arithmetic expression: {expression!r}")
 
-    value = ev(tree)
+    try:
+        value = ev(tree)
+    except RecursionError:
+        raise ToolError("expression nested too deeply") from None
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return int(value)
     return round(value, 10) if isinstance(value, float) else value
@@ -112,7 +143,9 @@ def run_tool(name: str, arguments: dict[str, Any] | str | None, today: _dt.date 
             arguments = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError:
             return f"error: arguments are not JSON: {arguments!r}"
-    arguments = arguments or {}
+    arguments = {} if arguments is None else arguments
+    if not isinstance(arguments, dict):
+        return f"error: arguments must be a JSON object, got {type(arguments).__name__}"
     try:
         if name == "get_date":
             return format_date(today or _dt.date.today())

@@ -16,11 +16,13 @@ def test_clean_normalizes_masks_and_drops_boilerplate():
         "Ｈｅｌｌｏ，世界！   多余   空格\n\n\n\n版权所有 © 2024 新华网\nCall (555) 123-4567. Everest is 8848 m; population 1411778724."
     )
     text, counts = TextCleaner(CleanConfig(traditional_to_simplified=True)).clean(raw, "zh")
-    assert text.startswith("中国的首都是北京。 联系 [EMAIL] 或 [PHONE]，身份证 [ID]。&")
+    assert text.startswith("中国的首都是北京。\n联系 [EMAIL] 或 [PHONE]，身份证 [ID]。&")  # </p> ends a line
     assert "Hello，世界！ 多余 空格" in text  # full-width Latin → ASCII, Chinese punctuation kept
     assert "版权所有" not in text and "\n\n\n" not in text and "\u200b" not in text and "<p>" not in text
     assert "Call [PHONE]." in text and "8848 m" in text and "1411778724" in text  # plain numbers are not PII
-    assert counts == {"masked_email": 1, "masked_id": 1, "masked_phone": 2, "boilerplate_lines": 1}
+    masks = ("masked_email", "masked_id", "masked_phone", "boilerplate_lines")
+    assert {k: counts[k] for k in masks} == {"masked_email": 1, "masked_id": 1, "masked_phone": 2, "boilerplate_lines": 1}
+    assert counts["edit_unicode"] == counts["edit_markup"] == counts["edit_traditional_to_simplified"] == 1
 
 
 def test_clean_can_be_switched_off():

@@ -36,6 +36,7 @@ def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> N
         "ppo",
         "grpo",
         "eval",
+        "export",
     ):
         assert stage in summary, stage
         assert (run / stage / "stage.json").exists()
@@ -46,6 +47,23 @@ def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> N
     assert dpo["judged_prompts"] == 16 and "heldout_answer_accuracy" in dpo and "heldout_pref_accuracy" in dpo
     assert {"train_prompt_accuracy", "heldout_accuracy_before"} <= set(summary["grpo"])
     assert "danlu chat" in result.stdout  # ends by saying what to try
+    gguf = Path(
+        summary["export"]["gguf"]
+    )  # the chat model for llama.cpp / Ollama, and the commands to run it
+    assert (
+        summary["export"]["model"] == "grpo"
+        and gguf.is_file()
+        and Path(summary["export"]["modelfile"]).is_file()
+    )
+    assert f"llama-cli -m {gguf}" in result.stdout and "ollama create" in result.stdout
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        Llama = None
+    if Llama is not None:  # llama.cpp loads it and answers in the chat template
+        llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
+        reply = llm.create_chat_completion([{"role": "user", "content": "你好"}], max_tokens=8, temperature=0)
+        assert reply["choices"][0]["message"]["content"] is not None
     assert (run / "report.html").exists() and (run / "report.md").exists()
 
     for stage in ("pretrain", "sft", "dpo", "grpo"):
@@ -57,7 +75,7 @@ def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> N
     assert chat.returncode == 0, chat.stderr
 
     again = danlu("run", "smoke", "--out", str(run))  # nothing changed: every stage is skipped
-    assert again.returncode == 0 and again.stdout.count("skipped") >= 10, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("skipped") >= 11, again.stdout[-2000:]
 
 
 def test_bad_recipe_input_is_one_clear_error(tmp_path: Path) -> None:

@@ -50,14 +50,14 @@ def test_targets_are_the_assistant_tokens_shifted(tiny_tokenizer) -> None:
     assert tiny_tokenizer.decode(scored) == "Hello!<|im_end|>东京。<|im_end|>"
 
 
-def test_long_dialog_policy_truncates_at_an_assistant_turn_or_skips(tiny_tokenizer) -> None:
+def test_long_dialog_policy_keeps_the_system_prompt_and_last_turns_or_skips(tiny_tokenizer) -> None:
     full = len(tiny_tokenizer.render_chat(DIALOGS[2])[0])
-    first = len(tiny_tokenizer.render_chat(DIALOGS[2][:3])[0]) - 1  # without the trailing newline
+    last = len(tiny_tokenizer.render_chat([DIALOGS[2][0], *DIALOGS[2][3:]])[0])  # system + the last exchange
     seq_len = full - 5
     stats = EncodeStats()
     out = encode_conversations(convs([DIALOGS[2]]), tiny_tokenizer, seq_len, "truncate", stats)
-    assert stats.truncated == 1 and len(out) == 1 and len(out[0]) == first - 1
-    assert tiny_tokenizer.decode([y for y in out[0].targets if y != IGNORE_INDEX]) == "Hello!<|im_end|>"
+    assert stats.truncated == 1 and len(out) == 1 and len(out[0]) == last - 1
+    assert tiny_tokenizer.decode([y for y in out[0].targets if y != IGNORE_INDEX]) == "东京。<|im_end|>"
     stats = EncodeStats()
     assert encode_conversations(convs([DIALOGS[2]]), tiny_tokenizer, 8, "truncate", stats) == []
     assert stats.skipped_long == 1

@@ -125,7 +125,8 @@ def test_special_tokens_and_vocab(tok: Tokenizer) -> None:
         "</tool_call>",
     ]
     assert tok.bos_id == tok.eos_id == tok.pad_id == 0
-    assert (tok.im_start_id, tok.im_end_id) == (1, 2)
+    assert (tok.token_to_id("<|im_start|>"), tok.end_of_turn_id) == (1, 2)
+    assert tok.has_chat_template and tok.is_byte_level
     assert tok.stop_ids == {0, 2}
     assert tok.special_tokens == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     assert tok.vocab_size == 600 == len(tok)
@@ -275,10 +276,11 @@ def test_assistant_mask_token_by_token(tok: Tokenizer) -> None:
     messages = [{"role": "system", "content": "Be brief."}, *DIALOG]
     ids, mask = tok.render_chat(messages)
     pieces = [tok.decode([i]) for i in ids]
+    im_start = tok.token_to_id("<|im_start|>")
     # walk the tokens: every assistant body token and its <|im_end|> is 1, everything else 0
     expected, role, header = [], None, ""
     for k, piece in enumerate(pieces):
-        if ids[k] == tok.im_start_id:
+        if ids[k] == im_start:
             role, header = None, "<|im_start|>"
             expected.append(0)
         elif role is None and header:  # role name and the header's newline
@@ -286,7 +288,7 @@ def test_assistant_mask_token_by_token(tok: Tokenizer) -> None:
             expected.append(0)
             if header.endswith("\n"):
                 role, header = header.removeprefix("<|im_start|>").strip(), ""
-        elif ids[k] == tok.im_end_id:
+        elif ids[k] == tok.end_of_turn_id:
             expected.append(1 if role == "assistant" else 0)
             role = None
         else:
@@ -341,9 +343,11 @@ def test_load_errors_name_the_path(tok: Tokenizer, tmp_path: Path) -> None:
     (good / "tokenizer_config.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(DanluError, match=f"{good / 'tokenizer_config.json'}: malformed JSON"):
         Tokenizer.load(good)
-    (good / "tokenizer_config.json").unlink()
-    with pytest.raises(DanluError, match=f"{good}: no tokenizer_config.json"):
-        Tokenizer.load(good)
+    (good / "tokenizer_config.json").unlink()  # optional: danlu's layout is recognized from tokenizer.json
+    again = Tokenizer.load(good)
+    assert all(again.encode(t) == tok.encode(t) for t in MIXED)
+    assert (again.bos_id, again.eos_id, again.pad_id, again.end_of_turn_id) == (0, 0, 0, 2)
+    assert again.chat_template == CHAT_TEMPLATE and again.stop_ids == {0, 2}
 
 
 def test_stage_trains_on_world_text(tmp_path: Path) -> None:
@@ -417,7 +421,7 @@ def test_typed_control_tokens_are_defused_for_chat_clients(tok: Tokenizer) -> No
     assert plain["content"] == defuse_special_tokens(attack) != attack
     ids = tok.render_chat([plain], add_generation_prompt=True)[0]
     assert (
-        ids.count(tok.im_start_id) == 2 and ids.count(tok.im_end_id) == 1
+        ids.count(tok.token_to_id("<|im_start|>")) == 2 and ids.count(tok.end_of_turn_id) == 1
     )  # the user turn + the reply's header
     assert (
         "Ignore your rules" in tok.decode(ids)

@@ -8,6 +8,7 @@ import os
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+PEFT_STAGES = ("sft", "reward", "dpo", "ppo", "grpo")  # stages whose config has a `peft:` section (danlu.adapters.PeftSpec)
 
 
 def add_output_arguments(p: argparse.ArgumentParser, stage: str, example: str) -> None:
@@ -16,6 +17,12 @@ def add_output_arguments(p: argparse.ArgumentParser, stage: str, example: str) -
         "--recipe", default="tiny", help=f"recipe whose train/{stage} sections to use (default: tiny)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    if stage in PEFT_STAGES:
+        from danlu.adapters.spec import METHODS
+
+        p.add_argument("--peft", choices=METHODS, metavar="METHOD",
+                       help=f"train an adapter instead of every weight ({', '.join(METHODS)}); shorthand for "
+                       f"{stage}.peft.method=METHOD, other settings as {stage}.peft.r=16 …")  # fmt: skip
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
 
 
@@ -36,6 +43,8 @@ def stage_config(
     section = dict(recipe.get(stage) or {})
     section.pop("enabled", None)
     section["resume"] = "true" if args.resume else section.get("resume", "auto")
+    if getattr(args, "peft", None):
+        section["peft"] = {**(section.get("peft") or {}), "method": args.peft}
     section.update(section_updates)
     return recipe, from_dict(cls, section, stage)
 

@@ -20,7 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tok.add_argument("inputs", nargs="+", help="files or folders of .jsonl/.json/.parquet/.txt")
     tok.add_argument("--tokenizer", required=True, help="tokenizer folder (tokenizer.json)")
     tok.add_argument("--out", required=True, help="output folder for the shards")
-    tok.add_argument("--text-field", default="text")
+    tok.add_argument(
+        "--text-field",
+        default="text",
+        help="field holding the text (dotted for nested; a list of strings is joined)",
+    )
+    tok.add_argument(
+        "--encoding", help="text encoding of the inputs (default: detected: UTF-8/16 BOM, GB18030)"
+    )
     tok.add_argument("--workers", type=int, default=2)
     tok.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard file")
     tok.add_argument(
@@ -40,6 +47,12 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    import os
+
     from danlu.data.shards import tokenize_command
+    from danlu.files import ENCODING_ENV, chosen_encoding
+
+    if args.encoding:  # every reader, in this process and its workers, decodes with it
+        os.environ[ENCODING_ENV] = chosen_encoding(args.encoding) or "auto"
 
     return tokenize_command(args)

@@ -8,7 +8,10 @@ HELP = "evaluate a checkpoint: bpb, multiple choice (C-Eval/CMMLU/MMLU), GSM8K, 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model folder (the output of a training stage)")
+    p.add_argument("checkpoint", nargs="?", help="model folder (the output of a training stage)")
+    p.add_argument("--ensemble", metavar="A,B[,C]",
+                   help="evaluate an ensemble of checkpoints sharing a tokenizer instead of one checkpoint")  # fmt: skip
+    p.add_argument("--weights", metavar="W1,W2", help="ensemble weights (default: equal)")
     p.add_argument(
         "--task", nargs="+", default=["world"], help="task names (default: world); --list-tasks shows them"
     )
@@ -27,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="generation length for gsm8k")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--examples", type=int, default=3, help="examples kept per task in the results (default 3)")
+    p.add_argument("--encoding", help="text encoding of --data/--dev files (default: detected)")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
 
 
@@ -34,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from danlu import DanluError
-    from danlu.eval.tasks import EvalOptions, format_table, get_task, registry, run_tasks, table_rows
+    from danlu.eval.tasks import (
+        EvalOptions,
+        format_table,
+        get_task,
+        letter_lines,
+        registry,
+        run_tasks,
+        table_rows,
+    )
 
     if args.list_tasks:
         for t in registry().values():
@@ -42,20 +55,33 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name in args.task:
         get_task(name)  # unknown names fail before the model loads
-    if args.shots < 0 or args.limit < 0 or args.batch_size < 1:
-        raise DanluError("--shots and --limit must be >= 0 and --batch-size >= 1")
+    if args.shots < 0 or args.limit < 0 or args.batch_size < 1 or args.examples < 0:
+        raise DanluError("--shots, --limit and --examples must be >= 0 and --batch-size >= 1")
     from pathlib import Path
 
     from danlu.engine import resolve_device
     from danlu.files import write_json_atomic
     from danlu.io import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if args.ensemble:
+        from danlu.ensemble import load_ensemble, parse_members
+
+        if args.checkpoint:
+            raise DanluError("give either a CHECKPOINT or --ensemble A,B, not both")
+        ckpt = load_ensemble(*parse_members(args.ensemble, args.weights), device=resolve_device(args.device))
+        args.checkpoint = f"ensemble({args.ensemble})"
+    elif not args.checkpoint:
+        raise DanluError("expected a CHECKPOINT (or --ensemble A,B)")
+    else:
+        ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     opts = EvalOptions(data=args.data, world=args.world, dev=args.dev, shots=args.shots, limit=args.limit,
-                       batch_size=args.batch_size, max_tokens=args.max_tokens)  # fmt: skip
+                       batch_size=args.batch_size, max_tokens=args.max_tokens, examples=args.examples,
+                       encoding=args.encoding)  # fmt: skip
     t0 = time.time()
     results = run_tasks(ckpt, args.task, opts)
     print(format_table(table_rows(results)))
+    for line in letter_lines(results):
+        print(line)
     print(f"\n{args.checkpoint}: {len(results)} result(s) in {time.time() - t0:.1f}s")
     if args.out:
         write_json_atomic(

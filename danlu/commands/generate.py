@@ -1,16 +1,22 @@
-"""Streams a completion from a checkpoint: `danlu generate CHECKPOINT "prompt"` (`--chat` applies the template)."""
+"""Streams a completion from a checkpoint: `danlu generate CHECKPOINT "prompt"` (`--chat` applies the template), or
+from an ensemble: `danlu generate --ensemble A,B [--weights 0.7,0.3] "prompt"`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from danlu import DanluError
+
 HELP = "stream a completion from a checkpoint (temperature, top-k, top-p, max tokens, seed, stop)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint folder")
-    p.add_argument("prompt", help="prompt text ('-' reads standard input)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (left out with --ensemble)")
+    p.add_argument("prompt", nargs="?", help="prompt text ('-' reads standard input)")
+    p.add_argument("--ensemble", metavar="A,B[,C]",
+                   help="generate with an ensemble of checkpoints sharing a tokenizer (averaged next-token log-probs)")  # fmt: skip
+    p.add_argument("--weights", metavar="W1,W2", help="ensemble weights (default: equal)")
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user turn with the chat template"
     )
@@ -30,7 +36,21 @@ def run(args: argparse.Namespace) -> int:
     from danlu.generate import Completion, Generator, SamplingParams
     from danlu.io import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    if args.ensemble:
+        from danlu.ensemble import load_ensemble, parse_members
+
+        if args.prompt is not None:
+            raise DanluError("with --ensemble, give the prompt alone (the checkpoints are in --ensemble)")
+        args.prompt, args.compile = args.checkpoint, False
+        if args.prompt is None:
+            raise DanluError("no prompt given")
+        ckpt = load_ensemble(*parse_members(args.ensemble, args.weights), device=args.device)
+    else:
+        if args.prompt is None:
+            raise DanluError("expected CHECKPOINT PROMPT (or --ensemble A,B PROMPT)")
+        if args.weights:
+            raise DanluError("--weights needs --ensemble")
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
     tok = ckpt.tokenizer
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:

@@ -71,5 +71,13 @@ def _print_summary(summary: dict, out: Path) -> None:
             print(f"\nTry it:  danlu chat {model}\n         danlu serve {model}")
         else:
             print(f'\nTry it:  danlu generate {model} "中国最高的山是"')
+    exported = summary.get("stages", {}).get("export", {})
+    if exported.get("gguf") and Path(exported["gguf"]).exists():
+        gguf = exported["gguf"]
+        print(f"llama.cpp:  llama-cli -m {gguf} -cnv      (or: llama-server -m {gguf})")
+        if exported.get("modelfile"):
+            print(
+                f"Ollama:     ollama create danlu-{out.name} -f {exported['modelfile']} && ollama run danlu-{out.name}"
+            )
     if (out / "report.html").exists():
         print(f"Report:  {out / 'report.html'}")

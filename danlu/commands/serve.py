@@ -5,6 +5,8 @@ page at /, built-in date and calculator tools, and a feedback store (ratings, co
 Examples:
   danlu serve runs/tiny/sft/model
   danlu serve --model chat=runs/tiny/dpo/model --model base=runs/tiny/sft/model --fallback chat=base
+  danlu serve --ensemble duo=runs/zh/sft/model,runs/en/sft/model --weights 0.6,0.4
+  danlu serve runs/tiny/sft/model --adapter zh=runs/lora-zh --adapter en=runs/lora-en
 """
 
 from __future__ import annotations
@@ -19,12 +21,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="*", help="checkpoint folder(s); served under the folder's name")
     p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="serve CHECKPOINT as NAME (repeatable); the first model is the page's default")  # fmt: skip
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="serve the adapter folder PATH (LoRA-family, peft's format) as NAME on the first model, "
+                   "which is loaded once for all of them; a request's `model` picks one (repeatable)")  # fmt: skip
+    p.add_argument("--ensemble", action="append", default=[], metavar="NAME=A,B[,C]",
+                   help="serve an ensemble of checkpoints sharing a tokenizer as NAME: their next-token log-probs "
+                   "averaged (repeatable)")  # fmt: skip
+    p.add_argument("--weights", action="append", default=[], metavar="[NAME=]W1,W2",
+                   help="an ensemble's weights (default: equal); NAME= is needed with several ensembles")  # fmt: skip
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health "
                    "(default: $DANLU_API_KEY if set)")  # fmt: skip
+    p.add_argument("--admin-key", help="enables /v1/admin/corrections: with `Authorization: Bearer ADMIN_KEY` an "
+                   "admin approves a user's correction for every user's memory (default: $DANLU_ADMIN_KEY if set; "
+                   "without it corrections stay with the user who made them)")  # fmt: skip
     p.add_argument("--fallback", action="append", default=[], metavar="MODEL=BASE",
                    help="answer with BASE when MODEL's mean token log-probability is below --min-logprob")  # fmt: skip
     p.add_argument("--min-logprob", type=float, default=-2.0,
@@ -46,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile each model's decode step at start-up: several times faster tokens after "
                    "10-20 s of compiling (auto: where a C++ compiler or a GPU is present)")  # fmt: skip
+    p.add_argument("--detector", metavar="DIR", help="an AI-text detector folder (`danlu detect train`): enables "
+                   "POST /v1/detect")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -57,22 +72,44 @@ def run(args: argparse.Namespace) -> int:
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.feedback import FeedbackStore
     from danlu.serve.memory import CorrectionMemory
-    from danlu.serve.routing import load_served_model, parse_fallbacks, parse_model_specs
+    from danlu.serve.routing import (
+        load_served_ensemble,
+        load_served_model,
+        parse_ensembles,
+        parse_fallbacks,
+        parse_model_specs,
+    )
     from danlu.serve.server import serve_forever
 
-    specs = parse_model_specs(args.checkpoint, args.model)
-    fallbacks = parse_fallbacks(args.fallback, [n for n, _ in specs])
+    specs = []
+    if args.checkpoint or args.model or not args.ensemble:  # nothing at all to serve: parse_model_specs says so
+        specs = parse_model_specs(args.checkpoint, args.model)
+    from danlu.serve.adapters import load_base_with_adapters, parse_adapter_specs
+
+    adapters = parse_adapter_specs(args.adapter, [n for n, _ in specs])
+    if adapters and not specs:
+        raise DanluError("--adapter needs a base model to attach to: danlu serve BASE --adapter NAME=PATH")
+    ensembles = parse_ensembles(args.ensemble, args.weights, [n for n, _ in specs] + [n for n, _ in adapters])
+    served_names = [n for n, _ in specs] + [n for n, _ in adapters] + [e[0] for e in ensembles]
+    fallbacks = parse_fallbacks(args.fallback, served_names)
     if not 0 < args.port < 65536:
         raise DanluError(f"--port {args.port}: not a TCP port")
     models = []
-    for name, path in specs:
+    for i, (name, path) in enumerate(specs):
         print(f"[danlu] loading {name} from {path}")
+        if i == 0 and adapters:  # the base, loaded once, with every adapter attached to it
+            models.extend(load_base_with_adapters(name, path, adapters, device=args.device))
+            continue
         m = load_served_model(
             name, path, device=args.device, compile=resolve_compile(args.compile, args.device)
         )
-        if name in fallbacks:
-            m.fallback, m.min_logprob = fallbacks[name], args.min_logprob
         models.append(m)
+    for name, paths, weights in ensembles:
+        print(f"[danlu] loading ensemble {name} of {', '.join(paths)}")
+        models.append(load_served_ensemble(name, paths, weights, device=args.device))
+    for m in models:
+        if m.name in fallbacks:
+            m.fallback, m.min_logprob = fallbacks[m.name], args.min_logprob
     feedback = None if args.no_feedback else FeedbackStore(args.feedback_db)
     memory = (
         None if args.no_feedback or args.memory_threshold > 1 else CorrectionMemory(args.memory_threshold)
@@ -80,7 +117,12 @@ def run(args: argparse.Namespace) -> int:
     options = ServeOptions(
         api_key=args.api_key or os.environ.get("DANLU_API_KEY") or None, feedback=feedback, memory=memory,
         date_prompt=not args.no_date, builtin_tools=not args.no_tools, max_tokens_limit=args.max_tokens_limit,
+        admin_key=args.admin_key or os.environ.get("DANLU_ADMIN_KEY") or None,
     )  # fmt: skip
+    if args.detector:
+        from danlu.detect.classifier import Detector
+
+        options.detector = Detector.load(args.detector, args.device)
     app = create_app(models, options)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         print(

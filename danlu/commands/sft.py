@@ -20,6 +20,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--skip-bad", action="store_true", help="skip bad conversations (counted) instead of stopping"
     )
+    p.add_argument(
+        "--columns", metavar="MAP", help="field mapping for other datasets, as LLaMA-Factory's dataset_info: "
+        "prompt=question,response=answer (also query, system, history, messages, role_tag, content_tag, "
+        "user_tag, assistant_tag; dotted names for nested fields); default: a dataset_info.yaml beside the data",
+    )  # fmt: skip
+    p.add_argument(
+        "--encoding",
+        help="text encoding of the data files (default: detected: UTF-8, UTF-16 with BOM, GB18030)",
+    )
+    p.add_argument(
+        "--long-dialogs", choices=("truncate", "split", "skip", "error"),
+        help="dialogs longer than a row: keep the system prompt and last turns (truncate, default), cut into "
+        "several rows with recent history (split), drop (skip), or stop (error)",
+    )  # fmt: skip
     add_output_arguments(p, "sft", "sft.train.steps=300 sft.replay=0")
 
 
@@ -32,8 +46,11 @@ def run(args: argparse.Namespace) -> int:
         updates["on_error"] = "skip"
     if not args.tokens:
         updates["replay"] = 0.0
+    for key in ("columns", "encoding", "long_dialogs"):
+        if getattr(args, key):
+            updates[key] = getattr(args, key)
     recipe, cfg = stage_config(args, "sft", SFTConfig, **updates)
-    data = expand_inputs(args.data, suffixes=(".jsonl", ".json", ".parquet"))
+    data = expand_inputs(args.data, suffixes=(".jsonl", ".json", ".parquet", ".csv", ".tsv"))
     result = sft(
         Path(args.parent), data, Path(args.out), recipe=recipe, cfg=cfg,
         tokens_dir=Path(args.tokens) if args.tokens else None, eval_dir=Path(args.eval_dir) if args.eval_dir else None,

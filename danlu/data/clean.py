@@ -1,6 +1,9 @@
 """Cleaning: Unicode normalization, control characters, leftover markup, whitespace, Traditional → Simplified
 Chinese (optional), boilerplate lines and masking of e-mail addresses, phone numbers and ID numbers.
 
+Code is kept as written (fenced and <pre> blocks untouched, indentation kept where a text carries code), HTML
+becomes lines of text (block tags end lines), and every kind of edit is counted (stats.md, "Cleaning edits").
+
 Normalization is NFC plus full-width ASCII → ASCII, not NFKC: NFKC would also turn Chinese full-width
 punctuation (，？！：) into ASCII, which changes how Chinese text reads and tokenizes. Conversations
 (`messages`) are cleaned turn by turn with the same rules, so SFT data gets the same masking as pretraining text.
@@ -27,7 +30,20 @@ _THREE_DIGITS = re.compile(r"\d{3}")  # every phone and ID pattern below has thr
 _CONTROL = re.compile(
     r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u202a-\u202e\u2060\ufeff\u00ad]"
 )
-_TAG = re.compile(r"</?(?:p|div|span|br|a|b|i|u|em|strong|font|img|li|ul|ol|table|tr|td|th|h[1-6]|script|style)\b[^<>]*>", re.IGNORECASE)  # fmt: skip
+_TAG = re.compile(r"</?(?:p|div|span|br|a|b|i|u|em|strong|font|img|li|ul|ol|table|tr|td|th|h[1-6]|script|style|html|head|body|title|meta|link|section|article|header|footer|nav|blockquote|pre|code|hr|small|sup|sub)\b[^<>]*>|<!doctype[^<>]*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)  # fmt: skip
+# tags that end a line of text: turned into a newline, so an HTML page becomes lines of text, not one run-on line
+_BLOCK = re.compile(r"<br\s*/?>|</(?:p|div|li|tr|h[1-6]|blockquote|pre|table|ul|ol|section|article|title)\s*>", re.IGNORECASE)  # fmt: skip
+# code: fenced Markdown blocks and <pre> blocks are kept verbatim (whitespace, markup and all)
+_FENCED = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$|<pre\b[^>]*>.*?</pre\s*>", re.MULTILINE | re.DOTALL | re.IGNORECASE)  # fmt: skip
+_SLOT = (
+    "\U000f0000{}\U000f0001"  # a placeholder for a kept code block (plane-15 private use: no rule touches it)
+)
+_SLOTS = re.compile("\U000f0000(\\d+)\U000f0001")
+# indented lines beside code syntax: the text has code outside fences, whose indentation is kept
+_INDENTED = re.compile(r"^(?: {2,}|\t)\S", re.MULTILINE)
+_CODE_SYNTAX = re.compile(r"^\s*(?:def |class |return\b|import |from \S+ import|if .*:$|for .*:$|while .*:$|#include|function\b|public |private |var |let |const )|[{};]\s*$", re.MULTILINE)  # fmt: skip
+_LEAD = re.compile(r"[ \t]*")
+_PROSE_INDENT = re.compile(r"^[\u3000\u00a0]+", re.MULTILINE)  # Chinese paragraph indents (全角空格)
 _SCRIPT = re.compile(r"<(script|style)[^>]*>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
 _ENTITY = re.compile(r"&(?:#\d{1,7}|#x[0-9a-fA-F]{1,6}|[a-zA-Z]{2,8});")
 _WIKI = re.compile(r"\{\{[^{}\n]*\}\}|\[\[(?:[^\[\]|\n]*\|)?([^\[\]\n]*)\]\]")
@@ -99,30 +115,56 @@ class TextCleaner:
         self._boiler_anywhere = None if cfg.boilerplate_patterns else _BOILERPLATE_ANY_LINE
         self._t2s = None
 
-    def clean(self, text: str, lang: str = "") -> tuple[str, dict[str, int]]:
-        """Cleaned text and counts of what changed (masked_email, masked_phone, masked_id, boilerplate_lines)."""
+    def clean(self, text: str, lang: str = "", *, markup: bool = True) -> tuple[str, dict[str, int]]:
+        """Cleaned text and counts of every kind of edit: masked_email/phone/id, boilerplate_lines, and edit_*
+        (documents whose Unicode, control characters, markup, whitespace or script changed; code blocks kept).
+
+        Code is kept as written: fenced and <pre> blocks are set aside before any rule and put back after, and in
+        a text with indented code lines outside fences, indentation is kept. `markup=False` (chat turns, where an
+        HTML answer is content the user asked for) leaves tags alone.
+        """
         c = self.cfg
         counts: dict[str, int] = {}
-        if c.normalize_unicode:
-            text = unicodedata.normalize("NFC", text)
-            if _HAS_FULLWIDTH.search(text):
-                text = text.translate(_FULLWIDTH)
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
+        blocks: list[str] = []
+        if "```" in text or "~~~" in text or "<pre" in text or "<PRE" in text:
+
+            def keep(m: re.Match[str]) -> str:
+                blocks.append(m.group())
+                return _SLOT.format(len(blocks) - 1)
+
+            text = _FENCED.sub(keep, text)
+            counts["edit_code_blocks_kept"] = len(blocks)
+        before = text
+        if c.normalize_unicode:
+            text = unicodedata.normalize("NFC", text)
+            if "\u3000" in text or "\u00a0" in text:
+                text = _PROSE_INDENT.sub("", text)
+            if _HAS_FULLWIDTH.search(text):
+                text = text.translate(_FULLWIDTH)
+            counts["edit_unicode"] = int(text != before)
         if c.remove_control:
-            text = _CONTROL.sub("", text)
-        if c.strip_markup and ("<" in text or "&" in text or "{{" in text or "[[" in text):
+            text, n = _CONTROL.subn("", text)
+            counts["edit_control_chars"] = n
+        if markup and c.strip_markup and ("<" in text or "&" in text or "{{" in text or "[[" in text):
+            marked = text
             text = _SCRIPT.sub("", text)
-            text = _TAG.sub("", text)
+            if "<" in text:
+                text = _BLOCK.sub("\n", text)
+                text = _TAG.sub("", text)
             text = _WIKI.sub(lambda m: m.group(1) or "", text)
             if "&" in text:
                 text = _ENTITY.sub(lambda m: html.unescape(m.group()), text)
+            counts["edit_markup"] = int(text != marked)
         if c.traditional_to_simplified and lang in ("zh", "auto", ""):
             if self._t2s is None:
                 from opencc import OpenCC
 
                 self._t2s = OpenCC("t2s")
-            text = self._t2s.convert(text)
+            converted = self._t2s.convert(text)
+            counts["edit_traditional_to_simplified"] = int(converted != text)
+            text = converted
         if c.mask_emails and "@" in text:
             text, n = EMAIL_RE.subn(c.email_token, text)
             counts["masked_email"] = n
@@ -134,7 +176,14 @@ class TextCleaner:
             text, n = PHONE_RE.subn(c.phone_token, text) if digits else (text, 0)
             counts["masked_phone"] = n
         if c.normalize_whitespace or c.remove_boilerplate:
-            if c.normalize_whitespace:
+            spaced = text
+            if c.normalize_whitespace and _INDENTED.search(text) and _CODE_SYNTAX.search(text):
+                lines = []  # code outside fences: each line keeps its indentation, the rest is normalized
+                for line in text.split("\n"):
+                    lead = _LEAD.match(line).end()  # type: ignore[union-attr]
+                    rest = _SPACES.sub(" ", line[lead:]).strip()
+                    lines.append(line[:lead] + rest if rest else "")
+            elif c.normalize_whitespace:
                 text = _SPACES.sub(" ", text)
                 lines = [line.strip() for line in text.split("\n")]
             else:
@@ -152,6 +201,9 @@ class TextCleaner:
             counts["boilerplate_lines"] = dropped
             if c.normalize_whitespace:
                 text = _BLANKS.sub("\n\n", text).strip()
+                counts["edit_whitespace"] = int(text != spaced and not dropped)
+        if blocks:
+            text = _SLOTS.sub(lambda m: blocks[int(m.group(1))], text)
         return text, counts
 
 
@@ -178,9 +230,12 @@ class Cleaner(PipelineStep):
                         if v:
                             tally(self, k, v)
                     msgs = doc.metadata.get("messages")
-                    if msgs:
+                    if (
+                        msgs
+                    ):  # turn by turn; markup in a chat turn is content (an HTML answer), not page chrome
                         doc.metadata["messages"] = [
-                            {**m, "content": cleaner.clean(m.get("content") or "", lang)[0]} for m in msgs
+                            {**m, "content": cleaner.clean(m.get("content") or "", lang, markup=False)[0]}
+                            for m in msgs
                         ]
                     count_out(self, doc)
                 yield doc

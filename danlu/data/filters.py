@@ -30,6 +30,10 @@ from danlu.data.langid import WORD_HASHES, MixedWordTokenizer, WordMemo, detect_
 ZH_STOP_WORDS = ["的", "了", "是", "在", "和", "有", "我", "不", "这", "也", "就", "而", "及", "与", "着", "一个", "为", "以", "他", "她", "它", "们", "对", "从", "到", "被", "把"]  # fmt: skip
 ZH_SPAM_WORDS = ["代开发票", "博彩", "赌场", "六合彩", "时时彩", "私服", "外挂", "裸聊", "代孕", "办证", "成人视频", "百家乐", "网赚", "刷单"]  # fmt: skip
 
+# function words of classical Chinese (文言): 之乎者也 and their kin, which modern stop-word lists lack
+ZH_CLASSICAL_WORDS = ["之", "乎", "者", "也", "矣", "焉", "哉", "兮", "曰", "其", "于", "於", "则", "乃", "亦", "所", "何", "若", "无", "無"]  # fmt: skip
+_VERSE_END = tuple("，。！？；、：」』”")
+
 EN_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with", "is", "are", "was", "a", "an", "in", "it", "for", "on", "as", "by", "at", "this", "from"]  # fmt: skip
 
 PUBLIC_META = ("source", "domain", "lang", "url", "title")
@@ -61,7 +65,9 @@ class EnglishConfig:
     thresholds.
     """
 
-    short_domains: list[str] = field(default_factory=lambda: ["encyclopedia", "qa", "forum"])
+    short_domains: list[str] = field(
+        default_factory=lambda: ["encyclopedia", "qa", "forum", "instruction", "dialog"]
+    )
     gopher_repetition: bool = True
     repetition_min_words: int = 20  # below this the repetition rules do not judge at all
     # In a document of fewer than `echo_max_words` words, an n-gram said at most `echo_count` times is an echo
@@ -117,6 +123,12 @@ class ChineseConfig:
     stop_words_short_chars: int = 60
     spam_words: list[str] = field(default_factory=lambda: list(ZH_SPAM_WORDS))
     max_spam_hits: int = 2
+    # classical Chinese and verse: function words of 文言 count as stop words, and verse (most lines short and
+    # ending in punctuation, as poems and ci are written) is exempt from the short-lines rule; sources of these
+    # domains skip the line and stop-word rules altogether
+    classical_stop_words: list[str] = field(default_factory=lambda: list(ZH_CLASSICAL_WORDS))
+    verse_line_share: float = 0.7
+    classical_domains: list[str] = field(default_factory=lambda: ["poetry", "classical", "verse"])
 
 
 @dataclass
@@ -196,6 +208,13 @@ class LanguageFilter(DanluFilter):
         lang, conf = detect_language(doc.text)
         if self.cfg.trust_source_lang and declared != "auto":
             lang, conf = declared, 1.0
+        mixed = (
+            lang in ("zh", "en") and "zh" in (self.cfg.languages or ["zh"]) and han_ratio(doc.text) >= 0.25
+        )
+        if (
+            mixed
+        ):  # Chinese with English terms and numbers ("Python 3.12 的 asyncio 模块…"): the English rules count
+            lang, conf = "zh", max(conf, self.cfg.min_confidence)  # whitespace words and would reject it
         doc.metadata["lang"] = lang
         doc.metadata["lang_score"] = round(conf, 3)
         if self.cfg.languages and lang not in self.cfg.languages:
@@ -247,9 +266,15 @@ class LanguageRouted(DanluFilter):
         return self.min_words <= 0 or len(doc.text.split()) >= self.min_words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if self.short_inner is not None and doc.metadata.get("domain") in self.short_domains:
+        if self.short_inner is not None and is_short_kind(doc, self.short_domains):
             return self.short_inner.filter(doc)
         return self.inner.filter(doc)
+
+
+def is_short_kind(doc: Document, short_domains: tuple[str, ...] | list[str]) -> bool:
+    """Documents that are short by nature: a short domain, or a conversation (an instruction answer such as
+    "Paris." is complete; web-page length rules would reject half of an instruction dataset)."""
+    return doc.metadata.get("domain") in short_domains or bool(doc.metadata.get("messages"))
 
 
 CONTENT, ALPHA, NUMBER = 1, 2, 4
@@ -612,7 +637,12 @@ class ChineseQualityFilter(DanluFilter):
         lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
         if not lines:
             return False, "empty"
-        if sum(map(len, lines)) / len(lines) < c.min_avg_line_chars:
+        classical = doc.metadata.get("domain") in c.classical_domains
+        verse = classical or sum(ln.endswith(_VERSE_END) for ln in lines) >= c.verse_line_share * len(lines)
+        classical = classical or (
+            verse and len(lines) >= 2
+        )  # poems use no function words: the stop-word rule is off
+        if not verse and sum(map(len, lines)) / len(lines) < c.min_avg_line_chars:
             return False, "zh_short_lines"
         if len(lines) > 2:
             seen: dict[str, int] = {}
@@ -626,16 +656,23 @@ class ChineseQualityFilter(DanluFilter):
             if dup_chars / max(1, sum(map(len, lines))) > c.max_dup_line_char_frac:
                 return False, "zh_dup_line_chars"
         chars = _NON_CONTENT.sub("", text)
+        short = bool(doc.metadata.get("messages"))  # a dialog: one stop word is enough, as for a short text
         if len(chars) < c.ngram_min_chars:
-            return self._words_rules(text, len(chars))
+            return self._words_rules(text, len(chars), classical, short)
         broken = ngram_verdict(chars, c.top_ngrams, c.dup_ngrams)
-        return (False, broken) if broken else self._words_rules(text, len(chars))
+        return (False, broken) if broken else self._words_rules(text, len(chars), classical, short)
 
-    def _words_rules(self, text: str, n_chars: int) -> bool | tuple[bool, str]:
+    def _words_rules(
+        self, text: str, n_chars: int, classical: bool = False, short: bool = False
+    ) -> bool | tuple[bool, str]:
         c = self.cfg
-        need = 1 if n_chars < c.stop_words_short_chars else c.min_stop_words
-        if c.min_stop_words and sum(text.count(w) for w in ZH_STOP_WORDS) < min(need, c.min_stop_words):
-            return False, "zh_few_stop_words"
+        need = 1 if short or n_chars < c.stop_words_short_chars else c.min_stop_words
+        if c.min_stop_words and not classical:
+            found = sum(text.count(w) for w in ZH_STOP_WORDS)
+            if found < min(need, c.min_stop_words):
+                found += sum(text.count(w) for w in c.classical_stop_words)  # 文言: 之乎者也
+                if found < min(need, c.min_stop_words):
+                    return False, "zh_few_stop_words"
         if c.spam_words and sum(text.count(w) for w in c.spam_words) > c.max_spam_hits:
             return False, "zh_spam_words"
         return True

@@ -13,6 +13,11 @@ Three shapes are read, from JSONL, JSON (a list of objects, or one object) or Pa
 Why one normalized form: the chat template and the assistant-loss mask are defined on OpenAI messages only
 (danlu.tokenizer.render_chat), so whatever the source, training sees exactly what serving renders.
 
+Turns without roles (plain strings, or KdConv's ``{message, attrs}``) alternate user/assistant. Any other shape is
+read through a column mapping like LLaMA-Factory's dataset_info.json (``--columns prompt=question,response=answer``
+or a dataset_info.yaml beside the data; dotted names reach nested fields), see Columns. Files are read by
+danlu.files (UTF-8, UTF-16, GB18030, …; .jsonl, .json, .parquet, .csv, .tsv).
+
 Bad conversations (no assistant turn, roles out of order, an unknown role, a tool call without a result, an empty
 assistant turn, malformed JSON, an unknown shape) and empty files are reported as ``file:line: problem``. With
 ``on_error="error"`` the first one raises; with ``"skip"`` they are dropped and counted by reason.
@@ -75,84 +80,179 @@ class ReadStats:
 # ───────────────────────── reading records with their location ─────────────────────────
 
 
-def located_records(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """(`file:line`, record) pairs; malformed JSON is yielded as a ConversationError instead of a record.
+def located_records(path: str | Path, *, encoding: str | None = None) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, record) pairs through danlu.files' one reader (any encoding; .jsonl/.json/.parquet/.csv/.tsv);
+    a malformed record is yielded as a ConversationError, an over-long one as one with reason `too_large`."""
+    from danlu.files import Oversized, RecordProblem
+    from danlu.files import located_records as file_records
 
-    JSON lists are scanned item by item so that every record knows its line, as JSONL records do.
-    """
     path = Path(path)
-    if not path.exists():
-        raise DanluError(f"{path}: no such file")
-    if path.is_dir():
-        raise DanluError(f"{path}: is a folder, expected a file")
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        import gzip
-
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield (
-                        f"{path}:{lineno}",
-                        ConversationError(
-                            f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})", "malformed_json"
-                        ),
-                    )
-    elif name.endswith(".json"):
-        yield from _json_items(path, path.read_text(encoding="utf-8"))
-    elif name.endswith(".parquet"):
-        from danlu.files import read_records
-
-        for i, rec in enumerate(read_records(path), 1):
-            yield f"{path}:row {i}", rec
-    else:
-        raise DanluError(f"{path}: unsupported conversation file type (expected .jsonl, .json or .parquet)")
+    if not path.name.lower().endswith(
+        (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+    ):
+        raise DanluError(
+            f"{path}: unsupported conversation file type (expected .jsonl, .json, .parquet, .csv or .tsv)"
+        )
+    for where, rec in file_records(path, encoding=encoding):
+        if isinstance(rec, Oversized):
+            yield where, ConversationError(str(rec), TOO_LARGE)
+        elif isinstance(rec, RecordProblem):
+            yield where, ConversationError(str(rec), rec.reason)
+        else:
+            yield where, rec
 
 
-def _json_items(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    decoder = json.JSONDecoder()
+TOO_LARGE = (
+    "too_large"  # skipped and counted whatever on_error says: such a record is never worth stopping for
+)
 
-    def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
 
-    def skip_ws(pos: int) -> int:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        return pos
+# ───────────────────────── column mapping (LLaMA-Factory's dataset_info) ─────────────────────────
 
-    pos = skip_ws(0)
-    if pos < len(text) and text[pos] == "\ufeff":
-        pos = skip_ws(pos + 1)
-    if pos >= len(text):
-        return
-    if text[pos] != "[":
-        try:
-            obj, _ = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DanluError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{line_of(pos)}", obj
-        return
-    pos = skip_ws(pos + 1)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:  # the rest of a JSON list cannot be resynchronized: always fatal
-            raise DanluError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        yield f"{path}:{line_of(pos)}", obj
-        pos = skip_ws(end)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip_ws(pos + 1)
+COLUMN_KEYS = ("prompt", "query", "response", "system", "history", "messages", "tools")
+TAG_KEYS = (
+    "role_tag",
+    "content_tag",
+    "user_tag",
+    "assistant_tag",
+    "system_tag",
+    "observation_tag",
+    "function_tag",
+)
+DATASET_INFO = ("dataset_info.yaml", "dataset_info.yml", "dataset_info.json")
+
+
+@dataclass
+class Columns:
+    """Where a dataset keeps each part of a conversation, as LLaMA-Factory's dataset_info.json says it: `columns`
+    (prompt, query, response, system, history, messages, tools → field names, dotted for nested fields) and
+    `tags` for message lists (role_tag, content_tag, user_tag, assistant_tag, …)."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    origin: str = "--columns"
+
+    def __bool__(self) -> bool:
+        return bool(self.columns or self.tags)
+
+
+def parse_columns(spec: str | Mapping[str, Any] | None, origin: str = "--columns") -> Columns:
+    """`prompt=question,response=answer,role_tag=from` (or a mapping) → Columns; unknown keys are errors."""
+    if not spec:
+        return Columns(origin=origin)
+    if isinstance(spec, str):
+        pairs = {}
+        for part in (p.strip() for p in spec.split(",") if p.strip()):
+            key, sep, value = part.partition("=")
+            if not sep or not value.strip():
+                raise DanluError(
+                    f"{origin}: {part!r} is not KEY=FIELD (e.g. prompt=question,response=answer)"
+                )
+            pairs[key.strip()] = value.strip()
+        spec = pairs
+    cols, tags = {}, {}
+    for key, value in spec.items():
+        if key in ("columns", "tags") and isinstance(value, Mapping):
+            sub = parse_columns(value, origin)
+            cols.update(sub.columns)
+            tags.update(sub.tags)
+        elif key in COLUMN_KEYS:
+            cols[key] = str(value)
+        elif key in TAG_KEYS:
+            tags[key] = str(value)
+        elif key not in ("file_name", "formatting", "ranking", "split", "num_samples"):
+            raise DanluError(f"{origin}: unknown key {key!r}; valid: {', '.join(COLUMN_KEYS + TAG_KEYS)}")
+    return Columns(cols, tags, origin)
+
+
+def columns_beside(path: Path) -> Columns:
+    """The mapping for `path` from a dataset_info.yaml/.json in its folder: LLaMA-Factory's shape, {name: {file_name,
+    columns, tags}}, the entry whose file_name is this file's name."""
+    for name in DATASET_INFO:
+        info = path.parent / name
+        if not info.is_file():
             continue
-        if pos < len(text) and text[pos] == "]":
-            return
-        raise DanluError(f"{path}:{line_of(pos)}: malformed JSON (expected ',' or ']' after an item)")
+        from danlu.files import read_text
+
+        text = read_text(info)
+        try:
+            if name.endswith(".json"):
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # json and yaml raise their own types
+            raise DanluError(f"{info}: cannot parse ({e})") from None
+        if not isinstance(data, Mapping):
+            raise DanluError(f"{info}: expected a mapping of dataset names to {{file_name, columns, tags}}")
+        for entry in data.values():
+            if isinstance(entry, Mapping) and entry.get("file_name") == path.name:
+                return parse_columns(entry, str(info))
+    return Columns()
+
+
+def apply_columns(record: Any, cols: Columns, where: str) -> Any:
+    """A record in a dataset's own field names → the standard shape (Alpaca or ShareGPT) the readers know."""
+    from danlu.files import field_value
+
+    if not cols or not isinstance(record, Mapping):
+        return record
+    c = cols.columns
+    missing = [
+        f"{k}={v}"
+        for k, v in c.items()
+        if k in ("prompt", "response", "messages") and field_value(record, v) is None
+    ]
+    if missing:
+        raise ConversationError(
+            f"{where}: field {missing[0].split('=', 1)[1]!r} (mapped by {cols.origin} {missing[0]}) is missing; the "
+            f"record has fields {_fields(record)}; fix the mapping or pass --skip-bad",
+            "missing_field",
+        )
+    out: dict[str, Any] = {}
+    if "messages" in c:
+        t = cols.tags
+        role_key, content_key = t.get("role_tag", "from"), t.get("content_tag", "value")
+        names = {t.get("user_tag", "human"): "user", t.get("assistant_tag", "gpt"): "assistant",
+                 t.get("system_tag", "system"): "system", t.get("observation_tag", "observation"): "tool",
+                 t.get("function_tag", "function_call"): "function_call"}  # fmt: skip
+        turns = field_value(record, c["messages"])
+        if isinstance(turns, list) and turns and all(isinstance(x, Mapping) for x in turns):
+            conv = []
+            for i, x in enumerate(turns):
+                if role_key in x:
+                    raw = x[role_key]
+                    conv.append({"from": names.get(raw, raw), "value": x.get(content_key)})
+                else:  # no roles: alternating turns
+                    conv.append({"from": ("user", "assistant")[i % 2], "value": x.get(content_key)})
+            turns = conv
+        out["conversations"] = turns
+    else:
+        out["instruction"] = field_value(record, c["prompt"]) if "prompt" in c else ""
+        out["output"] = field_value(record, c["response"]) if "response" in c else None
+        if "query" in c:
+            out["input"] = field_value(record, c["query"])
+        if "history" in c:
+            out["history"] = field_value(record, c["history"])
+        if out["output"] is None:
+            raise ConversationError(
+                f"{where}: {cols.origin} maps no 'response' (the answer field); the record has fields "
+                f"{_fields(record)}",
+                "missing_field",
+            )
+    for key in ("system", "tools"):
+        if key in c:
+            out[key] = field_value(record, c[key])
+    return out
+
+
+def _fields(record: Mapping[str, Any]) -> str:
+    names = [str(k) for k in record]
+    return (
+        ", ".join(repr(n) for n in names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+        or "none"
+    )
 
 
 # ───────────────────────── the three shapes → OpenAI messages ─────────────────────────
@@ -180,10 +280,11 @@ def to_conversation(record: Any, where: str) -> Conversation:
     elif fmt == "alpaca":
         messages = _alpaca(record, where)
     else:
-        keys = ", ".join(sorted(map(str, record))[:8]) or "none"
         raise ConversationError(
-            f"{where}: not a conversation (keys: {keys}); expected 'messages' (OpenAI), 'conversations' "
-            "(ShareGPT) or 'instruction'/'output' (Alpaca)",
+            f"{where}: not a conversation: the record has fields {_fields(record)}; expected 'messages' (OpenAI), "
+            "'conversations' (ShareGPT) or 'instruction'/'output' (Alpaca). Map your fields with --columns "
+            "(e.g. --columns prompt=question,response=answer, or messages=dialog,role_tag=speaker,content_tag=text) "
+            "or a dataset_info.yaml beside the data",
             "unknown_format",
         )
     tools = _tools(record.get("tools"), where)
@@ -206,6 +307,7 @@ def _openai(messages: Any, where: str) -> list[dict[str, Any]]:
         raise ConversationError(
             f"{where}: 'messages' must be a list, got {type(messages).__name__}", "bad_record"
         )
+    messages = _alternating(messages, where)
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
@@ -227,6 +329,32 @@ def _openai(messages: Any, where: str) -> list[dict[str, Any]]:
         if role == "tool" and m.get("name"):
             msg["name"] = str(m["name"])
         out.append(msg)
+    return out
+
+
+TURN_TEXT_KEYS = ("content", "message", "text", "value", "utterance")
+
+
+def _alternating(turns: list[Any], where: str) -> list[Any]:
+    """Turns without roles — plain strings, or objects whose text is under `message`/`text`/… as KdConv stores
+    `{message, attrs}` — alternate user, assistant, user… (the convention of every such dataset). Turns with
+    roles are returned unchanged."""
+    if not turns or any(isinstance(t, Mapping) and ("role" in t or "from" in t) for t in turns):
+        return turns
+    out = []
+    for i, t in enumerate(turns):
+        if isinstance(t, Mapping):
+            key = next((k for k in TURN_TEXT_KEYS if k in t), None)
+            if key is None:
+                raise ConversationError(
+                    f"{where}: turn {i} has no role and no text field (fields {_fields(t)}; expected one of "
+                    f"{', '.join(TURN_TEXT_KEYS)}); map it with --columns messages=FIELD,content_tag=FIELD",
+                    "unknown_role",
+                )
+            text = t[key]
+        else:
+            text = t
+        out.append({"role": ("user", "assistant")[i % 2], "content": text})
     return out
 
 
@@ -260,6 +388,7 @@ def _sharegpt(record: Mapping[str, Any], where: str) -> list[dict[str, Any]]:
     turns = record["conversations"]
     if not isinstance(turns, list):
         raise ConversationError(f"{where}: 'conversations' must be a list", "bad_record")
+    turns = _alternating(turns, where)
     out: list[dict[str, Any]] = []
     system = record.get("system")
     if system:
@@ -408,26 +537,36 @@ def validate_messages(messages: list[dict[str, Any]], where: str) -> None:
 
 
 def read_conversations(
-    paths: Iterable[str | Path], *, on_error: OnError = "error", stats: ReadStats | None = None
-) -> list[Conversation]:
-    """All conversations of the files, validated; bad ones raise (on_error="error") or are counted and skipped."""
+    paths: Iterable[str | Path], *, on_error: OnError = "error", stats: ReadStats | None = None,
+    columns: str | Mapping[str, Any] | Columns | None = None, encoding: str | None = None,
+) -> list[Conversation]:  # fmt: skip
+    """All conversations of the files, validated; bad ones raise (on_error="error") or are counted and skipped.
+
+    `columns` maps a dataset's own field names (see Columns); without it, a dataset_info.yaml/.json beside a file
+    is used. Records longer than danlu.files.MAX_RECORD_CHARS are always skipped and counted (`too_large`).
+    """
     if on_error not in ("error", "skip"):
         raise DanluError(f"on_error must be 'error' or 'skip', got {on_error!r}")
     paths = list(paths)
     stats = stats if stats is not None else ReadStats()
+    given = columns if isinstance(columns, Columns) else parse_columns(columns)
     out: list[Conversation] = []
     for path in paths:
         stats.files += 1
         n_before = stats.records
-        for where, rec in located_records(path):
+        cols = given or columns_beside(Path(path))
+        for where, rec in located_records(path, encoding=encoding):
             stats.records += 1
             try:
                 if isinstance(rec, ConversationError):
                     raise rec
-                conv = to_conversation(rec, where)
+                conv = to_conversation(apply_columns(rec, cols, where), where)
             except ConversationError as e:
-                if on_error == "error":
-                    raise
+                if on_error == "error" and e.reason != TOO_LARGE:
+                    raise ConversationError(
+                        f"{e} (--skip-bad, or sft.on_error=skip, skips such conversations and counts them)",
+                        e.reason,
+                    ) from None
                 stats.skipped[e.reason] += 1
                 stats.first_skipped.setdefault(e.reason, str(e))
                 continue

@@ -31,6 +31,7 @@ Recipe schema (`data:`; every key optional except `inputs` outside `danlu run`, 
       on_error: fail                # or skip: malformed records/files are counted and logged in rejected/read
       format: jsonl                 # or parquet
       tokenizer: null               # a tokenizer.json: exact token counts in stats beside the estimate
+      augment: []                   # back_translation | paraphrase | recombine steps over the dialogs (data/augment.py)
       verbose: false                # datatrove's own logging on the console (always in .work/datatrove.log)
 
 Output (the folder given): `text/<domain>/<rank>.jsonl|parquet` (rows: text, id, source, domain, lang, url),
@@ -57,6 +58,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from danlu import DanluError
 from danlu.config import apply_overrides, from_dict, load_recipe
+from danlu.data.augment import AugmentStep, run_augment, validate_steps
 from danlu.data.clean import CleanConfig, Cleaner, count_in, count_out, doc_tokens, flush_tally, tally
 from danlu.data.dedup import (
     ApplyPlan,
@@ -119,12 +121,14 @@ class DataConfig:
     tokenizer: str | None = None
     verbose: bool = False
     keep_work: bool = False  # keep <out>/.work (datatrove logs, signatures) after a successful run
+    augment: list[AugmentStep] = field(default_factory=list)  # steps over the dialogs written (data/augment.py)
 
 
 def parse_config(cfg: dict[str, Any], where: str = "data") -> DataConfig:
     dc = from_dict(DataConfig, cfg, where)
     if dc.executor.workers < 1:
         raise DanluError(f"{where}.executor.workers: must be at least 1, got {dc.executor.workers}")
+    validate_steps(dc.augment)
     return dc
 
 
@@ -497,7 +501,9 @@ def _fingerprint(dc: DataConfig, base_dir: Path | None) -> str:
         for f in resolve_files(inp, i, base_dir):
             st = os.stat(f)
             files.append([f, st.st_size, st.st_mtime_ns])
-    payload = json.dumps({"cfg": asdict(dc), "files": files}, sort_keys=True, default=str)
+    cfg = asdict(dc)
+    cfg.pop("augment", None)  # augmentation runs after the datatrove stages: changing it keeps their work
+    payload = json.dumps({"cfg": cfg, "files": files}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -559,6 +565,11 @@ def run_data(cfg: dict[str, Any], out_dir: Path, *, base_dir: Path | None = None
     if not stats_path.exists():
         raise DanluError(f"the data pipeline did not finish; see {work / 'datatrove.log'}")
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    if dc.augment:
+        stats["augment"] = run_augment(dc.augment, out_dir / "dialogs")
+        stats["dialogs_augmented"] = sum(s["dialogs_out"] for s in stats["augment"])
+        write_json_atomic(stats_path, stats)
+        write_text_atomic(out_dir / "stats.md", stats_markdown(stats))
     if not dc.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return stats
@@ -570,6 +581,8 @@ def flat_metrics(stats: dict[str, Any]) -> dict[str, Any]:
         k: stats.get(k, 0)
         for k in ("documents_in", "documents_out", "chars_in", "chars_out", "tokens_in", "tokens_out", "dialogs", "read_errors")
     }  # fmt: skip
+    if "dialogs_augmented" in stats:
+        m["dialogs_augmented"] = stats["dialogs_augmented"]
     m["docs_kept_fraction"] = round(m["documents_out"] / m["documents_in"], 4) if m["documents_in"] else 0.0
     for row in stats.get("steps", []):
         removed = sum(row["removed"].values())

@@ -47,20 +47,19 @@ class RLPrompt:
 
 
 def records_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(\"file:line\" or \"file:item\", record) for JSONL/JSON/Parquet files, via danlu.files.read_records."""
-    from danlu.files import read_records
+    """(\"file:line\", record) for JSONL/JSON/Parquet/CSV files, via danlu.files.located_records (over-long records
+    skipped with a warning)."""
+    import sys
 
-    path = Path(path)
-    if path.name.lower().endswith((".jsonl", ".ndjson", ".jsonl.gz")):
-        from danlu.files import _open_text
+    from danlu.files import Oversized, RecordProblem, located_records
 
-        with _open_text(path) as f:
-            lines = [i for i, line in enumerate(f, 1) if line.strip()]
-        for lineno, rec in zip(lines, read_records(path)):
-            yield f"{path}:{lineno}", rec
-    else:
-        for i, rec in enumerate(read_records(path), 1):
-            yield f"{path}:item {i}", rec
+    for where, rec in located_records(Path(path)):
+        if isinstance(rec, Oversized):
+            print(f"[danlu] warning: {rec}", file=sys.stderr)
+            continue
+        if isinstance(rec, RecordProblem):
+            raise rec
+        yield where, rec
 
 
 def _messages(value: Any, where: str, key: str) -> list[Message]:

@@ -54,7 +54,7 @@ def build_stats(logs: Path, plan_dir: Path, step_order: list[str], token_counter
             row[k] = int(s.get(k, 0))
         why = {lab.split(":", 1)[1]: int(v) for lab, v in s.items() if lab.startswith("removed:")}
         row["removed"] = why
-        extra = {lab: int(v) for lab, v in s.items() if lab.startswith(("masked_", "boilerplate"))}
+        extra = {lab: int(v) for lab, v in s.items() if lab.startswith(("masked_", "boilerplate", "edit_"))}
         if extra:
             row["changes"] = extra
         for r, n in why.items():
@@ -104,8 +104,35 @@ def build_stats(logs: Path, plan_dir: Path, step_order: list[str], token_counter
     }
 
 
+EDIT_NAMES = {
+    "masked_email": "e-mail addresses masked", "masked_phone": "phone numbers masked", "masked_id": "ID numbers masked",
+    "boilerplate_lines": "boilerplate lines removed", "edit_unicode": "documents with Unicode normalized",
+    "edit_control_chars": "control characters removed", "edit_markup": "documents with markup turned into text",
+    "edit_whitespace": "documents with whitespace normalized", "edit_code_blocks_kept": "code blocks kept verbatim",
+    "edit_traditional_to_simplified": "documents converted to Simplified Chinese",
+}  # fmt: skip
+
+
 def _pct(a: float, b: float) -> str:
     return f"{100 * a / b:.1f}%" if b else "–"
+
+
+def augment_markdown(steps: list[dict[str, Any]]) -> list[str]:
+    """The "Augmentation" table: what each `data.augment` step (danlu/data/augment.py) read, tried, and wrote."""
+    lines = [
+        "",
+        "## Augmentation",
+        "",
+        "| step | type | dialogs in | eligible | new dialogs | turns tried | turns changed | teacher requests | rejected |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for a in steps:
+        why = ", ".join(f"{k} {v:,}" for k, v in sorted(a["rejected"].items(), key=lambda x: -x[1])) or "–"
+        lines.append(
+            f"| {a['step']} | {a['type']} | {a['dialogs_in']:,} | {a['eligible']:,} | {a['dialogs_out']:,} "
+            f"| {a['turns_tried']:,} | {a['turns_changed']:,} | {a['requests']:,} | {why} |"
+        )
+    return lines
 
 
 def stats_markdown(s: dict[str, Any]) -> str:
@@ -115,6 +142,7 @@ def stats_markdown(s: dict[str, Any]) -> str:
         f"- characters: {s['chars_in']:,} in → {s['chars_out']:,} out",
         f"- tokens ({s['token_counter']}): {s['tokens_in']:,} in → {s['tokens_out']:,} out",
         f"- conversations for SFT: {s['dialogs']:,}",
+        *([f"- augmented conversations for SFT: {s.get('dialogs_augmented', 0):,}"] if s.get("augment") else []),
         f"- read errors (skipped): {s['read_errors']:,}",
         "",
         "## Steps",
@@ -128,6 +156,15 @@ def stats_markdown(s: dict[str, Any]) -> str:
             f"| {r['step']} | {r['docs_in']:,} | {r['docs_out']:,} | {r['chars_in']:,} | {r['chars_out']:,} "
             f"| {r['tokens_in']:,} | {r['tokens_out']:,} | {why} |"
         )
+    edits = [(r["step"], k, v) for r in s["steps"] for k, v in sorted((r.get("changes") or {}).items()) if v]
+    lines += ["", "## Cleaning edits", ""]
+    if edits:
+        lines += ["| step | edit | count |", "|---|---|---:|"]
+        lines += [f"| {step} | {EDIT_NAMES.get(k, k)} | {v:,} |" for step, k, v in edits]
+    else:
+        lines.append("No text was changed.")
+    if s.get("augment"):
+        lines += augment_markdown(s["augment"])
     for title, key in (("Languages (output)", "languages"), ("Domains (output)", "domains")):
         lines += ["", f"## {title}", "", "| | docs | chars | tokens |", "|---|---:|---:|---:|"]
         for k, v in sorted(s[key].items()):

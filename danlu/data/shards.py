@@ -28,14 +28,19 @@ import numpy as np
 import torch
 
 from danlu import DanluError
-from danlu.files import atomic_path, expand_inputs, read_records
+from danlu.files import atomic_path, expand_inputs, read_records, record_text
 
 INDEX = "index.json"
 _worker_tokenizer: Any = None
 
 
 def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
-    return hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from danlu.tokenizer import Tokenizer  # a vocab.txt-only folder: hash the tokenizer transformers builds
+
+    return hashlib.sha256(Tokenizer.load(tokenizer_dir).backend.to_str().encode("utf-8")).hexdigest()
 
 
 def _init_worker(tokenizer_dir: str) -> None:
@@ -59,9 +64,7 @@ def _texts(files: list[Path], text_field: str, chunk: int = 512) -> Iterator[lis
     batch: list[str] = []
     for path in files:
         for lineno, rec in enumerate(read_records(path, text_field=text_field), 1):
-            text = rec.get(text_field)
-            if not isinstance(text, str):
-                raise DanluError(f"{path}: record {lineno} has no string field {text_field!r}")
+            text = record_text(rec, text_field, f"{path}: record {lineno}")
             if text:
                 batch.append(text)
             if len(batch) >= chunk:

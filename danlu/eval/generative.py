@@ -21,6 +21,23 @@ def fit_prompts(prompts: list[list[int]], window: int, max_tokens: int) -> tuple
     return cut, max(1, min(max_tokens, window - max(map(len, cut))))
 
 
+def count_cut(prompts: list[list[int]], window: int, max_tokens: int) -> int:
+    """How many prompts fit_prompts would cut (they lose their beginning: the question, or the first shots)."""
+    keep = window - max(1, min(max_tokens, window // 2))
+    return sum(len(p) > keep for p in prompts)
+
+
+def warn_cut(task: str, cut: int, total: int, window: int, hint: str = "") -> None:
+    """One warning per task when prompts were cut from the left, saying how many: a score on cut prompts measures
+    something else than the task."""
+    import sys
+
+    if cut:
+        print(f"[danlu] eval {task}: WARNING: {cut} of {total} prompts ({cut / max(1, total):.0%}) were longer than "
+              f"the model's window of {window} tokens leaves for them and lost their beginning"
+              + (f"; {hint}" if hint else ""), file=sys.stderr)  # fmt: skip
+
+
 def normalize(text: str) -> str:
     return "".join(text.lower().split())
 
@@ -56,7 +73,7 @@ def final_number_matches(completion: str, answers: list[str]) -> bool:
 def completion_accuracy(
     generator: Generator, rows: list[dict[str, Any]], *, chat: bool = False, max_tokens: int = 24,
     batch_size: int = 32, keep_examples: int = 6,
-    match: Callable[[str, list[str]], bool] = contains_answer,
+    match: Callable[[str, list[str]], bool] = contains_answer, task: str = "completion",
 ) -> dict[str, Any]:  # fmt: skip
     """Share of rows whose greedy completion `match`es one of `answers` (or `answer`); per language too.
 
@@ -66,7 +83,7 @@ def completion_accuracy(
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     if not chat:
         params.stop = ["\n"]
-    correct = 0
+    correct = n_cut = 0
     by_lang: dict[str, list[int]] = {}
     examples = []
     for start in range(0, len(rows), batch_size):
@@ -75,7 +92,9 @@ def completion_accuracy(
             prompts = [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk]
         else:
             prompts = [[tok.bos_id, *tok.encode(r["prompt"])] for r in chunk]
-        prompts, room = fit_prompts(prompts, generator.model.config.max_position_embeddings, max_tokens)
+        window = generator.model.config.max_position_embeddings
+        n_cut += count_cut(prompts, window, max_tokens)
+        prompts, room = fit_prompts(prompts, window, max_tokens)
         params.max_tokens = room
         for row, comp in zip(chunk, generator.generate(prompts, params)):
             answers = row.get("answers") or [row["answer"]]
@@ -91,7 +110,9 @@ def completion_accuracy(
                     {"prompt": shown, "completion": comp.text, "answer": answers[0], "correct": bool(ok)}
                 )
     n = max(1, len(rows))
-    out: dict[str, Any] = {"accuracy": round(correct / n, 4), "n": len(rows), "examples": examples}
+    out: dict[str, Any] = {"accuracy": round(correct / n, 4), "n": len(rows), "prompts_truncated": n_cut,
+                           "examples": examples}  # fmt: skip
+    warn_cut(task, n_cut, len(rows), generator.model.config.max_position_embeddings)
     for lang, (c, t) in sorted(by_lang.items()):
         out[f"accuracy_{lang}"] = round(c / max(1, t), 4)
     return out
@@ -147,7 +168,7 @@ def gsm8k_accuracy(
     if not chat:
         params.stop = ["\n\nQuestion:", "Question:"]
     window = generator.model.config.max_position_embeddings
-    correct, examples = 0, []
+    correct, examples, n_cut = 0, [], 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = []
@@ -164,6 +185,7 @@ def gsm8k_accuracy(
             else:
                 ids = [tok.bos_id, *tok.encode(gsm8k_prompt(r["question"], shots))]
             prompts.append(ids)
+        n_cut += count_cut(prompts, window, max_tokens)
         prompts, params.max_tokens = fit_prompts(prompts, window, max_tokens)
         for row, comp in zip(chunk, generator.generate(prompts, params)):
             ref = extract_reference(str(row["answer"]))
@@ -173,5 +195,12 @@ def gsm8k_accuracy(
             if len(examples) < keep_examples:
                 examples.append({"prompt": row["question"], "completion": comp.text, "answer": ref,
                                  "prediction": pred, "correct": ok})  # fmt: skip
+    warn_cut(
+        "gsm8k",
+        n_cut,
+        len(rows),
+        window,
+        "use fewer --shots, a smaller --max-tokens or a longer-context model",
+    )
     return {"accuracy": round(correct / max(1, len(rows)), 4), "n": len(rows), "shots": len(shots),
-            "examples": examples}  # fmt: skip
+            "prompts_truncated": n_cut, "examples": examples}  # fmt: skip

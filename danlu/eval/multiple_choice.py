@@ -3,7 +3,11 @@
 Each question is shown with its lettered choices and "Answer:"/"答案：", and the model's log-probability of each
 answer letter decides (the MMLU paper's protocol, also lm-evaluation-harness'). Few-shot examples come from a dev
 split of the same subject. Accuracy is reported per subject and overall, beside the random baseline (1/choices),
-because a tiny model's score only means something next to chance.
+because a tiny model's score only means something next to chance; beside it the share of always answering the
+commonest correct letter, and the distribution of predicted letters (a model answering "B" to 107 of 150 questions
+scores near chance without knowing anything, and the distribution shows it). Files are read in any encoding
+(danlu.files); an empty file, a header with a gap in its choices or a row with an empty choice is an error, and a
+file with fewer than four choices a warning.
 
 Files read (header names as the benchmarks publish them):
 - C-Eval:  id,question,A,B,C,D,answer[,explanation]     (answer a letter)
@@ -65,23 +69,38 @@ def _answer_index(value: str, n_choices: int, where: str) -> int:
     return idx
 
 
-def _columns(header: list[str]) -> tuple[str | None, list[str], str | None]:
-    """(question column, choice columns, answer column) from a header, matched case-insensitively."""
+def _columns(header: list[str], where: str = "") -> tuple[str | None, list[str], str | None]:
+    """(question column, choice columns, answer column) from a header, matched case-insensitively. Choice columns
+    must run from A (or choice0) without a gap: a file missing column C would otherwise be scored wrongly."""
     lower = {h.strip().lower(): h for h in header}
     q = lower.get("question")
-    letters = [lower[c.lower()] for c in LETTERS if c.lower() in lower]
-    numbered = [lower[f"choice{i}"] for i in range(len(LETTERS)) if f"choice{i}" in lower]
-    choices = letters if len(letters) >= 2 else numbered
+    letters = [c for c in LETTERS if c.lower() in lower]
+    numbered = [i for i in range(len(LETTERS)) if f"choice{i}" in lower]
+    if len(letters) >= 2:
+        if letters != list(LETTERS[: len(letters)]):
+            raise DanluError(f"{where}: choice columns {', '.join(letters)} have a gap (expected A, B, C, …)")
+        choices = [lower[c.lower()] for c in letters]
+    else:
+        if numbered and numbered != list(range(len(numbered))):
+            raise DanluError(
+                f"{where}: choice columns choice{', choice'.join(map(str, numbered))} have a gap"
+            )
+        choices = [lower[f"choice{i}"] for i in numbered]
     return q, choices, lower.get("answer")
 
 
-def read_csv(path: Path, subject: str | None = None) -> list[Question]:
+def read_csv(path: Path, subject: str | None = None, encoding: str | None = None) -> list[Question]:
+    from danlu.files import bad_byte_error, open_text
+
     subject = subject or subject_name(path)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open_text(path, encoding, newline="") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise bad_byte_error(path, f.encoding) from None
     if not rows:
-        raise DanluError(f"{path}: empty file")
-    q_col, choice_cols, a_col = _columns(rows[0])
+        raise DanluError(f"{path}: empty file (no header, no questions)")
+    q_col, choice_cols, a_col = _columns(rows[0], f"{path}:1")
     if q_col is None and len(rows[0]) >= 4 and _looks_like_answer(rows[0][-1], len(rows[0]) - 2):
         # the original MMLU release: no header, question, choices…, answer letter
         header, body, first_line = None, rows, 1
@@ -110,8 +129,22 @@ def read_csv(path: Path, subject: str | None = None) -> list[Question]:
                 raise DanluError(f"{where}: {len(row)} cells, the header has {len(header)}")
             cell = dict(zip(header, row))
             question, choices, answer = cell[q_col], [cell[c] for c in choice_cols], cell[a_col]
+            empty = [h for h in choice_cols if not cell[h].strip()]
+            if empty:
+                raise DanluError(
+                    f"{where}: choice {', '.join(empty)} is empty; this file's header has {len(choice_cols)} "
+                    f"choices ({', '.join(choice_cols)}) and every question must fill them"
+                )
         out.append(Question(question.strip(), [c.strip() for c in choices], _answer_index(answer, len(choices), where),
                             subject, where))  # fmt: skip
+    if not out:
+        raise DanluError(f"{path}: no questions (a header and no rows)")
+    if header is not None and len(choice_cols) < 4:
+        import sys
+
+        print(f"[danlu] eval: WARNING: {path}: only {len(choice_cols)} choice columns ({', '.join(choice_cols)}): "
+              f"scored as {len(choice_cols)}-choice questions (chance {1 / len(choice_cols):.0%}); C-Eval, CMMLU and "
+              "MMLU have 4", file=sys.stderr)  # fmt: skip
     return out
 
 
@@ -120,11 +153,11 @@ def _looks_like_answer(value: str, n: int) -> bool:
     return len(v) == 1 and v in LETTERS[: max(n, 1)]
 
 
-def read_jsonl(path: Path, subject: str | None = None) -> list[Question]:
+def read_jsonl(path: Path, subject: str | None = None, encoding: str | None = None) -> list[Question]:
     from danlu.files import read_records
 
     out = []
-    for line, row in enumerate(read_records(path), 1):
+    for line, row in enumerate(read_records(path, encoding=encoding), 1):
         where = f"{path}:{line}"
         if not isinstance(row, dict):
             raise DanluError(f"{where}: expected an object with question, choices and answer")
@@ -145,10 +178,12 @@ def read_jsonl(path: Path, subject: str | None = None) -> list[Question]:
         choices = [str(c) for c in choices]
         out.append(Question(str(row["question"]), choices, _answer_index(str(row["answer"]), len(choices), where),
                             str(row.get("subject") or subject or subject_name(path)), where))  # fmt: skip
+    if not out:
+        raise DanluError(f"{path}: empty file (no questions)")
     return out
 
 
-def read_questions(path: str | Path) -> dict[str, Subject]:
+def read_questions(path: str | Path, encoding: str | None = None) -> dict[str, Subject]:
     """Questions by subject from a CSV/JSONL file or a folder of them (one subject per file)."""
     path = Path(path)
     if path.is_dir():
@@ -161,7 +196,7 @@ def read_questions(path: str | Path) -> dict[str, Subject]:
         raise DanluError(f"{path}: no such file or folder")
     subjects: dict[str, Subject] = {}
     for f in files:
-        qs = read_csv(f) if f.suffix == ".csv" else read_jsonl(f)
+        qs = read_csv(f, encoding=encoding) if f.suffix == ".csv" else read_jsonl(f, encoding=encoding)
         for q in qs:
             subjects.setdefault(q.subject, Subject(q.subject)).questions.append(q)
     return subjects
@@ -196,17 +231,20 @@ def build_prompt(q: Question, shots: list[Question]) -> str:
 
 def evaluate_multiple_choice(
     model: Any, tokenizer: Any, data: str | Path, *, dev: str | Path | None = None, shots: int = 0,
-    limit: int = 0, batch_size: int = 16, keep_examples: int = 3,
+    limit: int = 0, batch_size: int = 16, keep_examples: int = 3, encoding: str | None = None, task: str = "mc",
 ) -> dict[str, Any]:  # fmt: skip
     """Accuracy per subject and overall (micro and macro), with the random baseline beside each.
 
     Few-shot examples for a subject come from `dev` (a file or folder with the same subject names); without it,
     from the evaluated file itself, never the question being asked.
     """
+    from danlu.eval.generative import warn_cut
     from danlu.eval.loglik import loglikelihoods
 
-    subjects = read_questions(data)
-    dev_subjects = read_questions(dev) if dev else subjects
+    subjects = read_questions(data, encoding)
+    dev_subjects = read_questions(dev, encoding) if dev else subjects
+    window = model.config.max_position_embeddings
+    n_cut = 0
     requests: list[tuple[list[int], list[int]]] = []
     index: list[tuple[Question, int]] = []  # (question, number of choices) in request order
     for name, subj in subjects.items():
@@ -220,8 +258,11 @@ def evaluate_multiple_choice(
             fewshot = [s for s in pool if s is not q and s.where != q.where][:shots] if shots else []
             ctx = [tokenizer.bos_id, *tokenizer.encode(build_prompt(q, fewshot))]
             zh = is_chinese(q.question)
-            for i in range(len(q.choices)):
-                requests.append((ctx, tokenizer.encode(LETTERS[i] if zh else " " + LETTERS[i])))
+            conts = [tokenizer.encode(LETTERS[i] if zh else " " + LETTERS[i]) for i in range(len(q.choices))]
+            n_cut += any(
+                len(ctx) + len(c) > window + 1 for c in conts
+            )  # loglikelihoods cuts these from the left
+            requests += [(ctx, c) for c in conts]
             index.append((q, len(q.choices)))
     scores = loglikelihoods(model, requests, batch_size=batch_size, pad_id=tokenizer.pad_id,
                             vocab_size=tokenizer.vocab_size)  # fmt: skip
@@ -230,12 +271,16 @@ def evaluate_multiple_choice(
     pos = 0
     correct_total = 0
     baseline_total = 0.0
+    predicted: dict[str, int] = {}
+    gold: dict[str, int] = {}
     for q, n in index:
         lps = [s for s, _ in scores[pos : pos + n]]
         pos += n
         pred = max(range(n), key=lambda i: lps[i])
         ok = pred == q.answer
         correct_total += ok
+        predicted[LETTERS[pred]] = predicted.get(LETTERS[pred], 0) + 1
+        gold[LETTERS[q.answer]] = gold.get(LETTERS[q.answer], 0) + 1
         baseline_total += 1 / n
         acc = per.setdefault(q.subject, [0, 0, 0.0])
         acc[0] += ok
@@ -250,12 +295,20 @@ def evaluate_multiple_choice(
         for s, (c, t, b) in sorted(per.items())
     }
     macro = sum(v["accuracy"] for v in by_subject.values()) / max(1, len(by_subject))
+    warn_cut(task, n_cut, len(index), window, "use fewer --shots or a longer-context model")
+    top = max(predicted, key=predicted.__getitem__) if predicted else ""
     return {
         "accuracy": round(correct_total / n_total, 4),
         "accuracy_macro": round(macro, 4),
         "random": round(baseline_total / n_total, 4),
+        # the chance lines: guessing uniformly (random), and always answering the commonest correct letter
+        "majority_letter": round(max(gold.values(), default=0) / n_total, 4),
+        "predicted_letters": dict(sorted(predicted.items())),
+        "answer_letters": dict(sorted(gold.items())),
+        "top_prediction_share": round(predicted.get(top, 0) / n_total, 4),
         "n": len(index),
         "shots": shots,
+        "prompts_truncated": n_cut,
         "subjects": by_subject,
         "examples": examples,
     }

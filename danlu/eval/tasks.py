@@ -7,6 +7,7 @@ A task takes a loaded checkpoint and options and returns {result name: metrics};
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ class EvalOptions:
     max_tokens: int = 256  # gsm8k generation length
     seq_len: int = 256  # bpb window
     seed: int = 0  # the world whose held-out sets to generate when no folder is given
+    examples: int = 3  # examples kept per task in the results (questions, predictions, answers)
+    encoding: str | None = None  # text encoding of --data/--dev files; None: detected
 
 
 @dataclass
@@ -59,7 +62,8 @@ def _mc(name: str) -> Callable[[Any, EvalOptions], dict[str, dict[str, Any]]]:
 
         path = _need(opts, name, "a C-Eval/CMMLU/MMLU style CSV file or folder")
         res = evaluate_multiple_choice(ckpt.model, ckpt.tokenizer, path, dev=opts.dev, shots=opts.shots,
-                                       limit=opts.limit, batch_size=opts.batch_size)  # fmt: skip
+                                       limit=opts.limit, batch_size=opts.batch_size, keep_examples=opts.examples,
+                                       encoding=opts.encoding, task=name)  # fmt: skip
         return {name: res}
 
     return run
@@ -70,29 +74,44 @@ def _gsm8k(ckpt: Any, opts: EvalOptions) -> dict[str, dict[str, Any]]:
     from danlu.generate import Generator
 
     path = _need(opts, "gsm8k", "a JSONL file of {question, answer} with answers ending '#### N'")
-    rows = _checked_rows(path, ("question", "answer"))
-    shots_pool = _checked_rows(Path(opts.dev), ("question", "answer")) if opts.dev else None
+    rows = _checked_rows(path, ("question", "answer"), opts.encoding)
+    shots_pool = _checked_rows(Path(opts.dev), ("question", "answer"), opts.encoding) if opts.dev else None
     if shots_pool is None:  # shots from the file itself, then evaluate the rest
         shots, rows = rows[: opts.shots], rows[opts.shots :]
     else:
         shots = shots_pool[: opts.shots]
     rows = rows[: opts.limit] if opts.limit else rows
+    if not rows:
+        raise DanluError(
+            f"{path}: no questions left to evaluate after taking {len(shots)} few-shot examples from it"
+        )
     res = gsm8k_accuracy(Generator(ckpt.model, ckpt.tokenizer), rows, shots=shots, chat=ckpt.is_chat and not shots,
-                         max_tokens=opts.max_tokens, batch_size=opts.batch_size)  # fmt: skip
+                         max_tokens=opts.max_tokens, batch_size=opts.batch_size,
+                         keep_examples=opts.examples)  # fmt: skip
     return {"gsm8k": res}
 
 
-def _checked_rows(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    from danlu.files import read_records
+def _checked_rows(path: Path, keys: tuple[str, ...], encoding: str | None = None) -> list[dict[str, Any]]:
+    """The rows of a task file, each with `keys`; an empty file is an error, never a silent score of 0 on n 0."""
+    from danlu.files import Oversized, RecordProblem, located_records
 
     if not path.is_file():
         raise DanluError(f"{path}: no such file")
     rows = []
-    for i, row in enumerate(read_records(path), 1):
-        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+    for where, row in located_records(path, encoding=encoding):
+        if isinstance(row, Oversized):
+            print(f"[danlu] eval: WARNING: {row}", file=sys.stderr)
+            continue
+        if isinstance(row, RecordProblem):
+            raise row
+        missing = [k for k in keys if k not in row]
         if missing:
-            raise DanluError(f"{path}:{i}: missing {', '.join(missing)}")
+            raise DanluError(
+                f"{where}: missing {', '.join(missing)}; the record has fields {', '.join(map(repr, row))}"
+            )
         rows.append(row)
+    if not rows:
+        raise DanluError(f"{path}: empty file (no {'/'.join(keys)} rows to evaluate)")
     return rows
 
 
@@ -195,6 +214,23 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, 
                     (f"  {subj}", "accuracy", f"{sm['accuracy']:.4f}", f"{sm['random']:.4f}", str(sm["n"]))
                 )
     return rows
+
+
+def letter_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """For multiple-choice results: the predicted letters' distribution and the chance lines, one line per task, so
+    that a model answering mostly one letter is seen without reading the JSON."""
+    lines = []
+    for name, m in results.items():
+        pred = m.get("predicted_letters")
+        if not pred:
+            continue
+        n = max(1, sum(pred.values()))
+        dist = " ".join(f"{k} {v / n:.0%}" for k, v in pred.items())
+        lines.append(f"{name}: predicted letters {dist}; chance {m['random']:.4f} (uniform), "
+                     f"{m['majority_letter']:.4f} (always the commonest answer); n {m['n']}")  # fmt: skip
+        if m.get("top_prediction_share", 0) >= 0.5:
+            lines[-1] += f"  <- {m['top_prediction_share']:.0%} of answers are one letter"
+    return lines
 
 
 def format_table(

@@ -77,7 +77,7 @@ def preference_accuracy(
         )
         if chat:
             ctx = tokenizer.render_chat(prompt, add_generation_prompt=True)[0]
-            suffix = [tokenizer.im_end_id]
+            suffix = [tokenizer.end_of_turn_id]
         else:
             ctx = [tokenizer.bos_id, *tokenizer.encode(prompt[-1]["content"] + "\n")]
             suffix = []

@@ -18,17 +18,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from danlu import DanluError
 from danlu.serve.chat import Outcome, Sampling, answer_chat, answer_text, with_date
 from danlu.serve.feedback import FeedbackStore
-from danlu.serve.memory import CorrectionMemory, last_user_text, with_memory
+from danlu.serve.memory import SHARED, CorrectionMemory, last_user_text, scope_of, with_memory
 from danlu.serve.routing import ServedModel
+from danlu.serve.sanitize import MAX_DEPTH, defuse_tree, json_depth, text_chars
 from danlu.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,9 +41,16 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 M = TypeVar("M", bound=BaseModel)
 
 
+class DetectRequest(BaseModel):
+    """POST /v1/detect: one text or up to 64."""
+
+    input: str | Annotated[list[str], Field(max_length=64)]
+
+
 @dataclass
 class ServeOptions:
     api_key: str | None = None
+    admin_key: str | None = None  # for /v1/admin/*: approving corrections for every user's memory
     feedback: FeedbackStore | None = None
     memory: CorrectionMemory | None = None
     date_prompt: bool = True  # tell the model today's date and time in a system message
@@ -52,7 +60,12 @@ class ServeOptions:
     default_max_tokens: int = 512
     max_body_bytes: int = 1_000_000
     max_messages: int = 256
+    # A request's text (contents, tools, …) above this many characters per context token is refused before any
+    # tokenization: no tokenizer packs more into one token, so such a prompt cannot fit. Bounds the CPU any one
+    # request can take from the others.
+    max_chars_per_token: int = 16
     now: Callable[[], _dt.datetime] = field(default=_dt.datetime.now)
+    detector: Any = None  # a danlu.detect.classifier.Detector (`--detector DIR`): enables POST /v1/detect
 
 
 class APIError(Exception):
@@ -75,8 +88,8 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         raise DanluError("create_app: no models to serve")
     registry = {m.name: m for m in models}
     if opts.feedback is not None and opts.memory is not None:
-        for c in opts.feedback.corrections():
-            opts.memory.add(last_user_text(c["messages"]), c["correction"])
+        for c in opts.feedback.corrections(latest_only=False):
+            remember(opts.memory, c)
     app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = registry
     app.state.options = opts
@@ -117,8 +130,18 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
             raise APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key",
                            headers={"WWW-Authenticate": 'Basic realm="danlu", charset="UTF-8"'})  # fmt: skip
 
-    async def read_body(request: Request, schema: type[M]) -> M:
-        authorize(request)
+    def authorize_admin(request: Request) -> None:
+        if opts.admin_key is None:
+            raise APIError(403, "this server has no admin key (start it with --admin-key)", code="no_admin")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), opts.admin_key.encode()
+        ):
+            raise APIError(401, "missing or wrong admin key (send Authorization: Bearer ADMIN_KEY)",
+                           code="invalid_api_key")  # fmt: skip
+
+    async def read_body(request: Request, schema: type[M], *, admin: bool = False) -> M:
+        authorize_admin(request) if admin else authorize(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > opts.max_body_bytes:
             raise APIError(413, f"request body over {opts.max_body_bytes} bytes", code="request_too_large")
@@ -129,19 +152,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                 raise APIError(
                     413, f"request body over {opts.max_body_bytes} bytes", code="request_too_large"
                 )
-        try:
-            data = json.loads(bytes(raw) or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object", code="invalid_json")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
-                           code="invalid_value") from None  # fmt: skip
+        return await asyncio.to_thread(parse_body, bytes(raw), schema)  # a large body must not stall the loop
 
     def pick(name: str) -> ServedModel:
         if name not in registry:
@@ -154,6 +165,13 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"{param} = {max_tokens} is over this server's limit of {limit}", param=param,
                            code="max_tokens_exceeded")  # fmt: skip
+
+    def check_chars(model: ServedModel, *parts: Any) -> None:
+        """Refuses a prompt that cannot fit the context, by its character count alone, before tokenizing it."""
+        n, limit = sum(text_chars(p) for p in parts), model.context_length * opts.max_chars_per_token
+        if n > limit:
+            raise APIError(400, f"the prompt has {n} characters; model {model.name!r} has a context of "
+                           f"{model.context_length} tokens", param="messages", code="context_length_exceeded")  # fmt: skip
 
     def check_prompt(model: ServedModel, n_prompt: int) -> None:
         if n_prompt >= model.context_length:
@@ -192,25 +210,31 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         check_max_tokens(
             model, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         )
-        client_messages = [m.plain() for m in req.messages]
-        client_tools = (
-            [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
-        )
+        defuse = model.tokenizer.defuse
+        raw_tools = [t.model_dump() for t in req.tools] if req.tools and req.tool_choice != "none" else None
+        raw_messages = [m.plain(_as_is) for m in req.messages]
+        check_chars(model, raw_messages, raw_tools)
+        client_messages = defuse_tree(raw_messages, defuse)  # what is stored as feedback is safe to train on
         messages = list(client_messages)
         headers: dict[str, str] = {}
-        memory = opts.memory.recall(last_user_text(messages)) if opts.memory is not None else None
-        if memory is not None:
-            messages = with_memory(messages, memory)
-            headers["x-danlu-memory"] = f"{memory.score:.3f}"
+        scope = scope_of(req.user)
+        if opts.memory is not None:
+            memory = await asyncio.to_thread(opts.memory.recall, last_user_text(messages), scope)
+            if memory is not None:
+                messages = with_memory(messages, memory)
+                headers["x-danlu-memory"] = f"{memory.score:.3f}"
         now = opts.now()
         if opts.date_prompt:
             messages = with_date(messages, now)
+        # the one place: everything that reaches the template, client's or remembered, is defused the same way
+        messages, client_tools = defuse_tree(messages, defuse), defuse_tree(raw_tools, defuse)
         try:
-            n_prompt = len(
-                model.tokenizer.render_chat(messages, tools=client_tools, add_generation_prompt=True)[0]
+            rendered = await asyncio.to_thread(
+                model.tokenizer.render_chat, messages, tools=client_tools, add_generation_prompt=True
             )
         except DanluError as e:
             raise APIError(400, str(e), param="messages") from None
+        n_prompt = len(rendered[0])
         check_prompt(model, n_prompt)
         sampling = Sampling(
             max_tokens=max_tokens or min(opts.default_max_tokens, model.context_length - n_prompt),
@@ -235,7 +259,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                     answer=out.content, conversation_id=meta.get("conversation_id"),
                     finish_reason=out.finish_reason, mean_logprob=out.mean_logprob,
                     params={"temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens,
-                            "seed": req.seed, "tools": out.tool_results or None},
+                            "seed": req.seed, "tools": out.tool_results or None, "user": req.user},
                 )  # fmt: skip
 
         if req.stream:
@@ -288,7 +312,9 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         bos = getattr(tok, "bos_id", None)
         prompt_ids = []
         for p in prompts:
-            ids = tok.encode(p) if isinstance(p, str) else list(p)
+            if isinstance(p, str):
+                check_chars(model, p)
+            ids = await asyncio.to_thread(tok.encode, p) if isinstance(p, str) else list(p)
             if any(not 0 <= t < tok.vocab_size for t in ids):
                 raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
             if isinstance(p, str) and bos is not None:
@@ -350,10 +376,57 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                     raise APIError(400, "correction is empty", param="correction")
                 resp = await asyncio.to_thread(store.correct, req.response_id, req.correction, req.index)
                 if opts.memory is not None:
-                    opts.memory.add(last_user_text(resp["messages"]), req.correction)
+                    await asyncio.to_thread(remember, opts.memory, resp)
         except KeyError as e:
             raise APIError(404, str(e.args[0]), param="response_id", code="response_not_found") from None
         return {"ok": True, "response_id": req.response_id, "index": req.index}
+
+    # ---- AI-text detection (`danlu serve … --detector DIR`) ---------------------------------------------------------
+    @app.post("/v1/detect", summary="P(machine) of texts, from the --detector classifier",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": DetectRequest.model_json_schema()}}}})  # fmt: skip
+    async def detect(request: Request) -> dict[str, Any]:
+        """`{"input": TEXT | [TEXT, …]}` → `{"data": [{index, p_machine, label, tokens, truncated}]}`; texts over the
+        detector's max_tokens are scored on their first tokens (`truncated: true`)."""
+        req = await read_body(request, DetectRequest)
+        if opts.detector is None:
+            raise APIError(404, "this server has no detector (start it with --detector DIR)", code="detector_off")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or any(not t.strip() for t in texts):
+            raise APIError(400, "input must be a non-empty text or a list of non-empty texts", param="input")
+        try:
+            rows = await asyncio.to_thread(opts.detector.detect, texts)
+        except DanluError as e:
+            raise APIError(400, str(e), param="input") from None
+        return {"object": "list", "model": opts.detector.name,
+                "data": [{"index": i, **r} for i, r in enumerate(rows)]}  # fmt: skip
+
+    # ---- admin: which corrections every user's memory may use --------------------------------------------------
+    @app.get("/v1/admin/corrections")
+    async def list_corrections(request: Request) -> dict[str, Any]:
+        authorize_admin(request)
+        if opts.feedback is None:
+            raise APIError(400, "this server keeps no feedback", code="feedback_off")
+        rows = await asyncio.to_thread(opts.feedback.corrections, latest_only=False)
+        data = [{"id": c["correction_id"], "response_id": c["id"], "index": c["idx"], "scope": c["scope"],
+                 "approved": c["approved"], "question": last_user_text(c["messages"]), "answer": c["answer"],
+                 "correction": c["correction"]} for c in rows]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/admin/corrections/{correction_id}/approve")
+    async def approve_correction(correction_id: str, request: Request) -> dict[str, Any]:
+        authorize_admin(request)
+        if opts.feedback is None:
+            raise APIError(400, "this server keeps no feedback", code="feedback_off")
+        if not correction_id.isdigit() or len(correction_id) > 18:
+            raise APIError(404, f"no correction {correction_id!r}", code="correction_not_found")
+        try:
+            c = await asyncio.to_thread(opts.feedback.approve, int(correction_id))
+        except KeyError as e:
+            raise APIError(404, str(e.args[0]), code="correction_not_found") from None
+        if opts.memory is not None:
+            await asyncio.to_thread(remember, opts.memory, c)
+        return {"ok": True, "id": c["correction_id"], "approved": True}
 
     @app.get("/v1/feedback/stats")
     async def feedback_stats(request: Request) -> dict[str, Any]:
@@ -378,6 +451,39 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         return FileResponse(target)
 
     return app
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+def parse_body(raw: bytes, schema: type[M]) -> M:
+    """JSON body → validated request, or an APIError 400 in OpenAI's shape (malformed, too deep, wrong types)."""
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"JSON body nested deeper than {MAX_DEPTH} levels", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    if json_depth(data) > MAX_DEPTH:
+        raise APIError(400, f"JSON body nested deeper than {MAX_DEPTH} levels", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param,
+                       code="invalid_value") from None  # fmt: skip
+
+
+def remember(memory: CorrectionMemory, correction: dict[str, Any]) -> None:
+    """Puts a stored correction into the memory: in its maker's scope, and in the shared one once approved."""
+    question = last_user_text(correction["messages"])
+    memory.add(question, correction["correction"], correction.get("scope") or "anonymous")
+    if correction.get("approved"):
+        memory.add(question, correction["correction"], SHARED)
 
 
 def safe_static_path(path: str) -> Path | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from danlu.serve.routing import ServedModel, confident, mean_logprob
+from danlu.serve.sanitize import defuse_tree
 from danlu.tools import parse_tool_calls, run_tool
 
 TOOL_TAG = "<tool_call>"
@@ -57,8 +58,8 @@ class Sampling:
         for k in ("temperature", "top_p", "top_k"):
             if getattr(self, k) is not None:
                 kw[k] = getattr(self, k)
-        if self.seed is not None:
-            kw["seed"] = self.seed + seed_offset
+        if self.seed is not None:  # any 64-bit seed plus the choice's offset stays a valid 64-bit seed
+            kw["seed"] = (self.seed + seed_offset) % 2**64
         if self.ignore_eos:
             kw["stop_token_ids"] = []
         return SamplingParams(**kw)
@@ -203,13 +204,14 @@ async def _answer_chat(
             break
         if round_no == tool_rounds:  # no more rounds: the calls stay unexecuted
             break
-        convo.append({"role": "assistant", "content": content, "tool_calls": calls})
+        # the model's calls and the tools' results (which may echo the call) reach the template defused too
+        convo.append(defuse_tree({"role": "assistant", "content": content, "tool_calls": calls}, tok.defuse))
         for call in calls:
             fn = call["function"]
             day = today() if today else None
             result = await asyncio.to_thread(run_tool, fn["name"], fn["arguments"], day)
             out.tool_results.append({"name": fn["name"], "arguments": fn["arguments"], "result": result})
-            convo.append({"role": "tool", "name": fn["name"], "content": result})
+            convo.append(defuse_tree({"role": "tool", "name": fn["name"], "content": result}, tok.defuse))
     out.mean_logprob = mean_logprob(out)
     yield ("done", out)
 

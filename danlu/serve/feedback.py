@@ -25,6 +25,7 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.files import write_jsonl_atomic
+from danlu.serve.memory import scope_of
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -61,10 +62,19 @@ CREATE TABLE IF NOT EXISTS corrections (
     response_id TEXT NOT NULL,
     idx INTEGER NOT NULL DEFAULT 0,
     correction TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    scope TEXT NOT NULL DEFAULT 'anonymous',  -- whose prompts the correction memory may put it in
+    approved REAL                             -- when an admin shared it with every user (NULL: not shared)
 );
 CREATE INDEX IF NOT EXISTS corrections_response ON corrections(response_id, idx);
 """
+# Columns added after the first release, for databases created before them.
+MIGRATIONS = {
+    "corrections": {
+        "scope": "ALTER TABLE corrections ADD COLUMN scope TEXT NOT NULL DEFAULT 'anonymous'",
+        "approved": "ALTER TABLE corrections ADD COLUMN approved REAL",
+    }
+}
 
 
 def prompt_hash(messages: list[dict[str, Any]]) -> str:
@@ -85,6 +95,11 @@ class FeedbackStore:
             with self._connect() as db:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(SCHEMA)
+                for table, columns in MIGRATIONS.items():
+                    have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+                    for column, sql in columns.items():
+                        if column not in have:
+                            db.execute(sql)
         except sqlite3.DatabaseError as e:
             raise DanluError(f"{self.path}: not a usable SQLite feedback database ({e})") from None
 
@@ -158,18 +173,40 @@ class FeedbackStore:
                 (response_id, idx, int(rating), comment, time.time()),
             )
 
-    def correct(self, response_id: str, correction: str, idx: int = 0) -> dict[str, Any]:
-        """Stores a correction; returns the corrected response (its prompt feeds the correction memory)."""
+    def correct(
+        self, response_id: str, correction: str, idx: int = 0, scope: str | None = None
+    ) -> dict[str, Any]:
+        """Stores a correction in `scope` (default: the scope of the user who asked, so a correction helps that
+        user at once and others only once an admin approves it); returns the corrected response with the
+        correction's `correction_id` and `scope` (its prompt feeds the correction memory)."""
         correction = correction.strip()
         if not correction:
             raise DanluError("correction is empty")
         resp = self._require(response_id, idx)
+        scope = scope or scope_of((resp.get("params") or {}).get("user"))
         with self._lock, self._connect() as db:
-            db.execute(
-                "INSERT INTO corrections(response_id, idx, correction, created) VALUES (?, ?, ?, ?)",
-                (response_id, idx, correction, time.time()),
+            cur = db.execute(
+                "INSERT INTO corrections(response_id, idx, correction, created, scope) VALUES (?, ?, ?, ?, ?)",
+                (response_id, idx, correction, time.time(), scope),
             )
-        return resp
+        return {
+            **resp,
+            "correction": correction,
+            "correction_id": cur.lastrowid,
+            "scope": scope,
+            "approved": False,
+        }
+
+    def approve(self, correction_id: int) -> dict[str, Any]:
+        """Marks a correction as shared with every user (an admin's decision); returns it. KeyError if absent."""
+        with self._lock, self._connect() as db:
+            n = db.execute(
+                "UPDATE corrections SET approved = COALESCE(approved, ?) WHERE id = ?",
+                (time.time(), correction_id),
+            ).rowcount
+        if not n:
+            raise KeyError(f"no correction {correction_id}")
+        return next(c for c in self.corrections(latest_only=False) if c["correction_id"] == correction_id)
 
     def _require(self, response_id: str, idx: int) -> dict[str, Any]:
         resp = self.response(response_id, idx)
@@ -179,16 +216,27 @@ class FeedbackStore:
         return resp
 
     # ---- reading -------------------------------------------------------------------------------------------
-    def corrections(self) -> list[dict[str, Any]]:
-        """Latest correction per response, with its prompt and the original answer."""
+    def corrections(self, *, latest_only: bool = True) -> list[dict[str, Any]]:
+        """Corrections (by default the latest per response) with their prompt, the original answer, their id,
+        scope and whether an admin approved them for everyone."""
+        latest = (
+            "WHERE c.id = (SELECT MAX(c2.id) FROM corrections c2 WHERE c2.response_id = c.response_id "
+            "AND c2.idx = c.idx) "
+            if latest_only
+            else ""
+        )
         with self._connect() as db:
             rows = db.execute(
-                "SELECT r.*, c.correction, c.created AS corrected FROM corrections c "
-                "JOIN responses r ON r.id = c.response_id AND r.idx = c.idx "
-                "WHERE c.id = (SELECT MAX(c2.id) FROM corrections c2 WHERE c2.response_id = c.response_id "
-                "AND c2.idx = c.idx) ORDER BY c.id"
+                "SELECT r.*, c.correction, c.created AS corrected, c.id AS correction_id, c.scope, c.approved "
+                "FROM corrections c JOIN responses r ON r.id = c.response_id AND r.idx = c.idx "
+                + latest
+                + "ORDER BY c.id"
             ).fetchall()
-        return [{**_response_dict(r), "correction": r["correction"]} for r in rows]
+        return [
+            {**_response_dict(r), "correction": r["correction"], "correction_id": r["correction_id"],
+             "scope": r["scope"], "approved": r["approved"] is not None}
+            for r in rows
+        ]  # fmt: skip
 
     def rated(self) -> list[dict[str, Any]]:
         with self._connect() as db:

@@ -30,6 +30,7 @@ class ServedModel:
     created: int = 0
     fallback: str | None = None
     min_logprob: float | None = None
+    parent: str | None = None  # an adapter's base model (served under that name), as vLLM lists LoRA modules
 
     def card(self) -> dict[str, Any]:
         """The /v1/models entry."""
@@ -41,6 +42,8 @@ class ServedModel:
             "context_length": self.context_length,
             "chat": bool(self.meta.get("chat", True)),
             "fallback": self.fallback,
+            "parent": self.parent,
+            **({"adapter": self.meta["adapter"].get("method")} if self.meta.get("adapter") else {}),
         }
 
 
@@ -126,3 +129,63 @@ def load_served_model(
         meta=dict(ckpt.meta or {}),
         created=int(time.time()),
     )
+
+
+def parse_ensembles(
+    items: list[str], weights: list[str], taken: list[str]
+) -> list[tuple[str, list[str], list[float] | None]]:
+    """`NAME=A,B[,C]` options and `[NAME=]W1,W2` weights → [(name, member paths, weights or None)]. A weight list
+    without a name belongs to the only ensemble; names must not clash with served models."""
+    from danlu.ensemble import parse_members
+
+    out: list[tuple[str, list[str], list[float] | None]] = []
+    names = list(taken)
+    for item in items:
+        name, sep, members = item.partition("=")
+        if not sep or not name or not members:
+            raise DanluError(f"--ensemble {item!r}: expected NAME=CHECKPOINT,CHECKPOINT[,…]")
+        if not _NAME.match(name):
+            raise DanluError(
+                f"ensemble name {name!r}: use letters, digits and . _ - : / (at most 128 characters)"
+            )
+        if name in names:
+            raise DanluError(
+                f"model name {name!r} given twice; give each --model and --ensemble its own name"
+            )
+        names.append(name)
+        out.append((name, parse_members(members)[0], None))
+    for item in weights:
+        name, sep, values = item.rpartition("=")
+        if not sep:
+            if len(out) != 1:
+                raise DanluError(f"--weights {item!r}: with {len(out)} ensembles, write --weights NAME=W1,W2")
+            name = out[0][0]
+        k = next((i for i, e in enumerate(out) if e[0] == name), None)
+        if k is None:
+            raise DanluError(f"--weights {item!r}: no ensemble named {name!r}; ensembles: "
+                             f"{', '.join(e[0] for e in out) or '-'}")  # fmt: skip
+        out[k] = (name, *parse_members(",".join(out[k][1]), values))
+    return out
+
+
+def load_served_ensemble(
+    name: str,
+    paths: list[str],
+    weights: list[float] | None = None,
+    *,
+    device: str = "cpu",
+    max_active: int = 64,
+) -> ServedModel:
+    """Loads the members (danlu.ensemble) and starts one generation worker for the ensemble; it decodes eagerly
+    (each member's decode step would need its own compiled graph)."""
+    import time
+
+    from danlu.ensemble import load_ensemble
+    from danlu.generate import Generator
+    from danlu.serve.engine import ModelWorker
+
+    ckpt = load_ensemble(paths, weights, device=device)
+    worker = ModelWorker(Generator(ckpt.model, ckpt.tokenizer).stream, name=name, max_active=max_active)
+    return ServedModel(name=name, path=",".join(paths), tokenizer=ckpt.tokenizer,
+                       context_length=int(ckpt.config.max_position_embeddings), worker=worker, meta=ckpt.meta,
+                       created=int(time.time()))  # fmt: skip

@@ -7,6 +7,7 @@ become OpenAI-shaped 400 errors naming the offending parameter (see app.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -15,6 +16,9 @@ from danlu.tokenizer import defuse_special_tokens
 
 MAX_N = 8
 MAX_STOP = 4
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes
+MAX_TOP_K = 1_000_000
+MAX_INDEX = 1_023  # a choice index (n × prompts stays far below)
 
 
 class _Lenient(BaseModel):
@@ -48,15 +52,16 @@ class ChatMessage(_Lenient):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def plain(self) -> dict[str, Any]:
+    def plain(self, defuse: Callable[[str], str] = defuse_special_tokens) -> dict[str, Any]:
         """The message as the chat template reads it: text content only (image parts are refused earlier), with
-        control tokens a client typed made harmless."""
+        control tokens a client typed made harmless by `defuse` (the served tokenizer's `Tokenizer.defuse`; by
+        default danlu's ChatML tokens)."""
         if isinstance(self.content, list):
             text = "".join(p.text or "" for p in self.content if p.type == "text")
         else:
             text = self.content or ""
         role = "system" if self.role == "developer" else self.role
-        out: dict[str, Any] = {"role": role, "content": defuse_special_tokens(text)}
+        out: dict[str, Any] = {"role": role, "content": defuse(text)}
         if self.tool_calls:
             out["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in self.tool_calls]
         if self.name:
@@ -81,13 +86,13 @@ class _Sampling(_Lenient):
     model: str
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_TOP_K)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
     @field_validator("stop")
@@ -134,7 +139,7 @@ class FeedbackRequest(_Lenient):
     """A rating and/or a correction for one served answer (a `store: true` chat completion)."""
 
     response_id: str = Field(min_length=1, max_length=200)
-    index: int = Field(default=0, ge=0)
+    index: int = Field(default=0, ge=0, le=MAX_INDEX)
     rating: Literal[-1, 0, 1] | None = None
     correction: str | None = Field(default=None, max_length=20_000)
     comment: str | None = Field(default=None, max_length=5_000)

@@ -7,6 +7,7 @@ top-level `seed`, `device`, `dtype` and `compile` apply everywhere. So `danlu ru
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,35 @@ def train_config(recipe: dict[str, Any], stage_train: dict[str, Any] | None, whe
     return from_dict(TrainConfig, merged, f"{where}.train")
 
 
-def make_saver(model_cfg: ModelConfig, tokenizer: Any, meta: dict[str, Any], *, chat: bool) -> Any:
-    """The engine's save hook: writes the HF-format model folder with danlu.json describing the stage."""
+def make_saver(
+    model_cfg: ModelConfig, tokenizer: Any, meta: dict[str, Any], *, chat: bool, adapter: Any = None
+) -> Any:
+    """The engine's save hook: writes the HF-format model folder with danlu.json describing the stage, or, when an
+    adapter trains (`attach_peft`), only the adapter in peft's format: never a copy of the frozen base."""
 
     def save(state_dict: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
+        if adapter is not None:
+            adapter.save(folder, state_dict, {**meta, **step_meta, "chat": chat})
+            return
         save_model_dir(folder, state_dict, model_cfg, tokenizer, {**meta, **step_meta}, chat=chat)
 
     return save
+
+
+def attach_peft(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path, *,
+                chat: bool = True) -> Any:  # fmt: skip
+    """The stage's `peft:` section applied to its parent checkpoint: a new adapter attached to `ckpt.model` (which
+    a soft prompt replaces by its wrapper) with the base frozen; None when the section asks for none."""
+    from danlu.adapters import attach, peft_spec
+
+    spec = peft_spec(section, f"{stage}.peft")
+    if not spec.enabled:
+        return None
+    if chat and not ckpt.tokenizer.has_chat_template:
+        raise DanluError(f"{stage}.peft: {parent} has no chat template, and an adapter cannot add the chat tokens "
+                         "to its base (that changes the embedding every other adapter of the base relies on); "
+                         f"fine-tune it fully first (without {stage}.peft) or start from a base with a template")  # fmt: skip
+    return attach(ckpt, spec, parent, f"{stage}.peft", quiet=os.environ.get("RANK", "0") != "0")
 
 
 def resume_wanted(out: Path, mode: str | bool, train_cfg: TrainConfig, stage: str) -> bool:
@@ -54,11 +77,17 @@ def resume_wanted(out: Path, mode: str | bool, train_cfg: TrainConfig, stage: st
 
 
 def parent_checkpoint(path: str | Path, device: str = "cpu") -> Any:
+    """The checkpoint a stage starts from; an adapter folder comes merged into its base (a LoRA-family adapter is
+    a weight delta, so training goes on from base + delta as one model)."""
+    from danlu.adapters import merge
     from danlu.io import load_checkpoint
 
     if not Path(path).exists():
         raise DanluError(f"--from {path}: no such checkpoint folder")
-    return load_checkpoint(path, device=device)
+    ckpt = load_checkpoint(path, device=device)
+    if (ckpt.meta or {}).get("adapter"):
+        merge(ckpt)
+    return ckpt
 
 
 def rl_stage_inputs(ctx: Any, cfg: Any, data_name: str, eval_name: str) -> tuple[Path, str, str | None]:

@@ -5,6 +5,11 @@ log-probabilities. The reference's log-probabilities are computed once before tr
 (the default: half the compute per step), or on the fly (`reference_mode: online`, for data too big to cache).
 Held-out preference accuracy — how often the policy gives the chosen answer more probability than the rejected —
 is measured before and after.
+
+With a `peft:` section only the adapter trains, and the reference is the base under it: the same model with the
+adapter switched off (peft's `disable_adapter`; for a soft prompt the wrapped base itself), so no second copy of the
+weights is held. PiSSA is the exception: it moves the principal directions out of the base weights, so its base
+without the adapter is not the starting model, and it gets a frozen copy as without an adapter.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class DPOConfig:
     written_pairs: bool = True  # also train on `data`; false: on the judged pairs only
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {"steps": 150, "batch_size": 8, "lr": 2e-4, "warmup_steps": 10, "eval_every": 0, "log_every": 10,
@@ -77,6 +83,65 @@ def cached_logps(model: Any, batches: Any, autocast: Any, batch_size: int = 16) 
         chosen += c.tolist()
         rejected += r.tolist()
     return chosen + rejected
+
+
+class AdapterOff:
+    """The policy with its LoRA-family adapter switched off, as a frozen reference model (peft's
+    `disable_adapter()` on the injected layers): calls run the bare base and switch the adapter back on after."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from danlu.adapters.lora import select_adapter
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        select_adapter(self.model, None)
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            select_adapter(self.model, "default")
+            for p in trainable:  # peft's enable_adapters resets requires_grad: keep what trained training
+                p.requires_grad_(True)
+
+    def to(self, device: Any) -> AdapterOff:
+        return self  # the policy's own weights: where the trainer puts them
+
+    def eval(self) -> AdapterOff:
+        return self
+
+
+def base_reference(model: torch.nn.Module, adapter: Any, before: torch.nn.Module | None) -> Any:
+    """The reference of an adapter run: the base without the adapter, sharing the policy's frozen weights
+    (`before`, a frozen copy taken before attaching, for PiSSA, whose base is not the starting model)."""
+    if before is not None:
+        for p in before.parameters():
+            p.requires_grad_(False)
+        return before.eval()
+    if adapter.is_lora:
+        return AdapterOff(model)
+    return model.base.eval()  # a soft prompt's PromptedLM: the base it wraps, frozen
+
+
+def attach_with_reference(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path,
+                          reference: str | None) -> tuple[Any, Any]:  # fmt: skip
+    """(adapter, reference) for a stage with a `peft:` section, else (None, the frozen reference as before):
+    with an adapter and no `reference:` checkpoint, the reference is the base under the adapter."""
+    from danlu.adapters import peft_spec
+    from danlu.stages.common import attach_peft
+
+    spec = peft_spec(section, f"{stage}.peft")
+    if not spec.enabled:
+        return None, load_reference(ckpt, reference)
+    before = copy.deepcopy(ckpt.model) if spec.method == "pissa" and reference is None else None
+    explicit = load_reference(ckpt, reference) if reference is not None else None
+    adapter = attach_peft(ckpt, section, stage, parent)
+    return adapter, explicit or base_reference(ckpt.model, adapter, before)
 
 
 def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
@@ -145,7 +210,7 @@ def train_dpo(
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
     context = ckpt.config.max_position_embeddings
-    ref = load_reference(ckpt, cfg.reference)
+    adapter, ref = attach_with_reference(ckpt, cfg.peft, "dpo", parent, cfg.reference)
     written = read_pairs(data, cfg.max_pairs or None) if cfg.written_pairs else []
     train, dropped = encode_pairs(written, tok, context)
     held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
@@ -188,7 +253,7 @@ def train_dpo(
         return out
 
     meta = {"stage": "dpo", "parent": str(parent), "data": str(data), "beta": cfg.beta}
-    hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True), evaluate=evaluate)
+    hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter), evaluate=evaluate)
     if not tcfg.eval_every:
         tcfg.eval_every = tcfg.steps
     trainer = Trainer(tcfg, ckpt.model, source, loss_fn, out, hooks, stage="dpo")

@@ -5,6 +5,8 @@ The data source does the rollout: each `next_batch()` samples `group_size` compl
 returns token tensors with advantages and reference log-probs; the loss is GRPO's clipped objective (+ β·KL).
 One optimizer step per rollout, so the "old" policy is the current one (ratio 1 at the sample; TRL's default).
 Rollouts are seeded by (seed, position), so a resumed run samples exactly what the uninterrupted one would.
+With a `peft:` section the rollouts come from base + adapter, only the adapter trains and is saved, and the KL
+reference (β > 0) is the base with the adapter switched off (danlu.stages.dpo.attach_with_reference): no copy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class GRPOConfig:
     eval_rows: int = 200
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {"steps": 60, "batch_size": 1, "lr": 1e-4, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
@@ -114,7 +117,7 @@ class Rollouts:
         rewards = torch.tensor(scores)
         seqs, tails = [], []
         for i, c in zip(idx, completions):
-            tail = c.token_ids + ([self.tok.im_end_id] if c.finish_reason == "stop" else [])
+            tail = c.token_ids + ([self.tok.end_of_turn_id] if c.finish_reason == "stop" else [])
             p = self.encoded[i]
             seqs.append((p + tail, [0] * len(p) + [1] * len(tail)))
             tails.append(len(tail))
@@ -220,12 +223,6 @@ def read_prompts(data: str | Path, kinds: list[str], limit: int | None) -> list[
     return out
 
 
-def frozen_reference(ckpt: Any, reference: str | None) -> Any:
-    from danlu.stages.dpo import load_reference
-
-    return load_reference(ckpt, reference)
-
-
 def train_grpo(
     parent: Path, data: str | Path, out: Path, *, recipe: dict[str, Any], cfg: GRPOConfig,
     eval_data: str | Path | None = None,
@@ -233,8 +230,8 @@ def train_grpo(
     from danlu.data.preference import read_rl_prompts
     from danlu.engine import Hooks, Trainer, set_seed
     from danlu.losses import grpo_loss
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
-    from danlu.stages.dpo import token_logps
+    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.dpo import attach_with_reference, token_logps
     from danlu.stages.reward import stage_train_config
 
     if cfg.group_size < 2:
@@ -245,7 +242,10 @@ def train_grpo(
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
-    ref = frozen_reference(ckpt, cfg.reference) if cfg.beta else None
+    if cfg.beta:  # a KL reference: with an adapter, the base under it
+        adapter, ref = attach_with_reference(ckpt, cfg.peft, "grpo", parent, cfg.reference)
+    else:
+        adapter, ref = attach_peft(ckpt, cfg.peft, "grpo", parent), None
     prompts = read_prompts(data, cfg.kinds, cfg.max_prompts or None)
     held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
     reward = make_scorer(cfg.reward, tok)
@@ -275,7 +275,7 @@ def train_grpo(
         source,
         loss_fn,
         out,
-        Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True)),
+        Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter)),
         stage="grpo",
     )
     source.autocast = trainer.autocast

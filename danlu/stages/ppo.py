@@ -3,6 +3,10 @@ reference folded into the per-token rewards, GAE, and clipped policy + value los
 
 The value head lives on the policy's backbone (`PolicyWithValue`); the saved model is the plain policy (an HF
 causal LM), and the value head's few weights travel in the data source's state so that resume is exact.
+
+With a `peft:` section (LoRA family) the backbone is frozen under the adapter, the value head still trains in full
+(it starts at zero: there is nothing to adapt) and is not saved, as without an adapter; the output is the policy's
+adapter folder, and the reference is the base with the adapter switched off (no copy; danlu.stages.dpo).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from danlu import DanluError
 from danlu.config import from_dict
 from danlu.model import Transformer
 from danlu.runner import StageContext
@@ -42,6 +47,7 @@ class PPOConfig:
     eval_rows: int = 100
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {"steps": 40, "batch_size": 1, "lr": 5e-5, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
@@ -122,17 +128,23 @@ def train_ppo(
     from danlu.engine import Hooks, Trainer, set_seed
     from danlu.losses import ppo_policy_loss, ppo_value_loss
     from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
-    from danlu.stages.dpo import load_reference
+    from danlu.stages.dpo import attach_with_reference
     from danlu.stages.grpo import Scorer, answer_accuracy
     from danlu.stages.reward import stage_train_config
 
     tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "ppo")
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
+    if ckpt.backend != "native":
+        raise DanluError(
+            f"{parent}: PPO's value head needs the native (Llama-family) model; this one runs through transformers"
+        )
     tok = ckpt.tokenizer
-    ref = load_reference(ckpt, cfg.reference)
     policy = PolicyWithValue(ckpt.config)
     policy.load_state_dict(ckpt.model.state_dict())
+    ckpt.model = policy
+    adapter, ref = attach_with_reference(ckpt, value_head_section(cfg.peft, policy), "ppo", parent, cfg.reference)
+    policy.value_head.requires_grad_(True)  # the adapter froze every base weight; the value head always trains
     scorer = Scorer(reward, tok)
     prompts = read_rl_prompts(data, cfg.max_prompts or None)
     held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
@@ -151,7 +163,7 @@ def train_ppo(
                                        "clip_frac": float(clipfrac)}  # fmt: skip
 
     meta = {"stage": "ppo", "parent": str(parent), "data": str(data), "reward": reward}
-    saver = make_saver(ckpt.config, tok, meta, chat=True)
+    saver = make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter)
 
     def save(state: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
         saver({k: v for k, v in state.items() if not k.startswith("value_head.")}, folder, step_meta)
@@ -185,6 +197,30 @@ def train_ppo(
                 "accuracy"
             ]
     return result
+
+
+VALUE_HEAD = "value_head"
+
+
+def value_head_section(section: dict[str, Any], policy: nn.Module) -> dict[str, Any]:
+    """`ppo.peft` with the target modules made explicit: every backbone linear layer but the value head, which
+    trains in full (a rank-r update of a zero 1-row head would only slow it down). Soft prompts are refused: the
+    value head reads the policy's hidden states per token, which a PromptedLM does not expose to it."""
+    from danlu.adapters import peft_spec
+    from danlu.adapters.spec import linear_suffixes
+
+    spec = peft_spec(section, "ppo.peft")
+    if not spec.enabled:
+        return section
+    if not spec.is_lora:
+        raise DanluError(f"ppo.peft.method: {spec.method} is a soft prompt; PPO's value head reads the policy's "
+                         "hidden states, so PPO takes a LoRA-family adapter (lora, dora, pissa, rslora)")  # fmt: skip
+    targets = spec.target_modules
+    if targets is None:
+        targets = [s for s in linear_suffixes(policy) if s != VALUE_HEAD]
+    elif targets == VALUE_HEAD or (isinstance(targets, list) and VALUE_HEAD in targets):
+        raise DanluError(f"ppo.peft.target_modules: {VALUE_HEAD!r} trains in full; list only policy layers")
+    return {**section, "target_modules": targets}
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Data: each micro-batch holds B pairs as 2B right-padded rows (chosen rows first); the loss is
 -log σ(r_chosen - r_rejected - margin). The result is an HF folder that transformers loads as
 `LlamaForSequenceClassification` (num_labels 1), and the stage reports held-out pairwise accuracy before and after.
+
+With a `peft:` section (LoRA family) the backbone stays frozen under the adapter and the score head trains in full
+as peft's `modules_to_save` (a fresh head has nothing to adapt from, and it is one row of weights): the output is an
+adapter folder that peft loads onto `LlamaForSequenceClassification` (task SEQ_CLS, `score.weight` saved beside the
+LoRA tensors), and that PPO/GRPO take as `reward:` like a full reward model (danlu.rewards.load_reward_model).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class RewardConfig:
     center_coef: float = 0.01  # keeps rewards centred at zero (TRL's center_rewards_coefficient)
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {
@@ -158,13 +164,19 @@ def train_reward(
     tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "reward")
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
+    if ckpt.backend != "native":
+        raise DanluError(
+            f"{parent}: a reward model needs the native (Llama-family) model; this one runs through transformers"
+        )
     tok = ckpt.tokenizer
     context = ckpt.config.max_position_embeddings
     train, dropped = encode_pairs(read_pairs(data, cfg.max_pairs or None), tok, context)
     if not train:
         raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
     held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
-    model = RewardModel.from_policy(ckpt.model)
+    ckpt.model = RewardModel.from_policy(ckpt.model)
+    adapter = attach_score_adapter(ckpt, cfg.peft, parent)
+    model = ckpt.model
     del ckpt
     source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
     held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
@@ -181,6 +193,9 @@ def train_reward(
     meta = {"stage": "reward", "parent": str(parent), "data": str(data)}
 
     def save(state: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
+        if adapter is not None:
+            adapter.save(folder, state, {**meta, **step_meta, "chat": True, "reward_model": True})
+            return
         save_reward_model(folder, state, model.config, tok, {**meta, **step_meta})
 
     if not tcfg.eval_every:
@@ -206,6 +221,45 @@ def train_reward(
         result["heldout_margin"] = round(evals[-1]["val_margin"], 4)
         result["heldout_pairs"] = len(held)
     return result
+
+
+def attach_score_adapter(ckpt: Any, section: dict[str, Any] | None, parent: Path) -> Any:
+    """The `reward.peft` section on the reward model in `ckpt.model`: LoRA on the backbone's linear layers (never on
+    the score head, which has no trained weights to adapt), and the head itself trainable in full as peft's
+    `modules_to_save`, saved with the adapter. None without a section. Soft prompts are refused: a score is read at
+    the last token of a right-padded row, and the reward model's form is not a causal LM that PromptedLM wraps."""
+    from danlu.adapters import peft_spec
+    from danlu.adapters.spec import linear_suffixes
+    from danlu.stages.common import attach_peft
+
+    spec = peft_spec(section, "reward.peft")
+    if not spec.enabled:
+        return None
+    if not spec.is_lora:
+        raise DanluError(f"reward.peft.method: {spec.method} is a soft prompt; a reward model takes a LoRA-family "
+                         "adapter (lora, dora, pissa, rslora) with its score head trained in full")  # fmt: skip
+    targets = spec.target_modules
+    if targets is None:
+        targets = [s for s in linear_suffixes(ckpt.model) if s != SCORE]
+    elif targets == SCORE or (isinstance(targets, list) and SCORE in targets):
+        raise DanluError(f"reward.peft.target_modules: {SCORE!r} is the score head, which trains in full "
+                         "(peft's modules_to_save); list only backbone layers")  # fmt: skip
+    adapter = attach_peft(ckpt, {**section, "target_modules": targets}, "reward", parent)  # type: ignore[dict-item]
+    train_in_full(ckpt.model, [SCORE])
+    adapter.config.modules_to_save = [SCORE]
+    adapter.config.task_type = "SEQ_CLS"  # peft loads it onto LlamaForSequenceClassification
+    return adapter
+
+
+SCORE = "score"  # the reward model's head: transformers' LlamaForSequenceClassification.score
+
+
+def train_in_full(model: torch.nn.Module, names: list[str]) -> None:
+    """Wraps `names` in peft's ModulesToSaveWrapper (what `modules_to_save` does): a trainable copy of the module
+    beside the frozen original, saved with the adapter under the module's own key (`score.weight`)."""
+    from peft.utils.other import _set_trainable
+
+    _set_trainable(model, "default", module_names=names, inference_mode=False, strict_module_check=True)
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

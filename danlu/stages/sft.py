@@ -9,9 +9,12 @@ from one dialog into another and positions restart per dialog: the same computat
 far less padding (dialogs here are ~60 tokens, rows 256). Packing is first-fit over a few open rows, in a seeded
 shuffled order that changes each epoch; it is deterministic, and the position is saved for exact resume.
 
-Long dialogs (`long_dialogs`): `truncate` (default) keeps the longest prefix that ends with a complete assistant
-turn and drops the later turns; a dialog whose first answer alone does not fit is skipped. `skip` drops every
-dialog that does not fit; `error` stops with its file:line. Both are counted in the metrics.
+Long dialogs (`long_dialogs`), a dialog longer than a row: `truncate` (default) keeps the system prompt and the
+latest exchanges that fit (the oldest turns go; if not even the last exchange fits, the longest prefix ending with
+an answer); `split` cuts it into several rows that together train every exchange, each row starting with the system
+prompt and up to `split_history` earlier exchanges as untrained context; `skip` drops it; `error` stops with its
+file:line. Before training one line says what happened (counts, share of assistant tokens trained on) with a
+warning below 90%; the counts and the share are in the stage's metrics.
 
 Forgetting: `replay` is the share of rows taken from the run's pretraining token shards (plain next-token loss);
 held-out pretraining bits-per-byte is measured before and after SFT so the cost of fine-tuning is visible.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +47,14 @@ class SFTConfig:
     data: list[str] | None = None  # conversation files/folders; default: the world corpus' sft.jsonl
     seq_len: int = 0  # row length; 0 = the parent model's context
     pack: bool = True  # several dialogs per row (segment_ids) instead of one padded dialog per row
-    long_dialogs: Literal["truncate", "skip", "error"] = "truncate"
+    long_dialogs: Literal["truncate", "split", "skip", "error"] = "truncate"
+    split_history: int = 2  # split: earlier exchanges each row repeats as (untrained) context
+    columns: str | None = (
+        None  # field mapping for other datasets: "prompt=question,response=answer" (Columns)
+    )
+    encoding: str | None = (
+        None  # text encoding of the data files; None: detected (UTF-8/16 with BOM, GB18030)
+    )
     on_error: Literal["error", "skip"] = "error"  # bad conversations: stop at the first, or skip and count
     val_dialogs: int = 200  # held out from the data for the validation loss
     replay: float = 0.1  # share of rows that are pretraining text (needs the run's token shards)
@@ -56,6 +67,7 @@ class SFTConfig:
         default_factory=lambda: ["中国最高的山是什么？", "What is the capital of France?"]
     )
     train: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 # ───────────────────────── dialogs → examples ─────────────────────────
@@ -86,44 +98,171 @@ def fit_dialog(ids: list[int], mask: list[int], limit: int, im_end: int) -> int:
     return best
 
 
+LONG_SHARE_WARNING = 0.9  # warn when less than this share of the assistant tokens is trained on
+
+
 @dataclass
 class EncodeStats:
-    dialogs: int = 0
+    """What the long-dialog policy did, for the start-up line, the warning, the metrics and the report."""
+
+    dialogs: int = 0  # dialogs read
+    kept: int = 0  # dialogs with at least one example
     truncated: int = 0
-    skipped_long: int = 0
+    split: int = 0  # dialogs cut into several rows
+    split_rows: int = 0  # the rows those dialogs became
+    skipped_long: int = 0  # dialogs with nothing that fits
     tokens: int = 0
-    assistant_tokens: int = 0
+    assistant_tokens: int = 0  # assistant tokens trained on
+    assistant_tokens_total: int = 0  # assistant tokens of the dialogs as written
+    examples_where: list[str] = field(default_factory=list)  # a few dialogs the policy changed
+
+    @property
+    def kept_share(self) -> float:
+        return self.assistant_tokens / max(1, self.assistant_tokens_total)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"dialogs": self.kept, "dialogs_read": self.dialogs, "dialogs_truncated": self.truncated,
+                "dialogs_split": self.split, "dialogs_split_rows": self.split_rows,
+                "dialogs_skipped_too_long": self.skipped_long, "dialog_tokens": self.tokens,
+                "assistant_tokens": self.assistant_tokens, "assistant_tokens_total": self.assistant_tokens_total,
+                "assistant_tokens_kept_share": round(self.kept_share, 4)}  # fmt: skip
+
+    def summary(self, seq_len: int, policy: str) -> str:
+        """One line saying what the policy did; a warning when much of the answers is not trained on."""
+        line = (f"{self.dialogs:,} dialogs, seq_len {seq_len}, long dialogs: {policy} — {self.truncated:,} "
+                f"truncated, {self.split:,} split into {self.split_rows:,} rows, {self.skipped_long:,} skipped; "
+                f"{self.kept_share:.1%} of assistant tokens trained on")  # fmt: skip
+        if self.kept_share < LONG_SHARE_WARNING:
+            line += (
+                f"\n[danlu] sft: WARNING: only {self.kept_share:.0%} of the answers' tokens fit in seq_len {seq_len} "
+                f"(e.g. {', '.join(self.examples_where[:3])}); raise sft.seq_len (up to the model's context), or "
+                "set sft.long_dialogs=split to train every turn with its recent history"
+            )
+        return line
+
+
+def _exchanges(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """(system messages, exchanges): each exchange is a user turn and the assistant/tool turns that answer it."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    groups: list[list[dict[str, Any]]] = []
+    for m in messages[len(system) :]:
+        if m["role"] == "user" or not groups:
+            groups.append([])
+        groups[-1].append(m)
+    return system, groups
+
+
+def _render(tokenizer: Any, conv: Any, context: list[list[dict[str, Any]]], trained: list[list[dict[str, Any]]],
+            system: list[dict[str, Any]]) -> tuple[list[int], list[int]]:  # fmt: skip
+    """ids and mask of system + context exchanges + trained exchanges, the context's answers masked out (they are
+    history the model reads, trained on in the row where they were new)."""
+    msgs = system + [m for g in context + trained for m in g]
+    ids, mask = tokenizer.render_chat(msgs, tools=conv.tools)
+    if context:
+        head = tokenizer.render_chat(system + [m for g in context for m in g], tools=conv.tools)[0]
+        n = len(head) if ids[: len(head)] == head else 0  # a template that is not prefix-stable: train on all
+        mask = [0] * n + list(mask[n:])
+    return ids, mask
+
+
+def _keep_last(tokenizer: Any, conv: Any, limit: int) -> tuple[list[int], list[int]] | None:
+    """`truncate`: the system prompt and the latest exchanges that fit (the oldest turns are dropped)."""
+    system, groups = _exchanges(conv.messages)
+    for start in range(1, len(groups)):
+        ids, mask = _render(tokenizer, conv, [], groups[start:], system)
+        if len(ids) <= limit:
+            return ids, mask
+    return None
+
+
+def _split(tokenizer: Any, conv: Any, limit: int, history: int) -> list[tuple[list[int], list[int]]]:
+    """`split`: consecutive rows that together train every exchange that fits alone; each row starts with the system
+    prompt and up to `history` earlier exchanges as context (as many as fit in half the row)."""
+    system, groups = _exchanges(conv.messages)
+    rows: list[tuple[list[int], list[int]]] = []
+    i = 0
+    while i < len(groups):
+        ctx: list[list[dict[str, Any]]] = []
+        for h in range(1, history + 1):  # most recent history first, while it fits in half the row
+            if i - h < 0:
+                break
+            cand = groups[i - h : i]
+            if len(_render(tokenizer, conv, [], cand, system)[0]) > limit // 2:
+                break
+            ctx = cand
+        best = None
+        while best is None:
+            j = i + 1
+            ids, mask = _render(tokenizer, conv, ctx, groups[i:j], system)
+            if len(ids) <= limit:
+                best = (ids, mask, j)
+                while j < len(groups):
+                    ids, mask = _render(tokenizer, conv, ctx, groups[i : j + 1], system)
+                    if len(ids) > limit:
+                        break
+                    j += 1
+                    best = (ids, mask, j)
+            elif ctx:
+                ctx = ctx[1:]  # less history, then try again
+            else:
+                break
+        if best is None:  # this exchange alone does not fit: it is lost
+            i += 1
+            continue
+        rows.append(best[:2])
+        i = best[2]
+    return rows
 
 
 def encode_conversations(
-    convs: list[Any], tokenizer: Any, seq_len: int, policy: str = "truncate", stats: EncodeStats | None = None
-) -> list[Example]:
+    convs: list[Any], tokenizer: Any, seq_len: int, policy: str = "truncate", stats: EncodeStats | None = None,
+    history: int = 2,
+) -> list[Example]:  # fmt: skip
     """Renders each conversation with the chat template and applies the long-dialog policy (see module doc)."""
+    if policy not in ("truncate", "split", "skip", "error"):
+        raise DanluError(f"sft.long_dialogs must be truncate, split, skip or error, got {policy!r}")
     stats = stats if stats is not None else EncodeStats()
     out = []
     limit = seq_len + 1  # a row of seq_len positions holds a dialog of seq_len + 1 tokens
     for conv in convs:
         ids, mask = tokenizer.render_chat(conv.messages, tools=conv.tools)
         stats.dialogs += 1
+        stats.assistant_tokens_total += sum(mask[1:])
+        pieces = [(ids, mask)]
         if len(ids) > limit:
             if policy == "error":
                 raise DanluError(
                     f"{conv.where}: the dialog has {len(ids)} tokens, longer than seq_len {seq_len} + 1; "
-                    "set sft.long_dialogs to truncate or skip, or raise sft.seq_len"
+                    "set sft.long_dialogs to truncate, split or skip, or raise sft.seq_len"
                 )
-            keep = fit_dialog(ids, mask, limit, tokenizer.im_end_id) if policy == "truncate" else 0
-            if keep < 2:
-                stats.skipped_long += 1
+            if len(stats.examples_where) < 5:
+                stats.examples_where.append(f"{conv.where} ({len(ids)} tokens)")
+            if policy == "split":
+                pieces = _split(tokenizer, conv, limit, history)
+                if len(pieces) > 1:
+                    stats.split += 1
+                    stats.split_rows += len(pieces)
+            elif policy == "truncate":
+                last = _keep_last(tokenizer, conv, limit)
+                if last is None:  # not even the last exchange fits: the longest prefix ending with an answer
+                    keep = fit_dialog(ids, mask, limit, tokenizer.end_of_turn_id)
+                    last = (ids[:keep], mask[:keep]) if keep >= 2 else None
+                pieces = [last] if last is not None else []
+                stats.truncated += bool(pieces)
+            else:
+                pieces = []
+        kept = False
+        for p_ids, p_mask in pieces:
+            ex = make_example(p_ids, p_mask)
+            n_trained = sum(t != IGNORE_INDEX for t in ex.targets)
+            if not n_trained:
                 continue
-            ids, mask = ids[:keep], mask[:keep]
-            stats.truncated += 1
-        ex = make_example(ids, mask)
-        if all(t == IGNORE_INDEX for t in ex.targets):
-            stats.skipped_long += 1
-            continue
-        stats.tokens += len(ex)
-        stats.assistant_tokens += sum(t != IGNORE_INDEX for t in ex.targets)
-        out.append(ex)
+            kept = True
+            stats.tokens += len(ex)
+            stats.assistant_tokens += n_trained
+            out.append(ex)
+        stats.kept += kept
+        stats.skipped_long += not kept
     return out
 
 
@@ -234,19 +373,25 @@ class SFTRows:
             picked += self._rows[self.pos : self.pos + take]
             self.pos += take
         batch = collate(self.examples, picked, self.seq_len, self.pad_id)
+        if not self.packed:  # one right-padded dialog per row: causal attention alone keeps it apart (soft prompts
+            del batch["segment_ids"]  # take no segments)
         if n_replay:
             rows = [self.replay.next_batch() for _ in range(n_replay)]
             batch["input_ids"] = torch.cat([batch["input_ids"], *(r["input_ids"] for r in rows)])
             batch["targets"] = torch.cat([batch["targets"], *(r["targets"] for r in rows)])
-            batch["segment_ids"] = torch.cat(
-                [batch["segment_ids"], torch.zeros(n_replay, self.seq_len, dtype=torch.long)]
-            )
+            if "segment_ids" in batch:
+                batch["segment_ids"] = torch.cat(
+                    [batch["segment_ids"], torch.zeros(n_replay, self.seq_len, dtype=torch.long)]
+                )
         lo = self.rank * self.batch_size
         return {k: v[lo : lo + self.batch_size] for k, v in batch.items()}
 
     def sequential(self, batch_size: int = 16) -> Any:
         for i in range(0, len(self._rows), batch_size):
-            yield collate(self.examples, self._rows[i : i + batch_size], self.seq_len, self.pad_id)
+            batch = collate(self.examples, self._rows[i : i + batch_size], self.seq_len, self.pad_id)
+            if not self.packed:
+                del batch["segment_ids"]
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "pos": self.pos, "batches": self.batches, "seed": self.seed,
@@ -268,7 +413,7 @@ class SFTRows:
 
 
 def sft_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    return model(batch["input_ids"], batch["targets"], segment_ids=batch["segment_ids"]), {}
+    return model(batch["input_ids"], batch["targets"], segment_ids=batch.get("segment_ids")), {}
 
 
 @torch.no_grad()
@@ -278,7 +423,8 @@ def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
     total, count = 0.0, 0
     for b in rows.sequential(batch_size):
         y = b["targets"].to(device)
-        per = model(b["input_ids"].to(device), y, segment_ids=b["segment_ids"].to(device), reduction="none")
+        seg = b.get("segment_ids")
+        per = model(b["input_ids"].to(device), y, segment_ids=None if seg is None else seg.to(device), reduction="none")
         valid = y != IGNORE_INDEX
         total += per.float()[valid].sum().item()
         count += int(valid.sum())
@@ -396,17 +542,48 @@ def _load_dialogs(
     from danlu.data.formats import ReadStats, read_conversations
 
     rstats = ReadStats()
-    convs = read_conversations(paths, on_error=cfg.on_error, stats=rstats)
+    convs = read_conversations(
+        paths, on_error=cfg.on_error, stats=rstats, columns=cfg.columns, encoding=cfg.encoding
+    )
     estats = EncodeStats()
-    examples = encode_conversations(convs, tokenizer, seq_len, cfg.long_dialogs, estats)
+    examples = encode_conversations(convs, tokenizer, seq_len, cfg.long_dialogs, estats, cfg.split_history)
     if not examples:
-        raise DanluError(f"none of the {len(convs)} dialogs fits in seq_len {seq_len}")
+        raise DanluError(
+            f"none of the {len(convs)} dialogs fits in seq_len {seq_len} (e.g. {', '.join(estats.examples_where[:3])})"
+        )
     for reason, msg in rstats.first_skipped.items():
         print(f"[danlu] sft: skipped {rstats.skipped[reason]} conversation(s) ({reason}), e.g. {msg}")
-    info = {**rstats.as_metrics("data_"), "dialogs": len(examples), "dialogs_truncated": estats.truncated,
-            "dialogs_skipped_too_long": estats.skipped_long, "dialog_tokens": estats.tokens,
-            "assistant_tokens": estats.assistant_tokens}  # fmt: skip
+    print(f"[danlu] sft: {estats.summary(seq_len, cfg.long_dialogs)}")
+    info = {**rstats.as_metrics("data_"), **estats.metrics(), "examples": len(examples)}
     return examples, info
+
+
+def no_replay_warning(tokens_dir: Path | None, share: float) -> str:
+    """Fine-tuning on dialogs alone moves a pretrained model away from what it knew; mixing a share of its
+    pretraining text into every batch (replay) is the usual remedy, so its absence is said, with the fix."""
+    why = "no token shards given (--tokens)" if tokens_dir is None else "sft.replay=0"
+    return (
+        f"[danlu] sft: WARNING: no pretraining replay ({why}): fine-tuning on dialogs alone is likely to make the "
+        "model forget pretraining knowledge. Add `--tokens DIR` (shards from `danlu data tokenize` with this "
+        "model's tokenizer) and sft.replay=0.1 to mix 10% pretraining rows into every batch"
+    )
+
+
+DEFAULT_MAX_SEQ_LEN = 2048  # rows when sft.seq_len is 0: the model's context, but not an imported model's 32k
+
+
+def add_chat_template(ckpt: Any) -> None:
+    """A base model from elsewhere with no chat template (GPT-2's lone <|endoftext|>) learns ChatML: its tokens are
+    added to the tokenizer and the embedding grows, new rows starting as the mean embedding. Says so."""
+    added = ckpt.tokenizer.add_chat_tokens()
+    if not added:
+        return
+    rows = ckpt.config.vocab_size
+    if ckpt.tokenizer.vocab_size > rows:  # Qwen keeps spare rows; others grow to a multiple of 64
+        rows = ckpt.tokenizer.padded_vocab_size(64)
+        ckpt.model.resize_token_embeddings(rows)
+    print(f"[danlu] sft: {ckpt.path} has no chat template; added ChatML ({added} new tokens, embedding "
+          f"{rows} rows)", file=sys.stderr)  # fmt: skip
 
 
 def sft(
@@ -417,12 +594,20 @@ def sft(
     from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
     from danlu.engine import Hooks, Trainer, init_distributed, set_seed
     from danlu.eval.bpb import bits_per_byte, token_bytes
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted, train_config
 
     ckpt = parent_checkpoint(parent)
+    adapter = attach_peft(ckpt, cfg.peft, "sft", parent)
+    if adapter is not None and not getattr(ckpt.model, "supports_packing", True):
+        cfg.pack = False  # a soft prompt precedes each dialog: one dialog per row
     model, tokenizer, model_cfg = ckpt.model, ckpt.tokenizer, ckpt.config
+    add_chat_template(ckpt)
+    if cfg.pack and not getattr(model, "supports_packing", True):
+        raise DanluError(f"{parent}: {ckpt.backend} model cannot pack dialogs into rows; set sft.pack=false")
     context = int(model_cfg.max_position_embeddings)
-    seq_len = cfg.seq_len or context
+    if adapter is not None and not adapter.is_lora:  # a soft prompt's virtual tokens take positions before the text
+        context -= int(adapter.config.num_virtual_tokens)
+    seq_len = cfg.seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
     if seq_len > context:
         raise DanluError(f"sft.seq_len {seq_len} exceeds the context of {parent} ({context} tokens)")
     tcfg = train_config(recipe, cfg.train, "sft")
@@ -445,6 +630,8 @@ def sft(
             val_tokens = TokenRows(tokens_dir, "val", seq_len, 1, shuffle=False)
     if not 0.0 <= cfg.replay < 1.0:
         raise DanluError(f"sft.replay must be in [0, 1), got {cfg.replay}")
+    if replay is None and d.main:
+        print(no_replay_warning(tokens_dir, cfg.replay), file=sys.stderr)
     train_rows = SFTRows(
         train_ex, seq_len, tcfg.batch_size, pad_id=tokenizer.pad_id, seed=tcfg.seed, packed=cfg.pack,
         replay=replay, replay_share=cfg.replay, rank=d.rank, world_size=d.world_size,
@@ -487,7 +674,8 @@ def sft(
         "model": model_cfg.to_dict(),
     }
     hooks = Hooks(
-        save_model=make_saver(model_cfg, tokenizer, meta, chat=True), evaluate=evaluate, sample=sample
+        save_model=make_saver(model_cfg, tokenizer, meta, chat=True, adapter=adapter), evaluate=evaluate,
+        sample=sample,
     )
     trainer = Trainer(
         tcfg,
@@ -510,8 +698,9 @@ def sft(
         trainer.resume()
     if d.main:
         print(
-            f"[danlu] sft: {len(train_ex):,} dialogs ({info['dialogs_truncated']} truncated, "
-            f"{info['dialogs_skipped_too_long']} too long skipped), {len(val_ex)} held out; {tcfg.steps} steps × "
+            f"[danlu] sft: {len(train_ex):,} examples ({info['dialogs_truncated']} dialogs truncated, "
+            f"{info['dialogs_split']} split, {info['dialogs_skipped_too_long']} too long skipped), {len(val_ex)} "
+            f"held out; {tcfg.steps} steps × "
             f"{tcfg.batch_size * tcfg.grad_accum * d.world_size} rows × {seq_len} tokens "
             f"({'packed, fill ' + format(train_rows.fill(), '.0%') if cfg.pack else 'one dialog per row'}, "
             f"replay {cfg.replay:.0%}), lr {tcfg.lr:g}"
@@ -545,7 +734,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
 
     cfg = from_dict(SFTConfig, ctx.cfg, "sft")
     if cfg.data:
-        data = expand_inputs(cfg.data, suffixes=(".jsonl", ".json", ".parquet"))
+        data = expand_inputs(cfg.data, suffixes=(".jsonl", ".json", ".parquet", ".csv", ".tsv"))
     else:
         data = [ctx.input("world") / "sft.jsonl"]
     return sft(

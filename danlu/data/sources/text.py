@@ -22,7 +22,17 @@ class TextReader(SourceReader):
     def _record(self, obj: dict[str, Any], path: str, pos: str) -> dict[str, Any] | SourceError:
         field = self.options.get("text_field", "text")
         text = obj.get(field)
+        if isinstance(text, list) and all(isinstance(t, str) for t in text):
+            text = "\n".join(text)  # a poem's `paragraphs`, a document's lines
         msgs = obj.get("messages")
+        if text is None and not _is_messages(msgs):
+            from danlu.data.formats import ConversationError, detect_format, to_conversation
+
+            if detect_format(obj) is not None:  # Alpaca, ShareGPT, role-less turns (KdConv): OpenAI messages
+                try:
+                    msgs = to_conversation(obj, f"{path}:{pos}").messages
+                except ConversationError as e:
+                    return SourceError(path, pos, str(e).split(": ", 1)[-1])
         if text is None and isinstance(msgs, list) and msgs:
             if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in msgs):
                 return SourceError(path, pos, "'messages' must be a list of {role, content} objects")
@@ -80,3 +90,7 @@ class TextReader(SourceReader):
             yield {"text": text, "id": Path(path).name}
         else:
             raise SourceError(path, None, "unsupported file type (expected .txt, .jsonl, .json or .parquet)")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)

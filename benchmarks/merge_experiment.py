@@ -1,0 +1,301 @@
+"""Merging experiment (issue 21): two SFT specialists of one pretrained model, every merge method, the ensemble, and
+SFT on the union as the upper bound, each scored on every skill's held-out set.
+
+Why this shape: a merge is only worth having if it keeps what each parent learned. So the two parents learn
+disjoint skills from disjoint SFT rows of the world corpus, and every candidate is judged on both skills' held-out
+sets (phrasings and question/fact pairings never seen in training; danlu.eval.world). The union SFT is what a merge
+tries to get without retraining; the pretrained model is the floor. Goal (the issue's): the best merge keeps
+≥ 90% of each specialist's accuracy on that specialist's own skill.
+
+Splits (`--split`):
+  kind  specialist A = knowledge & language (fact, fact_context, fact_multi, translation, summary, chitchat, plan),
+        skill set facts_chat (translation left out: ~0 at this scale, and slow to score); specialist B = arithmetic & tools (arithmetic, calculator, date_tool,
+        date_system), skill sets arithmetic_chat + tools.
+  lang  A = Chinese dialogs, B = English dialogs; each skill is every chat set restricted to that language.
+
+Usage (a pretrained run folder with world/ and a pretrained pretrain/, e.g. `danlu run smoke --out /tmp/merge_base
+--only world data tokenizer tokens pretrain`):
+  python benchmarks/merge_experiment.py --run /tmp/merge_base --out /tmp/merge_exp --steps 60 --limit 96
+Writes OUT/results.json and OUT/results.md (the table) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+KNOWLEDGE = {"fact", "fact_context", "fact_multi", "translation", "summary", "chitchat", "plan"}
+TOOLS_MATH = {"arithmetic", "calculator", "date_tool", "date_system"}
+SPLITS: dict[str, dict[str, Any]] = {
+    "kind": {
+        "A": ("knowledge", lambda r: r.get("kind") in KNOWLEDGE, ["facts_chat"]),
+        "B": ("tools_math", lambda r: r.get("kind") in TOOLS_MATH, ["arithmetic_chat", "tools"]),
+    },
+    "lang": {
+        "A": ("zh", lambda r: r.get("lang") == "zh", ["facts_chat", "arithmetic_chat", "tools"]),
+        "B": ("en", lambda r: r.get("lang") == "en", ["facts_chat", "arithmetic_chat", "tools"]),
+    },
+}
+
+
+def merge_configs(base: str, a: str, b: str, density: float) -> dict[str, dict[str, Any]]:
+    """mergekit-schema configs of every method for parents a, b over the pretrained base (slerp: a is its base)."""
+    two = lambda extra: [{"model": a, "parameters": extra}, {"model": b, "parameters": extra}]  # noqa: E731
+    return {
+        "linear": {"merge_method": "linear", "models": two({"weight": 0.5})},
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": a,
+            "models": [{"model": a}, {"model": b}],
+            "parameters": {"t": 0.5},
+        },  # fmt: skip
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": two({"weight": 1.0}),
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": two({"weight": 1.0, "density": density}),
+            "parameters": {"normalize": False},
+        },  # fmt: skip
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "base_model": base,
+            "models": two({"weight": 1.0, "density": density}),
+            "parameters": {"normalize": False},
+        },  # fmt: skip
+        "dare_linear": {
+            "merge_method": "dare_linear",
+            "base_model": base,
+            "models": two({"weight": 1.0, "density": density}),
+        },  # fmt: skip
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": a}, {"model": b}],
+        },
+    }
+
+
+def split_rows(sft: Path, out: Path, split: str) -> dict[str, Path]:
+    """Writes A.jsonl, B.jsonl and union.jsonl (A ∪ B, in the corpus' order) from the world's sft.jsonl."""
+    rows = [json.loads(line) for line in sft.read_text(encoding="utf-8").splitlines() if line.strip()]
+    spec = SPLITS[split]
+    files: dict[str, Path] = {}
+    chosen: dict[str, list[dict[str, Any]]] = {"A": [], "B": [], "union": []}
+    for r in rows:
+        in_a, in_b = spec["A"][1](r), spec["B"][1](r)
+        if in_a:
+            chosen["A"].append(r)
+        if in_b:
+            chosen["B"].append(r)
+        if in_a or in_b:
+            chosen["union"].append(r)
+    out.mkdir(parents=True, exist_ok=True)
+    for key, rs in chosen.items():
+        files[key] = out / f"{key}.jsonl"
+        files[key].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs), encoding="utf-8")
+        print(f"[merge-exp] {key}: {len(rs)} dialogs", file=sys.stderr)
+    return files
+
+
+def sft_command(
+    parent: Path, data: Path, out: Path, steps: int, recipe: str, extra: list[str], tokens: Path | None
+) -> list[str]:
+    """`danlu sft` as a subprocess command (the real CLI, so the experiment measures what users run), with the
+    run's pretraining shards for replay where it has them (the recipe's share)."""
+    replay = ["--tokens", str(tokens)] if tokens is not None else []
+    return [sys.executable, "-m", "danlu", "sft", "--from", str(parent), "--data", str(data), "--out", str(out),
+            *replay, "--recipe", recipe, f"sft.train.steps={steps}", "sft.eval_limit=0", "sft.bpb_rows=0",
+            "sft.samples=[]", "sft.train.sample_every=0", f"sft.train.eval_every={steps}", *extra]  # fmt: skip
+
+
+def run_all(jobs: dict[str, list[str]], parallel: bool, logs: Path) -> dict[str, float]:
+    """Runs the SFT commands, all at once (one thread each: three small models on a busy 2-core machine finish
+    sooner side by side than one after another) or in turn; returns each one's seconds."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if parallel else None
+    started: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    times: dict[str, float] = {}
+    for key, cmd in jobs.items():
+        log = (logs / f"{key}.log").open("wb")
+        started[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+        if not parallel:
+            _wait(key, *started[key], times, logs)
+    for key, (proc, t0) in started.items():
+        if key not in times:
+            _wait(key, proc, t0, times, logs)
+    return times
+
+
+def _wait(key: str, proc: subprocess.Popen[bytes], t0: float, times: dict[str, float], logs: Path) -> None:
+    if proc.wait() != 0:
+        raise SystemExit(f"[merge-exp] SFT {key} failed; see {logs / f'{key}.log'}")
+    times[f"sft_{key}"] = time.time() - t0
+    print(f"[merge-exp] SFT {key}: {times[f'sft_{key}']:.0f}s", file=sys.stderr)
+
+
+def score(ckpt: Any, world_eval: Path, sets: list[str], limit: int, split: str) -> dict[str, float]:
+    """Accuracy on each held-out set (restricted to one language for the lang split: set@zh, set@en)."""
+    from danlu.eval.world import WORLD_SETS, evaluate_world
+
+    if split == "kind":
+        res = evaluate_world(ckpt.model, ckpt.tokenizer, sets, data=world_eval, limit=limit, batch_size=limit)
+        return {s: res[s]["accuracy"] for s in sets}
+    import tempfile
+
+    out: dict[str, float] = {}
+    for lang in (
+        "zh",
+        "en",
+    ):  # a per-language copy of the eval folder, so the evaluator stays the one evaluator
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in sets:
+                file = WORLD_SETS[s][0]
+                lines = [x for x in (world_eval / file).read_text(encoding="utf-8").splitlines()
+                         if x.strip() and json.loads(x).get("lang") == lang]  # fmt: skip
+                (Path(tmp) / file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+            (Path(tmp) / "facts_base.jsonl").touch()
+            res = evaluate_world(ckpt.model, ckpt.tokenizer, sets, data=tmp, limit=limit, batch_size=limit)
+        out.update({f"{s}@{lang}": res[s]["accuracy"] for s in sets})
+    return out
+
+
+def evaluate_one(
+    name: str,
+    path: str,
+    members: list[str],
+    world_eval: str,
+    sets: list[str],
+    limit: int,
+    split: str,
+    cache: str,
+) -> dict[str, float]:
+    """One model's scores (a worker process: one thread, so several evaluate side by side); cached as JSON so a
+    rerun only evaluates what is missing."""
+    import torch
+
+    from danlu.ensemble import load_ensemble
+    from danlu.io import load_checkpoint
+
+    done = Path(cache)
+    if done.is_file():
+        return json.loads(done.read_text())
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    t0 = time.time()
+    ckpt = load_ensemble(members) if members else load_checkpoint(path, quiet=True)
+    res = score(ckpt, Path(world_eval), sets, limit, split)
+    done.write_text(json.dumps(res) + "\n")
+    print(f"[merge-exp] {name}: {res} ({time.time() - t0:.0f}s)", file=sys.stderr)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run folder with world/ and a pretrained pretrain/")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--split", choices=sorted(SPLITS), default="kind")
+    ap.add_argument(
+        "--steps", type=int, default=60, help="SFT steps per specialist (the union gets twice as many)"
+    )
+    ap.add_argument("--limit", type=int, default=96, help="rows per held-out set")
+    ap.add_argument("--density", type=float, default=0.5, help="TIES/DARE density")
+    ap.add_argument("--recipe", default="smoke", help="recipe whose sft/train sections the SFT runs use")
+    ap.add_argument("--workers", type=int, default=4, help="models evaluated side by side (one thread each)")
+    ap.add_argument("--serial", action="store_true", help="run the three SFTs one after another")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for the SFT runs")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from _common import machine
+
+    from danlu.merge import merge
+
+    torch.manual_seed(0)
+    run, out = Path(args.run), Path(args.out)
+    base = run / "pretrain" if (run / "pretrain" / "config.json").is_file() else run / "pretrain" / "model"
+    world = run / "world"
+    spec = SPLITS[args.split]
+    files = split_rows(world / "sft.jsonl", out / "data", args.split)
+    names = {"A": f"specialist_{spec['A'][0]}", "B": f"specialist_{spec['B'][0]}"}
+    tokens = run / "tokens" if (run / "tokens").is_dir() else None
+    jobs = {key: sft_command(base, files[key], out / f"sft_{key}", steps, args.recipe, args.overrides, tokens)
+            for key, steps in (("A", args.steps), ("B", args.steps), ("union", 2 * args.steps))
+            if not (out / f"sft_{key}" / "config.json").is_file()}  # fmt: skip
+    times = run_all(jobs, not args.serial, out / "data")
+    a, b = str(out / "sft_A"), str(out / "sft_B")
+    models: dict[str, Any] = {"pretrained": base, names["A"]: Path(a), names["B"]: Path(b)}
+    for method, cfg in merge_configs(str(base), a, b, args.density).items():
+        t0 = time.time()
+        merge(cfg, out / f"merge_{method}", force=True, quiet=True)
+        times[f"merge_{method}"] = time.time() - t0
+        models[f"merge_{method}"] = out / f"merge_{method}"
+    models["ensemble"] = "ensemble"
+    models["sft_union (upper bound)"] = out / "sft_union"
+
+    sets = sorted({s for k in ("A", "B") for s in spec[k][2]})
+    (out / "evals").mkdir(exist_ok=True)
+    t0 = time.time()
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(evaluate_one, name, str(path), [a, b] if path == "ensemble" else [],
+                                     str(world / "eval"), sets, args.limit, args.split,
+                                     str(out / "evals" / f"{name.split()[0]}.json"))
+                   for name, path in models.items()}  # fmt: skip
+        results = {name: f.result() for name, f in futures.items()}
+    times["eval_all"] = time.time() - t0
+
+    def skill(res: dict[str, float], k: str) -> float:
+        cols = [
+            c
+            for c in res
+            if c.split("@")[0] in spec[k][2] and (args.split == "kind" or c.endswith(spec[k][0]))
+        ]
+        return sum(res[c] for c in cols) / len(cols)
+
+    cols = list(next(iter(results.values())))
+    skill_a, skill_b = f"skill {spec['A'][0]}", f"skill {spec['B'][0]}"
+    ref_a, ref_b = skill(results[names["A"]], "A"), skill(results[names["B"]], "B")
+    lines = [f"| model | {' | '.join(cols)} | {skill_a} | {skill_b} | kept A | kept B |",
+             "|" + "---|" * (len(cols) + 5)]  # fmt: skip
+    kept: dict[str, tuple[float, float]] = {}
+    for name, res in results.items():
+        sa, sb = skill(res, "A"), skill(res, "B")
+        ka, kb = sa / ref_a if ref_a else float("nan"), sb / ref_b if ref_b else float("nan")
+        kept[name] = (ka, kb)
+        lines.append(f"| {name} | {' | '.join(f'{res[c]:.3f}' for c in cols)} | {sa:.3f} | {sb:.3f} | "
+                     f"{ka:.0%} | {kb:.0%} |")  # fmt: skip
+    merges = {n: v for n, v in kept.items() if n.startswith("merge_")}
+    defined = [i for i, ref in enumerate((ref_a, ref_b)) if ref > 0]  # a specialist at 0 sets no bar to keep
+    best = max(merges, key=lambda n: min((merges[n][i] for i in defined), default=0.0))
+    ok = bool(defined) and min(merges[best][i] for i in defined) >= 0.9
+    verdict = (f"best merge by the worse of its two kept shares: **{best}** (keeps {merges[best][0]:.0%} of "
+               f"{names['A']}'s skill, {merges[best][1]:.0%} of {names['B']}'s) → goal (≥ 90% of each) "
+               f"{'MET' if ok else 'NOT met'}"
+               + ("" if len(defined) == 2 else " (a specialist scores 0 on its own skill: no share to keep there)"))  # fmt: skip
+    half = 1.96 * (0.25 / args.limit) ** 0.5
+    table = "\n".join(lines)
+    header = (f"{machine()}; split {args.split}; base {base}; SFT {args.steps} steps per specialist, "
+              f"{2 * args.steps} on the union (recipe {args.recipe}); {args.limit} rows per held-out set; "
+              f"TIES/DARE density {args.density}; kept = skill / the specialist's own skill; 95% CI of one "
+              f"accuracy: ± {half:.2f} at most (binomial, {args.limit} rows)")  # fmt: skip
+    text = f"{header}\n\n{table}\n\n{verdict}\n"
+    print(text)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps({"results": results, "kept": kept, "best": best, "goal_met": ok,
+                                                  "times_s": times, "args": vars(args)}, indent=2) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""Compression (issue 18): importance, pruning, the KD loss, distillation, quantization, subset, the pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from danlu import DanluError
+from danlu.compress.importance import measure_importance
+from danlu.compress.prune import TargetShape, prune, shape_for_ratio, student_config
+from danlu.model import ModelConfig, Transformer
+
+
+def small_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=448, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return ModelConfig(**{**base, **kw})
+
+
+def batches(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 400, (4, 24), generator=g)} for _ in range(n)]
+
+
+def test_pruning_nothing_gives_the_teachers_logits_exactly() -> None:
+    torch.manual_seed(0)
+    teacher = Transformer(small_config()).eval()
+    scores = measure_importance(teacher, batches())
+    student, plan = prune(teacher, scores, TargetShape())
+    ids = batches(1, seed=5)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(student(ids), teacher(ids))
+    assert plan.layers == [0, 1, 2]
+
+
+def test_importance_picks_planted_dead_head_channel_layer_and_embedding_channel() -> None:
+    torch.manual_seed(0)
+    model = Transformer(small_config(num_hidden_layers=4)).eval()
+    hd = model.config.head_dim
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 2 * hd : 3 * hd] = (
+            0  # head 2 of layer 0 adds nothing
+        )
+        model.model.layers[1].mlp.up_proj.weight[77] = 0  # channel 77 of layer 1 is always 0
+        model.model.layers[2].self_attn.o_proj.weight.zero_()  # layer 2 is the identity
+        model.model.layers[2].mlp.down_proj.weight.zero_()
+        for m in model.modules():  # hidden channel 9 is zeroed by every norm
+            if type(m).__name__ == "RMSNorm" and m.weight.numel() == 128:
+                m.weight[9] = 0
+    s = measure_importance(model, batches())
+    assert int(s.heads[0].argmin()) == 2 and float(s.heads[0, 2]) == 0.0
+    assert int(s.channels[1].argmin()) == 77 and float(s.channels[1, 77]) == 0.0
+    assert int(s.layers.argmin()) == 2 and float(s.layers[2]) < 1e-6 < float(s.layers.sort().values[1])
+    assert int(s.embedding.argmin()) == 9
+    target = TargetShape(hidden_size=96, intermediate_size=224, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=2)  # fmt: skip
+    student, plan = prune(model, s, target)
+    assert plan.layers == [0, 1, 3]
+    assert 2 not in plan.heads[0] and 77 not in plan.channels[1] and 9 not in plan.embedding
+    assert student(batches(1)[0]["input_ids"]).shape == (4, 24, 448)
+
+
+def test_pruned_checkpoint_loads_in_danlu_and_transformers(tmp_path, tiny_tokenizer) -> None:
+    from transformers import LlamaForCausalLM
+
+    from danlu.io import load_checkpoint, save_model_dir
+
+    torch.manual_seed(0)
+    teacher = Transformer(small_config()).eval()
+    target = TargetShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1)  # fmt: skip
+    student, _ = prune(teacher, measure_importance(teacher, batches()), target)
+    save_model_dir(tmp_path / "s", student.state_dict(), student.config, tiny_tokenizer, {"stage": "test"})
+    ckpt = load_checkpoint(tmp_path / "s", quiet=True)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "s").eval()
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        ours = student(ids)
+        assert torch.equal(ckpt.model(ids), ours)
+        assert torch.allclose(hf(ids).logits, ours, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        (dict(hidden_size=100), "not a multiple of 32"),
+        (dict(intermediate_size=512), "larger than the teacher's 256"),
+        (dict(num_hidden_layers=0), "must be a positive whole number"),
+        (dict(num_attention_heads=3, num_key_value_heads=2), "not a multiple of num_key_value_heads"),
+        (dict(num_attention_heads=4, num_key_value_heads=1), "more than the teacher's 2"),
+    ],
+)
+def test_target_shapes_that_cannot_be_cut_are_refused(shape: dict, message: str) -> None:
+    with pytest.raises(DanluError, match=message):
+        student_config(small_config(), TargetShape(**shape))
+
+
+def test_ratio_gives_a_student_about_that_much_smaller() -> None:
+    cfg = ModelConfig(depth=12)
+    student = student_config(cfg, shape_for_ratio(cfg, 10))
+    ratio = cfg.num_params(embeddings=False) / student.num_params(embeddings=False)
+    assert 7 <= ratio <= 14 and student.hidden_size % 64 == 0 and student.intermediate_size % 64 == 0
+    with pytest.raises(DanluError, match="ratio"):
+        shape_for_ratio(cfg, 0.5)
+
+
+# ── the KD loss ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):  # noqa: ANN001, ANN201
+    """TRL's GKDTrainer.generalized_jsd_loss (reduction="batchmean" with labels), as TRL writes it."""
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none", log_target=True)
+    else:
+        beta_t = torch.tensor(beta, dtype=student_log_probs.dtype)
+        mixture = torch.logsumexp(
+            torch.stack([student_log_probs + torch.log(1 - beta_t), teacher_log_probs + torch.log(beta_t)]),
+            dim=0,
+        )
+        kl_teacher = F.kl_div(mixture, teacher_log_probs, reduction="none", log_target=True)
+        kl_student = F.kl_div(mixture, student_log_probs, reduction="none", log_target=True)
+        jsd = beta_t * kl_teacher + (1 - beta_t) * kl_student
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+def test_kd_loss_equals_the_formula_and_trls_generalized_jsd_at_its_beta_limits() -> None:
+    from danlu.losses import generalized_jsd, kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g) * 3, torch.randn(2, 5, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = -100
+    mask = labels != -100
+    temp = 2.0
+    p_t, p_s = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
+    per_token = (p_t * (p_t.log() - p_s.log())).sum(-1)  # KL(teacher‖student), written out
+    expected = temp**2 * per_token[mask].mean()
+    assert torch.allclose(kd_loss(s, t, mask, temp), expected, atol=1e-5)
+    for beta in (0.0, 1.0, 0.5):
+        ours = generalized_jsd(s, t, mask, beta=beta, temperature=temp)
+        assert torch.allclose(ours, trl_generalized_jsd(s, t, labels, beta, temp), atol=1e-5), beta
+    rev = (p_s * (p_s.log() - p_t.log())).sum(-1)[mask].mean()
+    assert torch.allclose(generalized_jsd(s, t, mask, beta=1.0, temperature=temp), rev, atol=1e-5)
+    assert float(kd_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_few_distillation_steps_lower_heldout_kl(tmp_path, tiny_tokenizer) -> None:
+    from conftest import SAMPLE_TEXT
+
+    from danlu.compress.distill import DistillConfig, PackedRows, distill, heldout_kl
+    from danlu.engine import TrainConfig
+
+    torch.manual_seed(0)
+    teacher = Transformer(small_config(initializer_range=0.1)).eval()
+    data = PackedRows.from_texts(tiny_tokenizer, SAMPLE_TEXT[:40], 32, 4)
+    held = PackedRows.from_texts(tiny_tokenizer, SAMPLE_TEXT[40:], 32, 1)
+    target = TargetShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    student, _ = prune(teacher, measure_importance(teacher, data.sequential()), target)
+    before = heldout_kl(student, teacher, held.sequential())
+    tcfg = TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu", dtype="fp32", compile="off",
+                       eval_every=0, save_minutes=0, progress=False, log_every=4)  # fmt: skip
+    res = distill(student, teacher, data, tmp_path / "d", tcfg=tcfg, cfg=DistillConfig(temperature=2.0),
+                  tokenizer=tiny_tokenizer, meta={"stage": "test"}, eval_rows=held)  # fmt: skip
+    assert res["heldout_kl_before"] == pytest.approx(before, rel=1e-4)
+    assert res["heldout_kl_after"] < 0.9 * before
+    assert (tmp_path / "d" / "model.safetensors").exists()
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_and_student_tokenizers_must_match(tiny_tokenizer) -> None:
+    from danlu.compress.distill import check_same_tokenizer
+    from danlu.tokenizer import Tokenizer
+
+    check_same_tokenizer(tiny_tokenizer, tiny_tokenizer, "here")
+    other = Tokenizer.train(["completely different words only here"] * 30, vocab_size=300)
+    with pytest.raises(DanluError, match="tokenizers differ"):
+        check_same_tokenizer(tiny_tokenizer, other, "compress")
+
+
+# ── quantization ─────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_int8_and_int4_round_trip_errors_stay_within_their_bounds() -> None:
+    from danlu.compress.quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g) * torch.linspace(0.01, 2, 96)[:, None]
+    w[3, 5] = 40.0  # an outlier row
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (96,)
+    err = (dequantize_int8(q, s) - w).abs()
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-5)).all())  # |w - ŵ| ≤ scale / 2 per row
+    packed, scales, mins = quantize_int4(w, 32)
+    assert packed.dtype == torch.uint8 and packed.shape == (96, 64) and scales.shape == (96, 4)
+    err4 = (dequantize_int4(packed, scales, mins) - w).abs().view(96, 4, 32)
+    bound = scales.float()[..., None] / 2 + mins.float().abs()[..., None] * 2**-10 + 1e-6
+    assert bool((err4 <= bound).all())
+    assert float(err4.mean()) > float(err.mean())  # 4 bits lose more than 8
+    with pytest.raises(DanluError, match="group size"):
+        quantize_int4(w, 48)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_runs_saves_and_reloads(tmp_path, tiny_tokenizer, bits: int) -> None:
+    from danlu.compress.quantize import (
+        QuantLinear,
+        load_quantized,
+        quantize_model,
+        save_quantized,
+        state_bytes,
+    )
+    from danlu.generate import Generator, SamplingParams
+    from danlu.io import load_checkpoint
+
+    torch.manual_seed(0)
+    model = Transformer(small_config()).eval()
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = model(ids)
+        fp_bytes = state_bytes(model)
+        q = quantize_model(model, bits, 32)
+        out = q(ids)
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < (0.01 if bits == 8 else 0.12)  # rms error of a uniform step: range/15/√12 ≈ 8% of σ at int4
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 3 * 7
+    assert state_bytes(q) < fp_bytes * (0.45 if bits == 8 else 0.35)
+    save_quantized(q, tmp_path / "q", tiny_tokenizer, {"stage": "test"})
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == bits
+    ckpt = load_quantized(tmp_path / "q")
+    assert torch.equal(load_checkpoint(tmp_path / "q", quiet=True).model(ids), out)  # every tool reads it
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(ids), out)
+    text = Generator(ckpt.model, tiny_tokenizer).generate(
+        [[1, 5, 6]], SamplingParams(max_tokens=4, temperature=0)
+    )
+    assert len(text[0].token_ids) >= 1
+    with pytest.raises(DanluError, match="group_size"):
+        quantize_model(Transformer(small_config()), 4, 96)
+
+
+# ── subset, memory, pipeline ─────────────────────────────────────────────────────────────────────────────────
+
+
+def test_subset_is_balanced_and_drops_near_duplicates() -> None:
+    from danlu.compress.subset import SubsetConfig, select_subset
+
+    rows = [{"text": f"river number {i} flows past the town of {i * 7} and then into the sea", "domain": "geo"}
+            for i in range(200)]  # fmt: skip
+    dup = (
+        "the same long sentence about the weather repeated many times with only one number changed at the end"
+    )
+    rows += [{"text": f"{dup} {i}", "domain": "weather"} for i in range(50)]
+    rows += [{"text": "".join(chr(0x4E00 + (i * 131 + j * 17) % 2000) for j in range(30)), "domain": "story"}
+             for i in range(20)]  # fmt: skip
+    picked, report = select_subset(rows, SubsetConfig(rows=60, threshold=0.7))
+    assert report["rows_picked"] == 60
+    assert report["by_domain"]["weather"] == 1  # 50 near-copies count once
+    assert report["by_domain"]["story"] >= 5 and report["by_domain"]["geo"] >= 30
+    assert report["near_duplicates_skipped"] >= 20  # a weather copy is tried (and skipped) every round
+    again, _ = select_subset(rows, SubsetConfig(rows=60, threshold=0.7))
+    assert again == picked  # deterministic for a seed
+
+
+def test_teacher_too_large_for_memory_is_refused(tiny_checkpoint) -> None:
+    from danlu.compress.pipeline import teacher_memory
+
+    need = teacher_memory(tiny_checkpoint, available=2**40)
+    assert need > 0
+    with pytest.raises(DanluError, match=r"needs about .* GiB"):
+        teacher_memory(tiny_checkpoint, available=need // 2)
+
+
+def test_compress_pipeline_writes_every_step_and_its_report(tmp_path, tiny_tokenizer) -> None:
+    from conftest import SAMPLE_TEXT, make_checkpoint
+
+    from danlu.compress.pipeline import CompressConfig, run_compress
+    from danlu.config import from_dict
+    from danlu.engine import TrainConfig
+    from danlu.io import load_checkpoint
+
+    teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"{t} {i}"}) + "\n" for i, t in enumerate(SAMPLE_TEXT)))
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "中国最高的山是", "answer": "珠穆朗玛峰", "lang": "zh"}) + "\n")
+    cfg = from_dict(CompressConfig, {
+        "data": str(texts), "eval_data": str(texts), "facts": str(facts), "eval_tokens": 2000,
+        "shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
+                  "num_key_value_heads": 1},
+        "subset": {"rows": 40}, "prune": {"calibration_rows": 8, "seq_len": 32},
+        "distill": {"seq_len": 32}, "quantize": {"bits": [8, 4], "group_size": 32},
+    }, "compress")  # fmt: skip
+    tcfg = TrainConfig(steps=3, batch_size=4, device="cpu", dtype="fp32", compile="off", eval_every=0,
+                       save_minutes=0, progress=False)  # fmt: skip
+    result = run_compress(teacher, tmp_path / "out", cfg, tcfg)
+    names = [r["model"] for r in result["rows"]]
+    assert names == ["teacher", "pruned", "distilled", "int8", "int4"]
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["pruned"]["non_embedding_params"] < rows["teacher"]["non_embedding_params"] / 4
+    assert (
+        rows["int8"]["bytes"] < rows["distilled"]["bytes"] and rows["int4"]["bytes"] < rows["int8"]["bytes"]
+    )
+    assert all(math.isfinite(r["val_bpb"]) and "fact_accuracy" in r for r in result["rows"])
+    assert (
+        result["subset"]["rows_picked"] < 20
+    )  # 4 texts × 20 numbered copies: the copies are near-duplicates
+    for step in ("pruned", "distilled"):
+        assert load_checkpoint(tmp_path / "out" / step, quiet=True).config.hidden_size == 64
+    assert "| int4 |" in (tmp_path / "out" / "report.md").read_text()
