@@ -9,13 +9,20 @@ tries to get without retraining; the pretrained model is the floor. Goal (the is
 
 Splits (`--split`):
   kind  specialist A = knowledge & language (fact, fact_context, fact_multi, translation, summary, chitchat, plan),
-        skill set facts_chat (translation left out: ~0 at this scale, and slow to score); specialist B = arithmetic & tools (arithmetic, calculator, date_tool,
-        date_system), skill sets arithmetic_chat + tools.
+        skill set facts_chat (translation is left out: ~0 at this scale, and slow to score); specialist B =
+        arithmetic & tools (arithmetic, calculator, date_tool, date_system), skill sets arithmetic_chat + tools.
   lang  A = Chinese dialogs, B = English dialogs; each skill is every chat set restricted to that language.
 
-Usage (a pretrained run folder with world/ and a pretrained pretrain/, e.g. `danlu run smoke --out /tmp/merge_base
---only world data tokenizer tokens pretrain`):
-  python benchmarks/merge_experiment.py --run /tmp/merge_base --out /tmp/merge_exp --steps 60 --limit 96
+Merges: every mergekit method with the pretrained model as base (slerp: specialist A as base, t = 0.5; linear
+0.5/0.5; task arithmetic, TIES, DARE with weight 1 each, density --density); `--variants` adds linear 0.25/0.75,
+TIES and DARE-TIES at density 0.9 and the ensemble as a mixture; `--lora R` also trains both specialists as
+rank-R LoRA adapters and merges those with peft's combinations (danlu.merge.lora). The three full SFTs run side
+by side, one thread each; scores are cached in OUT/evals/, so a rerun only evaluates what is new.
+
+Usage:
+  danlu run merge --out /tmp/merge_base          # world, tokenizer, pretrain (smoke scale, 150 pretraining steps)
+  python benchmarks/merge_experiment.py --run /tmp/merge_base --out /tmp/merge_exp --recipe merge --steps 150 \
+      --limit 64 --variants --lora 16
 Writes OUT/results.json and OUT/results.md (the table) and prints the table.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -31,6 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+LORA_METHODS = ("cat", "svd", "linear", "ties", "dare_linear")  # peft's combinations, weights (1, 1)
 KNOWLEDGE = {"fact", "fact_context", "fact_multi", "translation", "summary", "chitchat", "plan"}
 TOOLS_MATH = {"arithmetic", "calculator", "date_tool", "date_system"}
 SPLITS: dict[str, dict[str, Any]] = {
@@ -84,6 +93,26 @@ def merge_configs(base: str, a: str, b: str, density: float) -> dict[str, dict[s
             "models": [{"model": a}, {"model": b}],
         },
     }
+
+
+def _share(x: float) -> str:
+    """A kept share as a percentage; n/a where the specialist scored 0 (nothing to keep)."""
+    return "n/a" if x != x else f"{x:.0%}"
+
+
+def variant_configs(base: str, a: str, b: str) -> dict[str, dict[str, Any]]:
+    """Settings beside the defaults: does a merge keep more of one parent when tilted toward it or pruned less?"""
+    dense = {"weight": 1.0, "density": 0.9}
+    return {
+        "linear_0.25_0.75": {
+            "merge_method": "linear",
+            "models": [{"model": a, "parameters": {"weight": 0.25}}, {"model": b, "parameters": {"weight": 0.75}}],
+        },
+        "ties_d0.9": {"merge_method": "ties", "base_model": base, "parameters": {"normalize": False},
+                      "models": [{"model": a, "parameters": dense}, {"model": b, "parameters": dense}]},
+        "dare_ties_d0.9": {"merge_method": "dare_ties", "base_model": base, "parameters": {"normalize": False},
+                           "models": [{"model": a, "parameters": dense}, {"model": b, "parameters": dense}]},
+    }  # fmt: skip
 
 
 def split_rows(sft: Path, out: Path, split: str) -> dict[str, Path]:
@@ -194,7 +223,8 @@ def evaluate_one(
     torch.set_num_threads(1)
     torch.manual_seed(0)
     t0 = time.time()
-    ckpt = load_ensemble(members) if members else load_checkpoint(path, quiet=True)
+    mode = "prob" if path == "ensemble_prob" else "logprob"
+    ckpt = load_ensemble(members, mode=mode) if members else load_checkpoint(path, quiet=True)
     res = score(ckpt, Path(world_eval), sets, limit, split)
     done.write_text(json.dumps(res) + "\n")
     print(f"[merge-exp] {name}: {res} ({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -213,6 +243,14 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.5, help="TIES/DARE density")
     ap.add_argument("--recipe", default="smoke", help="recipe whose sft/train sections the SFT runs use")
     ap.add_argument("--workers", type=int, default=4, help="models evaluated side by side (one thread each)")
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="also: linear weighted 0.25/0.75, TIES and DARE-TIES at density 0.9, the ensemble as a mixture",
+    )
+    ap.add_argument("--lora", type=int, default=0, help="also train the specialists as LoRA adapters of this rank "
+                    "and merge those with peft's combinations (cat, svd, linear, ties, dare_linear)")  # fmt: skip
+    ap.add_argument("--lora-lr", type=float, default=0.003, help="the LoRA specialists' learning rate")
     ap.add_argument("--serial", action="store_true", help="run the three SFTs one after another")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for the SFT runs")
     args = ap.parse_args()
@@ -221,7 +259,8 @@ def main() -> None:
     import torch
     from _common import machine
 
-    from danlu.merge import merge
+    from danlu.merge import merge, merge_adapters
+    from danlu.merge.lora import NEEDS_DENSITY
 
     torch.manual_seed(0)
     run, out = Path(args.run), Path(args.out)
@@ -234,24 +273,46 @@ def main() -> None:
     jobs = {key: sft_command(base, files[key], out / f"sft_{key}", steps, args.recipe, args.overrides, tokens)
             for key, steps in (("A", args.steps), ("B", args.steps), ("union", 2 * args.steps))
             if not (out / f"sft_{key}" / "config.json").is_file()}  # fmt: skip
+    if (
+        args.lora
+    ):  # the same two specialists as LoRA adapters (only the adapter trains; LoRA wants a larger lr)
+        lora = ["sft.peft.method=lora", f"sft.peft.r={args.lora}", f"sft.train.lr={args.lora_lr}"]
+        jobs.update({f"lora_{key}": sft_command(base, files[key], out / f"lora_{key}", args.steps, args.recipe,
+                                                [*args.overrides, *lora], tokens)
+                     for key in ("A", "B") if not (out / f"lora_{key}" / "adapter_config.json").is_file()})  # fmt: skip
     times = run_all(jobs, not args.serial, out / "data")
     a, b = str(out / "sft_A"), str(out / "sft_B")
     models: dict[str, Any] = {"pretrained": base, names["A"]: Path(a), names["B"]: Path(b)}
-    for method, cfg in merge_configs(str(base), a, b, args.density).items():
+    configs = merge_configs(str(base), a, b, args.density)
+    if args.variants:
+        configs.update(variant_configs(str(base), a, b))
+    for method, cfg in configs.items():
         t0 = time.time()
         merge(cfg, out / f"merge_{method}", force=True, quiet=True)
         times[f"merge_{method}"] = time.time() - t0
         models[f"merge_{method}"] = out / f"merge_{method}"
     models["ensemble"] = "ensemble"
+    if args.variants:
+        models["ensemble (mixture)"] = "ensemble_prob"
     models["sft_union (upper bound)"] = out / "sft_union"
+    if args.lora:
+        la, lb = out / "lora_A", out / "lora_B"
+        models[f"lora_{names['A']}"], models[f"lora_{names['B']}"] = la, lb
+        for method in LORA_METHODS:
+            t0 = time.time()
+            density = args.density if method in NEEDS_DENSITY else None
+            merge_adapters([la, lb], out / f"lora_merge_{method}", method=method, weights=[1.0, 1.0],
+                           density=density, force=True)  # fmt: skip
+            times[f"lora_merge_{method}"] = time.time() - t0
+            models[f"lora_merge_{method}"] = out / f"lora_merge_{method}"
 
     sets = sorted({s for k in ("A", "B") for s in spec[k][2]})
     (out / "evals").mkdir(exist_ok=True)
     t0 = time.time()
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(evaluate_one, name, str(path), [a, b] if path == "ensemble" else [],
+        futures = {name: pool.submit(evaluate_one, name, str(path), [a, b] if str(path).startswith("ensemble") else [],
                                      str(world / "eval"), sets, args.limit, args.split,
-                                     str(out / "evals" / f"{name.split()[0]}.json"))
+                                     str(out / "evals" / f"{re.sub(r'[^A-Za-z0-9_.]+', '_', name).strip('_')}.json"))
                    for name, path in models.items()}  # fmt: skip
         results = {name: f.result() for name, f in futures.items()}
     times["eval_all"] = time.time() - t0
@@ -275,13 +336,19 @@ def main() -> None:
         ka, kb = sa / ref_a if ref_a else float("nan"), sb / ref_b if ref_b else float("nan")
         kept[name] = (ka, kb)
         lines.append(f"| {name} | {' | '.join(f'{res[c]:.3f}' for c in cols)} | {sa:.3f} | {sb:.3f} | "
-                     f"{ka:.0%} | {kb:.0%} |")  # fmt: skip
+                     f"{_share(ka)} | {_share(kb)} |")  # fmt: skip
     merges = {n: v for n, v in kept.items() if n.startswith("merge_")}
     defined = [i for i, ref in enumerate((ref_a, ref_b)) if ref > 0]  # a specialist at 0 sets no bar to keep
-    best = max(merges, key=lambda n: min((merges[n][i] for i in defined), default=0.0))
+    best = max(  # the worse kept share first, the mean breaks ties
+        merges,
+        key=lambda n: (
+            min((merges[n][i] for i in defined), default=0.0),
+            sum(merges[n][i] for i in defined) / max(1, len(defined)),
+        ),
+    )
     ok = bool(defined) and min(merges[best][i] for i in defined) >= 0.9
-    verdict = (f"best merge by the worse of its two kept shares: **{best}** (keeps {merges[best][0]:.0%} of "
-               f"{names['A']}'s skill, {merges[best][1]:.0%} of {names['B']}'s) → goal (≥ 90% of each) "
+    verdict = (f"best merge by the worse of its two kept shares: **{best}** (keeps {_share(merges[best][0])} of "
+               f"{names['A']}'s skill, {_share(merges[best][1])} of {names['B']}'s) → goal (≥ 90% of each) "
                f"{'MET' if ok else 'NOT met'}"
                + ("" if len(defined) == 2 else " (a specialist scores 0 on its own skill: no share to keep there)"))  # fmt: skip
     half = 1.96 * (0.25 / args.limit) ** 0.5

@@ -1,12 +1,15 @@
 """Does teacher-made data help? A student fine-tuned on hand-written + Self-Instruct data vs hand-written only.
 
-    python benchmarks/synth_experiment.py --run runs/smoke --out /tmp/synth_exp --n 40 --hand 300 --steps 60
+    python benchmarks/synth_experiment.py --run runs/smoke --teacher-context 512 --out /tmp/synth_exp \
+        --n 40 --hand 300 --answers 200 --steps 60
+    python benchmarks/synth_experiment.py --run runs/tiny --recipe tiny --out /tmp/synth_tiny --n 200 --answers 500
 
 `--run` is a `danlu run` folder with `world/` (sft.jsonl, eval/), `pretrain/` (the student's base) and `sft/`
 (the teacher, unless --teacher names another chat checkpoint). The teacher is served by `danlu serve` on a free
 loopback port and `danlu synth instruct` asks it through the OpenAI API, seeded with user turns of the
 hand-written set; both students start from the same base with the same steps and seed; the held-out chat sets of
-danlu/eval/world.py score them. Printed: the held-out deltas, the synth run's kept/generated ratio, and the
+danlu/eval/world.py score them. With --answers K, a third student adds the teacher's answers (`danlu synth answer`)
+to K other world prompts (sequence-level distillation). Printed: the held-out deltas, the synth run's kept/generated ratio, and the
 duplicate rate, distinct-n and language mix of both data sets. Not a test: the numbers are whatever they are.
 
 Why --teacher-context: the smoke recipe's models have a 128-token context, shorter than a Self-Instruct prompt
@@ -133,6 +136,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="SFT steps of each student")
     ap.add_argument("--limit", type=int, default=64, help="rows per held-out set")
     ap.add_argument("--synth-timeout", type=float, default=600)
+    ap.add_argument(
+        "--recipe", default="smoke", help="recipe whose sft section the students use (tiny for runs/tiny)"
+    )
     ap.add_argument("--reuse", action="store_true", help="keep synth outputs and students already in --out")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -195,7 +201,7 @@ def main() -> int:
         if not (a.reuse and (ckpt / "model.safetensors").exists()):
             shutil.rmtree(ckpt, ignore_errors=True)
             code = danlu("sft", "--from", str(a.run / "pretrain"), "--data", *map(str, data), "--out", str(ckpt),
-                         "--recipe", "smoke", f"sft.train.steps={a.steps}", "sft.train.eval_every=0",
+                         "--recipe", a.recipe, f"sft.train.steps={a.steps}", "sft.train.eval_every=0",
                          "sft.train.sample_every=0", f"seed={a.seed}", log=log, timeout=1800)  # fmt: skip
             if code != 0:
                 raise SystemExit(f"danlu sft for {name} failed ({code}); see {log}")

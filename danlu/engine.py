@@ -262,18 +262,56 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
     return [torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)]
 
 
-def optimizer_step(optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], grad_clip: float) -> float:
+def clip_gradients(params: list[nn.Parameter], grad_clip: float) -> float:
+    """The gradient norm before clipping, clipping to `grad_clip` when it is > 0. Measured even without clipping:
+    the engine's guard needs it, since a finite loss can still give an inf/NaN gradient (an overflow in backward)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def optimizer_step(
+    optimizers: list[torch.optim.Optimizer], params: list[nn.Parameter], grad_clip: float,
+    grad_norm: float | None = None,
+) -> float:  # fmt: skip
     """Clips the gradients to `grad_clip` (0: no clipping), steps every optimizer and frees the gradients.
 
-    Returns the gradient norm before clipping (NaN when not clipping). The one place the engine and the training
-    benchmark take a step, so what the benchmark times is what training runs."""
-    grad_norm = float("nan")
-    if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    Returns the gradient norm before clipping; `grad_norm` given means the caller clipped already
+    (`clip_gradients`). The one place the engine and the training benchmark take a step, so what the benchmark
+    times is what training runs."""
+    if grad_norm is None:
+        grad_norm = clip_gradients(params, grad_clip)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return grad_norm
+
+
+LossUnits = Callable[[dict[str, torch.Tensor]], float]
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> float:
+    """The units a per-token mean loss averages over: the batch's scored targets (not IGNORE_INDEX). The engine
+    weights each micro-batch's mean by its share of the global batch's units, so a short answer's tokens count as
+    much as a long one's whatever the accumulation and world size; a batch without targets counts as one unit."""
+    if "targets" not in batch:
+        return 1.0
+    from danlu.losses_fused import IGNORE_INDEX
+
+    return float((batch["targets"] != IGNORE_INDEX).sum())
+
+
+def per_batch(batch: dict[str, torch.Tensor]) -> float:
+    """Every micro-batch weighs the same: right for a loss averaged over a fixed number of pairs or sequences per
+    micro-batch (reward, DPO, GRPO), where equal-size micro-batches make the mean of means the global mean."""
+    return 1.0
 
 
 # ───────────────────────── the trainer ─────────────────────────
@@ -311,6 +349,7 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, model: nn.Module, data: DataSource, loss_fn: LossFn, out: Path, hooks: Hooks,
         *, tokens_per_row: int = 0, flops_per_token: float = 0.0, stage: str = "train",
+        loss_units: LossUnits = target_tokens,
     ) -> None:  # fmt: skip
         self.cfg, self.data, self.loss_fn, self.out, self.hooks, self.stage = (
             cfg,
@@ -333,9 +372,14 @@ class Trainer:
         self.compiled = self._use_compile()
         self.model = self._wrap(self.raw_model)
         self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
+        for opt in self.optimizers:  # the schedule scales base_lr; set now, so a saved state has the same keys
+            for group in opt.param_groups:
+                group.setdefault("base_lr", group["lr"])
         self.step = 0
         self.tokens_per_row = tokens_per_row
         self.flops_per_token = flops_per_token
+        self.loss_units = loss_units  # what the loss averages over (`target_tokens`, `per_batch`): its weighting
+        self._train_tokens, self._train_seconds = 0, 0.0  # the whole stage's, for its final tokens/s and MFU
         self.peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
         self.best_val = math.inf
         self.bad_evals = 0
@@ -352,7 +396,7 @@ class Trainer:
             if self.cfg.parallel == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
-                for layer in model.model.layers:
+                for layer in _blocks(model):  # one FSDP unit per block: gathers overlap the previous block's work
                     fully_shard(layer)
                 fully_shard(model)
             else:
@@ -385,12 +429,35 @@ class Trainer:
             return self.cfg.compile == "on"
         return compiler_available(self.device) and (self.device.type == "cuda" or self.cfg.steps >= 500)
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor], ctx: Any, grad_accum: int) -> tuple[Any, Any]:
+    def _forward_backward(self, batch: dict[str, torch.Tensor], ctx: Any, scale: float) -> tuple[Any, Any]:
+        """Forward and backward of one micro-batch, its mean loss scaled by its share of the global batch."""
         with ctx:
             with self.autocast():
                 loss, stats = self.loss_fn(self.model, batch)
-            (loss / grad_accum).backward()
+            (loss * scale).backward()
         return loss, stats
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        """Sums over the ranks (one all-reduce); the values themselves on a single process."""
+        if self.dist.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _skip_step(self, nonfinite: int, what: str) -> None:
+        """Drops this step's gradients and says so; too many non-finite steps in a row stop training."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.log({"event": "nonfinite", "what": what})
+        if self.dist.main:
+            print(f"[danlu] {self.stage}: step {self.step}: {what}; step skipped, weights unchanged")
+        if nonfinite >= self.cfg.max_nonfinite_steps:
+            raise NonFiniteLoss(
+                f"{self.stage}: the loss or its gradient was not finite for {nonfinite} steps in a row (last at "
+                f"step {self.step}: {what}); training stopped, the last good checkpoint in {self.out} is untouched. "
+                "Lower the learning rate or check the data."
+            )
 
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -400,7 +467,8 @@ class Trainer:
         """Writes model + trainer state to a fresh folder and swaps it in for the previous checkpoint."""
         if self.dist.world_size > 1:
             dist.barrier()
-        model_state = self.raw_model.state_dict() if self.cfg.parallel != "fsdp" else self._full_state()
+        model_state = self.raw_model.state_dict() if not self._sharded() else self._full_state()
+        opt_states = {f"optimizer_{i}": self._optimizer_state(o) for i, o in enumerate(self.optimizers)}
         if not self.dist.main:
             self._recover()  # meets the barrier rank 0 reaches after writing
             return
@@ -418,7 +486,6 @@ class Trainer:
                      and not (k.endswith("lm_head.weight") and _is_tied(self.raw_model))},
                     str(state_dir / MASTER_WEIGHTS),
                 )  # fmt: skip
-            opt_states = {f"optimizer_{i}": o.state_dict() for i, o in enumerate(self.optimizers)}
             torch.save(
                 {
                     **opt_states,
@@ -440,9 +507,29 @@ class Trainer:
             }
             if (self.out / "metrics.jsonl").exists():
                 shutil.copy2(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
+            if self._tb:  # the TensorBoard log moves with the folder: closed here, reopened there at the next log
+                self._tb.close()
+                self._tb = None
+            if (self.out / "tensorboard").is_dir():
+                shutil.copytree(self.out / "tensorboard", tmp / "tensorboard")
             (state_dir / "state.json").write_text(json.dumps(state) + "\n")  # last: marks the folder complete
         self._last_save = time.monotonic()
         self._recover()  # removes temp folders that interrupted saves left beside the checkpoint
+
+    def _sharded(self) -> bool:
+        """FSDP2 under torchrun: parameters and optimizer states are DTensor shards, one per rank."""
+        return self.cfg.parallel == "fsdp" and self.dist.world_size > 1
+
+    def _optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state to save: its own state_dict, or under FSDP the full (unsharded) state gathered
+        from every rank, keyed by parameter name (every rank must call this: it is a collective)."""
+        if not self._sharded():
+            return opt.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self.raw_model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def _full_state(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -479,7 +566,14 @@ class Trainer:
             missing, unexpected = [], []
         else:
             weights = load_state_dict_file(master) if master.exists() else load_weights(self.out, torch.float32)
-            missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
+            if self._sharded():  # full tensors in, each rank keeps its shard of every DTensor parameter
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                missing, unexpected = set_model_state_dict(
+                    self.raw_model, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+                )
+            else:
+                missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]
         if missing or unexpected:
             raise DanluError(
@@ -488,7 +582,13 @@ class Trainer:
         for i, opt in enumerate(self.optimizers):
             if f"optimizer_{i}" not in blob:
                 raise DanluError(f"--resume: {self.out} was saved with another optimizer setting")
-            opt.load_state_dict(blob[f"optimizer_{i}"])
+            if self._sharded():
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.raw_model, opt, blob[f"optimizer_{i}"],
+                                         options=StateDictOptions(full_state_dict=True))  # fmt: skip
+            else:
+                opt.load_state_dict(blob[f"optimizer_{i}"])
         self.data.load_state_dict(state["data"])
         torch.set_rng_state(blob["rng_torch"].cpu())
         np.random.set_state(
@@ -631,40 +731,49 @@ class Trainer:
                     for group in opt.param_groups:
                         group.setdefault("base_lr", group["lr"])
                         group["lr"] = group["base_lr"] * factor
+                t_step = time.time()
+                # The whole step's micro-batches first: each one's mean loss is weighted by its share of the
+                # global batch's units (target tokens, or one per micro-batch), so the step's gradient is the
+                # global batch's mean whatever the accumulation and world size (DDP/FSDP average over ranks).
+                batches = [
+                    {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+                    for _ in range(cfg.grad_accum)
+                ]
+                units = [float(self.loss_units(b)) for b in batches]
+                total = self._global_sum([sum(units)])[0]
                 loss_sum, stats_sum, tokens = 0.0, {}, 0
-                for micro in range(cfg.grad_accum):
-                    batch = {
-                        k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()
-                    }
+                for micro, batch in enumerate(batches):
                     sync = micro == cfg.grad_accum - 1 or not hasattr(self.model, "no_sync")
                     ctx = self.model.no_sync() if not sync else _null()
+                    scale = units[micro] * self.dist.world_size / total if total > 0 else 0.0
                     try:
-                        loss, stats = self._forward_backward(batch, ctx, cfg.grad_accum)
+                        loss, stats = self._forward_backward(batch, ctx, scale)
                     except Exception as e:
                         if not self._fall_back_to_eager(e):
                             raise
-                        loss, stats = self._forward_backward(batch, _null(), cfg.grad_accum)
-                    loss_sum += loss.detach().float().item()
+                        loss, stats = self._forward_backward(batch, _null(), scale)
+                    loss_sum += loss.detach().float().item() * units[micro]
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
                     tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-                loss_value = all_reduce_mean(loss_sum / cfg.grad_accum, self.dist, self.device)
+                del batches
+                loss_value = self._global_sum([loss_sum])[0] / total if total > 0 else 0.0
+                nonfinite += 1
                 if not math.isfinite(loss_value):
-                    for opt in self.optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    self.log({"event": "nonfinite", "loss": str(loss_value)})
-                    msg = f"step {self.step}: loss is {loss_value}; step skipped, weights unchanged"
-                    print(f"[danlu] {self.stage}: {msg}")
-                    if nonfinite >= cfg.max_nonfinite_steps:
-                        raise NonFiniteLoss(
-                            f"{self.stage}: the loss was not finite for {nonfinite} steps in a row (last at step "
-                            f"{self.step}); training stopped, the last good checkpoint in {self.out} is untouched. "
-                            "Lower the learning rate or check the data."
-                        )
+                    self._skip_step(nonfinite, f"loss is {loss_value}")
+                    continue
+                params = [p for p in self.raw_model.parameters() if p.requires_grad]
+                grad_norm = clip_gradients(params, cfg.grad_clip)
+                bad_grad = float(not math.isfinite(grad_norm))
+                if self.dist.world_size > 1:  # every rank takes the same decision
+                    bad_grad = self._global_sum([bad_grad])[0]
+                if bad_grad:
+                    self._skip_step(nonfinite, f"gradient norm is {grad_norm} (loss {loss_value:.4g})")
                     continue
                 nonfinite = 0
-                grad_norm = optimizer_step(self.optimizers, list(self.raw_model.parameters()), cfg.grad_clip)
+                grad_norm = optimizer_step(self.optimizers, params, cfg.grad_clip, grad_norm)
+                self._train_seconds += time.time() - t_step
+                self._train_tokens += tokens * self.dist.world_size
                 self.step += 1
                 tokens_since += tokens * self.dist.world_size
                 steps_since += 1
@@ -716,8 +825,20 @@ class Trainer:
                 signal.signal(sig, previous)
             if bar:
                 bar.close()
+        self._log_stage_speed()
         self.save(final=True)
         return self.last_metrics()
+
+    def _log_stage_speed(self) -> None:
+        """Logs the stage's own tokens/s and MFU: all tokens over the time spent in steps (data, forward, backward,
+        optimizer; not evaluation or saving), so the final figures in danlu.json are the stage's, not those of the
+        last logging interval (one quiet moment on a loaded machine is not the run)."""
+        if not self._train_seconds:
+            return
+        tps = self._train_tokens / self._train_seconds
+        mfu = round(tps * self.flops_per_token / self.peak, 5) if self.flops_per_token else None
+        self.log({"event": "speed", "tokens_per_s": round(tps, 1), "mfu": mfu,
+                  "train_seconds": round(self._train_seconds, 3), "train_tokens": self._train_tokens})  # fmt: skip
 
     def _eval_and_check(self, train_loss: float) -> bool:
         result = self.evaluate()
@@ -770,6 +891,16 @@ def _saved_dtype(folder: Path) -> str:
 
 def _is_tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a decoder, whatever its attribute path (`model.layers` in Llama-family and danlu's
+    own models, `transformer.h` in GPT-2, a PEFT wrapper's `base_model.model.…`): the first ModuleList whose
+    entries are all of one class. None found: FSDP then shards the model as one unit."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            return list(module)
+    return []
 
 
 class _null:

@@ -204,3 +204,34 @@ class _Named:
 
     ref: str
     tokenizer: Any
+
+
+@dataclass
+class Candidate:
+    member: int  # index of the model that wrote it
+    completion: Any  # danlu.generate.Completion
+    score: float  # the reward model's score of the conversation with this answer
+
+
+def best_of_n(
+    members: Sequence[Any], scorer: Any, messages: list[dict[str, Any]], params: Any, n: int = 1
+) -> tuple[Candidate, list[Candidate]]:
+    """Best-of-n across models: `n` sampled answers from every member (danlu.io.Checkpoint) to one conversation, each
+    scored by a reward model (danlu.rewards.RewardModelScorer) on the whole conversation; returns the best and all
+    candidates. LLM-Blender's rank-then-pick with a reward model as the ranker: unlike averaging log-probs, members
+    need not share a tokenizer, and one member's strength is kept whole instead of diluted."""
+    from danlu.generate import Generator
+
+    if n < 1:
+        raise DanluError(f"best-of-n: n must be at least 1, got {n}")
+    candidates: list[Candidate] = []
+    for i, ckpt in enumerate(members):
+        ids = ckpt.tokenizer.render_chat(messages, add_generation_prompt=True)[0]
+        for completion in Generator(ckpt.model, ckpt.tokenizer).generate([ids] * n, params):
+            candidates.append(Candidate(i, completion, 0.0))
+    scores = scorer.score(
+        [[*messages, {"role": "assistant", "content": c.completion.text}] for c in candidates]
+    )
+    for c, s in zip(candidates, scores):
+        c.score = float(s)
+    return max(candidates, key=lambda c: c.score), candidates

@@ -51,12 +51,31 @@ def _check_file(path: Path) -> None:
         raise DanluError(f"{path}: is a folder, expected a file")
 
 
-def _open_bytes(path: Path) -> Any:
-    if path.name.lower().endswith(".gz"):
+def open_binary(path: str | Path) -> io.BufferedIOBase:
+    """Opens a file for reading bytes, decompressing .gz/.bz2/.xz/.zst by name (dumps come compressed)."""
+    name = str(path).lower()
+    if name.endswith(".gz"):
         import gzip
 
         return gzip.open(path, "rb")
+    if name.endswith(".bz2"):
+        import bz2
+
+        return bz2.open(path, "rb")
+    if name.endswith(".xz"):
+        import lzma
+
+        return lzma.open(path, "rb")
+    if name.endswith((".zst", ".zstd")):
+        import zstandard
+
+        # pushshift dumps use long-distance windows; the default limit rejects them
+        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        return io.BufferedReader(dctx.stream_reader(open(path, "rb"), read_across_frames=True, closefd=True))
     return open(path, "rb")
+
+
+_open_bytes = open_binary
 
 
 def chosen_encoding(encoding: str | None = None) -> str | None:
@@ -112,8 +131,11 @@ def detect_encoding(path: str | Path, sample: int = 1 << 16) -> str:
     import codecs
 
     path = Path(path)
-    with _open_bytes(path) as f:
-        raw = f.read(sample)
+    try:
+        with _open_bytes(path) as f:
+            raw = f.read(sample)
+    except Exception as e:  # gzip/bz2/lzma/zstd each raise their own type on corrupt or truncated data
+        raise DanluError(f"{path}:1: corrupt or truncated file ({e})") from None
     for bom, name in _BOMS:
         if raw.startswith(bom):
             return name
@@ -184,10 +206,12 @@ class SkippedRecords:
 
 
 def iter_lines(
-    path: str | Path, *, encoding: str | None = None, max_chars: int = MAX_RECORD_CHARS
+    path: str | Path, *, encoding: str | None = None, max_chars: int | None = None
 ) -> Iterator[tuple[int, str | Oversized]]:
     """(line number, line) for each non-blank line; a line longer than `max_chars` is read past in bounded pieces
-    and yielded as Oversized, so memory never holds more than `max_chars` characters of it."""
+    and yielded as Oversized, so memory never holds more than `max_chars` characters of it (default: the module's
+    MAX_RECORD_CHARS, read at call time)."""
+    max_chars = MAX_RECORD_CHARS if max_chars is None else max_chars
     path = Path(path)
     with open_text(path, encoding) as f:
         lineno = 0
@@ -204,7 +228,7 @@ def iter_lines(
                     continue
             except UnicodeDecodeError:
                 raise bad_byte_error(path, f.encoding) from None
-            except (OSError, EOFError) as e:  # gzip: truncated or corrupt data
+            except Exception as e:  # gzip/bz2/lzma/zstd each raise their own type on corrupt or truncated data
                 raise DanluError(f"{path}:{lineno + 1}: corrupt or truncated file ({e})") from None
             if not line:
                 return
@@ -221,13 +245,16 @@ class RecordProblem(DanluError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:  # crosses to tokenizing worker processes
+        return type(self), (str(self), self.reason)
+
 
 def located_records(
     path: str | Path,
     *,
     text_field: str = "text",
     encoding: str | None = None,
-    max_chars: int = MAX_RECORD_CHARS,
+    max_chars: int | None = None,
 ) -> Iterator[tuple[str, dict[str, Any] | RecordProblem | Oversized]]:
     """(`file:line`, record) for .jsonl(.gz)/.ndjson, .json (a list of objects, or one), .parquet, .csv/.tsv (a
     header row names the fields) and .txt (one record, or chunks of at most `max_chars` at paragraph breaks).
@@ -235,6 +262,7 @@ def located_records(
     Every record knows its line, JSON list items included. A bad record is yielded as a RecordProblem and an
     over-long one as Oversized in its place; a file that cannot be read at all raises DanluError.
     """
+    max_chars = MAX_RECORD_CHARS if max_chars is None else max_chars
     path = Path(path)
     _check_file(path)
     name = path.name.lower()
@@ -282,7 +310,7 @@ def located_records(
 
 
 def read_records(
-    path: str | Path, *, text_field: str = "text", encoding: str | None = None, max_chars: int = MAX_RECORD_CHARS,
+    path: str | Path, *, text_field: str = "text", encoding: str | None = None, max_chars: int | None = None,
     skipped: SkippedRecords | None = None,
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Records of a file (see located_records). A bad record raises DanluError naming file and line; an over-long

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from danlu import DanluError
-from danlu.model import IGNORE_INDEX, _segment_positions
+from danlu.losses_fused import logits_cross_entropy
+from danlu.model import _segment_positions
 
 # Config keys that hold the context length, in the order transformers' configs use them.
 _CONTEXT_KEYS = (
@@ -401,14 +401,7 @@ class HFCausalLM(nn.Module):
         x = self.hidden_states(input_ids, cache=cache, segment_ids=segment_ids)
         if targets is None:
             return self.lm_head(x)
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction=reduction,
-        )
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return logits_cross_entropy(self.lm_head(x), targets, reduction)
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> HFCache:
         return HFCache(batch, max_len or self.config.max_position_embeddings, self.lm_head.weight.device, pad)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # danlu.model.IGNORE_INDEX (transformers' convention); the model imports this module
+IGNORE_INDEX = (
+    -100
+)  # targets with this value carry no loss (transformers' labels convention); danlu.model re-exports it
 
 # Rows per chunk: enough that each matmul is large and efficient, few enough that a chunk's fp32 logits stay small
 # (2^22 floats = 16 MiB). The chunk count is a Python number, so torch.compile unrolls the loop.
@@ -146,12 +148,20 @@ def linear_cross_entropy(
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def plain_linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+def logits_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """The reference: whole fp32 logits, then cross-entropy (what the model did before chunking)."""
-    logits = F.linear(x, weight).float()
+    """Cross-entropy of whole logits in fp32 (mean over scored tokens, or per token with reduction="none" in the
+    shape of `targets`): the path of heads the chunked one cannot take (wrapped by LoRA, biased, foreign)."""
+    logits = logits.float()
     loss = F.cross_entropy(
         logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
     )
     return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def plain_linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The reference: whole fp32 logits, then cross-entropy (what the model did before chunking)."""
+    return logits_cross_entropy(F.linear(x, weight), targets, reduction)

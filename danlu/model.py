@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from danlu.losses_fused import linear_cross_entropy
+from danlu.losses_fused import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
 
-IGNORE_INDEX = -100  # targets with this value carry no loss (the convention of transformers' labels)
+__all__ = ["IGNORE_INDEX", "KVCache", "ModelConfig", "Transformer"]  # IGNORE_INDEX: its home is losses_fused
 
 
 @dataclass
@@ -426,17 +426,12 @@ class Transformer(nn.Module):
         x = self.hidden_states(input_ids, cache=cache, segment_ids=segment_ids)
         if targets is None:
             return self.lm_head(x)
-        if type(self.lm_head) is Linear and self.lm_head.bias is None:  # not wrapped (a LoRA head takes the plain path)
+        if (
+            type(self.lm_head) is Linear and self.lm_head.bias is None
+        ):  # not wrapped (a LoRA head takes the plain path)
             # In row chunks: the whole batch's fp32 logits never exist (danlu.losses_fused says why and how).
             return linear_cross_entropy(x, self.lm_head.weight, targets, reduction)
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)),
-            targets.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction=reduction,
-        )
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return logits_cross_entropy(self.lm_head(x), targets, reduction)
 
     def decode_step(
         self, token: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]

@@ -232,16 +232,15 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> t
     return rm.to(device).eval(), tokenizer
 
 
-def same_tokenizer(a: Any, b: Any) -> bool:
-    """Two tokenizers agree when their vocabularies (token → id) are identical."""
-    return a.backend.get_vocab(with_added_tokens=True) == b.backend.get_vocab(with_added_tokens=True)
-
-
 def check_same_tokenizer(a: Any, b: Any, what: str, where_a: str, where_b: str) -> None:
-    if not same_tokenizer(a, b):
+    """Raises, naming the first difference, unless the two tokenizers give token ids the same meaning."""
+    from danlu.tokenizer import tokenizer_difference
+
+    diff = tokenizer_difference(a, b, where_a, where_b)
+    if diff:
         raise DanluError(
-            f"{what}: the tokenizer of {where_b} differs from that of {where_a}; token ids would not mean the same "
-            "thing (use models trained with the same tokenizer)"
+            f"{what}: the tokenizer of {where_b} differs from that of {where_a} ({diff}); token ids would not mean "
+            "the same thing (use models trained with the same tokenizer)"
         )
 
 
@@ -263,6 +262,12 @@ def _load_reward_adapter(path: Path, device: str | torch.device) -> tuple[Reward
     if not base:
         raise DanluError(f"{path}: the reward adapter names no base model (base_model_name_or_path)")
     ckpt = load_checkpoint(base, quiet=True)
+    if (ckpt.meta or {}).get(
+        "adapter"
+    ):  # trained from an SFT adapter, which the stage merged into its base first
+        from danlu.adapters import merge
+
+        merge(ckpt)
     check_base(path, meta.get("base"), ckpt.path, ckpt.config, ckpt.tokenizer, quiet=True)
     ckpt.model = RewardModel.from_policy(ckpt.model)
     attach_saved(ckpt, config, read_adapter_tensors(path), str(path))

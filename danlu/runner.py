@@ -22,7 +22,7 @@ from danlu.files import write_json_atomic
 # Order matters: a stage may read the output of any stage before it.
 STAGES: list[str] = [
     "world", "data", "tokenizer", "tokens", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
-    "eval", "export", "compress",
+    "eval", "detect", "export", "compress",
 ]  # fmt: skip
 GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
 

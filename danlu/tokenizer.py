@@ -545,7 +545,9 @@ class Tokenizer:
         if bos is None:
             bos = self._named_id("cls_token")  # BERT-style vocabularies start a text with [CLS]
         if bos is None and self._generation_bos is not None and 0 <= self._generation_bos < self.vocab_size:
-            bos = self._generation_bos  # Qwen2 names none in its tokenizer, <|endoftext|> in generation_config
+            bos = (
+                self._generation_bos
+            )  # Qwen2 names none in its tokenizer, <|endoftext|> in generation_config
         pad = self._named_id("pad_token")
         self.eos_id = eos
         self.bos_id = eos if bos is None else bos  # no bos anywhere: eos separates documents
@@ -1251,3 +1253,23 @@ class StreamDecoder:
         delta = self._text[self._done :]
         self._done = len(self._text)
         return delta
+
+
+def tokenizer_difference(a: Tokenizer, b: Tokenizer, name_a: str, name_b: str) -> str | None:
+    """The first way two tokenizers differ, in words ("token id 7 is 'x' in A but 'y' in B (400 vs 401 tokens)",
+    or the same vocabulary with another pre-tokenizer), or None when they tokenize every text the same way. The one
+    check behind every "these models must share a tokenizer" (merging, ensembles, reward models, references)."""
+    ta, tb = a.backend, b.backend
+    va, vb = ta.get_vocab(with_added_tokens=True), tb.get_vocab(with_added_tokens=True)
+    if va != vb:
+        ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        for i in range(max(max(ia, default=0), max(ib, default=0)) + 1):
+            if ia.get(i) != ib.get(i):
+                return (f"token id {i} is {ia.get(i)!r} in {name_a} but {ib.get(i)!r} in {name_b} "
+                        f"({len(va)} vs {len(vb)} tokens)")  # fmt: skip
+    ja, jb = json.loads(ta.to_str()), json.loads(tb.to_str())
+    for part in ("model", "pre_tokenizer", "normalizer", "decoder"):
+        if ja.get(part) != jb.get(part):
+            return (f"{name_a} and {name_b} have the same {len(va)}-token vocabulary but a different "
+                    f"{part.replace('_', '-')} (so they split text differently)")  # fmt: skip
+    return None

@@ -200,3 +200,15 @@ def test_example_recipe_runs_on_fixture_like_inputs(tmp_path, capsys):
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["documents_in"] == 18 and stats["dialogs"] == 3
     assert "| dedup |" in capsys.readouterr().out
+
+
+def test_empty_inputs_and_everything_rejected_are_errors(tmp_path):
+    """An empty file, or filters that reject every record, stop with a message saying so (issue 16), never 0."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(DanluError, match=r"empty\.jsonl\) hold no records"):
+        run_data({"inputs": [{"path": str(empty)}]}, tmp_path / "out1")
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({"text": f"ok {i}"}) for i in range(5)) + "\n", encoding="utf-8")
+    with pytest.raises(DanluError, match=r"all 5 records were rejected \(.*stats\.md"):
+        run_data({"inputs": [{"path": str(short)}]}, tmp_path / "out2")

@@ -179,3 +179,25 @@ def test_corrupt_zst_is_named(tmp_path):
 
 def test_bz2_helper_roundtrip(tmp_path):
     assert bz2.decompress(write_wikipedia(tmp_path, compress=True).read_bytes()).startswith(b"<mediawiki")
+
+
+def test_text_sources_read_gb18030_and_skip_oversized_records(tmp_path, monkeypatch):
+    """`data prepare` reads through the one reader of danlu.files: GBK/GB18030 files decode, and a record over the
+    size bound is skipped unread and counted, not parsed (issue 16)."""
+    import danlu.files
+
+    rows = [{"text": "中国最高的山是珠穆朗玛峰。这是一段用 GBK 编码保存的文字。"}, {"text": "长江是中国最长的河。"}]
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("gb18030"))
+    txt = tmp_path / "gbk.txt"
+    txt.write_bytes("黄河是中国第二长的河。".encode("gb18030"))
+    docs, _ = read("text", [gbk, txt])
+    assert [d.text for d in docs] == [rows[0]["text"], rows[1]["text"], "黄河是中国第二长的河。"]
+
+    monkeypatch.setattr(danlu.files, "MAX_RECORD_CHARS", 200)
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "x" * 1000}) + "\n" + json.dumps(rows[1], ensure_ascii=False) + "\n")
+    docs, reader = read("text", [big], on_error="skip")
+    assert [d.text for d in docs] == [rows[1]["text"]] and reader.stats["read_errors"].total == 1
+    with pytest.raises(DanluError, match=r"big\.jsonl:1: a record of 1,0\d\d characters, longer than the bound"):
+        read("text", [big], on_error="fail")

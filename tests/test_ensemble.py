@@ -128,3 +128,36 @@ def test_served_ensemble(pair):
         assert isinstance(out[-1], Completion) and out[-1].prompt_tokens > 0
     finally:
         served.worker.close()
+
+
+def test_best_of_n_picks_the_answer_the_reward_model_scores_best(pair, tmp_path, capsys):
+    """Best-of-n across models: every member samples n answers, the reward model scores each whole conversation,
+    and the highest wins — the same scores the scorer gives those conversations on its own; the CLI agrees."""
+    from danlu.cli import main
+    from danlu.ensemble import best_of_n
+    from danlu.rewards import RewardModel, RewardModelScorer, save_reward_model
+
+    members = [load_checkpoint(p, quiet=True) for p in pair]
+    torch.manual_seed(3)
+    rm = RewardModel.from_policy(members[0].model).eval()
+    torch.nn.init.normal_(rm.score.weight, std=1.0)  # a random but decisive judge
+    scorer = RewardModelScorer(rm, members[0].tokenizer)
+    messages = [{"role": "user", "content": "中国最高的山是什么？"}]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7)
+    best, candidates = best_of_n(members, scorer, messages, params, n=3)
+    assert len(candidates) == 6 and {c.member for c in candidates} == {0, 1}
+    again = scorer.score(
+        [[*messages, {"role": "assistant", "content": c.completion.text}] for c in candidates]
+    )
+    assert [c.score for c in candidates] == pytest.approx(again)
+    assert best.score == max(again) and len({c.completion.text for c in candidates}) > 1
+
+    folder = tmp_path / "rm"
+    save_reward_model(folder, rm.state_dict(), rm.config, members[0].tokenizer, {"stage": "test"})
+    code = main(["generate", "--ensemble", ",".join(map(str, pair)), "--best-of", str(folder), "--n", "3", "--chat",
+                 "--max-tokens", "8", "--temperature", "1", "--seed", "7", "中国最高的山是什么？"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0 and out.out.strip() == best.completion.text.strip()
+    assert out.err.count("\n") >= 6 and "*" in out.err
+    assert main(["generate", "--ensemble", ",".join(map(str, pair)), "--best-of", str(folder), "hi"]) == 2
+    assert "--best-of needs --ensemble A,B (the models) and --chat" in capsys.readouterr().err

@@ -211,3 +211,17 @@ def test_bad_input_gives_one_clear_error_each(tiny_checkpoint: Path, tmp_path: P
     assert "not a checkpoint folder" in capsys.readouterr().err
     assert main(["eval", str(tiny_checkpoint), "--task", "nope"]) == 2
     assert "valid tasks" in capsys.readouterr().err
+
+
+def test_loglikelihood_of_a_continuation_longer_than_the_window(tiny_checkpoint) -> None:
+    """A continuation longer than the model's context is scored on its last tokens, not a crash (issue 23's
+    experiment met this with a 128-token model)."""
+    from danlu.eval.loglik import loglikelihoods
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    window = ckpt.model.config.max_position_embeddings
+    cont = [5 + (i % 50) for i in range(window + 20)]
+    (long_total, _), (tail_total, _) = loglikelihoods(
+        ckpt.model, [([1, 2, 3], cont), ([cont[-window - 1]], cont[-window:])]
+    )
+    assert long_total == pytest.approx(tail_total, rel=1e-5)

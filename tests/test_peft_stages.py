@@ -229,3 +229,35 @@ def test_sft_with_ptuning_fits_the_virtual_tokens_in_the_context(tiny_checkpoint
     res = sft(tiny_checkpoint, [data], tmp_path / "pt", recipe={}, cfg=cfg)
     assert res["seq_len"] == 128 - 8 and res["packed"] is False and math.isfinite(res["val_loss_end"])
     assert load_checkpoint(tmp_path / "pt").meta["adapter"]["peft_type"] == "P_TUNING"
+
+
+def test_adapters_trained_from_an_sft_adapter_load_on_it_merged(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
+    """In a pipeline, DPO and the reward model start from the SFT stage's adapter (merged into its base); their
+    own adapters name that folder as their base and load the same way: base + SFT adapter merged, then theirs."""
+    from danlu.adapters import PeftSpec, attach
+    from danlu.io import load_checkpoint
+    from danlu.rewards import load_reward_model
+    from danlu.stages.dpo import DPOConfig, train_dpo
+    from danlu.stages.reward import RewardConfig, train_reward
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    sft_adapter = attach(ckpt, PeftSpec(method="lora", r=4), tiny_checkpoint, "sft.peft", quiet=True)
+    with torch.no_grad():
+        for name, p in ckpt.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    sft_adapter.save(tmp_path / "sft", None, {"stage": "sft", "chat": True})
+    train_dpo(tmp_path / "sft", data["pairs"], tmp_path / "dpo", recipe={},
+              cfg=DPOConfig(resume="false", peft=LORA, train={**FAST, "steps": 1}))  # fmt: skip
+    dpo = load_checkpoint(tmp_path / "dpo")
+    assert dpo.meta["adapter"]["base"] == str(tmp_path / "sft")
+    x = torch.tensor([[5, 17, 42, 7]])
+    with torch.no_grad():  # one step moved the DPO adapter only a little: close to the SFT model, not the base
+        sft_logits = ckpt.model.eval()(x)
+        assert (dpo.model(x) - sft_logits).abs().max() < (load_checkpoint(tiny_checkpoint).model(x) - sft_logits).abs().max()
+    train_reward(tmp_path / "sft", data["pairs"], tmp_path / "rm", recipe={},
+                 cfg=RewardConfig(resume="false", peft=LORA, train={**FAST, "steps": 1}))  # fmt: skip
+    rm, _ = load_reward_model(tmp_path / "rm")
+    assert rm(x, torch.tensor([4])).shape == (1,)

@@ -94,3 +94,14 @@ def test_report_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
         from danlu.eval.report import write_report
 
         write_report(tmp_path)
+
+
+def test_long_dialog_section_shows_counts_and_warns_below_90_percent() -> None:
+    from danlu.eval.report import long_dialog_section
+
+    base = {"dialogs_read": 10, "dialogs": 9, "dialogs_truncated": 3, "dialogs_split": 1, "dialogs_split_rows": 3,
+            "dialogs_skipped_too_long": 1}  # fmt: skip
+    ok = long_dialog_section({"sft": {**base, "assistant_tokens_kept_share": 0.95}, "dpo": {"loss": 1.0}})
+    assert ok.table is not None and [r[0] for r in ok.table[1]] == ["sft"] and "≥ 90%" in ok.text
+    low = long_dialog_section({"sft": {**base, "assistant_tokens_kept_share": 0.35}})
+    assert "35.0% of the answer tokens" in low.text and low.table[1][0][-1] == "0.35"

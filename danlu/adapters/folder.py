@@ -91,11 +91,13 @@ def load_adapter_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     if not base:
         raise DanluError(f"{path}: the adapter names no base model (base_model_name_or_path in {ADAPTER_CONFIG}); "
                          "load it with `--base BASE` or serve it with `danlu serve BASE --adapter NAME=PATH`")  # fmt: skip
-    if is_adapter_folder(base):
-        raise DanluError(
-            f"{path}: its base {base} is itself an adapter; merge that one first (danlu export --merge)"
-        )
     ckpt = load_checkpoint(base, device=device, dtype=dtype, quiet=True)
+    if (ckpt.meta or {}).get("adapter"):
+        # trained from an adapter (a pipeline's DPO after LoRA SFT): the stage merged that one into its base first
+        # (stages.common.parent_checkpoint), so loading does the same
+        from danlu.adapters.adapter import merge
+
+        merge(ckpt)
     check_base(path, meta.get("base"), ckpt.path, ckpt.config, ckpt.tokenizer, quiet=quiet)
     attach_saved(ckpt, config, read_adapter_tensors(path), str(path))
     ckpt.model.to(device).eval()

@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     prep.add_argument("recipe", help="recipe YAML with a `data:` section, or a built-in recipe name")
     prep.add_argument("--out", help="output folder (default: runs/<recipe>/data)")
     prep.add_argument("--workers", type=int, help="local worker processes (overrides data.executor.workers)")
+    prep.add_argument(
+        "--encoding", help="text encoding of the inputs (default: detected: UTF-8/16 BOM, GB18030)"
+    )
     prep.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.dedup.minhash=false")
     prep.set_defaults(_sub=_prepare)
 
@@ -43,16 +46,22 @@ def run(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from danlu.data.pipeline import prepare_command
 
+    _use_encoding(args.encoding)
     return prepare_command(args.recipe, out=args.out, workers=args.workers, overrides=args.overrides)
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    from danlu.data.shards import tokenize_command
+
+    _use_encoding(args.encoding)
+    return tokenize_command(args)
+
+
+def _use_encoding(name: str | None) -> None:
+    """--encoding: every reader, in this process and its workers, decodes the inputs with it."""
     import os
 
-    from danlu.data.shards import tokenize_command
     from danlu.files import ENCODING_ENV, chosen_encoding
 
-    if args.encoding:  # every reader, in this process and its workers, decodes with it
-        os.environ[ENCODING_ENV] = chosen_encoding(args.encoding) or "auto"
-
-    return tokenize_command(args)
+    if name:
+        os.environ[ENCODING_ENV] = chosen_encoding(name) or "auto"

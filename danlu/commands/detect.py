@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HELP = "AI-text detector: train a classifier, score texts (also zero-shot), evaluate AUROC / TPR@1%FPR"
+HELP = "AI-text detector: train a classifier, score texts (also zero-shot), evaluate AUROC / TPR@1%%FPR"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", metavar="A,B[,C]",
                    help="generate with an ensemble of checkpoints sharing a tokenizer (averaged next-token log-probs)")  # fmt: skip
     p.add_argument("--weights", metavar="W1,W2", help="ensemble weights (default: equal)")
+    p.add_argument("--best-of", metavar="REWARD_MODEL",
+                   help="with --ensemble and --chat: sample --n answers from each model and print the one this reward "
+                        "model scores best (members need not share a tokenizer)")  # fmt: skip
+    p.add_argument("--n", type=int, default=1, help="answers per model for --best-of (default 1)")
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user turn with the chat template"
     )
@@ -36,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from danlu.generate import Completion, Generator, SamplingParams
     from danlu.io import load_checkpoint
 
+    if args.best_of:
+        return _best_of(args)
     if args.ensemble:
         from danlu.ensemble import load_ensemble, parse_members
 
@@ -70,4 +76,36 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n[{len(item.token_ids)} tokens, finish: {item.finish_reason}]", file=sys.stderr)
         else:
             print(item, end="", flush=True)
+    return 0
+
+
+def _best_of(args: argparse.Namespace) -> int:
+    """`--ensemble A,B --best-of RM --chat PROMPT`: the reward model picks among the members' answers."""
+    from danlu.ensemble import best_of_n, parse_members
+    from danlu.generate import SamplingParams
+    from danlu.io import load_checkpoint
+    from danlu.rewards import RewardModelScorer, load_reward_model
+
+    if not args.ensemble or not args.chat:
+        raise DanluError(
+            "--best-of needs --ensemble A,B (the models) and --chat (the reward model judges answers)"
+        )
+    if args.weights:
+        raise DanluError("--weights applies to averaged ensembles, not to --best-of")
+    prompt = sys.stdin.read() if args.checkpoint == "-" else args.checkpoint
+    if prompt is None or args.prompt is not None:
+        raise DanluError("with --ensemble, give the prompt alone (the checkpoints are in --ensemble)")
+    paths, _ = parse_members(args.ensemble)
+    members = [load_checkpoint(p, device=args.device, quiet=True) for p in paths]
+    rm, rm_tok = load_reward_model(args.best_of, device=args.device)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop)  # fmt: skip
+    best, candidates = best_of_n(members, RewardModelScorer(rm, rm_tok), messages, params, args.n)
+    for c in candidates:
+        mark = "*" if c is best else " "
+        print(f"{mark} {c.score:+.3f}  {paths[c.member]}: {c.completion.text[:80]!r}", file=sys.stderr)
+    print(best.completion.text)
     return 0

@@ -565,6 +565,7 @@ def run_data(cfg: dict[str, Any], out_dir: Path, *, base_dir: Path | None = None
     if not stats_path.exists():
         raise DanluError(f"the data pipeline did not finish; see {work / 'datatrove.log'}")
     stats = json.loads(stats_path.read_text(encoding="utf-8"))
+    _check_not_empty(stats, dc, out_dir)
     if dc.augment:
         stats["augment"] = run_augment(dc.augment, out_dir / "dialogs")
         stats["dialogs_augmented"] = sum(s["dialogs_out"] for s in stats["augment"])
@@ -573,6 +574,26 @@ def run_data(cfg: dict[str, Any], out_dir: Path, *, base_dir: Path | None = None
     if not dc.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _check_not_empty(stats: dict[str, Any], dc: DataConfig, out_dir: Path) -> None:
+    """No records in, or none left after the filters, is an error that says where they went, never a silent 0."""
+    if not stats.get("documents_in"):
+        errors = stats.get("read_errors", 0)
+        raise DanluError(
+            f"data: the inputs ({', '.join(str(i.path) for i in dc.inputs)[:300]}) hold no records"
+            + (f"; {errors} could not be read (see {out_dir}/errors)" if errors else "")
+        )
+    if not stats.get("documents_out"):
+        removed: dict[str, int] = {}
+        for row in stats.get("steps", []):
+            for reason, n in row["removed"].items():
+                removed[f"{row['step']}:{reason}"] = removed.get(f"{row['step']}:{reason}", 0) + n
+        top = ", ".join(f"{k} {v}" for k, v in sorted(removed.items(), key=lambda kv: -kv[1])[:5])
+        raise DanluError(
+            f"data: all {stats['documents_in']} records were rejected ({top}); see {out_dir}/stats.md and "
+            f"{out_dir}/rejected, and relax those filters (e.g. data.filters.…=false) for this kind of text"
+        )
 
 
 def flat_metrics(stats: dict[str, Any]) -> dict[str, Any]:

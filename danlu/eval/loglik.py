@@ -19,7 +19,8 @@ def loglikelihoods(
     """For each (context ids, continuation ids): summed log-probability of the continuation and whether it is greedy.
 
     Rows are right-padded into batches sorted by length (little padding); contexts longer than the model's window
-    lose their oldest tokens, as lm-evaluation-harness does.
+    lose their oldest tokens, as lm-evaluation-harness does, and a continuation that alone exceeds the window is
+    scored on its last window tokens.
     """
     window = model.config.max_position_embeddings
     device = model.lm_head.weight.device
@@ -31,8 +32,9 @@ def loglikelihoods(
         for i in idx:
             ctx, cont = requests[i]
             full = (list(ctx) + list(cont))[-(window + 1) :]
+            scored = min(len(cont), len(full) - 1)  # a continuation longer than the window: its last tokens
             seqs.append(full[:-1])
-            spans.append((len(full) - 1 - len(cont), len(cont), full[-len(cont) :]))
+            spans.append((len(full) - 1 - scored, scored, full[-scored:]))
         width = max(len(s) for s in seqs)
         x = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
         logits = model(x).float()

@@ -246,6 +246,8 @@ def build_sections(run_dir: Path) -> list[Section]:
     sections.append(Section("Stages", "Each stage's headline numbers (all of them in summary.json).",
                             table=(["stage", "seconds", "metrics"], stage_rows)))  # fmt: skip
 
+    sections.append(long_dialog_section(summary.get("stages") or {}))
+
     notes = overfitting_notes(histories)
     sections.append(Section("Loss curves: train vs validation",
                             "\n".join(f"- {n}" for n in notes) or "No training stage logged a loss.",
@@ -305,6 +307,28 @@ def build_sections(run_dir: Path) -> list[Section]:
                             f"   (expected {ex.get('answer')})")  # fmt: skip
     sections.append(Section("Sample conversations", "" if code else "No samples logged.", code=code))
     return sections
+
+
+LONG_DIALOG_KEYS = ("dialogs_read", "dialogs", "dialogs_truncated", "dialogs_split", "dialogs_split_rows",
+                    "dialogs_skipped_too_long", "assistant_tokens_kept_share")  # fmt: skip
+
+
+def long_dialog_section(stages: dict[str, dict[str, Any]]) -> Section:
+    """What the context did to the fine-tuning data: dialogs cut, split or dropped, and the share of answer tokens
+    that was trained (issue 16: context must never eat data silently)."""
+    rows, warnings = [], []
+    for stage, m in stages.items():
+        if "assistant_tokens_kept_share" not in m:
+            continue
+        rows.append([stage, *(_fmt(m.get(k, "")) for k in LONG_DIALOG_KEYS)])
+        if m["assistant_tokens_kept_share"] < 0.9:
+            warnings.append(f"- **{stage}** trained on only {100 * m['assistant_tokens_kept_share']:.1f}% of the answer "
+                            "tokens: raise `seq_len` or use `long_dialogs: split`.")  # fmt: skip
+    if not rows:
+        return Section("Long dialogs", "No fine-tuning stage in this run.")
+    return Section("Long dialogs", "\n".join(warnings) or "Every fine-tuning stage trained on ≥ 90% of answer tokens.",
+                   table=(["stage", "read", "kept", "truncated", "split", "split rows", "too long, skipped",
+                           "answer tokens trained"], rows))  # fmt: skip
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:

@@ -223,7 +223,8 @@ def _load_with_adapters(base: str, inputs: list[AdapterInput]) -> Any:
     from danlu.io import resolve_checkpoint
 
     path = resolve_checkpoint(Path(base)) if Path(base).exists() else base
-    # fp32 whatever the folder stores: the combinations (SVD, TIES' sums) lose precision in bf16; 4.x calls it torch_dtype
+    # fp32 whatever the folder stores: the combinations (SVD, TIES' sums) lose precision in bf16
+    # (transformers 4.x calls the argument torch_dtype)
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **{key: torch.float32})

@@ -94,24 +94,14 @@ class Source:
 
 def check_same_tokenizer(a: Source, b: Source) -> None:
     """Raises, naming the first difference, unless `a` and `b` tokenize every text the same way."""
-    ta, tb = a.tokenizer.backend, b.tokenizer.backend
-    va, vb = ta.get_vocab(with_added_tokens=True), tb.get_vocab(with_added_tokens=True)
-    if va != vb:
-        ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
-        for i in range(max(len(ia), len(ib), max(ia, default=0) + 1, max(ib, default=0) + 1)):
-            if ia.get(i) != ib.get(i):
-                raise DanluError(
-                    f"different tokenizers: token id {i} is {ia.get(i)!r} in {a.ref} but {ib.get(i)!r} in "
-                    f"{b.ref} ({len(va)} vs {len(vb)} tokens); models with different vocabularies cannot be merged "
-                    "or ensembled (their embedding rows mean different tokens)"
-                )
-    ja, jb = json.loads(ta.to_str()), json.loads(tb.to_str())
-    for part in ("model", "pre_tokenizer", "normalizer", "decoder"):
-        if ja.get(part) != jb.get(part):
-            raise DanluError(
-                f"different tokenizers: {a.ref} and {b.ref} have the same {len(va)}-token vocabulary but a different "
-                f"{part.replace('_', '-')} (so they split text differently); they cannot be merged or ensembled"
-            )
+    from danlu.tokenizer import tokenizer_difference
+
+    diff = tokenizer_difference(a.tokenizer, b.tokenizer, a.ref, b.ref)
+    if diff:
+        raise DanluError(
+            f"different tokenizers: {diff}; models with different tokenizers cannot be merged or ensembled "
+            "(their embedding rows mean different tokens)"
+        )
 
 
 def check_same_tensors(sources: list[Source]) -> None:

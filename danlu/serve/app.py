@@ -90,7 +90,8 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
     if opts.feedback is not None and opts.memory is not None:
         for c in opts.feedback.corrections(latest_only=False):
             remember(opts.memory, c)
-    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI document (clients, schemathesis) but no docs pages: those would load scripts from a CDN.
+    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.models = registry
     app.state.options = opts
 
@@ -382,9 +383,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         return {"ok": True, "response_id": req.response_id, "index": req.index}
 
     # ---- AI-text detection (`danlu serve … --detector DIR`) ---------------------------------------------------------
-    @app.post("/v1/detect", summary="P(machine) of texts, from the --detector classifier",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": DetectRequest.model_json_schema()}}}})  # fmt: skip
+    @app.post("/v1/detect", summary="P(machine) of texts, from the --detector classifier")
     async def detect(request: Request) -> dict[str, Any]:
         """`{"input": TEXT | [TEXT, …]}` → `{"data": [{index, p_machine, label, tokens, truncated}]}`; texts over the
         detector's max_tokens are scored on their first tokens (`truncated: true`)."""
@@ -450,7 +449,32 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
             raise APIError(404, f"no static file {path!r}", code="not_found")
         return FileResponse(target)
 
+    _document_bodies(app, {("post", "/v1/chat/completions"): ChatCompletionRequest,
+                           ("post", "/v1/completions"): CompletionRequest, ("post", "/v1/feedback"): FeedbackRequest,
+                           ("post", "/v1/detect"): DetectRequest})  # fmt: skip
     return app
+
+
+def _document_bodies(app: FastAPI, bodies: dict[tuple[str, str], type[BaseModel]]) -> None:
+    """Puts the request models in the OpenAPI document. The routes parse their JSON off the event loop
+    (`read_body`), so FastAPI cannot see the models; clients and schemathesis still need them."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = generate()
+        components = doc.setdefault("components", {}).setdefault("schemas", {})
+        for (method, path), model in bodies.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            doc["paths"][path][method]["requestBody"] = {"required": True,
+                                                         "content": {"application/json": {"schema": ref}}}  # fmt: skip
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _as_is(text: str) -> str:

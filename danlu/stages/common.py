@@ -1,7 +1,8 @@
 """What every training stage shares: its engine settings from the recipe, the parent checkpoint, the save hook.
 
-A recipe's top-level `train:` section holds engine defaults for all stages; a stage's own `train:` overrides them;
-top-level `seed`, `device`, `dtype` and `compile` apply everywhere. So `danlu run tiny device=cuda` moves every stage.
+A recipe's top-level `train:` section holds engine settings for all stages, above each stage's built-in defaults;
+a stage's own `train:` overrides them; top-level `seed`, `device`, `dtype` and `compile` apply everywhere. So
+`danlu run tiny device=cuda` moves every stage (`train_config` writes the rule down once).
 """
 
 from __future__ import annotations
@@ -22,11 +23,24 @@ from danlu.model import ModelConfig
 GLOBAL_ENGINE_KEYS = ("seed", "device", "dtype", "compile")
 
 
-def train_config(recipe: dict[str, Any], stage_train: dict[str, Any] | None, where: str) -> TrainConfig:
-    merged = deep_merge(recipe.get("train") or {}, stage_train or {})
+def train_config(
+    recipe: dict[str, Any], stage_train: dict[str, Any] | None, where: str, defaults: dict[str, Any] | None = None
+) -> TrainConfig:
+    """A stage's engine settings, by the one precedence rule every stage follows (highest first):
+
+    1. the stage's own `train:` section (`dpo.train.lr=…`);
+    2. the recipe's top-level `train:` section, and its top-level `seed`/`device`/`dtype`/`compile`
+       (the top-level key beats `train:`'s: `danlu run tiny device=cuda` moves every stage);
+    3. the stage's built-in defaults (`defaults`: DPO's smaller lr, GRPO's one rollout per micro-batch);
+    4. the engine's defaults (TrainConfig).
+
+    So `train.lr=…` reaches every stage that does not set its own lr, and a stage section always has the last word.
+    """
+    recipe_train = dict(recipe.get("train") or {})
     for key in GLOBAL_ENGINE_KEYS:
-        if key in recipe and key not in (stage_train or {}):
-            merged[key] = recipe[key]
+        if key in recipe:
+            recipe_train[key] = recipe[key]
+    merged = deep_merge(deep_merge(defaults or {}, recipe_train), stage_train or {})
     return from_dict(TrainConfig, merged, f"{where}.train")
 
 

@@ -198,14 +198,15 @@ def train_dpo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_pairs
-    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed
     from danlu.losses import dpo_loss
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
-    from danlu.stages.reward import PairBatches, encode_pairs, stage_train_config
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.reward import PairBatches, encode_pairs
 
     if cfg.reference_mode not in ("cached", "online"):
         raise DanluError(f"dpo.reference_mode: {cfg.reference_mode!r} is not one of cached, online")
-    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "dpo")
+    tcfg = train_config(recipe, cfg.train, "dpo", TRAIN_DEFAULTS)
+    d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
@@ -214,7 +215,7 @@ def train_dpo(
     written = read_pairs(data, cfg.max_pairs or None) if cfg.written_pairs else []
     train, dropped = encode_pairs(written, tok, context)
     held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
-    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
+    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed, rank=d.rank, world_size=d.world_size)
     held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
     online = cfg.reference_mode == "online"
 
@@ -256,7 +257,8 @@ def train_dpo(
     hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter), evaluate=evaluate)
     if not tcfg.eval_every:
         tcfg.eval_every = tcfg.steps
-    trainer = Trainer(tcfg, ckpt.model, source, loss_fn, out, hooks, stage="dpo")
+    # The loss is a mean over each micro-batch's B pairs: every micro-batch weighs the same (per_batch).
+    trainer = Trainer(tcfg, ckpt.model, source, loss_fn, out, hooks, stage="dpo", loss_units=per_batch)
     ref.to(trainer.device)
     if judged is not None:  # sampled from the starting model, before a resume loads later weights
         with trainer.autocast():
@@ -274,8 +276,9 @@ def train_dpo(
         source.extra["ref_logps"] = cached_logps(ref, PairBatches(train, 1, tok.pad_id, 0), trainer.autocast)
     if resume_wanted(out, cfg.resume, tcfg, "dpo"):
         trainer.resume()
-    print(f"[danlu] dpo: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, β={cfg.beta}, "
-          f"reference {cfg.reference_mode}, {tcfg.steps} steps")  # fmt: skip
+    if d.main:
+        print(f"[danlu] dpo: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, β={cfg.beta}, "
+              f"reference {cfg.reference_mode}, {tcfg.steps} steps")  # fmt: skip
     metrics = trainer.fit()
     evals = [h for h in trainer.history if h.get("event") == "eval" and "val_pref_accuracy" in h]
     result: dict[str, Any] = {

@@ -62,9 +62,10 @@ class Rollouts:
     def __init__(
         self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
         prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-        step_reward: float = 0.0, credit: str = "answer",
+        step_reward: float = 0.0, credit: str = "answer", rank: int = 0, world_size: int = 1,
     ) -> None:  # fmt: skip
         self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
+        self.rank, self.world_size = rank, world_size  # each rank rolls out its own prompts of the global batch
         self.group_size, self.per_step = group_size, prompts_per_step
         self.max_new_tokens, self.temperature, self.top_p, self.seed = (
             max_new_tokens,
@@ -80,8 +81,11 @@ class Rollouts:
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
 
     def _prompt_indices(self, position: int) -> list[int]:
+        """This rank's prompts of rollout `position`: rank r takes the r-th `prompts_per_step` of the global
+        batch of prompts_per_step × world_size, so N processes roll out N times the prompts of one."""
         n, out = len(self.prompts), []
-        for k in range(position * self.per_step, (position + 1) * self.per_step):
+        start = (position * self.world_size + self.rank) * self.per_step
+        for k in range(start, start + self.per_step):
             order = list(range(n))
             random.Random(self.seed * 1_000_003 + k // n).shuffle(order)
             out.append(order[k % n])
@@ -94,7 +98,7 @@ class Rollouts:
         idx = [i for i in self._prompt_indices(position) for _ in range(self.group_size)]
         params = SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-            seed=self.seed * 7_919 + position,
+            seed=(self.seed * 7_919 + position) * self.world_size + self.rank,  # one process: as before
         )  # fmt: skip
         was_training = self.policy.training
         with self.autocast():
@@ -168,13 +172,18 @@ class Rollouts:
         return step_advantages(rewards, ends, self.group_size, length)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "prompts": len(self.prompts)}
+        return {"position": self.position, "prompts": len(self.prompts), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("prompts") != len(self.prompts):
             raise DanluError(
                 f"--resume: the checkpoint was trained on {state.get('prompts')} prompts, this data has {len(self.prompts)}"
             )
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
+                             f"{self.world_size}; its rollout position counts global batches of that many ranks, "
+                             f"so resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
         self.position = int(state["position"])
 
 
@@ -228,17 +237,17 @@ def train_grpo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_rl_prompts
-    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed, target_tokens
     from danlu.losses import grpo_loss
-    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted, train_config
     from danlu.stages.dpo import attach_with_reference, token_logps
-    from danlu.stages.reward import stage_train_config
 
     if cfg.group_size < 2:
         raise DanluError(
             f"grpo.group_size: {cfg.group_size}; GRPO compares samples within a group, so it needs at least 2"
         )
-    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "grpo")
+    tcfg = train_config(recipe, cfg.train, "grpo", TRAIN_DEFAULTS)
+    d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
@@ -252,7 +261,7 @@ def train_grpo(
     source = Rollouts(
         prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
-        step_reward=cfg.step_reward, credit=cfg.credit,
+        step_reward=cfg.step_reward, credit=cfg.credit, rank=d.rank, world_size=d.world_size,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -277,6 +286,8 @@ def train_grpo(
         out,
         Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter)),
         stage="grpo",
+        # grpo: a mean over each rollout's sequences (all micro-batches weigh the same); bnpo: over its tokens
+        loss_units=target_tokens if cfg.loss_type == "bnpo" else per_batch,
     )
     source.autocast = trainer.autocast
     if ref is not None:
@@ -296,8 +307,9 @@ def train_grpo(
     result: dict[str, Any] = {k: v["accuracy"] for k, v in accuracies("_before").items()}
     if resume_wanted(out, cfg.resume, tcfg, "grpo"):
         trainer.resume()
-    print(f"[danlu] grpo: {len(prompts)} prompts, {cfg.prompts_per_step}×{cfg.group_size} samples per step, "
-          f"reward {cfg.reward}, β={cfg.beta}, {tcfg.steps} steps")  # fmt: skip
+    if d.main:
+        print(f"[danlu] grpo: {len(prompts)} prompts, {cfg.prompts_per_step}×{cfg.group_size} samples per step and "
+              f"process ({d.world_size}), reward {cfg.reward}, β={cfg.beta}, {tcfg.steps} steps")  # fmt: skip
     metrics = trainer.fit()
     result.update({"steps": trainer.step, "train_loss": metrics.get("loss"), "kl": metrics.get("kl")})
     after = accuracies("")

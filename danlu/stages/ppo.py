@@ -71,6 +71,17 @@ class PolicyWithValue(Transformer):
         h = self.hidden_states(input_ids)
         return token_logprobs(self.lm_head(h), targets), self.value_head(h).squeeze(-1).float()
 
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, values: bool = False,
+                **kw: Any) -> Any:  # fmt: skip
+        """The causal LM's forward; with `values=True`, `logps_and_values`. Training calls it this way, through
+        `forward`, because a DDP/FSDP wrapper only syncs gradients of what runs through the wrapper's __call__
+        (the wrapper has no `logps_and_values`, and calling it on the inner module would skip the sync)."""
+        if values:
+            if targets is None:
+                raise DanluError("PolicyWithValue(values=True) needs the targets whose log-probs it returns")
+            return self.logps_and_values(input_ids, targets)
+        return super().forward(input_ids, targets, **kw)
+
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Model folders hold only the policy; the value head is restored by the data source on resume."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
@@ -125,14 +136,14 @@ def train_ppo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_rl_prompts
-    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, set_seed
     from danlu.losses import ppo_policy_loss, ppo_value_loss
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted
+    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
     from danlu.stages.dpo import attach_with_reference
     from danlu.stages.grpo import Scorer, answer_accuracy
-    from danlu.stages.reward import stage_train_config
 
-    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "ppo")
+    tcfg = train_config(recipe, cfg.train, "ppo", TRAIN_DEFAULTS)
+    d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     if ckpt.backend != "native":
@@ -151,11 +162,12 @@ def train_ppo(
     source = PPORollouts(
         prompts, tok, policy, ref, scorer, group_size=1, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, seed=tcfg.seed, cfg=cfg,
+        rank=d.rank, world_size=d.world_size,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         mask = b["targets"] != -100
-        logp, values = m.logps_and_values(b["input_ids"], b["targets"])
+        logp, values = m(b["input_ids"], b["targets"], values=True)  # through the DDP/FSDP wrapper (forward)
         pg, clipfrac = ppo_policy_loss(logp.float(), b["old_logps"], b["advantages"], mask, cfg.clip)
         vf = ppo_value_loss(values, b["old_values"], b["returns"], mask, cfg.value_clip)
         return pg + cfg.vf_coef * vf, {"reward": float(b["rewards"].mean()), "kl": float(b["kl_seq"].mean()),
@@ -168,6 +180,8 @@ def train_ppo(
     def save(state: dict[str, torch.Tensor], folder: Path, step_meta: dict[str, Any]) -> None:
         saver({k: v for k, v in state.items() if not k.startswith("value_head.")}, folder, step_meta)
 
+    # Policy and value losses are means over the rollout's completion tokens: the engine's default weighting
+    # (target_tokens) makes the step's gradient the mean over the tokens of all ranks' rollouts.
     trainer = Trainer(tcfg, policy, source, loss_fn, out, Hooks(save_model=save), stage="ppo")
     source.autocast = trainer.autocast
     ref.to(trainer.device)
@@ -181,8 +195,9 @@ def train_ppo(
             ]
     if resume_wanted(out, cfg.resume, tcfg, "ppo"):
         trainer.resume()
-    print(f"[danlu] ppo: {len(prompts)} prompts, {cfg.prompts_per_step} samples per step, reward {reward}, "
-          f"kl_coef {cfg.kl_coef}, {tcfg.steps} steps")  # fmt: skip
+    if d.main:
+        print(f"[danlu] ppo: {len(prompts)} prompts, {cfg.prompts_per_step} samples per step and process "
+              f"({d.world_size}), reward {reward}, kl_coef {cfg.kl_coef}, {tcfg.steps} steps")  # fmt: skip
     metrics = trainer.fit()
     trains = [h for h in trainer.history if h.get("event") == "train" and "reward" in h]
     result.update({"steps": trainer.step, "kl": metrics.get("kl"), "value_loss": metrics.get("value_loss")})

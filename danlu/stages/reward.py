@@ -48,18 +48,6 @@ TRAIN_DEFAULTS = {
 }
 
 
-def stage_train_config(
-    recipe: dict[str, Any], stage_train: dict[str, Any], defaults: dict[str, Any], where: str
-) -> Any:
-    """Engine settings: the stage's defaults, under the recipe's top-level `train:`, under the stage's own."""
-    from danlu.config import deep_merge
-    from danlu.stages.common import train_config
-
-    base = {k: v for k, v in (recipe.get("train") or {}).items() if k not in defaults or k in ("log_every",)}
-    merged = {**recipe, "train": deep_merge(defaults, base)}
-    return train_config(merged, stage_train, where)
-
-
 def encode_pairs(pairs: list[Any], tokenizer: Any, context: int) -> tuple[list[tuple], int]:
     """[(chosen (ids, mask), rejected (ids, mask), margin)] of the pairs that fit the context; and the count dropped."""
     from danlu.data.preference import encode_completion
@@ -80,7 +68,11 @@ def encode_pairs(pairs: list[Any], tokenizer: Any, context: int) -> tuple[list[t
 
 
 class PairBatches:
-    """Shuffled micro-batches of pairs as one tensor of 2B rows; its position is part of the checkpoint."""
+    """Shuffled micro-batches of pairs as one tensor of 2B rows; its position is part of the checkpoint.
+
+    Under torchrun each of the `world_size` ranks takes its own B pairs of every global batch of B × world_size
+    (rank r the r-th slice), so N processes see N times the pairs of one, and together exactly the pairs one process
+    with batch B × world_size would see."""
 
     def __init__(
         self,
@@ -89,9 +81,13 @@ class PairBatches:
         pad_id: int,
         seed: int,
         extra: dict[str, list] | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
         self.extra = extra or {}  # per-pair values added to each batch (DPO's cached reference log-probs)
+        self.rank, self.world_size = rank, world_size
         self.position = 0
 
     def _order(self, epoch: int) -> list[int]:
@@ -100,9 +96,11 @@ class PairBatches:
         return order
 
     def indices(self, position: int) -> list[int]:
+        """This rank's pairs of global batch `position`: a window of the epoch-shuffled order."""
         n = len(self.encoded)
+        start = (position * self.world_size + self.rank) * self.batch_size
         out = []
-        for k in range(position * self.batch_size, (position + 1) * self.batch_size):
+        for k in range(start, start + self.batch_size):
             out.append(self._order(k // n)[k % n])
         return out
 
@@ -128,13 +126,18 @@ class PairBatches:
             yield self.batch(list(range(start, min(start + batch_size, len(self.encoded)))))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "pairs": len(self.encoded)}
+        return {"position": self.position, "pairs": len(self.encoded), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("pairs") != len(self.encoded):
             raise DanluError(
                 f"--resume: the checkpoint was trained on {state.get('pairs')} pairs, this data has {len(self.encoded)}"
             )
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size:
+            raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
+                             f"{self.world_size}; its data position counts global batches of that many ranks, so "
+                             f"resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
         self.position = int(state["position"])
 
 
@@ -156,12 +159,13 @@ def train_reward(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_pairs
-    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed
     from danlu.losses import bradley_terry_loss
     from danlu.rewards import RewardModel, save_reward_model
-    from danlu.stages.common import parent_checkpoint, resume_wanted
+    from danlu.stages.common import parent_checkpoint, resume_wanted, train_config
 
-    tcfg = stage_train_config(recipe, cfg.train, TRAIN_DEFAULTS, "reward")
+    tcfg = train_config(recipe, cfg.train, "reward", TRAIN_DEFAULTS)
+    d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     if ckpt.backend != "native":
@@ -178,7 +182,7 @@ def train_reward(
     adapter = attach_score_adapter(ckpt, cfg.peft, parent)
     model = ckpt.model
     del ckpt
-    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed)
+    source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed, rank=d.rank, world_size=d.world_size)
     held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -200,14 +204,14 @@ def train_reward(
 
     if not tcfg.eval_every:
         tcfg.eval_every = tcfg.steps  # before and after
-    trainer = Trainer(
-        tcfg, model, source, loss_fn, out, Hooks(save_model=save, evaluate=evaluate), stage="reward"
-    )
+    # The loss is a mean over each micro-batch's B pairs: every micro-batch weighs the same (per_batch).
+    trainer = Trainer(tcfg, model, source, loss_fn, out, Hooks(save_model=save, evaluate=evaluate), stage="reward",
+                      loss_units=per_batch)  # fmt: skip
     if resume_wanted(out, cfg.resume, tcfg, "reward"):
         trainer.resume()
-    print(
-        f"[danlu] reward: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, {tcfg.steps} steps"
-    )
+    if d.main:
+        print(f"[danlu] reward: {len(train)} pairs ({dropped} too long dropped), {len(held)} held out, "
+              f"{tcfg.steps} steps × {tcfg.batch_size * tcfg.grad_accum * d.world_size} pairs")  # fmt: skip
     metrics = trainer.fit()
     evals = [h for h in trainer.history if h.get("event") == "eval" and "val_accuracy" in h]
     result: dict[str, Any] = {

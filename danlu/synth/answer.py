@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from danlu.synth.filters import Filters
-from danlu.synth.loop import MAX_IDLE_ROUNDS, Candidate, answer_candidates, commit_jobs, raise_idle
+from danlu.synth.loop import Candidate, close_round
 from danlu.synth.store import SynthStore
 from danlu.synth.teacher import Sampling, Teacher
 
@@ -29,12 +29,7 @@ def run_answer(
         seeded = Sampling(
             **{**sampling.__dict__, "seed": None if sampling.seed is None else sampling.seed + jobs[0]}
         )
-        answer_candidates(teacher, cands, filters, seeded, first)
-        before = store.kept
-        commit_jobs(store, jobs, cands, teacher.name, total)
-        idle = 0 if store.kept > before else idle + 1
-        if idle >= MAX_IDLE_ROUNDS:
-            raise_idle(store, idle)
+        idle = close_round(teacher, store, jobs, cands, filters, seeded, total, first_round=first, idle=idle)
         first = False
         if progress:
             print(f"[danlu] synth answer: {len(store.done)}/{total} prompts, {store.kept} kept", flush=True)

@@ -76,13 +76,9 @@ class Filters:
     def instruction(self, text: str, finish_reason: str, index: RougeIndex) -> Verdict:
         """Checks a new instruction; the caller adds it to `index` when it passes."""
         t = text.strip()
-        if not t:
-            return "malformed", "empty text"
-        if finish_reason in ("length", "too_long"):
-            return "malformed", f"cut off ({finish_reason})"
-        mark = next((m for m in TEMPLATE_MARKS if m in t), None)
-        if mark:
-            return "malformed", f"contains the template token {mark}"
+        why = _malformed(t, finish_reason)
+        if why:
+            return "malformed", why
         if not (t[0].isalnum() or "\u4e00" <= t[0] <= "\u9fff"):
             return "malformed", f"starts with {t[0]!r}"
         words = len(rouge_tokens(t))
@@ -102,14 +98,24 @@ class Filters:
 
     def answer(self, text: str, finish_reason: str) -> Verdict:
         t = text.strip()
-        if not t:
-            return "answer_malformed", "empty text"
-        if finish_reason in ("length", "too_long"):
-            return "answer_malformed", f"cut off ({finish_reason})"
-        mark = next((m for m in TEMPLATE_MARKS if m in t), None)
-        if mark:
-            return "answer_malformed", f"contains the template token {mark}"
+        why = _malformed(t, finish_reason)
+        if why:
+            return "answer_malformed", why
         words = len(rouge_tokens(t))
         if words > self.max_answer_words:
             return "answer_length", f"{words} words > {self.max_answer_words}"
         return None
+
+
+def _malformed(text: str, finish_reason: str) -> str | None:
+    """Why a teacher's output is not text at all (empty, cut off, template tokens, broken UTF-8), or None."""
+    if not text:
+        return "empty text"
+    if finish_reason in ("length", "too_long"):
+        return f"cut off ({finish_reason})"
+    mark = next((m for m in TEMPLATE_MARKS if m in text), None)
+    if mark:
+        return f"contains the template token {mark}"
+    if "\ufffd" in text:  # a byte-level model that stopped inside a character, or wrote invalid UTF-8
+        return "contains U+FFFD (broken UTF-8)"
+    return None

@@ -96,3 +96,18 @@ def commit_jobs(
                 c.failed = ("surplus", f"{n} rows were already kept")
             (rejected if c.failed else kept).append(c.row(teacher))
         store.commit(j, kept, rejected, **info)
+
+
+def close_round(
+    teacher: Teacher, store: SynthStore, jobs: list[int], cands: list[Candidate], filters: Filters,
+    sampling: Sampling, n: int, *, first_round: bool, idle: int, **info: Any,
+) -> int:  # fmt: skip
+    """The end of every generator's round: the teacher answers what passed, the jobs are committed in order, and a
+    run that keeps nothing for MAX_IDLE_ROUNDS rounds stops. Returns the new count of idle rounds."""
+    answer_candidates(teacher, cands, filters, sampling, first_round)
+    before = store.kept
+    commit_jobs(store, jobs, cands, teacher.name, n, **info)
+    idle = 0 if store.kept > before else idle + 1
+    if idle >= MAX_IDLE_ROUNDS:
+        raise_idle(store, idle)
+    return idle

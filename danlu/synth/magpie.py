@@ -14,12 +14,9 @@ from dataclasses import dataclass
 
 from danlu.synth.filters import Filters, passed_before
 from danlu.synth.loop import (
-    MAX_IDLE_ROUNDS,
     Candidate,
-    answer_candidates,
     check_not_all_empty,
-    commit_jobs,
-    raise_idle,
+    close_round,
 )
 from danlu.synth.rouge import RougeIndex
 from danlu.synth.store import SynthStore
@@ -84,12 +81,8 @@ def run_magpie(
                 index.add(text)
             cands.append(c)
         answered = Sampling(**{**asamp.__dict__, "seed": None if asamp.seed is None else asamp.seed + job})
-        answer_candidates(teacher, cands, filters, answered, first)
-        before = store.kept
-        commit_jobs(store, jobs, cands, teacher.name, cfg.n, requests=len(jobs))
-        idle = 0 if store.kept > before else idle + 1
-        if idle >= MAX_IDLE_ROUNDS:
-            raise_idle(store, idle)
+        idle = close_round(teacher, store, jobs, cands, filters, answered, cfg.n, first_round=first, idle=idle,
+                           requests=len(jobs))  # fmt: skip
         job += cfg.jobs_per_round
         first = False
         if progress:

@@ -7,7 +7,6 @@ recipe switch between stopping (`on_error: fail`) and skipping-and-counting (`on
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +17,15 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from danlu import DanluError
+from danlu.files import Oversized, iter_lines, open_binary
+
+__all__ = [
+    "SourceError",
+    "SourceReader",
+    "iter_json_lines",
+    "open_binary",
+    "source_error",
+]  # open_binary's home: danlu.files
 
 
 class SourceError(Exception):
@@ -29,47 +37,15 @@ class SourceError(Exception):
         super().__init__(f"{where}: {message}")
 
 
-def open_binary(path: str | Path) -> io.BufferedIOBase:
-    """Opens a file, decompressing .gz/.bz2/.zst/.xz by name."""
-    path = str(path)
-    if path.endswith(".gz"):
-        import gzip
-
-        return gzip.open(path, "rb")
-    if path.endswith(".bz2"):
-        import bz2
-
-        return bz2.open(path, "rb")
-    if path.endswith(".xz"):
-        import lzma
-
-        return lzma.open(path, "rb")
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        import zstandard
-
-        # pushshift dumps use long-distance windows; the default limit rejects them
-        dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
-        return io.BufferedReader(dctx.stream_reader(open(path, "rb"), read_across_frames=True, closefd=True))
-    return open(path, "rb")
-
-
 def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | SourceError]]:
-    """(line number, object) for each non-blank JSONL line; a malformed line yields a SourceError in its place,
-    so the caller decides whether to stop or skip. Decompression errors (truncated file) are raised."""
-    with open_binary(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", errors="strict")
-        lineno = 0
-        while True:
-            try:
-                line = text.readline()
-            except UnicodeDecodeError as e:
-                raise SourceError(path, f"{lineno + 1}", f"not UTF-8 text ({e.reason})") from None
-            except Exception as e:  # zstd/gzip/bz2 errors on corrupt or truncated data
-                raise SourceError(path, f"{lineno + 1}", f"corrupt or truncated file ({e})") from None
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
+    """(line number, object) for each non-blank JSONL line, decoded as every danlu reader decodes (danlu.files:
+    detected or --encoding); a malformed or oversized line yields a SourceError in its place, so the caller decides
+    whether to stop or skip. Undecodable bytes and decompression errors (truncated file) are raised."""
+    try:
+        for lineno, line in iter_lines(path):
+            if isinstance(line, Oversized):
+                yield lineno, SourceError(path, str(lineno), f"a record of {line.chars:,} characters, longer than "
+                                          f"the bound of {line.bound:,}; skipped unread")  # fmt: skip
                 continue
             try:
                 obj = json.loads(line)
@@ -83,6 +59,17 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | So
                 )
                 continue
             yield lineno, obj
+    except DanluError as e:  # undecodable or corrupt: stop with the reader's position
+        raise source_error(path, e) from None
+
+
+def source_error(path: str | Path, error: DanluError) -> SourceError:
+    """danlu.files' "PATH:LINE: message" errors as a SourceError at that line."""
+    rest = str(error).removeprefix(f"{path}:")
+    line, sep, message = rest.partition(": ")
+    return (
+        SourceError(path, line, message) if sep and line.isdigit() else SourceError(path, None, rest.strip())
+    )
 
 
 class SourceReader(PipelineStep):

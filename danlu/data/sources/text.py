@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from danlu.data.sources.base import SourceError, SourceReader, iter_json_lines, open_binary
+from danlu import DanluError
+from danlu.data.sources.base import SourceError, SourceReader, iter_json_lines, source_error
+from danlu.files import read_text
 
 
 class TextReader(SourceReader):
@@ -53,12 +55,12 @@ class TextReader(SourceReader):
             for lineno, obj in iter_json_lines(path):
                 yield obj if isinstance(obj, SourceError) else self._record(obj, path, str(lineno))
         elif base.endswith(".json"):
-            with open_binary(path) as f:
-                try:
-                    data = json.loads(f.read().decode("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    pos = f"{e.lineno}:{e.colno}" if isinstance(e, json.JSONDecodeError) else None
-                    raise SourceError(path, pos, f"malformed JSON ({e})") from None
+            try:
+                data = json.loads(read_text(path))
+            except json.JSONDecodeError as e:
+                raise SourceError(path, f"{e.lineno}:{e.colno}", f"malformed JSON ({e.msg})") from None
+            except DanluError as e:  # undecodable bytes: the message names the line
+                raise source_error(path, e) from None
             if isinstance(data, dict):
                 data = [data]
             if not isinstance(data, list):
@@ -81,12 +83,10 @@ class TextReader(SourceReader):
             except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
                 raise SourceError(path, None, f"cannot read Parquet file ({e})") from None
         elif base.endswith((".txt", ".md")):
-            with open_binary(path) as f:
-                raw = f.read()
             try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise SourceError(path, f"byte {e.start}", "not UTF-8 text") from None
+                text = read_text(path)
+            except DanluError as e:
+                raise source_error(path, e) from None
             yield {"text": text, "id": Path(path).name}
         else:
             raise SourceError(path, None, "unsupported file type (expected .txt, .jsonl, .json or .parquet)")

@@ -1,0 +1,36 @@
+"""`danlu --help` and every command's (and sub-command's) help render: argparse formats help strings with %, so a
+stray "1%" in one command's help breaks `danlu --help` for every command."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from danlu.cli import build_parser
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+def test_every_help_renders() -> None:
+    seen = []
+    for path, parser in _parsers(build_parser()):
+        assert parser.format_help(), path
+        seen.append(" ".join(path))
+    assert {"run", "export", "merge", "detect train", "synth instruct", "compress"} <= set(seen)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"]])
+def test_help_is_fast_and_light(argv: list[str]) -> None:
+    """Commands import heavy modules lazily: --help must not import torch."""
+    code = "import sys; from danlu.cli import main\ntry:\n    main(%r)\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code % argv], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout[-500:]

@@ -1,0 +1,426 @@
+"""Correct at scale (issue 19, training): each rank reads its own rows of the global batch, losses are normalized
+over the whole global batch, 2 processes give the losses of 1 with the same global batch (reward, DPO), PPO and
+GRPO train under torchrun with synced weights, a non-finite gradient is caught, one precedence rule for settings,
+and the final tokens/s is the stage's own.
+
+Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL`, under torchrun for two), this file is
+also the worker of the 2-process test: it trains reward, DPO (and, on two processes, GRPO and PPO) and writes, per
+rank, the hashes of the rows each step read, the logged losses and a hash of the final weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "threads": 1}
+
+
+def _row_hash(row: list[int], pad_id: int) -> str:
+    """A row's tokens without its trailing padding (padding depends on the batch a row lands in)."""
+    while row and row[-1] == pad_id:
+        row = row[:-1]
+    return hashlib.sha256(json.dumps(row).encode()).hexdigest()[:16]
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        v = v.to_local() if hasattr(v, "to_local") else v  # FSDP2: this rank's shard
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _record_fits(record: dict[str, Any]) -> None:
+    """Wraps Trainer.fit to record, per stage, the row hashes of every batch this rank read, the logged (already
+    all-reduced) losses and a hash of the final weights."""
+    from danlu import engine
+
+    real_fit = engine.Trainer.fit
+
+    def fit(self: Any) -> Any:
+        rows: list[list[str]] = []
+        real_next = self.data.next_batch
+        pad = self.data.pad_id if hasattr(self.data, "pad_id") else self.data.tok.pad_id
+
+        def next_batch() -> dict[str, torch.Tensor]:
+            b = real_next()
+            rows.append(sorted(_row_hash(r, pad) for r in b["input_ids"].tolist()))
+            return b
+
+        self.data.next_batch = next_batch
+        start = _weights_hash(self.raw_model)
+        out = real_fit(self)
+        record[self.stage] = {
+            "start": start,
+            "rows": rows,
+            "losses": [h["loss"] for h in self.history if h.get("event") == "train"],
+            "weights": _weights_hash(self.raw_model),
+        }
+        return out
+
+    engine.Trainer.fit = fit
+
+
+def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, parallel: str = "ddp") -> None:
+    from danlu.stages.dpo import DPOConfig, train_dpo
+    from danlu.stages.grpo import GRPOConfig, train_grpo
+    from danlu.stages.ppo import PPOConfig, train_ppo
+    from danlu.stages.reward import RewardConfig, train_reward
+
+    torch.set_num_threads(1)
+    rank = int(os.environ.get("RANK", "0"))
+    record: dict[str, Any] = {}
+    _record_fits(record)
+    batch = 2 if mode == "two" else 4  # the same global batch of 4 pairs
+    train = {**FAST, "steps": 3, "batch_size": batch, "parallel": parallel}
+    train_reward(ckpt, pairs, out / "reward", recipe={}, cfg=RewardConfig(resume="false", train=train))
+    train_dpo(ckpt, pairs, out / "dpo", recipe={}, cfg=DPOConfig(resume="false", train=train))
+    if mode == "two" and parallel == "ddp":
+        # The reward model just trained scores every sample differently, so advantages and gradients are not 0.
+        rl_train, rm = {**FAST, "steps": 2}, str(out / "reward")
+        train_grpo(ckpt, rl, out / "grpo", recipe={}, cfg=GRPOConfig(
+            resume="false", group_size=2, prompts_per_step=1, max_new_tokens=4, eval_rows=0, reward=rm,
+            train=rl_train))  # fmt: skip
+        train_ppo(ckpt, rl, out / "ppo", recipe={}, reward=rm, cfg=PPOConfig(
+            resume="false", prompts_per_step=1, max_new_tokens=4, eval_rows=0, train=rl_train))  # fmt: skip
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("scale_data")
+    pairs, prompts = [], []
+    for a in range(2, 10):  # answers of different lengths, so rows differ in their token counts
+        q = [{"role": "user", "content": f"{a} + 3 = ?"}]
+        pairs.append({"prompt": q, "chosen": f"{a + 3}" + " 对" * (a % 3), "rejected": f"{a + 4} 不对"})
+        prompts.append({"messages": q, "answer": str(a + 3)})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    (root / "rl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
+    return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl"}
+
+
+def test_two_processes_read_their_own_rows_and_match_one(tmp_path: Path, tiny_checkpoint: Path, data) -> None:
+    """torchrun, 2 CPU processes (gloo): reward and DPO with 2 pairs per rank give the losses of 1 process with 4
+    pairs (to 1e-5), each rank reading its own half of every global batch (hashed rows); GRPO and PPO (through the
+    DDP wrapper) train on different prompts per rank and end with the same weights on both ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [str(data["pairs"]), str(data["rl"])]
+    one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), str(tiny_checkpoint), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
+    ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    for parallel in ("fsdp", "ddp"):  # FSDP2: reward and DPO only (their losses against one process)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              __file__, "two", str(tmp_path / parallel), str(tiny_checkpoint), *args, parallel],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)  # fmt: skip
+        assert two.returncode == 0, two.stderr[-8000:]
+        r0 = json.loads((tmp_path / parallel / "rank0.json").read_text())
+        for stage in ("reward", "dpo"):
+            assert r0[stage]["losses"] == pytest.approx(ref[stage]["losses"], abs=1e-5), (parallel, stage)
+    r0, r1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1))
+    for stage in ("reward", "dpo"):
+        assert len(ref[stage]["losses"]) == 3
+        assert r0[stage]["losses"] == pytest.approx(ref[stage]["losses"], abs=1e-5), stage
+        for step, rows in enumerate(ref[stage]["rows"]):
+            mine, theirs = set(r0[stage]["rows"][step]), set(r1[stage]["rows"][step])
+            assert not mine & theirs, (stage, step)  # different pairs on each rank
+            assert sorted(mine | theirs) == sorted(set(rows)), (stage, step)  # together: the global batch
+        assert r0[stage]["weights"] == r1[stage]["weights"], stage
+    for stage in ("grpo", "ppo"):
+        seen0 = {h for step in r0[stage]["rows"] for h in step}
+        seen1 = {h for step in r1[stage]["rows"] for h in step}
+        assert seen0 and seen1 and not seen0 & seen1, stage  # 4 prompts, 2 steps × 2 ranks: all different
+        assert r0[stage]["losses"] == r1[stage]["losses"] and len(r0[stage]["losses"]) == 2, stage
+        assert r0[stage]["weights"] != r0[stage]["start"], stage  # it trained
+        assert r0[stage]["weights"] == r1[stage]["weights"], stage  # gradients synced through the wrapper
+
+
+def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) -> None:
+    """In process: rank r of N reads the r-th slice of the global batch one process reads, for every position,
+    across epochs; a checkpoint's data position refuses another world size with the reason."""
+    from danlu import DanluError
+    from danlu.data.preference import read_pairs, read_rl_prompts
+    from danlu.stages.grpo import Rollouts
+    from danlu.stages.reward import PairBatches, encode_pairs
+
+    encoded = encode_pairs(read_pairs(data["pairs"]), tiny_tokenizer, 128)[0]
+    one = PairBatches(encoded, 6, tiny_tokenizer.pad_id, seed=3)
+    ranks = [PairBatches(encoded, 2, tiny_tokenizer.pad_id, seed=3, rank=r, world_size=3) for r in range(3)]
+    for _ in range(5):  # 30 pairs of 8: several epochs
+        want = one.next_batch()["input_ids"].tolist()
+        got = [r.next_batch()["input_ids"].tolist() for r in ranks]
+        pad = tiny_tokenizer.pad_id
+        assert sorted(_row_hash(row, pad) for g in got for row in g) == sorted(_row_hash(r, pad) for r in want)
+    with pytest.raises(DanluError, match="trained on 3 processes, this run has 1"):
+        PairBatches(encoded, 2, tiny_tokenizer.pad_id, seed=3).load_state_dict(ranks[0].state_dict())
+
+    prompts = read_rl_prompts(data["rl"])
+    kw = {"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    single = Rollouts(prompts, tiny_tokenizer, None, None, None, **{**kw, "prompts_per_step": 2})
+    pair = [Rollouts(prompts, tiny_tokenizer, None, None, None, **kw, rank=r, world_size=2) for r in range(2)]
+    for position in range(4):
+        a, b = (p._prompt_indices(position) for p in pair)
+        assert a + b == single._prompt_indices(position) and a != b
+    with pytest.raises(DanluError, match="trained on 2 processes, this run has 1"):
+        single.load_state_dict({**pair[1].state_dict(), "prompts": len(prompts)})
+
+
+class _Fixed:
+    """A data source of fixed batches, in turn: rows with few and with many scored targets."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches, self.i = batches, 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        b = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        return {k: v.clone() for k, v in b.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.i = state["i"]
+
+
+def _tiny_model(seed: int = 0) -> Any:
+    from danlu.model import ModelConfig, Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(vocab_size=128, depth=1, max_position_embeddings=32))
+
+
+def _uneven_batches() -> list[dict[str, torch.Tensor]]:
+    """Two micro-batches of 2 rows: the first scores 2 tokens per row (short answers), the second 15 (long)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for scored in (2, 15):
+        x = torch.randint(0, 128, (2, 16), generator=g)
+        y = torch.randint(0, 128, (2, 16), generator=g)
+        y[:, : 16 - scored] = -100
+        out.append({"input_ids": x, "targets": y})
+    return out
+
+
+def _trainer(tmp: Path, data: Any, loss_fn: Any = None, **cfg: Any) -> Any:
+    from danlu.engine import Hooks, TrainConfig, Trainer
+
+    tcfg = TrainConfig(**{"steps": 1, "lr": 1e-2, "warmup_steps": 0, "eval_every": 0, "save_minutes": 0, **FAST,
+                          **cfg})  # fmt: skip
+    return Trainer(tcfg, _tiny_model(), data, loss_fn or (lambda m, b: (m(b["input_ids"], b["targets"]), {})), tmp,
+                   Hooks(save_model=lambda state, folder, meta: None), stage="test")  # fmt: skip
+
+
+def test_accumulated_loss_is_the_mean_over_the_global_batch_tokens(tmp_path: Path, monkeypatch) -> None:
+    """grad_accum 2 (micro-batches of 2 and 15 scored tokens per row) gives the gradient of one batch of all 4 rows,
+    whose mean runs over all 34 tokens: not the mean of the two micro-batch means, which weighs short answers more."""
+    from danlu import engine
+
+    grads: dict[str, torch.Tensor] = {}
+    real_step = engine.optimizer_step
+
+    def capture(optimizers: Any, params: Any, grad_clip: float, grad_norm: Any = None) -> float:
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grads[str(id(p))] = p.grad.clone()
+        return real_step(optimizers, params, grad_clip, grad_norm)
+
+    monkeypatch.setattr(engine, "optimizer_step", capture)
+    micro = _uneven_batches()
+    t = _trainer(tmp_path / "accum", _Fixed(micro), grad_accum=2, grad_clip=0.0)
+    names = {str(id(p)): n for n, p in t.raw_model.named_parameters()}
+    t.fit()
+    accumulated = {names[k]: v for k, v in grads.items()}
+
+    whole = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+    for reduce_per_micro in (False, True):
+        model = _tiny_model()
+        if reduce_per_micro:  # the old rule: each micro-batch's own mean, averaged
+            loss = sum(model(b["input_ids"], b["targets"]) for b in micro) / 2
+        else:
+            loss = model(whole["input_ids"], whole["targets"])
+        loss.backward()
+        same = all(torch.allclose(accumulated[n], p.grad, atol=1e-6, rtol=1e-5) for n, p in model.named_parameters())
+        assert same != reduce_per_micro  # equal to the global-batch gradient, and that differs from the old rule
+    record = next(h for h in t.history if h.get("event") == "train")
+    with torch.no_grad():
+        assert record["loss"] == pytest.approx(float(_tiny_model()(whole["input_ids"], whole["targets"])), abs=1e-5)
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward (a finite loss), an infinite gradient backward: an overflow inside backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("inf")
+
+
+def test_non_finite_gradient_with_finite_loss_is_skipped(tmp_path: Path, capsys) -> None:
+    from danlu.engine import NonFiniteLoss
+
+    calls = {"n": 0}
+
+    def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        calls["n"] += 1
+        loss = m(b["input_ids"], b["targets"])
+        return (_InfGrad.apply(loss) if calls["n"] == 2 else loss), {}
+
+    t = _trainer(tmp_path / "one_bad", _Fixed(_uneven_batches()), loss_fn, steps=3)
+    t.fit()
+    assert t.step == 3 and calls["n"] == 4  # the bad step was skipped and redone with the next batch
+    assert all(torch.isfinite(p).all() for p in t.raw_model.parameters())
+    events = [h for h in t.history if h.get("event") == "nonfinite"]
+    assert len(events) == 1 and "gradient norm is" in events[0]["what"]
+    assert "gradient norm is" in capsys.readouterr().out
+
+    always = _trainer(tmp_path / "all_bad", _Fixed(_uneven_batches()),
+                      lambda m, b: (_InfGrad.apply(m(b["input_ids"], b["targets"])), {}), steps=5)  # fmt: skip
+    before = {k: v.clone() for k, v in always.raw_model.state_dict().items()}
+    with pytest.raises(NonFiniteLoss, match="not finite for 3 steps.*gradient norm"):
+        always.fit()
+    assert all(torch.equal(v, always.raw_model.state_dict()[k]) for k, v in before.items())
+
+
+def test_one_precedence_rule_for_settings() -> None:
+    """stage section > recipe `train:` (and its top-level seed/device/dtype/compile) > stage defaults > engine."""
+    from danlu.engine import TrainConfig
+    from danlu.stages.common import train_config
+
+    recipe = {"train": {"lr": 0.5, "batch_size": 3, "seed": 1}, "seed": 7, "dtype": "fp32"}
+    defaults = {"lr": 2e-4, "steps": 150, "batch_size": 8, "weight_decay": 0.0}
+    cfg = train_config(recipe, {"batch_size": 5, "dtype": "bf16"}, "dpo", defaults)
+    assert cfg.lr == 0.5  # the recipe's train: beats the stage's built-in default
+    assert cfg.batch_size == 5 and cfg.dtype == "bf16"  # the stage's own section beats both
+    assert cfg.steps == 150 and cfg.weight_decay == 0.0  # stage defaults beat the engine's
+    assert cfg.seed == 7  # a top-level key beats train:'s
+    assert cfg.warmup_steps == TrainConfig().warmup_steps  # the engine's default where nobody says
+    assert train_config({}, None, "sft").lr == TrainConfig().lr
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "grpo", "ppo"])
+def test_recipe_train_reaches_every_rl_stage(stage: str, tmp_path: Path, tiny_checkpoint: Path, data) -> None:
+    """`train.lr=…` at the top of a recipe reaches reward/DPO/GRPO/PPO (it used to lose to their defaults), and
+    the stage's own `train.lr` still wins over it."""
+    from danlu.stages import dpo, grpo, ppo, reward
+
+    recipe = {"train": {"lr": 0.0123, "weight_decay": 0.5}}
+    small = {"resume": "false", "train": {**FAST, "steps": 1, "batch_size": 2, "lr": 0.0456}}
+    rl = {"max_new_tokens": 2, "eval_rows": 0, "prompts_per_step": 1}
+    out = tmp_path / stage
+    if stage == "reward":
+        reward.train_reward(tiny_checkpoint, data["pairs"], out, recipe=recipe, cfg=reward.RewardConfig(**small))
+    elif stage == "dpo":
+        dpo.train_dpo(tiny_checkpoint, data["pairs"], out, recipe=recipe, cfg=dpo.DPOConfig(**small))
+    elif stage == "grpo":
+        grpo.train_grpo(tiny_checkpoint, data["rl"], out, recipe=recipe, cfg=grpo.GRPOConfig(**small, **rl,
+                                                                                            group_size=2))  # fmt: skip
+    else:
+        ppo.train_ppo(tiny_checkpoint, data["rl"], out, recipe=recipe, reward="world", cfg=ppo.PPOConfig(**small, **rl))
+    saved = json.loads((out / "trainer_state" / "state.json").read_text())["config"]
+    assert saved["weight_decay"] == 0.5  # recipe-level beats the stage's built-in default (0.0 for DPO/GRPO/PPO)
+    assert saved["lr"] == 0.0456  # the stage's own section beats the recipe
+
+
+def test_final_speed_is_the_stage_average(tmp_path: Path) -> None:
+    """The last logging interval ran fast, the earlier ones slowly: the stage's tokens_per_s (what danlu.json
+    records) is all tokens over all step time, below the last interval's figure."""
+    calls = {"n": 0}
+
+    def slow_then_fast(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            time.sleep(0.3)
+        return m(b["input_ids"], b["targets"]), {}
+
+    t = _trainer(tmp_path / "speed", _Fixed(_uneven_batches()), slow_then_fast, steps=3)
+    metrics = t.fit()
+    speed = next(h for h in t.history if h.get("event") == "speed")
+    last = [h for h in t.history if h.get("event") == "train"][-1]
+    assert speed["train_tokens"] == 3 * 2 * 16
+    assert speed["tokens_per_s"] == pytest.approx(speed["train_tokens"] / speed["train_seconds"], rel=1e-3)
+    assert metrics["tokens_per_s"] == speed["tokens_per_s"] < last["tokens_per_s"]
+
+
+class _FakeWriter:
+    """Stands in for TensorBoard's SummaryWriter (not installed here): appends each scalar to a file in its log
+    folder by path, as the real one's event file lives there, so a log folder swapped away breaks the next write."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.path = Path(log_dir) / "events.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        with open(self.path, "r+") as f:  # r+: the file must still be there
+            f.seek(0, 2)
+            f.write(f"{tag} {step} {value}\n")
+
+    def close(self) -> None:
+        pass
+
+
+def test_tensorboard_log_survives_checkpoint_swaps(tmp_path: Path, monkeypatch) -> None:
+    import types
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    t = _trainer(tmp_path / "tb", _Fixed(_uneven_batches()), steps=3, save_every=1)
+    t.hooks.save_model = lambda state, folder, meta: (folder / "config.json").write_text("{}")
+    t.fit()
+    lines = (tmp_path / "tb" / "tensorboard" / "events.txt").read_text().splitlines()
+    assert [int(line.split()[1]) for line in lines if line.startswith("test/loss ")] == [1, 2, 3]
+
+
+def test_fsdp_resume_continues_exactly_on_two_processes(tmp_path: Path, tiny_tokenizer) -> None:
+    """torchrun, 2 CPU processes, FSDP2: 3 steps, then `--resume` to 6, gives the losses of 6 steps straight: the
+    checkpoint holds the full weights and the full (gathered) optimizer state, and both go back into the shards."""
+    from danlu.data.shards import tokenize_corpus
+    from danlu.files import read_records, write_jsonl_atomic
+    from tests.conftest import SAMPLE_TEXT
+
+    tiny_tokenizer.save(tmp_path / "tok")
+    write_jsonl_atomic(tmp_path / "train.jsonl", ({"text": t + f" {i}"} for i, t in enumerate(SAMPLE_TEXT * 4)))
+    tokenize_corpus({"train": [tmp_path / "train.jsonl"]}, tmp_path / "tok", tmp_path / "shards", workers=1,
+                    progress=False)  # fmt: skip
+    common = [f"--data={tmp_path / 'shards'}", f"--tokenizer={tmp_path / 'tok'}", "--recipe=smoke", "dtype=fp32",
+              "device=cpu", "model.depth=1", "pretrain.seq_len=32", "pretrain.eval_facts=0",
+              "pretrain.train.eval_every=0", "pretrain.train.sample_every=0", "pretrain.train.log_every=1",
+              "pretrain.train.warmup_steps=0", "pretrain.train.schedule=constant", "train.threads=1",
+              "train.batch_size=2", "train.parallel=fsdp"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, steps: int, *extra: str) -> list[float]:
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "danlu", "pretrain", f"--out={out}", *common, f"pretrain.train.steps={steps}",
+                              *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-8000:]
+        return [r["loss"] for r in read_records(out / "metrics.jsonl") if r.get("event") == "train"]
+
+    straight = torchrun(tmp_path / "straight", 6)
+    assert len(torchrun(tmp_path / "resumed", 3)) == 3
+    resumed = torchrun(tmp_path / "resumed", 6, "--resume")
+    assert len(straight) == len(resumed) == 6
+    assert resumed == pytest.approx(straight, abs=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), *sys.argv[6:])
