@@ -54,7 +54,11 @@ def step_seconds(out: Path) -> float:
     comes and goes; the median drops the intervals that caught a stall or an evaluation)."""
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e.get("event") == "train"]
-    per = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(train, train[1:]) if b["step"] > a["step"]]
+    per = [
+        (b["time"] - a["time"]) / (b["step"] - a["step"])
+        for a, b in zip(train, train[1:])
+        if b["step"] > a["step"]
+    ]
     return statistics.median(per) if per else math.nan
 
 
@@ -142,7 +146,11 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         return sum(vals) / len(vals) if vals else math.nan
 
     ratio = chat(lora) / chat(full) if chat(full) else math.nan
-    less = lora["forgetting"] is not None and full["forgetting"] is not None and lora["forgetting"] < full["forgetting"]
+    less = (
+        lora["forgetting"] is not None
+        and full["forgetting"] is not None
+        and lora["forgetting"] < full["forgetting"]
+    )
     reached = ("undecided: full SFT scores 0 at this scale" if math.isnan(ratio)
                else "met" if ratio >= 0.9 else "NOT met")  # fmt: skip
     parts = [f"LoRA/full held-out chat accuracy {fmt(ratio, '.0%')} (goal ≥ 90%: {reached}); held-out dialog loss "
@@ -156,15 +164,21 @@ def verdict(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/peft", help="run folder holding the base (world … pretrain)")
-    ap.add_argument("--recipe", default="peft", help="recipe whose base and sft section to use (default: peft)")
-    ap.add_argument("--out", default=None, help="where the methods' checkpoints and the table go (RUN/peft_compare)")
+    ap.add_argument(
+        "--recipe", default="peft", help="recipe whose base and sft section to use (default: peft)"
+    )
+    ap.add_argument(
+        "--out", default=None, help="where the methods' checkpoints and the table go (RUN/peft_compare)"
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--steps", type=int, default=60, help="SFT steps, the same for every method")
     ap.add_argument("--eval-limit", type=int, default=100, help="rows per held-out chat set")
     ap.add_argument("--virtual-tokens", type=int, default=20, help="P-tuning's virtual tokens")
     ap.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="learning rate per method")
     ap.add_argument("--render", action="store_true", help="only rewrite the table from OUT/peft_compare.json")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: train one method in this process
+    ap.add_argument(
+        "--one", default=None, help=argparse.SUPPRESS
+    )  # internal: train one method in this process
     ap.add_argument("overrides", nargs="*", help="recipe overrides (key=value), e.g. sft.peft.r=16")
     args = ap.parse_args()
     args.out = args.out or str(Path(args.run) / "peft_compare")
@@ -192,7 +206,9 @@ def main() -> None:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEFT_ROW ")]
         if proc.returncode or not found:
-            sys.exit(f"[peft_compare] {method} failed (exit {proc.returncode}); its output:\n{proc.stdout[-2000:]}")
+            sys.exit(
+                f"[peft_compare] {method} failed (exit {proc.returncode}); its output:\n{proc.stdout[-2000:]}"
+            )
         rows.append(json.loads(found[-1].removeprefix("PEFT_ROW ")))
     out.mkdir(parents=True, exist_ok=True)
     steps = sorted({r["steps"] for r in rows})

@@ -66,7 +66,9 @@ class TrainConfig:
     eval_every: int = 100
     eval_rows: int = 256
     save_every: int = 0  # also save every N steps; 0: by time only
-    save_minutes: float = 10.0  # save at least this often (and always at the end, on Ctrl-C and SIGTERM); 0: off
+    save_minutes: float = (
+        10.0  # save at least this often (and always at the end, on Ctrl-C and SIGTERM); 0: off
+    )
     log_every: int = 10
     sample_every: int = 0
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
@@ -372,20 +374,26 @@ class Trainer:
         self.compiled = self._use_compile()
         self.model = self._wrap(self.raw_model)
         self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
-        for opt in self.optimizers:  # the schedule scales base_lr; set now, so a saved state has the same keys
+        for (
+            opt
+        ) in self.optimizers:  # the schedule scales base_lr; set now, so a saved state has the same keys
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
         self.step = 0
         self.tokens_per_row = tokens_per_row
         self.flops_per_token = flops_per_token
-        self.loss_units = loss_units  # what the loss averages over (`target_tokens`, `per_batch`): its weighting
+        self.loss_units = (
+            loss_units  # what the loss averages over (`target_tokens`, `per_batch`): its weighting
+        )
         self._train_tokens, self._train_seconds = 0, 0.0  # the whole stage's, for its final tokens/s and MFU
         self.peak = cfg.peak_flops or peak_flops(self.device, self.dtype)
         self.best_val = math.inf
         self.bad_evals = 0
         self.history: list[dict[str, Any]] = []
         self._tb = None
-        self._interrupted: int | None = None  # the signal that asked training to stop at the next step boundary
+        self._interrupted: int | None = (
+            None  # the signal that asked training to stop at the next step boundary
+        )
         self._last_save = time.monotonic()
         self._recover()
 
@@ -396,7 +404,9 @@ class Trainer:
             if self.cfg.parallel == "fsdp":
                 from torch.distributed.fsdp import fully_shard
 
-                for layer in _blocks(model):  # one FSDP unit per block: gathers overlap the previous block's work
+                for layer in _blocks(
+                    model
+                ):  # one FSDP unit per block: gathers overlap the previous block's work
                     fully_shard(layer)
                 fully_shard(model)
             else:
@@ -507,7 +517,9 @@ class Trainer:
             }
             if (self.out / "metrics.jsonl").exists():
                 shutil.copy2(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
-            if self._tb:  # the TensorBoard log moves with the folder: closed here, reopened there at the next log
+            if (
+                self._tb
+            ):  # the TensorBoard log moves with the folder: closed here, reopened there at the next log
                 self._tb.close()
                 self._tb = None
             if (self.out / "tensorboard").is_dir():
@@ -560,12 +572,16 @@ class Trainer:
         from danlu.io import load_state_dict_file, load_weights
 
         master = self.out / "trainer_state" / MASTER_WEIGHTS
-        adapter = self.raw_model.__dict__.get("danlu_adapter")  # a peft adapter trains: its folder holds only it
+        adapter = self.raw_model.__dict__.get(
+            "danlu_adapter"
+        )  # a peft adapter trains: its folder holds only it
         if adapter is not None:
             adapter.restore(self.out)
             missing, unexpected = [], []
         else:
-            weights = load_state_dict_file(master) if master.exists() else load_weights(self.out, torch.float32)
+            weights = (
+                load_state_dict_file(master) if master.exists() else load_weights(self.out, torch.float32)
+            )
             if self._sharded():  # full tensors in, each rank keeps its shard of every DTensor parameter
                 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -869,7 +885,9 @@ class Trainer:
 def checkpoint_step(folder: Path) -> int | None:
     """The step of a complete checkpoint folder (model config, optimizer and state.json, written last), or None."""
     state = folder / "trainer_state" / "state.json"
-    model_file = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()  # or an adapter
+    model_file = (folder / "config.json").is_file() or (
+        folder / "adapter_config.json"
+    ).is_file()  # or an adapter
     if not (model_file and (folder / "trainer_state" / "optimizer.pt").is_file()):
         return None
     try:

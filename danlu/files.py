@@ -228,7 +228,9 @@ def iter_lines(
                     continue
             except UnicodeDecodeError:
                 raise bad_byte_error(path, f.encoding) from None
-            except Exception as e:  # gzip/bz2/lzma/zstd each raise their own type on corrupt or truncated data
+            except (
+                Exception
+            ) as e:  # gzip/bz2/lzma/zstd each raise their own type on corrupt or truncated data
                 raise DanluError(f"{path}:{lineno + 1}: corrupt or truncated file ({e})") from None
             if not line:
                 return

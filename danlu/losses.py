@@ -240,4 +240,6 @@ def kd_loss(
 ) -> torch.Tensor:  # fmt: skip
     """Hinton's distillation loss: T²·KL(p_teacher^T ‖ p_student^T) per token, averaged over `mask`. The T² keeps
     the gradient's scale independent of the temperature (soft targets' gradients shrink as 1/T²)."""
-    return temperature**2 * generalized_jsd(student_logits, teacher_logits, mask, beta=0.0, temperature=temperature)
+    return temperature**2 * generalized_jsd(
+        student_logits, teacher_logits, mask, beta=0.0, temperature=temperature
+    )

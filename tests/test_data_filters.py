@@ -21,7 +21,12 @@ def test_clean_normalizes_masks_and_drops_boilerplate():
     assert "版权所有" not in text and "\n\n\n" not in text and "\u200b" not in text and "<p>" not in text
     assert "Call [PHONE]." in text and "8848 m" in text and "1411778724" in text  # plain numbers are not PII
     masks = ("masked_email", "masked_id", "masked_phone", "boilerplate_lines")
-    assert {k: counts[k] for k in masks} == {"masked_email": 1, "masked_id": 1, "masked_phone": 2, "boilerplate_lines": 1}
+    assert {k: counts[k] for k in masks} == {
+        "masked_email": 1,
+        "masked_id": 1,
+        "masked_phone": 2,
+        "boilerplate_lines": 1,
+    }
     assert counts["edit_unicode"] == counts["edit_markup"] == counts["edit_traditional_to_simplified"] == 1
 
 

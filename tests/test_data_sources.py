@@ -186,7 +186,10 @@ def test_text_sources_read_gb18030_and_skip_oversized_records(tmp_path, monkeypa
     size bound is skipped unread and counted, not parsed (issue 16)."""
     import danlu.files
 
-    rows = [{"text": "中国最高的山是珠穆朗玛峰。这是一段用 GBK 编码保存的文字。"}, {"text": "长江是中国最长的河。"}]
+    rows = [
+        {"text": "中国最高的山是珠穆朗玛峰。这是一段用 GBK 编码保存的文字。"},
+        {"text": "长江是中国最长的河。"},
+    ]
     gbk = tmp_path / "gbk.jsonl"
     gbk.write_bytes("\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode("gb18030"))
     txt = tmp_path / "gbk.txt"
@@ -199,5 +202,7 @@ def test_text_sources_read_gb18030_and_skip_oversized_records(tmp_path, monkeypa
     big.write_text(json.dumps({"text": "x" * 1000}) + "\n" + json.dumps(rows[1], ensure_ascii=False) + "\n")
     docs, reader = read("text", [big], on_error="skip")
     assert [d.text for d in docs] == [rows[1]["text"]] and reader.stats["read_errors"].total == 1
-    with pytest.raises(DanluError, match=r"big\.jsonl:1: a record of 1,0\d\d characters, longer than the bound"):
+    with pytest.raises(
+        DanluError, match=r"big\.jsonl:1: a record of 1,0\d\d characters, longer than the bound"
+    ):
         read("text", [big], on_error="fail")

@@ -63,10 +63,15 @@ def test_reward_lora_trains_the_score_head_in_full_and_loads_as_a_reward_model(
     assert any("q_proj.lora_A" in k for k in tensors)
     assert is_reward_model(out)
     rm, tok = load_reward_model(out)
-    convs = [[{"role": "user", "content": "2 + 3 = ?"}, {"role": "assistant", "content": c}] for c in ("5", "6 不对")]
+    convs = [
+        [{"role": "user", "content": "2 + 3 = ?"}, {"role": "assistant", "content": c}]
+        for c in ("5", "6 不对")
+    ]
     ours = RewardModelScorer(rm, tok).score(convs)
     # peft's own loader on transformers' sequence classifier gives the same scores (pad token set as danlu's)
-    hf = LlamaForSequenceClassification.from_pretrained(tiny_checkpoint, num_labels=1, pad_token_id=tok.pad_id)
+    hf = LlamaForSequenceClassification.from_pretrained(
+        tiny_checkpoint, num_labels=1, pad_token_id=tok.pad_id
+    )
     theirs_model = peft.PeftModel.from_pretrained(hf.eval(), out).eval()
     ids = [tok.render_chat(c)[0] for c in convs]
     longest = max(map(len, ids))
@@ -76,7 +81,9 @@ def test_reward_lora_trains_the_score_head_in_full_and_loads_as_a_reward_model(
     assert ours == pytest.approx(theirs, abs=1e-4)
 
 
-def test_reward_lora_resume_restores_the_score_head(tiny_checkpoint: Path, data: dict, tmp_path: Path) -> None:
+def test_reward_lora_resume_restores_the_score_head(
+    tiny_checkpoint: Path, data: dict, tmp_path: Path
+) -> None:
     from danlu.stages.reward import RewardConfig, train_reward
 
     def run(out: Path, steps: int, resume: str) -> list[float]:
@@ -97,9 +104,10 @@ def test_reward_lora_resume_restores_the_score_head(tiny_checkpoint: Path, data:
 def test_dpo_lora_uses_the_base_as_reference_without_a_copy(
     tiny_checkpoint: Path, data: dict, tmp_path: Path
 ) -> None:
+    from danlu.data.preference import PairBatches, encode_pairs
     from danlu.io import load_checkpoint
-    from danlu.stages.dpo import AdapterOff, DPOConfig, attach_with_reference, sequence_logps, train_dpo
-    from danlu.stages.reward import PairBatches, encode_pairs
+    from danlu.stages.common import AdapterOff, attach_with_reference, sequence_logps
+    from danlu.stages.dpo import DPOConfig, train_dpo
 
     # the reference view runs the bare base: its log-probs equal the parent's even after the adapter moved
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -139,11 +147,13 @@ def test_dpo_lora_uses_the_base_as_reference_without_a_copy(
 
 def test_dpo_with_a_soft_prompt_references_the_wrapped_base(tiny_checkpoint: Path, data: dict) -> None:
     from danlu.io import load_checkpoint
-    from danlu.stages.dpo import attach_with_reference
+    from danlu.stages.common import attach_with_reference
 
     ckpt = load_checkpoint(tiny_checkpoint)
     base = ckpt.model
-    _, ref = attach_with_reference(ckpt, {"method": "ptuning", "virtual_tokens": 4}, "dpo", tiny_checkpoint, None)
+    _, ref = attach_with_reference(
+        ckpt, {"method": "ptuning", "virtual_tokens": 4}, "dpo", tiny_checkpoint, None
+    )
     assert ref is base and ckpt.model is not base  # the PromptedLM wraps the base, the reference is the base
     assert not any(p.requires_grad for p in ref.parameters())
 
@@ -171,7 +181,9 @@ def test_ppo_lora_trains_the_value_head_and_saves_only_the_policy_adapter(
     out = tmp_path / "ppo"
     cfg = PPOConfig(resume="false", prompts_per_step=3, max_new_tokens=4, eval_rows=3, peft=LORA,
                     train={**FAST, "steps": 2})  # fmt: skip
-    res = train_ppo(tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, reward="world", eval_data=data["rl"])
+    res = train_ppo(
+        tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, reward="world", eval_data=data["rl"]
+    )
     assert math.isfinite(res["kl"]) and math.isfinite(res["value_loss"])
     tensors = _saved(out)
     assert tensors and all("lora_" in k for k in tensors)  # no value head, no base weights
@@ -214,7 +226,9 @@ def test_peft_on_the_command_line_fills_the_stage_section(stage: str, tmp_path: 
     assert cfg.peft == {"method": "dora", "r": 4}
 
 
-def test_sft_with_ptuning_fits_the_virtual_tokens_in_the_context(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_sft_with_ptuning_fits_the_virtual_tokens_in_the_context(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     """A soft prompt's virtual tokens take positions: rows default to the context minus them, one dialog per row
     with no segments (the base's context is 128; these dialogs are short, so a full-context row would overflow)."""
     from danlu.io import load_checkpoint
@@ -254,9 +268,13 @@ def test_adapters_trained_from_an_sft_adapter_load_on_it_merged(
     dpo = load_checkpoint(tmp_path / "dpo")
     assert dpo.meta["adapter"]["base"] == str(tmp_path / "sft")
     x = torch.tensor([[5, 17, 42, 7]])
-    with torch.no_grad():  # one step moved the DPO adapter only a little: close to the SFT model, not the base
+    with (
+        torch.no_grad()
+    ):  # one step moved the DPO adapter only a little: close to the SFT model, not the base
         sft_logits = ckpt.model.eval()(x)
-        assert (dpo.model(x) - sft_logits).abs().max() < (load_checkpoint(tiny_checkpoint).model(x) - sft_logits).abs().max()
+        assert (dpo.model(x) - sft_logits).abs().max() < (
+            load_checkpoint(tiny_checkpoint).model(x) - sft_logits
+        ).abs().max()
     train_reward(tmp_path / "sft", data["pairs"], tmp_path / "rm", recipe={},
                  cfg=RewardConfig(resume="false", peft=LORA, train={**FAST, "steps": 1}))  # fmt: skip
     rm, _ = load_reward_model(tmp_path / "rm")

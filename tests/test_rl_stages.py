@@ -155,7 +155,7 @@ def test_dpo_rpo_term_adds_the_chosen_nll(tiny_checkpoint: Path, data: dict, tmp
 
 
 def test_grpo_kinds_select_prompts_and_name_a_missing_kind(tmp_path: Path) -> None:
-    from danlu.stages.grpo import read_prompts
+    from danlu.stages.rollouts import read_prompts
 
     rows = [{"messages": [{"role": "user", "content": f"{a}+1=?"}], "answer": str(a + 1), "kind": k}
             for a, k in [(1, "arithmetic"), (2, "fact"), (3, "arithmetic")]]  # fmt: skip
@@ -205,7 +205,7 @@ def test_step_credit_lands_on_the_tokens_of_each_step(tiny_checkpoint: Path, tin
     from danlu.data.preference import RLPrompt
     from danlu.generate import Completion
     from danlu.io import load_checkpoint
-    from danlu.stages.grpo import Rollouts, Scorer
+    from danlu.stages.rollouts import Rollouts, Scorer
 
     ckpt = load_checkpoint(tiny_checkpoint)
     prompt = RLPrompt(

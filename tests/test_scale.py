@@ -151,9 +151,8 @@ def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) ->
     """In process: rank r of N reads the r-th slice of the global batch one process reads, for every position,
     across epochs; a checkpoint's data position refuses another world size with the reason."""
     from danlu import DanluError
-    from danlu.data.preference import read_pairs, read_rl_prompts
-    from danlu.stages.grpo import Rollouts
-    from danlu.stages.reward import PairBatches, encode_pairs
+    from danlu.data.preference import PairBatches, encode_pairs, read_pairs, read_rl_prompts
+    from danlu.stages.rollouts import Rollouts
 
     encoded = encode_pairs(read_pairs(data["pairs"]), tiny_tokenizer, 128)[0]
     one = PairBatches(encoded, 6, tiny_tokenizer.pad_id, seed=3)
@@ -162,12 +161,21 @@ def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) ->
         want = one.next_batch()["input_ids"].tolist()
         got = [r.next_batch()["input_ids"].tolist() for r in ranks]
         pad = tiny_tokenizer.pad_id
-        assert sorted(_row_hash(row, pad) for g in got for row in g) == sorted(_row_hash(r, pad) for r in want)
+        assert sorted(_row_hash(row, pad) for g in got for row in g) == sorted(
+            _row_hash(r, pad) for r in want
+        )
     with pytest.raises(DanluError, match="trained on 3 processes, this run has 1"):
         PairBatches(encoded, 2, tiny_tokenizer.pad_id, seed=3).load_state_dict(ranks[0].state_dict())
 
     prompts = read_rl_prompts(data["rl"])
-    kw = {"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+    kw = {
+        "group_size": 2,
+        "prompts_per_step": 1,
+        "max_new_tokens": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "seed": 0,
+    }
     single = Rollouts(prompts, tiny_tokenizer, None, None, None, **{**kw, "prompts_per_step": 2})
     pair = [Rollouts(prompts, tiny_tokenizer, None, None, None, **kw, rank=r, world_size=2) for r in range(2)]
     for position in range(4):
@@ -254,11 +262,17 @@ def test_accumulated_loss_is_the_mean_over_the_global_batch_tokens(tmp_path: Pat
         else:
             loss = model(whole["input_ids"], whole["targets"])
         loss.backward()
-        same = all(torch.allclose(accumulated[n], p.grad, atol=1e-6, rtol=1e-5) for n, p in model.named_parameters())
-        assert same != reduce_per_micro  # equal to the global-batch gradient, and that differs from the old rule
+        same = all(
+            torch.allclose(accumulated[n], p.grad, atol=1e-6, rtol=1e-5) for n, p in model.named_parameters()
+        )
+        assert (
+            same != reduce_per_micro
+        )  # equal to the global-batch gradient, and that differs from the old rule
     record = next(h for h in t.history if h.get("event") == "train")
     with torch.no_grad():
-        assert record["loss"] == pytest.approx(float(_tiny_model()(whole["input_ids"], whole["targets"])), abs=1e-5)
+        assert record["loss"] == pytest.approx(
+            float(_tiny_model()(whole["input_ids"], whole["targets"])), abs=1e-5
+        )
 
 
 class _InfGrad(torch.autograd.Function):
@@ -326,16 +340,22 @@ def test_recipe_train_reaches_every_rl_stage(stage: str, tmp_path: Path, tiny_ch
     rl = {"max_new_tokens": 2, "eval_rows": 0, "prompts_per_step": 1}
     out = tmp_path / stage
     if stage == "reward":
-        reward.train_reward(tiny_checkpoint, data["pairs"], out, recipe=recipe, cfg=reward.RewardConfig(**small))
+        reward.train_reward(
+            tiny_checkpoint, data["pairs"], out, recipe=recipe, cfg=reward.RewardConfig(**small)
+        )
     elif stage == "dpo":
         dpo.train_dpo(tiny_checkpoint, data["pairs"], out, recipe=recipe, cfg=dpo.DPOConfig(**small))
     elif stage == "grpo":
         grpo.train_grpo(tiny_checkpoint, data["rl"], out, recipe=recipe, cfg=grpo.GRPOConfig(**small, **rl,
                                                                                             group_size=2))  # fmt: skip
     else:
-        ppo.train_ppo(tiny_checkpoint, data["rl"], out, recipe=recipe, reward="world", cfg=ppo.PPOConfig(**small, **rl))
+        ppo.train_ppo(
+            tiny_checkpoint, data["rl"], out, recipe=recipe, reward="world", cfg=ppo.PPOConfig(**small, **rl)
+        )
     saved = json.loads((out / "trainer_state" / "state.json").read_text())["config"]
-    assert saved["weight_decay"] == 0.5  # recipe-level beats the stage's built-in default (0.0 for DPO/GRPO/PPO)
+    assert (
+        saved["weight_decay"] == 0.5
+    )  # recipe-level beats the stage's built-in default (0.0 for DPO/GRPO/PPO)
     assert saved["lr"] == 0.0456  # the stage's own section beats the recipe
 
 
@@ -398,7 +418,9 @@ def test_fsdp_resume_continues_exactly_on_two_processes(tmp_path: Path, tiny_tok
     from tests.conftest import SAMPLE_TEXT
 
     tiny_tokenizer.save(tmp_path / "tok")
-    write_jsonl_atomic(tmp_path / "train.jsonl", ({"text": t + f" {i}"} for i, t in enumerate(SAMPLE_TEXT * 4)))
+    write_jsonl_atomic(
+        tmp_path / "train.jsonl", ({"text": t + f" {i}"} for i, t in enumerate(SAMPLE_TEXT * 4))
+    )
     tokenize_corpus({"train": [tmp_path / "train.jsonl"]}, tmp_path / "tok", tmp_path / "shards", workers=1,
                     progress=False)  # fmt: skip
     common = [f"--data={tmp_path / 'shards'}", f"--tokenizer={tmp_path / 'tok'}", "--recipe=smoke", "dtype=fp32",
@@ -423,4 +445,6 @@ def test_fsdp_resume_continues_exactly_on_two_processes(tmp_path: Path, tiny_tok
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), *sys.argv[6:])
+    _worker(
+        sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), *sys.argv[6:]
+    )

@@ -104,7 +104,10 @@ def test_filters_each_reason():
     assert f.instruction("中国最高的山叫什么?", "stop", idx)[0] == "rouge_l"
     assert f.answer("", "stop")[0] == "answer_malformed"
     assert f.answer("an answer cut off at the", "length")[0] == "answer_malformed"
-    assert f.answer("broken \ufffd character", "stop") == ("answer_malformed", "contains U+FFFD (broken UTF-8)")
+    assert f.answer("broken \ufffd character", "stop") == (
+        "answer_malformed",
+        "contains U+FFFD (broken UTF-8)",
+    )
     assert f.instruction("Explain \ufffd gravity to a child", "stop", idx)[0] == "malformed"
     assert parse_list("Sure!\n1. First task here\n2、第二个任务\n- third one", 8) == [
         "First task here", "第二个任务", "third one"

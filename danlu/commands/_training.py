@@ -8,7 +8,13 @@ import os
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-PEFT_STAGES = ("sft", "reward", "dpo", "ppo", "grpo")  # stages whose config has a `peft:` section (danlu.adapters.PeftSpec)
+PEFT_STAGES = (
+    "sft",
+    "reward",
+    "dpo",
+    "ppo",
+    "grpo",
+)  # stages whose config has a `peft:` section (danlu.adapters.PeftSpec)
 
 
 def add_output_arguments(p: argparse.ArgumentParser, stage: str, example: str) -> None:

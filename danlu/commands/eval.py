@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="generation length for gsm8k")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--examples", type=int, default=3, help="examples kept per task in the results (default 3)")
+    p.add_argument(
+        "--examples", type=int, default=3, help="examples kept per task in the results (default 3)"
+    )
     p.add_argument("--encoding", help="text encoding of --data/--dev files (default: detected)")
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and exit")
 

@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from danlu.serve.server import serve_forever
 
     specs = []
-    if args.checkpoint or args.model or not args.ensemble:  # nothing at all to serve: parse_model_specs says so
+    if (
+        args.checkpoint or args.model or not args.ensemble
+    ):  # nothing at all to serve: parse_model_specs says so
         specs = parse_model_specs(args.checkpoint, args.model)
     from danlu.serve.adapters import load_base_with_adapters, parse_adapter_specs
 

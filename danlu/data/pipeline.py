@@ -121,7 +121,9 @@ class DataConfig:
     tokenizer: str | None = None
     verbose: bool = False
     keep_work: bool = False  # keep <out>/.work (datatrove logs, signatures) after a successful run
-    augment: list[AugmentStep] = field(default_factory=list)  # steps over the dialogs written (data/augment.py)
+    augment: list[AugmentStep] = field(
+        default_factory=list
+    )  # steps over the dialogs written (data/augment.py)
 
 
 def parse_config(cfg: dict[str, Any], where: str = "data") -> DataConfig:

@@ -142,7 +142,11 @@ def stats_markdown(s: dict[str, Any]) -> str:
         f"- characters: {s['chars_in']:,} in → {s['chars_out']:,} out",
         f"- tokens ({s['token_counter']}): {s['tokens_in']:,} in → {s['tokens_out']:,} out",
         f"- conversations for SFT: {s['dialogs']:,}",
-        *([f"- augmented conversations for SFT: {s.get('dialogs_augmented', 0):,}"] if s.get("augment") else []),
+        *(
+            [f"- augmented conversations for SFT: {s.get('dialogs_augmented', 0):,}"]
+            if s.get("augment")
+            else []
+        ),
         f"- read errors (skipped): {s['read_errors']:,}",
         "",
         "## Steps",

@@ -389,7 +389,9 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         detector's max_tokens are scored on their first tokens (`truncated: true`)."""
         req = await read_body(request, DetectRequest)
         if opts.detector is None:
-            raise APIError(404, "this server has no detector (start it with --detector DIR)", code="detector_off")
+            raise APIError(
+                404, "this server has no detector (start it with --detector DIR)", code="detector_off"
+            )
         texts = [req.input] if isinstance(req.input, str) else req.input
         if not texts or any(not t.strip() for t in texts):
             raise APIError(400, "input must be a non-empty text or a list of non-empty texts", param="input")

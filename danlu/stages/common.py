@@ -7,6 +7,7 @@ a stage's own `train:` overrides them; top-level `seed`, `device`, `dtype` and `
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -24,7 +25,10 @@ GLOBAL_ENGINE_KEYS = ("seed", "device", "dtype", "compile")
 
 
 def train_config(
-    recipe: dict[str, Any], stage_train: dict[str, Any] | None, where: str, defaults: dict[str, Any] | None = None
+    recipe: dict[str, Any],
+    stage_train: dict[str, Any] | None,
+    where: str,
+    defaults: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """A stage's engine settings, by the one precedence rule every stage follows (highest first):
 
@@ -117,3 +121,108 @@ def rl_stage_inputs(ctx: Any, cfg: Any, data_name: str, eval_name: str) -> tuple
         raise DanluError(f"{ctx.name}: no `data:` given and no world corpus in this run")
     parent = Path(cfg.model) if cfg.model else ctx.input("sft")
     return parent, data, cfg.eval_data or world_file(eval_name)
+
+
+def token_logps(model: Any, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position (B, T), 0 where the target is IGNORE_INDEX (the model's own fused CE)."""
+    return -model(input_ids, targets, reduction="none")
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return token_logps(model, batch["input_ids"], batch["targets"]).sum(-1)
+
+
+@torch.no_grad()
+def cached_logps(model: Any, batches: Any, autocast: Any, batch_size: int = 16) -> list[float]:
+    """Summed completion log-probs of every pair's chosen then rejected, in pair order: [c_0 … c_n, r_0 … r_n]."""
+    device = model.lm_head.weight.device
+    chosen, rejected = [], []
+    model.eval()
+    for b in batches.sequential(batch_size):
+        with autocast():
+            lp = sequence_logps(model, {k: v.to(device) for k, v in b.items()})
+        c, r = lp.float().chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    return chosen + rejected
+
+
+class AdapterOff:
+    """The policy with its LoRA-family adapter switched off, as a frozen reference model (peft's
+    `disable_adapter()` on the injected layers): calls run the bare base and switch the adapter back on after."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from danlu.adapters.lora import select_adapter
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        select_adapter(self.model, None)
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            select_adapter(self.model, "default")
+            for p in trainable:  # peft's enable_adapters resets requires_grad: keep what trained training
+                p.requires_grad_(True)
+
+    def to(self, device: Any) -> AdapterOff:
+        return self  # the policy's own weights: where the trainer puts them
+
+    def eval(self) -> AdapterOff:
+        return self
+
+
+def base_reference(model: torch.nn.Module, adapter: Any, before: torch.nn.Module | None) -> Any:
+    """The reference of an adapter run: the base without the adapter, sharing the policy's frozen weights
+    (`before`, a frozen copy taken before attaching, for PiSSA, whose base is not the starting model)."""
+    if before is not None:
+        for p in before.parameters():
+            p.requires_grad_(False)
+        return before.eval()
+    if adapter.is_lora:
+        return AdapterOff(model)
+    return model.base.eval()  # a soft prompt's PromptedLM: the base it wraps, frozen
+
+
+def attach_with_reference(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path,
+                          reference: str | None) -> tuple[Any, Any]:  # fmt: skip
+    """(adapter, reference) for a stage with a `peft:` section, else (None, the frozen reference as before):
+    with an adapter and no `reference:` checkpoint, the reference is the base under the adapter."""
+    from danlu.adapters import peft_spec
+    from danlu.stages.common import attach_peft
+
+    spec = peft_spec(section, f"{stage}.peft")
+    if not spec.enabled:
+        return None, load_reference(ckpt, reference)
+    before = copy.deepcopy(ckpt.model) if spec.method == "pissa" and reference is None else None
+    explicit = load_reference(ckpt, reference) if reference is not None else None
+    adapter = attach_peft(ckpt, section, stage, parent)
+    return adapter, explicit or base_reference(ckpt.model, adapter, before)
+
+
+def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
+    """The frozen reference: a copy of the policy, or another checkpoint with the very same tokenizer."""
+    from danlu.rewards import check_same_tokenizer
+    from danlu.stages.common import parent_checkpoint
+
+    if reference is None:
+        ref = copy.deepcopy(policy_ckpt.model)
+    else:
+        other = parent_checkpoint(reference)
+        check_same_tokenizer(
+            policy_ckpt.tokenizer, other.tokenizer, "reference model", str(policy_ckpt.path), reference
+        )
+        if other.config.vocab_size != policy_ckpt.config.vocab_size:
+            raise DanluError(
+                f"reference model {reference}: vocab_size {other.config.vocab_size} differs from the policy's"
+            )
+        ref = other.model
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()

@@ -14,7 +14,6 @@ without the adapter is not the starting model, and it gets a frozen copy as with
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,14 @@ import torch
 
 from danlu import DanluError
 from danlu.config import from_dict
+from danlu.data.preference import PairBatches, encode_pairs
 from danlu.runner import StageContext
+from danlu.stages.common import (
+    attach_with_reference,
+    cached_logps,
+    sequence_logps,
+)
+from danlu.stages.rollouts import answer_accuracy, make_scorer, read_prompts
 
 
 @dataclass
@@ -54,116 +60,13 @@ class DPOConfig:
     written_pairs: bool = True  # also train on `data`; false: on the judged pairs only
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
-    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
+    peft: dict[str, Any] = field(
+        default_factory=dict
+    )  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {"steps": 150, "batch_size": 8, "lr": 2e-4, "warmup_steps": 10, "eval_every": 0, "log_every": 10,
                   "weight_decay": 0.0}  # fmt: skip
-
-
-def token_logps(model: Any, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position (B, T), 0 where the target is IGNORE_INDEX (the model's own fused CE)."""
-    return -model(input_ids, targets, reduction="none")
-
-
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return token_logps(model, batch["input_ids"], batch["targets"]).sum(-1)
-
-
-@torch.no_grad()
-def cached_logps(model: Any, batches: Any, autocast: Any, batch_size: int = 16) -> list[float]:
-    """Summed completion log-probs of every pair's chosen then rejected, in pair order: [c_0 … c_n, r_0 … r_n]."""
-    device = model.lm_head.weight.device
-    chosen, rejected = [], []
-    model.eval()
-    for b in batches.sequential(batch_size):
-        with autocast():
-            lp = sequence_logps(model, {k: v.to(device) for k, v in b.items()})
-        c, r = lp.float().chunk(2)
-        chosen += c.tolist()
-        rejected += r.tolist()
-    return chosen + rejected
-
-
-class AdapterOff:
-    """The policy with its LoRA-family adapter switched off, as a frozen reference model (peft's
-    `disable_adapter()` on the injected layers): calls run the bare base and switch the adapter back on after."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @property
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from danlu.adapters.lora import select_adapter
-
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        select_adapter(self.model, None)
-        try:
-            with torch.no_grad():
-                return self.model(*args, **kwargs)
-        finally:
-            select_adapter(self.model, "default")
-            for p in trainable:  # peft's enable_adapters resets requires_grad: keep what trained training
-                p.requires_grad_(True)
-
-    def to(self, device: Any) -> AdapterOff:
-        return self  # the policy's own weights: where the trainer puts them
-
-    def eval(self) -> AdapterOff:
-        return self
-
-
-def base_reference(model: torch.nn.Module, adapter: Any, before: torch.nn.Module | None) -> Any:
-    """The reference of an adapter run: the base without the adapter, sharing the policy's frozen weights
-    (`before`, a frozen copy taken before attaching, for PiSSA, whose base is not the starting model)."""
-    if before is not None:
-        for p in before.parameters():
-            p.requires_grad_(False)
-        return before.eval()
-    if adapter.is_lora:
-        return AdapterOff(model)
-    return model.base.eval()  # a soft prompt's PromptedLM: the base it wraps, frozen
-
-
-def attach_with_reference(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path,
-                          reference: str | None) -> tuple[Any, Any]:  # fmt: skip
-    """(adapter, reference) for a stage with a `peft:` section, else (None, the frozen reference as before):
-    with an adapter and no `reference:` checkpoint, the reference is the base under the adapter."""
-    from danlu.adapters import peft_spec
-    from danlu.stages.common import attach_peft
-
-    spec = peft_spec(section, f"{stage}.peft")
-    if not spec.enabled:
-        return None, load_reference(ckpt, reference)
-    before = copy.deepcopy(ckpt.model) if spec.method == "pissa" and reference is None else None
-    explicit = load_reference(ckpt, reference) if reference is not None else None
-    adapter = attach_peft(ckpt, section, stage, parent)
-    return adapter, explicit or base_reference(ckpt.model, adapter, before)
-
-
-def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
-    """The frozen reference: a copy of the policy, or another checkpoint with the very same tokenizer."""
-    from danlu.rewards import check_same_tokenizer
-    from danlu.stages.common import parent_checkpoint
-
-    if reference is None:
-        ref = copy.deepcopy(policy_ckpt.model)
-    else:
-        other = parent_checkpoint(reference)
-        check_same_tokenizer(
-            policy_ckpt.tokenizer, other.tokenizer, "reference model", str(policy_ckpt.path), reference
-        )
-        if other.config.vocab_size != policy_ckpt.config.vocab_size:
-            raise DanluError(
-                f"reference model {reference}: vocab_size {other.config.vocab_size} differs from the policy's"
-            )
-        ref = other.model
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref.eval()
 
 
 def preference_eval(
@@ -201,7 +104,6 @@ def train_dpo(
     from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed
     from danlu.losses import dpo_loss
     from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
-    from danlu.stages.reward import PairBatches, encode_pairs
 
     if cfg.reference_mode not in ("cached", "online"):
         raise DanluError(f"dpo.reference_mode: {cfg.reference_mode!r} is not one of cached, online")
@@ -254,7 +156,9 @@ def train_dpo(
         return out
 
     meta = {"stage": "dpo", "parent": str(parent), "data": str(data), "beta": cfg.beta}
-    hooks = Hooks(save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter), evaluate=evaluate)
+    hooks = Hooks(
+        save_model=make_saver(ckpt.config, tok, meta, chat=True, adapter=adapter), evaluate=evaluate
+    )
     if not tcfg.eval_every:
         tcfg.eval_every = tcfg.steps
     # The loss is a mean over each micro-batch's B pairs: every micro-batch weighs the same (per_batch).
@@ -306,7 +210,6 @@ class JudgedSets:
 
     def __init__(self, cfg: DPOConfig, tokenizer: Any, context: int, seed: int) -> None:
         from danlu.data.preference import read_rl_prompts
-        from danlu.stages.grpo import make_scorer, read_prompts
 
         if not cfg.prompts:
             raise DanluError(
@@ -330,8 +233,6 @@ class JudgedSets:
                             max_tokens=self.cfg.sample_tokens, seed=seed)  # fmt: skip
 
     def sample(self, model: Any) -> None:
-        from danlu.stages.grpo import answer_accuracy
-        from danlu.stages.reward import PairBatches, encode_pairs
 
         if self.judge.model is not None:
             self.judge.model.to(model.lm_head.weight.device)
@@ -349,7 +250,6 @@ class JudgedSets:
             )["accuracy"]
 
     def report(self, model: Any, history: list[dict[str, Any]], out: Path) -> dict[str, Any]:
-        from danlu.stages.grpo import answer_accuracy
         from danlu.stages.judged_pairs import write_pairs
 
         for name, pairs in self.pairs.items():  # beside the checkpoint, for reading what DPO learned from

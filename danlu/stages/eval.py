@@ -42,7 +42,11 @@ def evaluate_run(ctx: StageContext, cfg: EvalStageConfig) -> dict[str, dict[str,
     from danlu.adapters import is_adapter_folder
 
     # a stage trained with `peft:` wrote an adapter folder, which loads as base + adapter
-    found = [s for s in wanted if ctx.has(s) and (is_checkpoint(ctx.run_dir / s) or is_adapter_folder(ctx.run_dir / s))]
+    found = [
+        s
+        for s in wanted
+        if ctx.has(s) and (is_checkpoint(ctx.run_dir / s) or is_adapter_folder(ctx.run_dir / s))
+    ]
     if not found:
         raise DanluError(f"eval: no finished checkpoint among {', '.join(wanted)} in {ctx.run_dir}")
     world = ctx.run_dir / "world"

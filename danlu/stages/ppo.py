@@ -22,7 +22,8 @@ from danlu import DanluError
 from danlu.config import from_dict
 from danlu.model import Transformer
 from danlu.runner import StageContext
-from danlu.stages.grpo import Rollouts
+from danlu.stages.common import attach_with_reference
+from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy
 
 
 @dataclass
@@ -47,7 +48,9 @@ class PPOConfig:
     eval_rows: int = 100
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
-    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
+    peft: dict[str, Any] = field(
+        default_factory=dict
+    )  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {"steps": 40, "batch_size": 1, "lr": 5e-5, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
@@ -139,8 +142,6 @@ def train_ppo(
     from danlu.engine import Hooks, Trainer, init_distributed, set_seed
     from danlu.losses import ppo_policy_loss, ppo_value_loss
     from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
-    from danlu.stages.dpo import attach_with_reference
-    from danlu.stages.grpo import Scorer, answer_accuracy
 
     tcfg = train_config(recipe, cfg.train, "ppo", TRAIN_DEFAULTS)
     d = init_distributed(tcfg.device)
@@ -154,8 +155,12 @@ def train_ppo(
     policy = PolicyWithValue(ckpt.config)
     policy.load_state_dict(ckpt.model.state_dict())
     ckpt.model = policy
-    adapter, ref = attach_with_reference(ckpt, value_head_section(cfg.peft, policy), "ppo", parent, cfg.reference)
-    policy.value_head.requires_grad_(True)  # the adapter froze every base weight; the value head always trains
+    adapter, ref = attach_with_reference(
+        ckpt, value_head_section(cfg.peft, policy), "ppo", parent, cfg.reference
+    )
+    policy.value_head.requires_grad_(
+        True
+    )  # the adapter froze every base weight; the value head always trains
     scorer = Scorer(reward, tok)
     prompts = read_rl_prompts(data, cfg.max_prompts or None)
     held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []

@@ -12,7 +12,6 @@ LoRA tensors), and that PPO/GRPO take as `reward:` like a full reward model (dan
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from danlu import DanluError
 from danlu.config import from_dict
+from danlu.data.preference import PairBatches, encode_pairs
 from danlu.runner import StageContext
 
 
@@ -35,7 +35,9 @@ class RewardConfig:
     center_coef: float = 0.01  # keeps rewards centred at zero (TRL's center_rewards_coefficient)
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
-    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
+    peft: dict[str, Any] = field(
+        default_factory=dict
+    )  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 TRAIN_DEFAULTS = {
@@ -46,99 +48,6 @@ TRAIN_DEFAULTS = {
     "eval_every": 0,
     "log_every": 10,
 }
-
-
-def encode_pairs(pairs: list[Any], tokenizer: Any, context: int) -> tuple[list[tuple], int]:
-    """[(chosen (ids, mask), rejected (ids, mask), margin)] of the pairs that fit the context; and the count dropped."""
-    from danlu.data.preference import encode_completion
-
-    out, dropped = [], 0
-    for p in pairs:
-        c = encode_completion(tokenizer, p.prompt, p.chosen)
-        r = encode_completion(tokenizer, p.prompt, p.rejected)
-        if max(len(c[0]), len(r[0])) > context:
-            dropped += 1
-            continue
-        if c[0] == r[0]:
-            raise DanluError(
-                f"{p.where}: chosen and rejected give the same tokens; such a pair teaches nothing"
-            )
-        out.append((c, r, p.margin))
-    return out, dropped
-
-
-class PairBatches:
-    """Shuffled micro-batches of pairs as one tensor of 2B rows; its position is part of the checkpoint.
-
-    Under torchrun each of the `world_size` ranks takes its own B pairs of every global batch of B × world_size
-    (rank r the r-th slice), so N processes see N times the pairs of one, and together exactly the pairs one process
-    with batch B × world_size would see."""
-
-    def __init__(
-        self,
-        encoded: list[tuple],
-        batch_size: int,
-        pad_id: int,
-        seed: int,
-        extra: dict[str, list] | None = None,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.encoded, self.batch_size, self.pad_id, self.seed = encoded, batch_size, pad_id, seed
-        self.extra = extra or {}  # per-pair values added to each batch (DPO's cached reference log-probs)
-        self.rank, self.world_size = rank, world_size
-        self.position = 0
-
-    def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.encoded)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
-    def indices(self, position: int) -> list[int]:
-        """This rank's pairs of global batch `position`: a window of the epoch-shuffled order."""
-        n = len(self.encoded)
-        start = (position * self.world_size + self.rank) * self.batch_size
-        out = []
-        for k in range(start, start + self.batch_size):
-            out.append(self._order(k // n)[k % n])
-        return out
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        idx = self.indices(self.position)
-        self.position += 1
-        return self.batch(idx)
-
-    def batch(self, idx: list[int]) -> dict[str, torch.Tensor]:
-        from danlu.data.preference import rows_from_sequences
-
-        seqs = [self.encoded[i][0] for i in idx] + [self.encoded[i][1] for i in idx]
-        out = rows_from_sequences(seqs, self.pad_id)
-        out["lengths"] = torch.tensor([len(s[0]) - 1 for s in seqs])
-        margins = [self.encoded[i][2] for i in idx]
-        out["margin"] = torch.tensor([m if m is not None else 0.0 for m in margins], dtype=torch.float32)
-        for key, values in self.extra.items():
-            out[key] = torch.tensor([values[i] for i in idx] + [values[i + len(self.encoded)] for i in idx])
-        return out
-
-    def sequential(self, batch_size: int) -> Any:
-        for start in range(0, len(self.encoded), batch_size):
-            yield self.batch(list(range(start, min(start + batch_size, len(self.encoded)))))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "pairs": len(self.encoded), "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("pairs") != len(self.encoded):
-            raise DanluError(
-                f"--resume: the checkpoint was trained on {state.get('pairs')} pairs, this data has {len(self.encoded)}"
-            )
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.world_size:
-            raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
-                             f"{self.world_size}; its data position counts global batches of that many ranks, so "
-                             f"resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
-        self.position = int(state["position"])
 
 
 def pairwise_accuracy(model: Any, batches: PairBatches, batch_size: int = 16) -> dict[str, float]:

@@ -67,7 +67,9 @@ class SFTConfig:
         default_factory=lambda: ["中国最高的山是什么？", "What is the capital of France?"]
     )
     train: dict[str, Any] = field(default_factory=dict)
-    peft: dict[str, Any] = field(default_factory=dict)  # an adapter instead of all weights (danlu.adapters.PeftSpec)
+    peft: dict[str, Any] = field(
+        default_factory=dict
+    )  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
 # ───────────────────────── dialogs → examples ─────────────────────────
@@ -373,7 +375,9 @@ class SFTRows:
             picked += self._rows[self.pos : self.pos + take]
             self.pos += take
         batch = collate(self.examples, picked, self.seq_len, self.pad_id)
-        if not self.packed:  # one right-padded dialog per row: causal attention alone keeps it apart (soft prompts
+        if (
+            not self.packed
+        ):  # one right-padded dialog per row: causal attention alone keeps it apart (soft prompts
             del batch["segment_ids"]  # take no segments)
         if n_replay:
             rows = [self.replay.next_batch() for _ in range(n_replay)]
@@ -424,7 +428,12 @@ def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
     for b in rows.sequential(batch_size):
         y = b["targets"].to(device)
         seg = b.get("segment_ids")
-        per = model(b["input_ids"].to(device), y, segment_ids=None if seg is None else seg.to(device), reduction="none")
+        per = model(
+            b["input_ids"].to(device),
+            y,
+            segment_ids=None if seg is None else seg.to(device),
+            reduction="none",
+        )
         valid = y != IGNORE_INDEX
         total += per.float()[valid].sum().item()
         count += int(valid.sum())
@@ -605,7 +614,9 @@ def sft(
     if cfg.pack and not getattr(model, "supports_packing", True):
         raise DanluError(f"{parent}: {ckpt.backend} model cannot pack dialogs into rows; set sft.pack=false")
     context = int(model_cfg.max_position_embeddings)
-    if adapter is not None and not adapter.is_lora:  # a soft prompt's virtual tokens take positions before the text
+    if (
+        adapter is not None and not adapter.is_lora
+    ):  # a soft prompt's virtual tokens take positions before the text
         context -= int(adapter.config.num_virtual_tokens)
     seq_len = cfg.seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
     if seq_len > context:
@@ -674,7 +685,8 @@ def sft(
         "model": model_cfg.to_dict(),
     }
     hooks = Hooks(
-        save_model=make_saver(model_cfg, tokenizer, meta, chat=True, adapter=adapter), evaluate=evaluate,
+        save_model=make_saver(model_cfg, tokenizer, meta, chat=True, adapter=adapter),
+        evaluate=evaluate,
         sample=sample,
     )
     trainer = Trainer(
