@@ -146,6 +146,7 @@ def bench_llama_cpp(chat: Path, new: int, rounds: int) -> None:
         prompt = ckpt.tokenizer.render_chat([{"role": "user", "content": "中国最高的山是什么？"}],
                                             add_generation_prompt=True)[0]  # fmt: skip
         gen = Generator(ckpt.model, ckpt.tokenizer, compile=True)
+        new = min(new, ckpt.model.config.max_position_embeddings - len(prompt) - 1)  # both sides decode this many
         params = SamplingParams(max_tokens=new, temperature=0.0, stop_token_ids=[])
 
         def run_llama() -> None:
