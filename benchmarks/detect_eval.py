@@ -92,34 +92,6 @@ def answers(ckpt: Path, prompts: list[str], temperature: float, top_p: float, se
     return [t.text for t in texts]
 
 
-def evaluate(scorers: dict[str, Any], human: list[str], machine: list[str]) -> dict[str, Any]:
-    from danlu.detect.metrics import HUMAN, MACHINE, report
-
-    texts = human + machine
-    labels = [HUMAN] * len(human) + [MACHINE] * len(machine)
-    out = {}
-    for name, scorer in scorers.items():
-        counts = [len(scorer.tokenizer.backend.encode(t).ids) for t in texts]
-        out[name] = report(scorer.scores(texts), labels, texts, counts)
-    return out
-
-
-def table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| set | slice | detector | AUROC [95% CI] | TPR@1%FPR | human / machine |",
-        "|---|---|---|---|---|---|",
-    ]
-    for setname, by_scorer in results.items():
-        for scorer, rep in by_scorer.items():
-            for slice_, m in rep.items():
-                if m.get("auroc") is None:
-                    continue
-                ci = m["auroc_ci95"]
-                lines.append(f"| {setname} | {slice_} | {scorer} | {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
-                             f"{m['tpr_at_1fpr']:.3f} | {m['n_human']} / {m['n_machine']} |")  # fmt: skip
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -138,7 +110,7 @@ def main() -> None:
     from _common import machine as machine_desc
 
     from danlu.detect.classifier import Detector
-    from danlu.detect.metrics import HUMAN, MACHINE
+    from danlu.detect.metrics import HUMAN, MACHINE, evaluate_scorers, results_markdown
     from danlu.detect.texts import Text
     from danlu.detect.train import DetectConfig, train_detector
     from danlu.detect.zeroshot import open_zero_shot
@@ -170,13 +142,15 @@ def main() -> None:
         "binoculars": open_zero_shot("binoculars", pre, sft, 128),
     }
     held_human = [a for _, a in held_pairs]
-    results: dict[str, Any] = {"a_in_distribution": evaluate(scorers, held_human, held_machine)}
+    results: dict[str, Any] = {"a_in_distribution": evaluate_scorers(scorers, held_human, held_machine)}
     unseen = answers(sft, held_prompts, 0.3, 1.0, 5) + answers(sft, held_prompts, 1.3, 1.0, 6)
-    results["b_sft_T0.3_T1.3"] = evaluate(scorers, held_human, unseen)
+    results["b_sft_T0.3_T1.3"] = evaluate_scorers(scorers, held_human, unseen)
     if dpo.is_dir():
-        results["b_dpo_model"] = evaluate(scorers, held_human, answers(dpo, held_prompts, 0.7, 0.9, 7))
+        results["b_dpo_model"] = evaluate_scorers(
+            scorers, held_human, answers(dpo, held_prompts, 0.7, 0.9, 7)
+        )
     human_real = real_human(args.real, args.seed)
-    results["c_real"] = evaluate(scorers, [t for rows in human_real.values() for t in rows],
+    results["c_real"] = evaluate_scorers(scorers, [t for rows in human_real.values() for t in rows],
                                  real_machine(2 * args.real, args.seed))  # fmt: skip
     summary = {
         "machine": machine_desc(),
@@ -197,7 +171,7 @@ def main() -> None:
     (args.out / "detect_eval.json").write_text(
         json.dumps(summary, ensure_ascii=False, indent=1), encoding="utf-8"
     )
-    md = table(results)
+    md = results_markdown(results)
     (args.out / "detect_eval.md").write_text(md + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}, ensure_ascii=False))
     print(md)

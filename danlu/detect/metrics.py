@@ -131,3 +131,30 @@ def report(
     if short.any():
         out[f"short_lt{SHORT_TOKENS}"] = summarize(s[short], y[short])
     return out
+
+
+def evaluate_scorers(scorers: dict[str, Any], human: list[str], machine: list[str]) -> dict[str, Any]:
+    """The metrics report (overall, per language, short texts) of each scorer on one human/machine set."""
+    texts = human + machine
+    labels = [HUMAN] * len(human) + [MACHINE] * len(machine)
+    out: dict[str, Any] = {}
+    for name, scorer in scorers.items():
+        counts = [len(scorer.tokenizer.backend.encode(t).ids) for t in texts]
+        out[name] = report(scorer.scores(texts), labels, texts, counts)
+    return out
+
+
+def results_markdown(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| set | slice | detector | AUROC [95% CI] | TPR@1%FPR | human / machine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setname, by_scorer in results.items():
+        for scorer, rep in by_scorer.items():
+            for slice_, m in rep.items():
+                if m.get("auroc") is None:
+                    continue
+                ci = m["auroc_ci95"]
+                lines.append(f"| {setname} | {slice_} | {scorer} | {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                             f"{m['tpr_at_1fpr']:.3f} | {m['n_human']} / {m['n_machine']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -30,6 +30,7 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.config import from_dict
+from danlu.detect.metrics import evaluate_scorers, results_markdown
 from danlu.runner import StageContext
 
 CHAT_STAGES = ("grpo", "ppo", "dpo", "sft")  # the chat models a run can hold, last stage first
@@ -161,35 +162,6 @@ def _answers(teacher: Any, prompts: list[str], settings: tuple[tuple[float, floa
     return [t.text for t in texts]
 
 
-def _evaluate(scorers: dict[str, Any], human: list[str], machine: list[str]) -> dict[str, Any]:
-    """The metrics report (overall, per language, short texts) of each scorer on one human/machine set."""
-    from danlu.detect.metrics import HUMAN, MACHINE, report
-
-    texts = human + machine
-    labels = [HUMAN] * len(human) + [MACHINE] * len(machine)
-    out: dict[str, Any] = {}
-    for name, scorer in scorers.items():
-        counts = [len(scorer.tokenizer.backend.encode(t).ids) for t in texts]
-        out[name] = report(scorer.scores(texts), labels, texts, counts)
-    return out
-
-
-def results_markdown(results: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| set | slice | detector | AUROC [95% CI] | TPR@1%FPR | human / machine |",
-        "|---|---|---|---|---|---|",
-    ]
-    for setname, by_scorer in results.items():
-        for scorer, rep in by_scorer.items():
-            for slice_, m in rep.items():
-                if m.get("auroc") is None:
-                    continue
-                ci = m["auroc_ci95"]
-                lines.append(f"| {setname} | {slice_} | {scorer} | {m['auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
-                             f"{m['tpr_at_1fpr']:.3f} | {m['n_human']} / {m['n_machine']} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`set/detector/auroc` and `…/tpr_at_1fpr` of the `all` slice, with each set's row counts: what the run report
     shows (headline first: the in-distribution classifier)."""
@@ -294,8 +266,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             notes["binoculars"] = f"no pretrain model: {cfg.model} is both observer and performer"
 
     results: dict[str, dict[str, Any]] = {}
-    results["a_in_distribution"] = _evaluate(scorers, held_human, machine_held)
-    results["b_unseen_temperature"] = _evaluate(scorers, held_human, machine_unseen_t)
+    results["a_in_distribution"] = evaluate_scorers(scorers, held_human, machine_held)
+    results["b_unseen_temperature"] = evaluate_scorers(scorers, held_human, machine_unseen_t)
     candidates = (
         cfg.unseen_models if cfg.unseen_models is not None else [s for s in CHAT_STAGES if s != cfg.model]
     )
@@ -305,7 +277,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
             continue  # the default list: stages this run did not have
         other = LocalTeacher(folder, batch_size=cfg.batch_size, device=device)
         texts = _answers(other, held_prompts, settings[:1], cfg.max_new_tokens, seed * 7 + 4)
-        results[f"b_unseen_model_{stage}"] = _evaluate(scorers, held_human, texts)
+        results[f"b_unseen_model_{stage}"] = evaluate_scorers(scorers, held_human, texts)
     if not any(k.startswith("b_unseen_model_") for k in results):
         notes["b_unseen_model"] = (f"no other finished chat model among {', '.join(candidates) or 'none'}; only "
                                    "unseen temperatures measure an unseen generator")  # fmt: skip
@@ -319,7 +291,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         human_real, machine_real, missing = read_real(root, cfg.real, seed)
         flat_human = [t for rows in human_real.values() for t in rows]
         if flat_human and machine_real:
-            results["c_real"] = _evaluate(scorers, flat_human, machine_real)
+            results["c_real"] = evaluate_scorers(scorers, flat_human, machine_real)
             if missing:
                 notes["c_real"] = "; ".join(missing)
         else:
