@@ -175,29 +175,17 @@ def _wait(key: str, proc: subprocess.Popen[bytes], t0: float, times: dict[str, f
 
 
 def score(ckpt: Any, world_eval: Path, sets: list[str], limit: int, split: str) -> dict[str, float]:
-    """Accuracy on each held-out set (restricted to one language for the lang split: set@zh, set@en)."""
-    from danlu.eval.world import WORLD_SETS, evaluate_world
+    """Each held-out quantity of the sets on the dev split (per language for the lang split: quantity@zh, @en),
+    from the one world evaluator (a figure's `parts` hold its per-language counts)."""
+    from danlu.eval.world import evaluate_world
 
+    res = evaluate_world(
+        ckpt.model, ckpt.tokenizer, sets, data=world_eval, split="dev", limit=limit, batch_size=limit
+    )
     if split == "kind":
-        res = evaluate_world(ckpt.model, ckpt.tokenizer, sets, data=world_eval, limit=limit, batch_size=limit)
-        return {s: res[s]["accuracy"] for s in sets}
-    import tempfile
-
-    out: dict[str, float] = {}
-    for lang in (
-        "zh",
-        "en",
-    ):  # a per-language copy of the eval folder, so the evaluator stays the one evaluator
-        with tempfile.TemporaryDirectory() as tmp:
-            for s in sets:
-                file = WORLD_SETS[s][0]
-                lines = [x for x in (world_eval / file).read_text(encoding="utf-8").splitlines()
-                         if x.strip() and json.loads(x).get("lang") == lang]  # fmt: skip
-                (Path(tmp) / file).write_text("\n".join(lines) + "\n", encoding="utf-8")
-            (Path(tmp) / "facts_base.jsonl").touch()
-            res = evaluate_world(ckpt.model, ckpt.tokenizer, sets, data=tmp, limit=limit, batch_size=limit)
-        out.update({f"{s}@{lang}": res[s]["accuracy"] for s in sets})
-    return out
+        return {q: fig["value"] for q, fig in res.items()}
+    return {f"{q}@{lang}": fig["parts"][f"lang={lang}"]["value"]
+            for q, fig in res.items() for lang in ("zh", "en") if f"lang={lang}" in fig.get("parts", {})}  # fmt: skip
 
 
 def evaluate_one(
@@ -317,11 +305,14 @@ def main() -> None:
         results = {name: f.result() for name, f in futures.items()}
     times["eval_all"] = time.time() - t0
 
+    from danlu.eval.world import QUANTITIES  # quantity → its held-out set
+
     def skill(res: dict[str, float], k: str) -> float:
         cols = [
             c
             for c in res
-            if c.split("@")[0] in spec[k][2] and (args.split == "kind" or c.endswith(spec[k][0]))
+            if QUANTITIES.get(c.split("@")[0]) in spec[k][2]
+            and (args.split == "kind" or c.endswith(spec[k][0]))
         ]
         return sum(res[c] for c in cols) / len(cols)
 

@@ -62,6 +62,12 @@ def step_seconds(out: Path) -> float:
     return statistics.median(per) if per else math.nan
 
 
+def figure(result: dict[str, Any], quantity: str) -> float | None:
+    """A held-out quantity's value from the SFT stage's dev-split figures (danlu.eval.world), None if not scored."""
+    fig = (result.get("heldout") or {}).get(quantity)
+    return None if fig is None else fig["value"]
+
+
 def checkpoint_bytes(out: Path, full: bool) -> int:
     """What a user keeps: the adapter file (peft's), or the whole model for full fine-tuning."""
     names = ["model.safetensors"] if full else ["adapter_model.safetensors"]
@@ -97,8 +103,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_share": trainable / total, "bytes": checkpoint_bytes(out, method == "full"),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "step_s": step_seconds(out), "wall_s": time.perf_counter() - t0,
-        "chat_facts": res.get("chat_facts_accuracy"), "chat_translation": res.get("chat_translation_accuracy"),
-        "chat_arithmetic": res.get("chat_arithmetic_accuracy"), "eval_rows": args.eval_limit,
+        "chat_facts": figure(res, "facts_chat"), "chat_translation": figure(res, "translation"),
+        "chat_arithmetic": figure(res, "arithmetic_chat_unseen"), "eval_rows": args.eval_limit,
         "bpb_before": before, "bpb_after": after,
         "forgetting": after - before if before is not None and after is not None else None,
         "val_loss_end": res.get("val_loss_end"),

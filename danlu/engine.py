@@ -75,7 +75,7 @@ class TrainConfig:
     overfit_warning_gap: float = 0.5  # warn when val loss exceeds train loss by this many nats
     max_nonfinite_steps: int = 3
     seed: int = 0
-    threads: int = 0  # CPU threads; 0 = all cores
+    threads: int = 0  # CPU threads; 0 = the cores other processes leave free (danlu.cpu_threads)
     peak_flops: float = 0.0  # for MFU; 0 = estimate from the device
     progress: bool = True
 
@@ -365,7 +365,14 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if cfg.threads:
+        if self.device.type == "cpu":
+            from danlu.cpu_threads import choose_threads
+
+            threads = choose_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            torch.set_num_threads(threads.threads)
+            if threads.new and self.dist.main:
+                print(threads.message())
+        elif cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.dtype == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:

@@ -51,8 +51,38 @@ def _check_file(path: Path) -> None:
         raise DanluError(f"{path}: is a folder, expected a file")
 
 
+# What a compressed file starts with, by the suffix that names it: a file whose bytes do not match is refused with
+# one message (a renamed plain file, an HTML error page saved as .bz2), not a decompressor's "invalid data stream".
+COMPRESSION_MAGIC = {
+    ".gz": ("gzip", (b"\x1f\x8b",)),
+    ".bz2": ("bzip2", (b"BZh",)),
+    ".xz": ("xz", (b"\xfd7zXZ\x00",)),
+    ".zst": ("zstd", (b"\x28\xb5\x2f\xfd",)),
+    ".zstd": ("zstd", (b"\x28\xb5\x2f\xfd",)),
+}
+
+
+def check_compression(path: str | Path) -> None:
+    """Raises a DanluError when a file named `.gz/.bz2/.xz/.zst` does not start with that format's magic bytes."""
+    name = str(path).lower()
+    for suffix, (fmt, magics) in COMPRESSION_MAGIC.items():
+        if name.endswith(suffix):
+            with open(path, "rb") as f:
+                head = f.read(8)
+            if head and not head.startswith(magics):
+                text = all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+                raise DanluError(
+                    f"{path}: named {suffix} but not {fmt}-compressed (it starts with {head!r}"
+                    f"{', which looks like uncompressed text' if text else ''}); "
+                    f"rename it without {suffix} or compress it with {fmt}"
+                )
+            return
+
+
 def open_binary(path: str | Path) -> io.BufferedIOBase:
-    """Opens a file for reading bytes, decompressing .gz/.bz2/.xz/.zst by name (dumps come compressed)."""
+    """Opens a file for reading bytes, decompressing .gz/.bz2/.xz/.zst by name (dumps come compressed); a file
+    whose bytes are not the format its name says is refused (check_compression)."""
+    check_compression(path)
     name = str(path).lower()
     if name.endswith(".gz"):
         import gzip

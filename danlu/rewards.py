@@ -104,6 +104,29 @@ def step_marks(completion: str, steps: list[str]) -> list[tuple[int, float]]:
     return marks
 
 
+def tool_use_reward(
+    needed: str | None, calls: list[tuple[str, str]], malformed: bool, answer_score: float, answers: list[str]
+) -> float:
+    """The reward of an episode whose tool calls were executed: `calls` are (tool name, result) in order,
+    `answer_score` is the checking reward of the final answer written after the results came back.
+
+    Pays for tools only where they are needed: a malformed call (a `<tool_call>` that does not parse) earns 0; a
+    call on a prompt that needs none (by-hand arithmetic, a fact) earns 0, because the held-out evals and users
+    expect those answered directly; on a prompt that needs a tool, the final answer counts only after a call to
+    that tool, and for the calculator only when one of its results is the right number (the answer was computed,
+    not guessed). A date cannot be guessed right except by luck, so get_date's check is the final answer's."""
+    if malformed:
+        return 0.0
+    if needed is None:
+        return 0.0 if calls else answer_score
+    results = [result for name, result in calls if name == needed]
+    if not results:
+        return 0.0
+    if needed == "calculator" and not any(_same_number(r, a) for r in results for a in answers):
+        return 0.0
+    return answer_score
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "world": world_reward,
     "arithmetic": arithmetic_reward,

@@ -8,7 +8,6 @@ a stage whose fingerprint is unchanged, so editing `sft:` reruns SFT and what fo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -18,42 +17,10 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.files import write_json_atomic
+from danlu.pipeline import GLOBAL_KEYS, MODEL_STAGES, STAGES, StageContext, stage_enabled
 
-# Order matters: a stage may read the output of any stage before it.
-STAGES: list[str] = [
-    "world", "data", "tokenizer", "tokens", "pretrain", "sft", "reward", "dpo", "ppo", "grpo",
-    "eval", "detect", "export", "compress",
-]  # fmt: skip
-GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
-
-
-@dataclasses.dataclass
-class StageContext:
-    """What a stage sees: its own section, the whole recipe, and where to read and write."""
-
-    name: str
-    run_dir: Path
-    cfg: dict[str, Any]
-    recipe: dict[str, Any]
-
-    @property
-    def out(self) -> Path:
-        return self.run_dir / self.name
-
-    def has(self, stage: str) -> bool:
-        return (self.run_dir / stage / "stage.json").exists()
-
-    def input(self, stage: str) -> Path:
-        """The output folder of an earlier stage; a clear error if that stage has not finished."""
-        if not self.has(stage):
-            raise DanluError(
-                f"stage {self.name!r} needs the output of stage {stage!r}, which has not finished in {self.run_dir}"
-            )
-        return self.run_dir / stage
-
-    def metrics_of(self, stage: str) -> dict[str, Any]:
-        path = self.run_dir / stage / "stage.json"
-        return json.loads(path.read_text())["metrics"] if path.exists() else {}
+# Re-exported for the stages and tests that still import them from here; their home is danlu.pipeline.
+__all__ = ["GLOBAL_KEYS", "STAGES", "StageContext", "active_stages", "run_pipeline"]
 
 
 def active_stages(recipe: dict[str, Any]) -> list[str]:
@@ -63,12 +30,7 @@ def active_stages(recipe: dict[str, Any]) -> list[str]:
             f"recipe: unknown section{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"valid sections: {', '.join(STAGES + list(GLOBAL_KEYS))}"
         )
-    out = []
-    for name in STAGES:
-        section = recipe.get(name)
-        if name in recipe and not (isinstance(section, dict) and section.get("enabled") is False):
-            out.append(name)
-    return out
+    return [name for name in STAGES if stage_enabled(recipe, name)]
 
 
 def _file_signature(value: Any) -> Any:
@@ -161,15 +123,38 @@ def run_pipeline(
             write_run_report(run_dir)
             raise DanluError(f"stage {name!r} failed: {e} (earlier stages are intact in {run_dir})") from None
         seconds = round(time.time() - t0, 2)
+        metrics.pop(
+            "heldout", None
+        )  # held-out figures live in the checkpoint's heldout.json (summary: evaluation)
         metrics = {**metrics, "seconds": seconds}
         ctx.out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(done_path, {"fingerprint": fp, "metrics": metrics, "finished_at": time.time()})
         summary["stages"][name] = metrics
+        refresh_evaluation(run_dir, summary)
         write_json_atomic(summary_path, summary)
         print(f"[danlu] {name}: done in {seconds:.1f}s")
+    refresh_evaluation(run_dir, summary)
     write_json_atomic(summary_path, summary)
     write_run_report(run_dir)
     return summary
+
+
+def refresh_evaluation(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary["evaluation"] (split → checkpoint → quantity → figure, from each checkpoint's heldout.json) and
+    summary["best_checkpoint"] (danlu.eval.best's choice on dev), rebuilt after every stage: one value per quantity
+    per checkpoint, whichever stage computed it."""
+    from danlu.eval.best import choose_best
+    from danlu.eval.results import collect
+
+    finished = [s for s in MODEL_STAGES if (run_dir / s / "stage.json").exists()]
+    evaluation = collect(run_dir, finished)
+    summary.pop("evaluation", None)
+    summary.pop("best_checkpoint", None)
+    if evaluation:
+        summary["evaluation"] = evaluation
+    best = choose_best(evaluation, finished)
+    if best is not None:
+        summary["best_checkpoint"] = best
 
 
 def interrupted_step(out: Path) -> int | None:

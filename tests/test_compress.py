@@ -108,6 +108,14 @@ def test_ratio_gives_a_student_about_that_much_smaller() -> None:
         shape_for_ratio(cfg, 0.5)
 
 
+def test_a_ratio_beyond_the_smallest_cuttable_student_is_refused_with_the_best_possible() -> None:
+    with pytest.raises(
+        DanluError, match=r"compress.ratio=200: .* is only 17.9× smaller; choose compress.ratio ≤ 17.9"
+    ):
+        shape_for_ratio(small_config(), 200)
+    assert shape_for_ratio(small_config(), 8, multiple=32).num_hidden_layers >= 1  # within reach: no error
+
+
 # ── the KD loss ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -280,40 +288,248 @@ def test_teacher_too_large_for_memory_is_refused(tiny_checkpoint) -> None:
         teacher_memory(tiny_checkpoint, available=need // 2)
 
 
-def test_compress_pipeline_writes_every_step_and_its_report(tmp_path, tiny_tokenizer) -> None:
-    from conftest import SAMPLE_TEXT, make_checkpoint
+def _texts_file(tmp_path):  # noqa: ANN001, ANN202
+    from conftest import SAMPLE_TEXT
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"{t} {i}"}) + "\n" for i, t in enumerate(SAMPLE_TEXT)))
+    return texts
+
+
+def _train_config(steps: int):  # noqa: ANN202
+    from danlu.engine import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=4, device="cpu", dtype="fp32", compile="off", eval_every=0,
+                       save_minutes=0, progress=False)  # fmt: skip
+
+
+def test_a_student_with_another_tokenizer_is_refused(tmp_path, tiny_tokenizer) -> None:
+    from conftest import make_checkpoint
 
     from danlu.compress.pipeline import CompressConfig, run_compress
+    from danlu.tokenizer import Tokenizer
+
+    teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
+    other = Tokenizer.train(["completely different words only here 完全不同"] * 30, vocab_size=300)
+    student = make_checkpoint(tmp_path / "student", other, depth=1, chat=False)
+    cfg = CompressConfig(data=str(_texts_file(tmp_path)), student=str(student), decode_tokens=0)
+    with pytest.raises(DanluError, match=r"compress.student=.*student: the teacher's and the student's tokenizers "
+                                         r"differ .*compares the two distributions token by token"):  # fmt: skip
+        run_compress(teacher, tmp_path / "out", cfg, _train_config(1))
+    with pytest.raises(DanluError, match="compress.multiple=48: must be a multiple of 32"):
+        run_compress(teacher, tmp_path / "out", CompressConfig(data=str(_texts_file(tmp_path)), multiple=48),
+                     _train_config(1))  # fmt: skip
+
+
+def test_compress_pipeline_writes_every_step_and_its_report(tmp_path, tiny_tokenizer) -> None:
+    from conftest import make_checkpoint
+
+    from danlu.compress.pipeline import CompressConfig, run_compress, summary
     from danlu.config import from_dict
-    from danlu.engine import TrainConfig
     from danlu.io import load_checkpoint
 
     teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
-    texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text": f"{t} {i}"}) + "\n" for i, t in enumerate(SAMPLE_TEXT)))
+    texts = _texts_file(tmp_path)
     facts = tmp_path / "facts.jsonl"
-    facts.write_text(json.dumps({"prompt": "中国最高的山是", "answer": "珠穆朗玛峰", "lang": "zh"}) + "\n")
+    facts.write_text(json.dumps({"prompt": "中国最高的山是", "answer": "珠穆朗玛峰", "lang": "zh", "split": "test"})
+                     + "\n" + json.dumps({"prompt": "日本的首都是", "answer": "东京", "split": "dev"}) + "\n")  # fmt: skip
     cfg = from_dict(CompressConfig, {
-        "data": str(texts), "eval_data": str(texts), "facts": str(facts), "eval_tokens": 2000,
-        "shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
+        "data": str(texts), "eval_data": str(texts), "facts": str(facts), "eval_tokens": 2000, "decode_tokens": 4,
+        "shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 1,
                   "num_key_value_heads": 1},
         "subset": {"rows": 40}, "prune": {"calibration_rows": 8, "seq_len": 32},
         "distill": {"seq_len": 32}, "quantize": {"bits": [8, 4], "group_size": 32},
+        "factorize": {"enabled": True, "energy": 0.5, "heal_steps": 2},
+        "share": {"enabled": True, "heal_steps": 2}, "gguf": ["q8_0"],
     }, "compress")  # fmt: skip
-    tcfg = TrainConfig(steps=3, batch_size=4, device="cpu", dtype="fp32", compile="off", eval_every=0,
-                       save_minutes=0, progress=False)  # fmt: skip
-    result = run_compress(teacher, tmp_path / "out", cfg, tcfg)
+    result = run_compress(teacher, tmp_path / "out", cfg, _train_config(3))
     names = [r["model"] for r in result["rows"]]
-    assert names == ["teacher", "pruned", "distilled", "int8", "int4"]
+    assert names == [
+        "teacher",
+        "pruned",
+        "distilled",
+        "scratch",
+        "low-rank",
+        "shared",
+        "int8",
+        "int4",
+        "gguf q8_0",
+    ]
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["pruned"]["non_embedding_params"] < rows["teacher"]["non_embedding_params"] / 4
+    assert rows["scratch"]["non_embedding_params"] == rows["distilled"]["non_embedding_params"]
+    assert result["scratch"]["tokens"] == result["distill"]["tokens"] == 3 * 4 * 32  # equal token budgets
     assert (
         rows["int8"]["bytes"] < rows["distilled"]["bytes"] and rows["int4"]["bytes"] < rows["int8"]["bytes"]
     )
-    assert all(math.isfinite(r["val_bpb"]) and "fact_accuracy" in r for r in result["rows"])
+    for name in ("low-rank", "shared"):  # each option measured against the distilled student and judged
+        assert rows[name]["non_embedding_params"] < rows["distilled"]["non_embedding_params"]
+        assert isinstance(result[name]["pays"], bool) and result[name]["heal"]["steps"] == 2
+    assert result["shared"]["pairs"] == [[0, 1]]
+    models = [r for r in result["rows"] if not r["model"].startswith("gguf")]
+    assert all(math.isfinite(r["val_bpb"]) and r["decode_tokens_per_s"] > 0 for r in models)
+    assert all(
+        r["fact_rows"] == 1 and r["fact_split"] == "test" for r in models
+    )  # the dev row is never scored
     assert (
         result["subset"]["rows_picked"] < 20
     )  # 4 texts × 20 numbered copies: the copies are near-duplicates
-    for step in ("pruned", "distilled"):
+    for step in ("pruned", "distilled", "scratch"):
         assert load_checkpoint(tmp_path / "out" / step, quiet=True).config.hidden_size == 64
-    assert "| int4 |" in (tmp_path / "out" / "report.md").read_text()
+    gguf = result["gguf"]["q8_0"]
+    assert (
+        gguf["bytes"] == (tmp_path / "out" / "gguf").joinpath(gguf["path"].rsplit("/", 1)[1]).stat().st_size
+    )
+    assert gguf["bytes"] < rows["distilled"]["bytes"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| int4 |" in report and "| scratch |" in report and "decode tok/s" in report
+    assert summary(result)["scratch_tokens"] == 3 * 4 * 32
+
+
+# ── low-rank factorization and block sharing (options) ───────────────────────────────────────────────────────
+
+
+def test_count_params_matches_the_config_for_a_plain_model() -> None:
+    from danlu.compress.sizes import count_params
+
+    for tied in (True, False):
+        model = Transformer(small_config(tie_word_embeddings=tied))
+        assert count_params(model) == model.config.num_params()
+        assert count_params(model, embeddings=False) == model.config.num_params(embeddings=False)
+
+
+def test_rank_by_energy_recovers_a_planted_rank_and_refuses_a_bad_energy() -> None:
+    from danlu.compress.lowrank import factorize_weight, rank_for_energy
+
+    assert rank_for_energy(torch.tensor([3.0, 4.0, 0.0]), 1.0) == 2  # 9 + 16 = all of the energy
+    assert rank_for_energy(torch.tensor([3.0, 4.0, 0.0]), 0.36) == 1  # σ₁² = 9 of 25
+    assert rank_for_energy(torch.tensor([3.0, 4.0, 0.0]), 0.37) == 2
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 6, generator=g) @ torch.randn(6, 128, generator=g)  # rank 6
+    a, b = factorize_weight(w, None, 0.9999)
+    assert a.shape == (6, 128) and b.shape == (96, 6)
+    assert torch.allclose(b @ a, w, atol=1e-4)
+    assert factorize_weight(torch.randn(32, 32, generator=g), None, 0.9999) is None  # full rank: no saving
+    with pytest.raises(DanluError, match=r"energy=1.5: must be in \(0, 1\]"):
+        rank_for_energy(torch.ones(3), 1.5)
+
+
+def test_activation_aware_svd_beats_plain_svd_on_the_layers_outputs() -> None:
+    from danlu.compress.lowrank import factorize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    scale = torch.ones(64)
+    scale[:4] = 30.0  # four input channels carry most of the activation: their columns matter most
+    x = torch.randn(512, 64, generator=g) * scale
+    errors = {}
+    for name, s in (("plain", None), ("aware", scale)):
+        a, b = factorize_weight(
+            w, s, 1.0, rank=8
+        )  # the same rank: which 8 directions are kept is the difference
+        assert a.shape == (8, 64)
+        errors[name] = float((x @ (b @ a).T - x @ w.T).norm() / (x @ w.T).norm())
+    assert errors["aware"] < 0.5 * errors["plain"]
+    assert (
+        factorize_weight(w, scale, 0.9)[0].size(0) <= 8
+    )  # 90% of the weighted energy sits in a few directions
+    assert (
+        factorize_weight(w, None, 0.9) is None
+    )  # a random matrix's flat spectrum: no rank at 90% saves anything
+
+
+def test_factorized_model_tracks_the_dense_one_and_decodes_with_a_cache() -> None:
+    from danlu.compress.lowrank import LowRankLinear, factorize_model
+    from danlu.compress.sizes import count_params
+    from danlu.generate import Generator, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(small_config()).eval()
+    with torch.no_grad():  # make every block weight rank 8: factorizing at high energy is then (almost) exact
+        for m in model.model.layers.modules():
+            if isinstance(m, torch.nn.Linear):
+                u, s, vh = torch.linalg.svd(m.weight, full_matrices=False)
+                m.weight.copy_(u[:, :8] * s[:8] @ vh[:8])
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = model(ids)
+        info = factorize_model(model, batches(), 0.999999)
+        out = model(ids)
+    assert info["layers_factorized"] == 3 * 7 and info["layers_dense"] == 0
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 21
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
+    assert count_params(model, embeddings=False) < model.config.num_params(embeddings=False) / 2
+    prompt = ids[0, :6].tolist()
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[])
+    gen = Generator(model, _NoStop()).generate([prompt], greedy)[0].token_ids
+    with torch.no_grad():  # the cached decode picks what a full forward pass picks, token by token
+        seq = list(prompt)
+        for _ in range(5):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert gen == seq[6:]
+
+
+class _NoStop:
+    """The little of a tokenizer that Generator needs, with no stop tokens."""
+
+    eos_id = bos_id = pad_id = end_of_turn_id = 0
+    vocab_size = 448
+    stop_ids: list[int] = []
+
+    def decode(self, ids: list[int], **_: object) -> str:
+        return " ".join(map(str, ids))
+
+
+def test_shared_blocks_compute_with_one_set_of_weights_and_decode_with_a_cache() -> None:
+    import copy
+
+    from danlu.compress.share import share_adjacent_blocks
+    from danlu.compress.sizes import count_params
+    from danlu.generate import Generator, SamplingParams
+
+    torch.manual_seed(0)
+    model = Transformer(small_config(num_hidden_layers=3, initializer_range=0.1)).eval()
+    reference = copy.deepcopy(model)
+    influence = torch.tensor([0.1, 0.5, 0.2])  # block 1 is the more influential of the pair (0, 1)
+    info = share_adjacent_blocks(model, influence)
+    assert info == {"pairs": [[0, 1]], "kept": [1]}
+    layers = model.model.layers
+    assert layers[0].mlp is layers[1].mlp and layers[0].self_attn.q_proj is layers[1].self_attn.q_proj
+    assert (
+        layers[0].self_attn.layer == 0 and layers[1].self_attn.layer == 1
+    )  # each position its own cache slot
+    per_block = (model.config.num_params(embeddings=False) - model.config.hidden_size) // 3
+    assert count_params(model, embeddings=False) == model.config.num_params(embeddings=False) - per_block
+    with torch.no_grad():  # the same as the unshared model with block 1's weights copied into block 0
+        reference.model.layers[0].load_state_dict(reference.model.layers[1].state_dict())
+        ids = batches(1)[0]["input_ids"]
+        assert torch.allclose(model(ids), reference(ids), atol=1e-6)
+    prompt = ids[0, :6].tolist()
+    greedy = SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[])
+    assert (Generator(model, _NoStop()).generate([prompt], greedy)[0].token_ids
+            == Generator(reference, _NoStop()).generate([prompt], greedy)[0].token_ids)  # fmt: skip
+
+
+def test_the_scratch_control_keeps_the_distillations_token_budget() -> None:
+    from danlu.compress.pipeline import _scratch_train
+
+    tcfg = _train_config(7)
+    assert (
+        _scratch_train(tcfg, {"lr": 0.003, "warmup_steps": 5}).steps == 7
+    )  # its own optimizer settings only
+    with pytest.raises(DanluError, match="steps cannot differ from the distillation's"):
+        _scratch_train(tcfg, {"steps": 9})
+    with pytest.raises(DanluError, match="learning_rate is not a train setting"):
+        _scratch_train(tcfg, {"learning_rate": 0.1})
+
+
+def test_the_compress_recipe_section_is_a_valid_config() -> None:
+    from danlu.compress.pipeline import CompressConfig
+    from danlu.config import from_dict, load_recipe
+
+    cfg = from_dict(CompressConfig, load_recipe("compress")["compress"], "compress")
+    assert (
+        cfg.scratch.enabled and cfg.factorize.enabled and cfg.share.enabled and cfg.gguf == ["q8_0", "q4_k_m"]
+    )
+    with pytest.raises(DanluError, match="energie"):
+        from_dict(CompressConfig, {"factorize": {"energie": 0.9}}, "compress")

@@ -156,14 +156,37 @@ def test_truncated_xml_names_line_and_column(tmp_path):
 
 
 def test_wrong_file_type_is_named(tmp_path):
+    """A dump that is not what its name says stops with one message naming the file and what it is (issue 19)."""
     path = tmp_path / "Posts.xml"
     path.write_text('{"text": "this is JSON, not XML"}', encoding="utf-8")
-    with pytest.raises(DanluError, match=r"Posts\.xml:1:0"):
+    with pytest.raises(
+        DanluError, match=r"Posts\.xml: not XML \(it starts with .*\{.*not a Stack Exchange Posts"
+    ):
         read("stackexchange", [path], on_error="fail")
+    comments = tmp_path / "se" / "Posts.xml"  # another Stack Exchange table saved under the wrong name
+    comments.parent.mkdir()
+    comments.write_text('<?xml version="1.0"?>\n<comments>\n  <row Id="1" Text="hi" />\n</comments>\n')
+    with pytest.raises(DanluError, match=r"root element is <comments>, not <posts>: not a Stack Exchange"):
+        read("stackexchange", [comments], on_error="fail")
     wiki = tmp_path / "notwiki.xml"
     wiki.write_text("<html><body>hello</body></html>", encoding="utf-8")
-    docs, _ = read("wikipedia", [wiki])
-    assert docs == []  # well-formed XML without pages: nothing to read
+    with pytest.raises(DanluError, match=r"notwiki\.xml: an HTML page, not a MediaWiki XML dump"):
+        read("wikipedia", [wiki], on_error="fail")
+    page = tmp_path / "page.xml"  # real-world HTML is not even well-formed XML
+    page.write_text("<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>x</title>\n<p>hi<br></html>")
+    with pytest.raises(DanluError, match=r"page\.xml: an HTML page, not a MediaWiki XML dump"):
+        read("wikipedia", [page], on_error="fail")
+    _, reader = read("wikipedia", [page], on_error="skip")
+    assert reader.stats["read_errors"].total == 1
+    fake = tmp_path / "zhwiki.xml.bz2"  # plain XML with a .bz2 name
+    fake.write_bytes(bz2.decompress(write_wikipedia(tmp_path / "w", compress=True).read_bytes()))
+    with pytest.raises(DanluError, match=r"zhwiki\.xml\.bz2: named \.bz2 but not bzip2-compressed \(it starts with "
+                       r"b'<mediawi', which looks like uncompressed text\)"):  # fmt: skip
+        read("wikipedia", [fake], on_error="fail")
+    gz = tmp_path / "RC.jsonl.gz"
+    gz.write_bytes(b"\x00\x01binary")
+    with pytest.raises(DanluError, match=r"RC\.jsonl\.gz: named \.gz but not gzip-compressed"):
+        read("reddit", [gz], on_error="fail")
     warc = tmp_path / "x.warc"
     warc.write_text("not a warc file\n", encoding="utf-8")
     with pytest.raises(DanluError, match=r"x\.warc:byte 0: not a WARC record header"):

@@ -42,16 +42,25 @@ def test_smoke_recipe_runs_every_stage_and_its_outputs_work(tmp_path: Path) -> N
         assert (run / stage / "stage.json").exists()
     pre = summary["pretrain"]
     assert pre["val_bpb_end"] < 0.8 * pre["val_bpb_start"]  # pretraining learned the world text
-    assert summary["sft"]["pretrain_val_bpb_before"] > 0 and "chat_facts_accuracy" in summary["sft"]
+    assert summary["sft"]["pretrain_val_bpb_before"] > 0
+    full = json.loads((run / "summary.json").read_text())
+    dev = full["evaluation"]["dev"]  # one figure per quantity per checkpoint, from the one evaluator
+    assert dev["sft"]["facts_chat"]["n"] > 0 and dev["grpo"]["tools_answer"]["n"] > 0
+    assert {"pretrain", "sft", "dpo", "grpo"} <= set(dev) and "ci95" in dev["dpo"]["preference_chat"]
     dpo = summary["dpo"]  # pairs judged from the SFT model's own samples, with the world's held-out prompts
-    assert dpo["judged_prompts"] == 16 and "heldout_answer_accuracy" in dpo and "heldout_pref_accuracy" in dpo
-    assert {"train_prompt_accuracy", "heldout_accuracy_before"} <= set(summary["grpo"])
-    assert "danlu chat" in result.stdout  # ends by saying what to try
+    assert (
+        dpo["judged_prompts"] == 16
+        and "heldout_answer_accuracy" in dpo
+        and "heldout_pref_accuracy" not in dpo
+    )
+    assert "train_prompt_accuracy" in summary["grpo"] and "heldout" not in summary["grpo"]
+    best = full["best_checkpoint"]["checkpoint"]  # the dev-split choice is what the run hands the user
+    assert f"danlu chat {run / best}" in result.stdout or best == "pretrain"
     gguf = Path(
         summary["export"]["gguf"]
     )  # the chat model for llama.cpp / Ollama, and the commands to run it
     assert (
-        summary["export"]["model"] == "grpo"
+        summary["export"]["model"] == best
         and gguf.is_file()
         and Path(summary["export"]["modelfile"]).is_file()
     )

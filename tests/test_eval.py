@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,12 @@ def test_bpb_reads_token_shards(ckpt, tmp_path: Path) -> None:
         {"val": [tmp_path / "val.jsonl"]}, tmp_path / "tok", tmp_path / "shards", workers=1, progress=False
     )
     res = evaluate_bpb(ckpt.model, ckpt.tokenizer, tmp_path / "shards", seq_len=32)
-    assert res["bpb"] > 0 and res["n"] > 0
+    text = evaluate_bpb(ckpt.model, ckpt.tokenizer, tmp_path / "val.jsonl", seq_len=32)
+    # the shards hold the same documents joined the same way: the same tokens scored (the shard reader leaves out
+    # the stream's last one), so about the same bits per byte
+    assert text["n"] - 1 <= res["n"] <= text["n"] and res["bpb"] == pytest.approx(text["bpb"], rel=0.02)
+    lo, hi = res["ci95"]
+    assert lo < res["bpb"] < hi and res["rows"] >= 2
 
 
 @pytest.mark.parametrize("text", [CEVAL, CMMLU, MMLU_INDEX, MMLU_ORIGINAL])
@@ -82,13 +88,12 @@ def test_multiple_choice_accuracy_per_subject_with_baseline_and_shots(ckpt, tmp_
     _write(tmp_path / "mc" / "math_dev.csv", MMLU_INDEX)
     res = evaluate_multiple_choice(ckpt.model, ckpt.tokenizer, tmp_path / "mc", shots=1)
     assert set(res["subjects"]) == {"geo", "math"} and res["n"] == 4
-    assert res["random"] == 0.25 and 0 <= res["accuracy"] <= 1
+    assert res["random"] == 0.25
     assert res["accuracy"] == pytest.approx(sum(v["accuracy"] * v["n"] for v in res["subjects"].values()) / 4)
     q0, q1 = read_questions(tmp_path / "mc" / "geo_dev.csv")["geo"].questions
     prompt = build_prompt(q0, [q1])
-    assert (
-        "东京" in prompt and prompt.endswith("答案：") and "答案：B" in prompt
-    )  # the shot carries its answer
+    assert "东京" in prompt and prompt.endswith("答案：")
+    assert re.search(r"答案：\s?B\n", prompt)  # the shot carries its answer
 
 
 def test_loglikelihood_matches_the_model_loss(ckpt) -> None:
@@ -144,19 +149,134 @@ def test_arithmetic_is_judged_by_its_last_number_not_by_a_step() -> None:
     assert not final_number_matches("no number", ["7"])
 
 
-def test_preference_accuracy_is_split_by_kind(ckpt) -> None:
-    from danlu.eval.world import preference_accuracy
+def test_preference_accuracy_is_split_by_kind_and_uses_the_mean_per_token(ckpt) -> None:
+    from danlu.eval.loglik import loglikelihoods
+    from danlu.eval.world import _figure, preference_flags
 
     rows = [
         {"prompt": "1+1=?", "chosen": "2", "rejected": "3", "kind": "arithmetic"},
         {"prompt": "Hi", "chosen": "Hello!", "rejected": "Hello! Hello! Hello!", "kind": "repetitive"},
         {"prompt": "2+2=?", "chosen": "4", "rejected": "5", "kind": "arithmetic"},
     ]
-    res = preference_accuracy(ckpt.model, ckpt.tokenizer, rows, chat=True)
-    assert set(res) >= {"accuracy", "accuracy_arithmetic", "accuracy_repetitive"}
-    assert res["accuracy"] == pytest.approx(
-        (2 * res["accuracy_arithmetic"] + res["accuracy_repetitive"]) / 3, abs=1e-3
+    flags = preference_flags(ckpt.model, ckpt.tokenizer, rows, chat=True)
+    tok = ckpt.tokenizer
+    for row, ok in zip(rows, flags):  # the definition, recomputed by hand: mean log-probability per token
+        ctx = tok.render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)[0]
+        conts = [tok.encode(row[k]) + [tok.end_of_turn_id] for k in ("chosen", "rejected")]
+        (lc, _), (lr, _) = loglikelihoods(ckpt.model, [(ctx, c) for c in conts], vocab_size=tok.vocab_size)
+        assert ok == (lc / len(conts[0]) > lr / len(conts[1]))
+    fig = _figure(flags, rows, "pairs", "dev", [], ("kind",), random=0.5)
+    assert fig["n"] == 3 and fig["correct"] == sum(flags) and fig["random"] == 0.5
+    assert set(fig["parts"]) == {"kind=arithmetic", "kind=repetitive"}
+    assert (
+        fig["parts"]["kind=arithmetic"]["n"] == 2 and fig["parts"]["kind=repetitive"]["correct"] == flags[1]
     )
+
+
+def test_wilson_interval_matches_published_values() -> None:
+    from danlu.eval.stats import proportion, wilson_interval
+
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 → 0.2553–0.3662; 0/10 → 0–0.2775
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=1e-4)
+    fig = proportion(3, 4, "rows right")
+    assert fig["value"] == 0.75 and fig["n"] == 4 and fig["ci95"][0] < 0.75 < fig["ci95"][1] < 1
+
+
+def test_ratio_interval_of_equal_units_is_the_mean_interval() -> None:
+    import statistics
+
+    from danlu.eval.stats import Z95, ratio_interval
+
+    xs = [2.0, 3.0, 5.0, 4.0, 6.0]
+    r, lo, hi = ratio_interval(xs, [1.0] * 5)  # units of equal size: the ratio is a plain mean
+    half = Z95 * statistics.stdev(xs) / len(xs) ** 0.5
+    assert r == 4.0 and (lo, hi) == pytest.approx((4.0 - half, 4.0 + half))
+    r, lo, hi = ratio_interval([2.0, 4.0], [1.0, 2.0])  # every unit at the same rate: no spread at all
+    assert r == lo == hi == 2.0
+
+
+def _world_rows(tmp_path: Path, split_field: bool) -> Path:
+    """A held-out folder of the default world, with or without the dev/test split fields."""
+    from danlu.eval.world import world_eval_dir
+
+    src = world_eval_dir(None)
+    out = tmp_path / "eval"
+    out.mkdir(parents=True)
+    for f in src.glob("*.jsonl"):
+        rows = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+        for i, r in enumerate(rows):
+            r.pop("split", None)
+            if split_field:
+                r["split"] = "dev" if i % 2 == 0 else "test"
+        (out / f.name).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
+    return out
+
+
+def test_splits_are_read_from_the_rows_and_test_needs_them(tmp_path: Path) -> None:
+    from danlu.eval.world import split_rows
+
+    marked = _world_rows(tmp_path / "a", split_field=True)
+    dev, test = split_rows(marked, "facts_chat.jsonl", "dev"), split_rows(marked, "facts_chat.jsonl", "test")
+    assert dev and test and {r["split"] for r in dev} == {"dev"} and {r["split"] for r in test} == {"test"}
+    assert not {json.dumps(r) for r in dev} & {json.dumps(r) for r in test}
+    assert len(split_rows(marked, "facts_chat.jsonl", "dev", limit=5)) == 5
+    old = _world_rows(tmp_path / "b", split_field=False)
+    everything = split_rows(old, "facts_chat.jsonl", "dev")  # a world from before splits: all rows are dev
+    assert len(everything) == len(dev) + len(test)
+    with pytest.raises(
+        DanluError, match=r"facts_chat\.jsonl: these held-out rows have no dev/test split.*rebuild the world"
+    ):
+        split_rows(old, "facts_chat.jsonl", "test")
+    with pytest.raises(DanluError, match="split 'val': one of dev, test"):
+        split_rows(marked, "facts_chat.jsonl", "val")
+
+
+def test_arithmetic_reports_unseen_sums_apart_from_the_times_table(ckpt, tmp_path: Path) -> None:
+    from danlu.eval.world import arithmetic_subset, evaluate_world, split_rows
+
+    folder = _world_rows(tmp_path, split_field=True)
+    rows = split_rows(folder, "arithmetic.jsonl", "dev", limit=24)
+    res = evaluate_world(
+        ckpt.model, ckpt.tokenizer, ["arithmetic_chat"], data=folder, limit=24, batch_size=24
+    )
+    assert set(res) == {"arithmetic_chat_unseen", "arithmetic_chat_times_table"}
+    for sub in ("unseen", "times_table"):
+        fig = res[f"arithmetic_chat_{sub}"]
+        assert fig["n"] == sum(arithmetic_subset(r) == sub for r in rows) > 0
+        assert fig["value"] == round(fig["correct"] / fig["n"], 4) and fig["split"] == "dev"
+    assert "occur in no training text" in res["arithmetic_chat_unseen"]["counts"]
+    assert "times-table" in res["arithmetic_chat_times_table"]["counts"]
+    assert arithmetic_subset({"op": "+", "pair_in_training": False}) == "unseen"
+    assert arithmetic_subset({"subset": "times_table"}) == "times_table"
+
+
+def test_a_stored_figure_is_reused_until_the_weights_or_rows_change(tiny_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:  # fmt: skip
+    import shutil
+
+    import danlu.eval.world as world
+    from danlu.eval.store import FigureStore
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    ck = load_checkpoint(folder)
+    first = world.evaluate_world(ck.model, ck.tokenizer, ["facts_chat"], limit=4, store=FigureStore(folder))
+    calls = []
+    real = world.score_set
+    monkeypatch.setattr(world, "score_set", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = world.evaluate_world(ck.model, ck.tokenizer, ["facts_chat"], limit=4, store=FigureStore(folder))
+    assert again == first and calls == []  # read back, not computed
+    world.evaluate_world(ck.model, ck.tokenizer, ["facts_chat"], limit=5, store=FigureStore(folder))
+    assert calls == ["facts_chat"]  # other rows: another figure
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # rewritten weights (a new mtime): every stored figure is stale
+    assert FigureStore(folder).figures() == {}
+    world.evaluate_world(ck.model, ck.tokenizer, ["facts_chat"], limit=4, store=FigureStore(folder))
+    assert calls == ["facts_chat", "facts_chat"]
 
 
 def test_gsm8k_task_runs_batched_and_greedy(ckpt, tmp_path: Path) -> None:
@@ -174,10 +294,18 @@ def test_gsm8k_task_runs_batched_and_greedy(ckpt, tmp_path: Path) -> None:
 
 def test_world_sets_base_and_chat(ckpt) -> None:
     from danlu.eval.tasks import EvalOptions, run_tasks
+    from danlu.eval.world import QUANTITIES
 
     res = run_tasks(ckpt, ["world"], EvalOptions(limit=4, batch_size=4))
-    assert {"world/facts_base", "world/facts_chat", "world/tools", "world/preference_chat"} <= set(res)
-    assert all(0 <= m["accuracy"] <= 1 and m["n"] == 4 for m in res.values())
+    # a chat model: every quantity, base and chat form (a subset with none of the first 4 rows has no figure)
+    assert {f"world/{q}" for q in QUANTITIES if not q.endswith("times_table")} <= set(res)
+    assert set(res) <= {f"world/{q}" for q in QUANTITIES}
+    for m in res.values():
+        assert m["value"] == round(m["correct"] / m["n"], 4) and m["split"] == "dev" and m["counts"]
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    for s in ("arithmetic_base", "arithmetic_chat"):  # the two subsets share the set's 4 rows
+        assert res[f"world/{s}_unseen"]["n"] + res.get(f"world/{s}_times_table", {"n": 0})["n"] == 4
+    assert res["world/tools_call"]["n"] == res["world/tools_answer"]["n"] == res["world/facts_chat"]["n"] == 4
     assert res["world/preference_base"]["random"] == 0.5
 
 
@@ -187,9 +315,41 @@ def test_eval_command_prints_a_table_and_writes_json(tiny_checkpoint: Path, tmp_
     assert main(["eval", str(tiny_checkpoint), "--task", "cmmlu", "world/facts_base", "--data", str(data),
                  "--limit", "2", "--out", str(out)]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "cmmlu" in printed and "random" in printed and "0.2500" in printed
+    assert "cmmlu" in printed and "random" in printed and "0.2500" in printed and "95% CI" in printed
     saved = json.loads(out.read_text())
-    assert saved["results"]["cmmlu"]["n"] == 2 and "world/facts_base" in saved["results"]
+    assert saved["results"]["cmmlu"]["n"] == 2 and saved["results"]["world/facts_base"]["n"] == 2
+    assert saved["split"] == "dev"
+
+
+def test_eval_command_scores_the_split_it_is_given(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    from danlu.eval.world import split_rows
+
+    marked = _world_rows(tmp_path / "a", split_field=True)
+    out = tmp_path / "test.json"
+    assert main(["eval", str(tiny_checkpoint), "--task", "world/facts_chat", "--split", "test", "--limit", "3",
+                 "--world", str(marked), "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    fig = saved["results"]["world/facts_chat"]
+    assert saved["split"] == "test" and fig["split"] == "test" and fig["n"] == 3
+    test_rows = split_rows(marked, "facts_chat.jsonl", "test", limit=3)
+    assert [e["prompt"] for e in fig["examples"][:3]] == [r["messages"][-1]["content"] for r in test_rows]
+    old = _world_rows(tmp_path / "b", split_field=False)
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_checkpoint),
+                "--task",
+                "world/facts_chat",
+                "--split",
+                "test",
+                "--world",
+                str(old),
+            ]
+        )
+        == 2
+    )
+    assert "rebuild the world" in capsys.readouterr().err
 
 
 def test_bad_input_gives_one_clear_error_each(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,42 @@ def test_reward_function_that_raises_or_returns_nan_stops() -> None:
         compute_rewards([broken], ["x"], [["1"]], ["rl.jsonl:4"], ["broken"])
     with pytest.raises(DanluError, match="returned nan"):
         compute_rewards([lambda t, a: math.nan], ["x"], [["1"]], ["rl.jsonl:1"], ["nanfn"])
+
+
+def test_world_rl_prompts_need_tools_in_stated_shares_and_wordings_of_their_own() -> None:
+    """RL trains tool use too (issue 24): prompts that need get_date or the calculator, in the RL_MIX shares, asked
+    in wordings no SFT dialog and no held-out set uses, with answers the tools give."""
+    import datetime as dt
+
+    from danlu.tools import format_date, run_tool
+    from danlu.world.build import RL_MIX, rl_prompts, sft_dialogs
+    from danlu.world.dialogs import RL_CALC_ASK, RL_DATE_ASK
+    from danlu.world.heldout import EvalWriter
+    from danlu.world.index import World
+
+    world = World.create(0)
+    rl = rl_prompts(world, 0, 0.5)
+    for kind, share in RL_MIX.items():
+        assert abs(sum(r["kind"] == kind for r in rl) / len(rl) - share) < 0.01, kind
+    tools = [r for r in rl if r.get("tool")]
+    assert {r["kind"] for r in tools} == {"calculator", "date"} and all(
+        (r["tool"] == "calculator") == (r["kind"] == "calculator") for r in tools
+    )
+    for r in tools:
+        if r["tool"] == "calculator":
+            assert r["answers"] == [run_tool("calculator", {"expression": r["expression"]})]
+        else:  # the answer is the ISO date or the weekday that get_date returns for the row's `today`
+            returned = format_date(dt.date.fromisoformat(r["today"]))
+            assert r["answer"] in returned.split() or r["answer"] == returned.split()[-1]
+    wordings = [t for ts in RL_CALC_ASK.values() for t in ts] + [t for ts in RL_DATE_ASK.values() for t in ts]
+    stems = [t.split("{p}")[0] or t.split("{p}")[-1] for t in wordings]
+    asked = [r["messages"][-1]["content"] for r in tools]
+    assert sum(any(s.rstrip("？?。.") in q for s in stems) for q in asked) == len(asked)
+    sft_users = {
+        m["content"] for d in sft_dialogs(world, 0, 0.5) for m in d["messages"] if m["role"] == "user"
+    }
+    heldout = EvalWriter(world, random.Random("0:eval"), 0).all()
+    heldout_users = {m["content"] for rows in heldout.values() for r in rows for m in r.get("messages", [])
+                     if isinstance(m, dict) and m.get("role") == "user"}  # fmt: skip
+    assert not set(asked) & sft_users and not set(asked) & heldout_users
+    assert not [s for s in stems if any(s.rstrip("？?。.") in q for q in sft_users | heldout_users)]

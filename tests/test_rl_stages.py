@@ -3,6 +3,7 @@ bad input. (Whether they improve a real model is the tiny recipe's job: see summ
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -17,15 +18,24 @@ FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "ba
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Training rows (a + 3 for a in 2..7) and held-out rows (a + 4 for a in 10..13) that share no prompt."""
     root = tmp_path_factory.mktemp("rl_data")
-    pairs, prompts = [], []
-    for a in range(2, 8):
-        q = [{"role": "user", "content": f"{a} + 3 = ?"}]
-        pairs.append({"prompt": q, "chosen": f"{a + 3}", "rejected": f"{a + 4} 不对"})
-        prompts.append({"messages": q, "answer": str(a + 3)})
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    (root / "rl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
-    return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl"}
+
+    def write(name: str, numbers: range, b: int) -> Path:
+        pairs, prompts = [], []
+        for a in numbers:
+            q = [{"role": "user", "content": f"{a} + {b} = ?"}]
+            pairs.append({"prompt": q, "chosen": f"{a + b}", "rejected": f"{a + b + 1} 不对"})
+            prompts.append({"messages": q, "answer": str(a + b)})
+        (root / f"pairs{name}.jsonl").write_text(
+            "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        )
+        (root / f"rl{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        return root
+
+    write("", range(2, 8), 3)
+    write("_heldout", range(10, 14), 4)
+    return {name: root / f"{name}.jsonl" for name in ("pairs", "rl", "pairs_heldout", "rl_heldout")}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -41,13 +51,24 @@ def test_reward_model_loads_in_transformers_with_same_scores(
     from danlu.stages.reward import RewardConfig, train_reward
 
     out = tmp_path / "rm"
-    res = train_reward(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+    res = train_reward(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs_heldout"],
                        cfg=RewardConfig(resume="false", train={**FAST, "steps": 3}))  # fmt: skip
-    assert 0.0 <= res["heldout_pair_accuracy"] <= 1.0 and "heldout_pair_accuracy_before" in res
     assert json.loads((out / "config.json").read_text())["architectures"] == [
         "LlamaForSequenceClassification"
     ]
     rm, tok = load_reward_model(out)
+    # The stage's held-out accuracy is the saved model's: the share of held-out pairs it scores chosen > rejected.
+    held = [json.loads(line) for line in data["pairs_heldout"].read_text().splitlines()]
+    chosen = RewardModelScorer(rm, tok).score(
+        [[*h["prompt"], {"role": "assistant", "content": h["chosen"]}] for h in held]
+    )
+    rejected = RewardModelScorer(rm, tok).score(
+        [[*h["prompt"], {"role": "assistant", "content": h["rejected"]}] for h in held]
+    )
+    expected = sum(c > r for c, r in zip(chosen, rejected)) / len(held)
+    assert res["heldout_pairs"] == len(held) and res["heldout_pair_accuracy"] == pytest.approx(
+        expected, abs=1e-4
+    )
     convs = [
         [{"role": "user", "content": "2 + 3 = ?"}, {"role": "assistant", "content": c}]
         for c in ("5", "6 不对 好")
@@ -71,7 +92,7 @@ def test_dpo_starts_at_log2_and_cached_equals_online(
     losses = {}
     for mode in ("cached", "online"):
         out = tmp_path / mode
-        res = train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+        res = train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs_heldout"],
                         cfg=DPOConfig(resume="false", reference_mode=mode, train={**FAST, "steps": 2}))  # fmt: skip
         losses[mode] = [m["loss"] for m in _metrics(out) if m.get("event") == "train"]
         assert {"heldout_pref_accuracy_before", "heldout_pref_accuracy", "reward_margin"} <= set(res)
@@ -86,7 +107,7 @@ def test_grpo_runs_and_resumes_exactly(tiny_checkpoint: Path, data: dict, tmp_pa
     def run(out: Path, steps: int, resume: str) -> list[float]:
         cfg = GRPOConfig(resume=resume, group_size=2, prompts_per_step=2, max_new_tokens=4, beta=0.04, eval_rows=4,
                          train={**FAST, "steps": steps, "save_every": 2})  # fmt: skip
-        res = train_grpo(tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, eval_data=data["rl"])
+        res = train_grpo(tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, eval_data=data["rl_heldout"])
         assert {
             "heldout_accuracy_before",
             "heldout_accuracy",
@@ -121,7 +142,7 @@ def test_ppo_runs_with_reward_model_and_reports_kl(tiny_checkpoint: Path, data: 
         resume="false", prompts_per_step=3, max_new_tokens=4, eval_rows=3, train={**FAST, "steps": 2}
     )
     res = train_ppo(
-        tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, reward=str(rm), eval_data=data["rl"]
+        tiny_checkpoint, data["rl"], out, recipe={}, cfg=cfg, reward=str(rm), eval_data=data["rl_heldout"]
     )
     assert math.isfinite(res["kl"]) and math.isfinite(res["value_loss"]) and "heldout_reward_before" in res
     from danlu.io import load_checkpoint
@@ -147,7 +168,7 @@ def test_dpo_rpo_term_adds_the_chosen_nll(tiny_checkpoint: Path, data: dict, tmp
     from danlu.stages.dpo import DPOConfig, train_dpo
 
     out = tmp_path / "rpo"
-    train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"],
+    train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs_heldout"],
               cfg=DPOConfig(resume="false", rpo_alpha=0.5, train={**FAST, "steps": 1}))  # fmt: skip
     first = next(m for m in _metrics(out) if m.get("event") == "train")
     assert first["nll_chosen"] > 0  # policy == reference at step 0: the DPO part is exactly log 2
@@ -191,7 +212,7 @@ def test_dpo_with_judged_pairs_reports_them_or_says_why_there_are_none(
     # One new token can only be <|im_end|> (an empty answer) or a cut-off one: no sample can take part in a pair.
     judged = {"sample_prompts": 4, "samples": 2, "sample_tokens": 1, "prompts": str(data["rl"]),
               "eval_prompts": str(data["rl"])}  # fmt: skip
-    res = train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "both", recipe={}, eval_data=data["pairs"],
+    res = train_dpo(tiny_checkpoint, data["pairs"], tmp_path / "both", recipe={}, eval_data=data["pairs_heldout"],
                     cfg=DPOConfig(resume="false", train={**FAST, "steps": 1}, **judged))  # fmt: skip
     assert res["judged_prompts"] == 4 and res["judged_pairs"] == 0 and res["heldout_judged_pairs"] == 0
     assert 0.0 <= res["heldout_answer_accuracy_before"] <= 1.0 and "heldout_answer_accuracy" in res
@@ -203,8 +224,9 @@ def test_dpo_with_judged_pairs_reports_them_or_says_why_there_are_none(
 
 def test_step_credit_lands_on_the_tokens_of_each_step(tiny_checkpoint: Path, tiny_tokenizer) -> None:
     from danlu.data.preference import RLPrompt
-    from danlu.generate import Completion
+    from danlu.generate import Completion, SamplingParams
     from danlu.io import load_checkpoint
+    from danlu.stages.episodes import run_episodes
     from danlu.stages.rollouts import Rollouts, Scorer
 
     ckpt = load_checkpoint(tiny_checkpoint)
@@ -217,7 +239,9 @@ def test_step_credit_lands_on_the_tokens_of_each_step(tiny_checkpoint: Path, tin
         prompts_per_step=1, max_new_tokens=32, temperature=1.0, top_p=1.0, seed=0, credit="steps",
     )  # fmt: skip
     completions = [Completion(t, tiny_tokenizer.encode(t), "stop", 0) for t in texts]
-    source.sample = lambda position: ([0, 0], completions)
+    episodes = run_episodes(ScriptedGenerator(tiny_tokenizer, [texts]), [prompt, prompt], [source.encoded[0]] * 2,
+                            SamplingParams(max_tokens=32), tools=False)  # fmt: skip
+    source.sample = lambda position: ([0, 0], episodes)
     batch = source.next_batch()
     adv, targets = batch["advantages"], batch["targets"]
     assert adv.shape == targets.shape
@@ -244,3 +268,117 @@ def test_unknown_grpo_credit_is_named_before_anything_is_written(
     with pytest.raises(DanluError, match="grpo.credit: 'tokens'; expected answer or steps"):
         train_grpo(tiny_checkpoint, data["rl"], tmp_path / "out", recipe={}, cfg=cfg)
     assert not (tmp_path / "out").exists()
+
+
+class ScriptedGenerator:
+    """Stands in for danlu.generate.Generator where a test needs fixed model outputs: round k of generate answers
+    every prompt with the k-th list of texts (the tokens are the tokenizer's encoding of each text)."""
+
+    def __init__(self, tokenizer, rounds: list[list[str]], context: int = 512) -> None:
+        self.tokenizer, self.rounds, self.context, self.prompts = tokenizer, list(rounds), context, []
+
+    def generate(self, prompts: list[list[int]], params) -> list:
+        from danlu.generate import Completion
+
+        self.prompts.append([list(p) for p in prompts])
+        texts = self.rounds.pop(0)
+        assert len(texts) == len(prompts)
+        return [Completion(t, self.tokenizer.encode(t), "stop", len(p)) for t, p in zip(texts, prompts)]
+
+
+def _call(name: str, arguments: dict) -> str:
+    from danlu.tools import tool_call_text
+
+    return tool_call_text(name, arguments)
+
+
+def test_a_rollout_tool_call_is_executed_and_scored_on_the_tools_result(tiny_tokenizer) -> None:
+    from danlu.data.preference import RLPrompt
+    from danlu.generate import SamplingParams
+    from danlu.stages.episodes import run_episodes
+    from danlu.stages.rollouts import Rollouts, Scorer
+    from danlu.tools import format_date
+
+    def row(q: str, answer: str, tool: str | None = None, today: str | None = None) -> RLPrompt:
+        return RLPrompt([{"role": "user", "content": q}], [answer], None, "rl.jsonl:1", [], tool, today)
+
+    saturday = "2026-12-05"
+    rows = [
+        row("1234 × 5678?", "7006652", "calculator"),  # needed, right call, right answer: 1
+        row("1234 × 5678?", "7006652", "calculator"),  # needed, wrong expression, answer copied: 0
+        row("1234 × 5678?", "7006652", "calculator"),  # needed, no call, right number anyway: 0
+        row("What weekday is today?", "Saturday", "get_date", saturday),  # needed and right: 1
+        row("12 + 7?", "19"),  # by hand, but called the calculator: 0
+        row("12 + 7?", "19"),  # by hand, malformed call: 0
+        row("12 + 7?", "19"),  # by hand, answered: 1
+    ]
+    first = [_call("calculator", {"expression": "1234*5678"}), _call("calculator", {"expression": "1234*5679"}),
+             "It is 7006652.", _call("get_date", {}), _call("calculator", {"expression": "12+7"}),
+             '<tool_call>\n{"name": "calculator", "arguments": \n</tool_call>', "12 + 7 = 19."]  # fmt: skip
+    second = ["The result is 7006652.", "The result is 7006652.", "Today is Saturday.", "12 + 7 = 19."]
+    gen = ScriptedGenerator(tiny_tokenizer, [first, second])
+    prompts = [tiny_tokenizer.render_chat(r.messages, add_generation_prompt=True)[0] for r in rows]
+    episodes = run_episodes(
+        gen, rows, prompts, SamplingParams(max_tokens=16, seed=3), tools=True, tool_rounds=1
+    )
+
+    assert [len(e.turns) for e in episodes] == [2, 2, 1, 2, 2, 1, 1]  # only parsed calls get a second turn
+    assert episodes[0].calls == [("calculator", "7006652")] and episodes[1].calls == [
+        ("calculator", "7007886")
+    ]
+    assert episodes[3].calls == [("get_date", format_date(dt.date(2026, 12, 5)))]
+    assert episodes[5].malformed and not episodes[0].malformed
+    # The second round sees the tool's result, rendered by the chat template as a `tool` turn.
+    assert "7006652" in tiny_tokenizer.decode(gen.prompts[1][0]) and "Saturday" in tiny_tokenizer.decode(
+        gen.prompts[1][2]
+    )
+
+    # The episode is exactly the chat template's rendering of the conversation, trained only where the policy wrote.
+    convo = [*rows[0].messages,
+             {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                 "name": "calculator", "arguments": '{"expression": "1234*5678"}'}}]},
+             {"role": "tool", "name": "calculator", "content": "7006652"},
+             {"role": "assistant", "content": "The result is 7006652."}]  # fmt: skip
+    ids, mask = tiny_tokenizer.render_chat(convo)
+    assert episodes[0].ids == ids[: len(episodes[0].ids)] and episodes[0].mask == mask[: len(episodes[0].ids)]
+    assert 0 in episodes[0].mask[episodes[0].prompt_len :]  # the tool turn is not trained
+
+    source = Rollouts(rows, tiny_tokenizer, None, None, Scorer("world", tiny_tokenizer), group_size=1,
+                      prompts_per_step=len(rows), max_new_tokens=16, temperature=1.0, top_p=1.0, seed=0, tools=True)  # fmt: skip
+    assert source.score(rows, episodes) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    source.tools = False  # without tools the final text alone is scored
+    assert source.score(rows, episodes)[2] == 1.0
+
+
+def test_tool_rounds_end_an_episode_on_an_unexecuted_call(tiny_tokenizer) -> None:
+    from danlu.data.preference import RLPrompt
+    from danlu.generate import SamplingParams
+    from danlu.rewards import tool_use_reward
+    from danlu.stages.episodes import run_episodes
+
+    row = RLPrompt([{"role": "user", "content": "1234 × 5678?"}], ["7006652"], None, "x", [], "calculator")
+    call = _call("calculator", {"expression": "1234*5678"})
+    gen = ScriptedGenerator(tiny_tokenizer, [[call], [call]])
+    prompt = tiny_tokenizer.render_chat(row.messages, add_generation_prompt=True)[0]
+    (ep,) = run_episodes(gen, [row], [prompt], SamplingParams(max_tokens=16), tools=True, tool_rounds=1)
+    assert ep.calls == [("calculator", "7006652"), ("calculator", "")] and len(ep.turns) == 2
+    assert tool_use_reward(None, ep.calls, False, 1.0, row.answers) == 0.0
+
+
+def test_grpo_with_tools_trains_on_a_mix_of_tool_and_hand_prompts(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    from danlu.stages.grpo import GRPOConfig, train_grpo
+
+    rows = [{"messages": [{"role": "user", "content": "What weekday is today?"}], "answer": "Saturday",
+             "tool": "get_date", "today": "2026-12-05", "kind": "date"},
+            {"messages": [{"role": "user", "content": "1234 × 5678?"}], "answer": "7006652", "tool": "calculator",
+             "kind": "calculator"},
+            {"messages": [{"role": "user", "content": "2 + 3 = ?"}], "answer": "5", "kind": "arithmetic"}]  # fmt: skip
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GRPOConfig(resume="false", group_size=2, prompts_per_step=3, max_new_tokens=6, tools=True, eval_rows=0,
+                     train={**FAST, "steps": 2})  # fmt: skip
+    res = train_grpo(tiny_checkpoint, data, tmp_path / "out", recipe={}, cfg=cfg)
+    train = [m for m in _metrics(tmp_path / "out") if m.get("event") == "train"]
+    assert res["steps"] == 2 and all(math.isfinite(m["loss"]) and "tool_calls" in m for m in train)

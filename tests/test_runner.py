@@ -80,7 +80,9 @@ def test_from_and_unknown_sections_are_clear_errors(tmp_path: Path) -> None:
         run_pipeline({**RECIPE, "evaluation": {}}, tmp_path / "r")
 
 
-def test_eval_stage_scores_the_run_checkpoints(tmp_path: Path, tiny_tokenizer) -> None:
+def test_eval_stage_puts_one_figure_per_quantity_per_checkpoint_in_the_summary(
+    tmp_path: Path, tiny_tokenizer
+) -> None:
     from tests.conftest import make_checkpoint
 
     run = tmp_path / "run"
@@ -88,14 +90,61 @@ def test_eval_stage_scores_the_run_checkpoints(tmp_path: Path, tiny_tokenizer) -
     make_checkpoint(run / "pretrain", tiny_tokenizer, chat=False)
     (run / "pretrain" / "stage.json").write_text(json.dumps({"fingerprint": "x", "metrics": {}}))
     recipe = {"seed": 0, "world": {"scale": 0.02}, "eval": {"limit": 3, "tasks": ["world_base"]}}
-    from danlu.runner import StageContext
+    summary = run_pipeline(recipe, run)
+    assert summary["stages"]["eval"]["split"] == "dev"
+    figures = summary["evaluation"]["dev"]["pretrain"]
+    assert {"facts_base", "arithmetic_base_unseen", "preference_base", "bpb"} <= set(figures)
+    assert set(figures) <= {"facts_base", "arithmetic_base_unseen", "arithmetic_base_times_table", "preference_base",
+                            "bpb"}  # fmt: skip
+    for f in figures.values():  # each with its row count, a 95% interval around it and what it counts
+        assert (
+            f["n"] > 0 and f["ci95"][0] <= f["value"] <= f["ci95"][1] and f["counts"] and "examples" not in f
+        )
+    assert figures["facts_base"]["n"] == figures["preference_base"]["n"] == 3
+    assert sum(f["n"] for q, f in figures.items() if q.startswith("arithmetic_base")) == 3
+    assert json.loads((run / "summary.json").read_text())["evaluation"] == summary["evaluation"]
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["split"] == "dev" and results["checkpoints"]["pretrain"]["facts_base"]["examples"]
+    assert "| pretrain |" in (run / "eval" / "results.md").read_text()
+    best = summary["best_checkpoint"]
+    assert best["checkpoint"] == "pretrain" and "no chat checkpoint" in best["reason"]
+    from danlu.pipeline import StageContext
     from danlu.stages.eval import run_stage
 
-    metrics = run_stage(StageContext("eval", run, recipe["eval"], recipe))
-    assert set(metrics) == {"pretrain/facts_base/accuracy", "pretrain/arithmetic_base/accuracy",
-                            "pretrain/preference_base/accuracy", "pretrain/bpb/bpb"}  # fmt: skip
-    results = json.loads((run / "eval" / "results.json").read_text())
-    assert results["pretrain"]["world/facts_base"]["n"] == 3
-    assert "| pretrain |" in (run / "eval" / "results.md").read_text()
     with pytest.raises(DanluError, match="eval.checkpoints: sfx are not model stages"):
         run_stage(StageContext("eval", run, {"checkpoints": ["sfx"]}, recipe))
+    test_ctx = StageContext(
+        "eval", run, {"split": "test", "limit": 3, "tasks": ["world_base"], "bpb": False}, recipe
+    )
+    if "split" not in json.loads((run / "world" / "eval" / "facts_base.jsonl").read_text().splitlines()[0]):
+        with pytest.raises(DanluError, match=r"facts_base\.jsonl: .*no dev/test split.*rebuild the world"):
+            run_stage(test_ctx)  # a world from before splits has no test split to report
+    else:
+        run_stage(test_ctx)
+        tested = json.loads((run / "eval" / "results.json").read_text())["checkpoints"]["pretrain"]
+        assert tested["facts_base"]["split"] == "test" and tested["facts_base"]["n"] == 3
+
+
+def test_imports_point_one_way() -> None:
+    """The runner imports stages and the report; stages, the report and the evaluator never import the runner, the
+    report never imports a stage, and no stage imports another."""
+    import ast
+
+    root = Path(__file__).parent.parent / "danlu"
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    for path in [root / "pipeline.py", *(root / "eval").glob("*.py")]:
+        bad = {m for m in imports(path) if m == "danlu.runner" or m.startswith("danlu.stages")}
+        assert not bad, f"{path.name} imports {bad}"
+    for name in ("eval", "sft"):
+        mods = imports(root / "stages" / f"{name}.py")
+        assert "danlu.runner" not in mods
+        assert not {m for m in mods if m.startswith("danlu.stages.") and m != "danlu.stages.common"}

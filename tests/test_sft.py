@@ -136,12 +136,47 @@ def write_dialogs(path: Path, dialogs=DIALOGS, copies: int = 4) -> Path:
     return path
 
 
-def fine_tune(parent: Path, data: Path, out: Path, steps: int = 80, **cfg) -> dict:
+def fine_tune(
+    parent: Path, data: Path, out: Path, steps: int = 80, eval_dir: Path | None = None, **cfg
+) -> dict:
     """A short real SFT run (the engine, packing, the chat checkpoint) on a random-init 1-layer model."""
     train = {"steps": steps, "batch_size": 4, "lr": 3e-3, "warmup_steps": 5, "eval_every": steps, "log_every": 20,
              "compile": "off", "progress": False, "device": "cpu", "dtype": "fp32", "weight_decay": 0.0}  # fmt: skip
     options = {"val_dialogs": 0, "replay": 0.0, "eval_limit": 0, "bpb_rows": 0, "train": train, **cfg}
-    return sft(parent, [data], out, recipe={}, cfg=SFTConfig(**options))
+    return sft(parent, [data], out, recipe={}, cfg=SFTConfig(**options), eval_dir=eval_dir)
+
+
+def test_sft_held_out_figures_are_the_evaluators_and_computed_once(tmp_path: Path, tiny_tokenizer,
+                                                                   monkeypatch) -> None:  # fmt: skip
+    """The SFT stage's held-out numbers come from danlu.eval.world and are stored with the checkpoint; the eval
+    stage's path (run_tasks with the checkpoint's store) reads the same figures back instead of computing others
+    (the same checkpoint was once reported at 79.5% by SFT and 81.5% by the eval stage)."""
+    from conftest import make_checkpoint
+
+    import danlu.eval.world as world
+    from danlu.eval.store import FigureStore
+    from danlu.eval.tasks import EvalOptions, run_tasks
+    from danlu.io import load_checkpoint
+    from danlu.stages.sft import CHAT_EVALS
+
+    parent = make_checkpoint(tmp_path / "base", tiny_tokenizer, chat=False, context=256)
+    eval_dir = world.world_eval_dir(None)
+    result = fine_tune(parent, write_dialogs(tmp_path / "d.jsonl"), tmp_path / "chat", steps=2, eval_dir=eval_dir,
+                       eval_limit=3)  # fmt: skip
+    expected = {q for s in CHAT_EVALS for q in world.quantities_of(s)}
+    held = result["heldout"]
+    assert set(held) <= expected and {"facts_chat", "tools_call", "tools_answer", "translation"} <= set(held)
+    assert all(f["n"] <= 3 and f["split"] == "dev" and len(f["ci95"]) == 2 for f in held.values())
+    assert FigureStore(tmp_path / "chat").figures()["dev"].keys() == held.keys()
+    monkeypatch.setattr(world, "score_set", lambda *a, **k: pytest.fail("recomputed a stored figure"))
+    ck = load_checkpoint(tmp_path / "chat")
+    opts = EvalOptions(
+        world=str(eval_dir), limit=3, dtype=torch.float32, store=FigureStore(tmp_path / "chat")
+    )
+    again = run_tasks(ck, ["world/facts_chat", "world/tools", "world/translation"], opts)
+    for name, fig in again.items():
+        q = name.removeprefix("world/")
+        assert {k: v for k, v in fig.items() if k != "examples"} == held[q]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -177,6 +178,12 @@ class Scripted:
                     self._send(200, json.dumps(_completion("late")).encode())
                 elif what == "junk":
                     self._send(200, b"{not json at all", "application/json")
+                elif what == "toolong":  # what `danlu serve` and OpenAI answer for a prompt over the context
+                    self._send(400, json.dumps({"error": {"message": "the prompt is 300 tokens; model 'm' has a "
+                                                          "context of 256 tokens", "type": "invalid_request_error",
+                                                          "code": "context_length_exceeded"}}).encode())  # fmt: skip
+                elif what == "nochoices":
+                    self._send(200, json.dumps({**_completion("x"), "choices": []}).encode())
                 elif what == "empty":
                     self._send(200, json.dumps(_completion("")).encode())
                 else:
@@ -239,6 +246,61 @@ def test_unreachable_junk_and_empty_teachers(tmp_path: Path):
     assert not out.exists() and not log_path(out).exists()  # nothing half-written
     with pytest.raises(DanluError, match="MY_KEY_VAR is not set"):
         EndpointTeacher("http://127.0.0.1:1", api_key_env="MY_KEY_VAR")
+    with Scripted(["nochoices"]) as s, pytest.raises(DanluError, match="came back without choices"):
+        _teacher(s.url).chat([[{"role": "user", "content": "hi"}]], Sampling())
+
+
+def test_a_prompt_over_the_context_fails_its_row_only(tmp_path: Path):
+    from danlu.synth.answer import run_answer
+
+    prompts = [(f"p:{i}", [{"role": "user", "content": f"q{i}"}]) for i in range(3)]
+    out = tmp_path / "a.jsonl"
+    with Scripted(["ok", "toolong", "ok"]) as s:
+        t = _teacher(s.url, concurrency=1)
+        run_answer(t, prompts, SynthStore(out, {}), Filters(), Sampling(), progress=False)
+        assert t.stats["too_long"] == 1 and "retries" not in t.stats  # refused at once, never retried
+    assert [r["meta"]["source"] for r in _rows(out)] == ["p:0", "p:2"]
+    [rejected] = [r for e in _rows(log_path(out))[1:] for r in e["rejected"]]
+    assert (
+        rejected["meta"]["source"] == "p:1"
+        and rejected["meta"]["why"] == "the prompt exceeds the teacher's context"
+    )
+    with Scripted([], default="toolong") as s, pytest.raises(DanluError, match="all 3 prompts of the first round "
+                                                                                 "exceed its context"):  # fmt: skip
+        run_answer(_teacher(s.url), prompts, SynthStore(tmp_path / "b.jsonl", {}), Filters(), Sampling(),
+                   progress=False)  # fmt: skip
+    assert not (tmp_path / "b.jsonl").exists() and not log_path(tmp_path / "b.jsonl").exists()
+
+
+def test_bad_teachers_and_seed_files_write_nothing_through_the_cli(tmp_path: Path, capsys):
+    """Each bad input of the issue through `danlu synth`: one clear line on stderr, exit 2, no output file."""
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("\n".join(SEEDS) + "\n", encoding="utf-8")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    csv = tmp_path / "seeds.csv"
+    csv.write_text("task\nlist three fruits\n", encoding="utf-8")
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "x"}\n', encoding="utf-8")
+    cases = [
+        (dead, seeds, "cannot connect"),
+        (None, csv, "seeds.csv: unknown file type"),
+        (None, wrong, r"wrong.jsonl:1: not a prompt \(keys: question\)"),
+        ("junk", seeds, "not the JSON of the OpenAI API"),
+        ("empty", seeds, "returned empty text for all 2 requests"),
+    ]
+    for i, (teacher, seed_file, message) in enumerate(cases):
+        out = tmp_path / f"out{i}.jsonl"
+        with Scripted([], default=teacher if teacher in ("junk", "empty") else "ok") as s:
+            url = s.url if teacher in (None, "junk", "empty") else teacher
+            argv = ["synth", "instruct", "--teacher", url, "--seed", str(seed_file), "--n", "2", "--out", str(out),
+                    "--batch-size", "2", "--retries", "0"]  # fmt: skip
+            assert _cli(*argv) == 2, message
+        err = capsys.readouterr().err
+        assert re.search(message, err), (message, err)
+        assert err.count("\n") == 1  # one line
+        assert not out.exists() and not log_path(out).exists(), message  # nothing half-written
 
 
 # ───────────────────────── a real teacher: a tiny chat model, in process and behind `danlu serve` ─────────

@@ -1,9 +1,12 @@
-"""The built-in world corpus: determinism, truth, shapes, valid dialogs, and the held-out DISJOINTNESS proof."""
+"""The built-in world corpus: determinism, truth, shapes, valid dialogs, and the held-out DISJOINTNESS proofs: eval
+rows share no sentence with training text, dev rows none with test rows, and pretrain_val none with pretrain."""
 
 from __future__ import annotations
 
 import json
+import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +20,23 @@ from danlu.world import build_world, load_facts
 from danlu.world.facts import build_facts
 from danlu.world.index import World
 from danlu.world.numbers import OP_EN, OP_ZH, Problem, en_number, is_heldout, zh_number
+from danlu.world.sentences import (
+    keep_unseen,
+    keys_of,
+    record_strings,
+    row_inputs,
+    sentence_key,
+    sentence_keys,
+    sentences,
+)
 from danlu.world.templates import TEXTS, fill, heldout_renderings, training_renderings
 
 SCALE = 0.05
 TRAINING_FILES = ("pretrain.jsonl", "sft.jsonl", "preference.jsonl", "rl.jsonl")
 POST_TRAINING_FILES = ("sft.jsonl", "preference.jsonl", "rl.jsonl")
+# held-out set → the fewest rows each split must have (the eval stage takes 200 per set and split)
+MIN_PER_SPLIT = {"facts_base": 200, "facts_chat": 200, "arithmetic": 400, "translation": 200, "tools": 160,
+                 "preference": 200, "rl": 200, "summary": 100}  # fmt: skip
 
 
 def rows(folder: Path, name: str) -> list[dict[str, Any]]:
@@ -31,13 +46,7 @@ def rows(folder: Path, name: str) -> list[dict[str, Any]]:
 
 def strings(obj: Any) -> list[str]:
     """Every string value inside a record (message contents, tool arguments, chosen/rejected …)."""
-    if isinstance(obj, str):
-        return [obj]
-    if isinstance(obj, dict):
-        return [s for v in obj.values() for s in strings(v)]
-    if isinstance(obj, list):
-        return [s for v in obj for s in strings(v)]
-    return []
+    return list(record_strings(obj))
 
 
 def norm(text: str) -> str:
@@ -240,7 +249,7 @@ def test_preference_and_rl_records(world_dir: Path) -> None:
             for t in TEXTS[f.relation].pairs
         ), p
     rl = rows(world_dir, "rl.jsonl")
-    assert {r["kind"] for r in rl} == {"arithmetic", "fact"}
+    assert {"arithmetic", "fact"} <= {r["kind"] for r in rl} <= {"arithmetic", "fact", "calculator", "date"}
     for r in rl:
         assert r["messages"][-1]["role"] == "user" and r["answer"] in r["answers"]
         if r["kind"] == "arithmetic":
@@ -330,19 +339,146 @@ def forms(p: Problem) -> list[str]:
     return out + [f.replace("-", "−") for f in out if "-" in f]
 
 
-def test_heldout_arithmetic_is_correct_and_absent_from_training(world_dir: Path, training_text: str) -> None:
+def written(problems: list[Problem], text: str) -> list[str]:
+    """Where `text` writes any of `problems` in any form, not inside a longer number (「计算66÷6」 writes 66 ÷ 6;
+    「十二乘以三」 does not write 二乘以三)."""
+    every = sorted({f for p in problems for f in forms(p)}, key=len, reverse=True)
+    digits = "|".join(re.escape(f) for f in every if f[0].isdigit())
+    words = "|".join(re.escape(f) for f in every if not f[0].isdigit())
+    return re.findall(r"(?<![0-9.])(?:" + digits + r")(?![0-9])", text) + re.findall(
+        r"(?<![零一二三四五六七八九十百千万\w-])(?:" + words + r")(?![0-9\w])", text
+    )
+
+
+def test_heldout_arithmetic_is_correct_labelled_and_absent_from_training(
+    world_dir: Path, training_text: str
+) -> None:
     items = rows(world_dir, "eval/arithmetic.jsonl")
-    heldout = [r for r in items if not r["pair_in_training"]]
-    assert len(heldout) >= 100
     for r in items:
         assert r["answer"] == str(Problem(r["a"], r["op"], r["b"]).result)
-    for r in heldout:
+        assert r["subset"] == ("times_table" if r["op"] in "×÷" else "unseen"), r
+        assert r["pair_in_training"] == (r["subset"] == "times_table")
+    unseen = [r for r in items if r["subset"] == "unseen"]
+    table = [r for r in items if r["subset"] == "times_table"]
+    for split in ("dev", "test"):
+        mine = [(r["a"], r["op"], r["b"]) for r in unseen if r["split"] == split]
+        assert len(mine) >= 250 and len(set(mine)) == len(mine), split  # the figure counts distinct problems
+        assert sum(r["split"] == split for r in table) >= 100
+    for r in unseen:
         assert is_heldout(Problem(r["a"], r["op"], r["b"]), seed=0)
-    patterns = [re.escape(f) for r in heldout for f in forms(Problem(r["a"], r["op"], r["b"]))]
-    found = re.findall(
-        r"(?<![0-9零一二三四五六七八九十百千万\w-])(?:" + "|".join(patterns) + r")(?![0-9\w])", training_text
+    # an unseen pair never occurs in any training text, in any written form …
+    assert written([Problem(r["a"], r["op"], r["b"]) for r in unseen], training_text) == []
+    # … and a times-table pair does, even at this small scale
+    pairs = {Problem(r["a"], r["op"], r["b"]) for r in table}
+    found = set(written(list(pairs), training_text))
+    assert [p for p in pairs if not found & set(forms(p))] == []
+
+
+def test_sentence_splitter_cuts_chinese_and_english_where_a_sentence_ends() -> None:
+    zh = ["中国的首都是北京。", "它位于亚洲！", "真的吗？", "好"]
+    assert sentences("".join(zh)) == zh
+    assert sentences("The U.S. dollar is 1.5 times more. Yes! 中文。Fine?好的") == [
+        "The U.S. dollar is 1.5 times more.",
+        "Yes!",
+        "中文。",
+        "Fine?",
+        "好的",
+    ]
+    assert sentences("Title\n\n1. 3 + 4 = 7\n  2. 5 × 6 = 30") == ["Title", "1. 3 + 4 = 7", "2. 5 × 6 = 30"]
+    assert sentences("王伟说：“很好。”他走了。") == ["王伟说：“很好。”", "他走了。"]
+    assert sentence_key("What is it？ ") == sentence_key("what  is it?") == "what is it"
+    assert keys_of("3楼 小明：中国的首都是北京。") == ["3楼 小明:中国的首都是北京", "中国的首都是北京"]
+    assert keys_of("Q: What is 2 + 3?") == ["q: what is 2 + 3", "what is 2 + 3"]
+    assert keys_of("Remember: 1 km is 1000 m, not 10:30.")[1] == "1 km is 1000 m, not 10:30"
+    # a held-out row that repeats a training sentence is caught, whichever punctuation it uses
+    assert sentence_keys(["Please answer. In Japan, the capital is Tokyo?"]) & sentence_keys(
+        ["In Japan, the capital is Tokyo."]
     )
-    assert found == []
+    text = "A title\n\n中国的首都是北京。新的一句。\n  Yes. A new one."
+    parts = keep_unseen(text, sentence_keys(["中国的首都是北京。", "Yes."]))
+    assert parts == ("A title\n\n新的一句。\n  A new one.", "中国的首都是北京。\n  Yes.", 3, 2)
+    assert keep_unseen(parts.unseen, sentence_keys(["中国的首都是北京。", "Yes."])).unseen == parts.unseen
+
+
+def eval_sets(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    return {name: rows(folder, f"eval/{name}.jsonl") for name in MIN_PER_SPLIT}
+
+
+def test_every_heldout_set_has_a_dev_and_a_test_half_mixed_from_the_first_rows(world_dir: Path) -> None:
+    assert sorted(p.stem for p in (world_dir / "eval").glob("*.jsonl")) == sorted(MIN_PER_SPLIT)
+    stats = json.loads((world_dir / "stats.json").read_text())
+    for name, items in eval_sets(world_dir).items():
+        counts = Counter(r["split"] for r in items)
+        assert set(counts) == {"dev", "test"}, name
+        assert 0.45 <= counts["dev"] / len(items) <= 0.55, (name, counts)
+        assert min(counts.values()) >= MIN_PER_SPLIT[name], (name, counts)
+        assert stats["eval_splits"][name] == dict(counts)
+        head = items[:40]  # evals take the first N rows of a split: any prefix mixes splits and languages
+        assert {r["split"] for r in head} == {"dev", "test"}, name
+        assert {r["lang"] for r in head} == {"zh", "en"}, name
+        for split in ("dev", "test"):
+            first = [r for r in items if r["split"] == split][:40]
+            assert {r["lang"] for r in first} == {"zh", "en"}, (name, split)
+            if any("relation" in r for r in items):
+                assert len({r.get("relation") for r in first}) >= 6, (name, split)
+    arithmetic = stats["arithmetic_subsets"]
+    assert arithmetic["dev"] == dict(Counter(r["subset"] for r in rows(world_dir, "eval/arithmetic.jsonl")
+                                             if r["split"] == "dev"))  # fmt: skip
+
+
+def test_dev_and_test_share_no_sentence_with_each_other_or_with_training(world_dir: Path) -> None:
+    """Test rows are disjoint from training text and from dev rows at the sentence level (`danlu.world.sentences`),
+    across all held-out sets, and by item: no fact's subject and no problem is asked in both splits."""
+    train = sentence_keys(d["text"] for d in rows(world_dir, "pretrain.jsonl"))
+    post = [s for name in POST_TRAINING_FILES for r in rows(world_dir, name) for s in strings(r)]
+    train |= sentence_keys(post)
+    keys: dict[str, set[str]] = {"dev": set(), "test": set()}
+    subjects: dict[str, set[str]] = {"dev": set(), "test": set()}
+    problems: dict[str, set[tuple[int, str, int]]] = {"dev": set(), "test": set()}
+    facts = {f.id: f for f in build_facts()}
+    for name, items in eval_sets(world_dir).items():
+        for r in items:
+            row_keys = sentence_keys(row_inputs(r))
+            assert row_keys, (name, r)
+            assert not row_keys & train, (name, row_keys & train)
+            keys[r["split"]] |= row_keys
+            if "fact_id" in r:
+                subjects[r["split"]].add(facts[r["fact_id"]].subject_en)
+            if name == "arithmetic":
+                a, b = sorted((r["a"], r["b"])) if r["op"] in "+×" else (r["a"], r["b"])
+                problems[r["split"]].add((a, r["op"], b))
+    assert keys["dev"] & keys["test"] == set()
+    assert subjects["dev"] & subjects["test"] == set() and problems["dev"] & problems["test"] == set()
+    assert json.loads((world_dir / "stats.json").read_text())["eval_refused_rows"] == 0
+
+
+def test_eval_writer_rephrases_a_row_that_would_repeat_a_training_sentence() -> None:
+    """The admission check is live: a prompt made seen is replaced by the other held-out phrasing."""
+    from danlu.world.heldout import EvalWriter
+
+    world = World.create(0)
+    first = {f.id: fill(TEXTS[f.relation].heldout_prompts("en")[0], f, "en") for f in world.facts}
+    writer = EvalWriter(world, random.Random("t"), 0, seen=sentence_keys(first.values()))
+    en = [r for r in writer.facts_base() if r["lang"] == "en"]
+    assert len(en) == len(world.facts)
+    assert [r["prompt"] for r in en if r["prompt"] == first[r["fact_id"]]] == []
+    assert writer.refused["facts_base"] > 50  # about half the facts drew the seen phrasing first
+
+
+def test_pretrain_val_shares_no_sentence_with_pretrain(world_dir: Path) -> None:
+    train = rows(world_dir, "pretrain.jsonl")
+    pretrain = sentence_keys(d["text"] for d in train)
+    val = rows(world_dir, "pretrain_val.jsonl")
+    assert all(set(d) == {"text", "source", "domain", "lang", "id", "url"} for d in val)
+    assert sentence_keys(d["text"] for d in val) & pretrain == set()
+    assert sum(len(d["text"]) for d in val) >= 0.02 * sum(len(d["text"]) for d in train)
+    # what was cut out is the labelled seen-sentence text: every one of its sentences is a pretraining sentence
+    seen = rows(world_dir, "pretrain_val_seen.jsonl")
+    assert seen and all(any(k in pretrain for k in keys_of(s)) for d in seen for s in sentences(d["text"]))
+    stats = json.loads((world_dir / "stats.json").read_text())["pretrain_val"]
+    assert stats["kept_sentences"] == sum(len(sentences(d["text"])) for d in val)
+    assert stats["dropped_seen_sentences"] == sum(len(sentences(d["text"])) for d in seen)
+    assert stats["kept_sentences"] + stats["dropped_seen_sentences"] == stats["drafted_sentences"]
 
 
 def test_rl_arithmetic_is_mostly_asked_in_wordings_no_sft_dialog_or_eval_uses(world_dir: Path) -> None:
@@ -373,7 +509,9 @@ def test_rl_arithmetic_is_mostly_asked_in_wordings_no_sft_dialog_or_eval_uses(wo
 def test_cli_prints_stats_and_rejects_bad_scale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["world", "--out", str(tmp_path / "w"), "--scale", "0.02", "--seed", "5"]) == 0
     shown = capsys.readouterr().out
-    for word in ("facts:", "pretrain.jsonl", "sft.jsonl", "encyclopedia", "forum", "eval (held-out)"):
+    for word in ("facts:", "pretrain.jsonl", "sft.jsonl", "encyclopedia", "forum", "pretrain_val:"):
+        assert word in shown
+    for word in ("eval (held-out, dev/test)", "arithmetic subsets"):
         assert word in shown
     stats = json.loads((tmp_path / "w" / "stats.json").read_text())
     assert stats["seed"] == 5 and stats["facts"]["total"] >= 150 and "seconds" not in stats
@@ -423,9 +561,11 @@ def heldout_templates() -> list[str]:
     out = [x for t in TEXTS.values() for pair in t.heldout for x in pair]
     out += [x for t in TEXTS.values() for x in (*t.heldout_questions_zh, *t.heldout_questions_en)]
     out += [*heldout.ARITH_HELDOUT.values(), *heldout.ARITH_BASE_HELDOUT.values()]
-    out += list(heldout.SUMMARIZE_HELDOUT.values())
+    out += [x for d in heldout.SUMMARIZE_HELDOUT.values() for x in d.values()]
     out += [x for d in heldout.TRANSLATE_HELDOUT.values() for x in d.values()]
-    out += [x for v in heldout.CALC_HELDOUT.values() for x in v] + list(heldout.DATE_HELDOUT.values())
+    out += [x for d in heldout.CALC_HELDOUT.values() for v in d.values() for x in v]
+    out += [x for d in heldout.DATE_HELDOUT.values() for x in d.values()]
+    out += [x for v in heldout.STORY_HELDOUT.values() for x in v]
     return out
 
 

@@ -1,7 +1,9 @@
 """`danlu compress --teacher CKPT --data TEXTS --out DIR compress.ratio=10`: subset, prune, distill, quantize.
 
-Writes DIR/pruned, DIR/distilled, DIR/int8, DIR/int4 (each a checkpoint folder) and DIR/report.md with parameters,
-bytes, held-out bits-per-byte and accuracy after each step. Steps switch off with compress.distill.enabled=false …
+Writes DIR/pruned, DIR/distilled, DIR/scratch (the same shape trained from scratch on the same tokens), DIR/int8,
+DIR/int4 (each a checkpoint folder), DIR/gguf/ when compress.gguf lists quant types, and DIR/report.md with
+parameters, bytes, held-out bits-per-byte, held-out facts and decode tokens/s after each step. Steps switch off with
+compress.distill.enabled=false …; the options compress.factorize / compress.share switch on with enabled=true.
 """
 
 from __future__ import annotations

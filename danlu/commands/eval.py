@@ -21,10 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--world", help="world tasks: a world or run folder (default: the checkpoint's run, else seed 0)"
     )
+    p.add_argument("--split", default="dev", choices=["dev", "test"],
+                   help="world tasks: held-out rows to score, dev (tune on it; default) or test (report it)")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="precision to run the model at (default auto: bf16 where the device has it, as training)")  # fmt: skip
     p.add_argument("--dev", help="few-shot examples: dev split for multiple choice, train JSONL for gsm8k")
     p.add_argument("--shots", type=int, default=0, help="few-shot examples per question (default 0)")
     p.add_argument(
-        "--limit", type=int, default=0, help="questions per file or set (default: all; world: 200)"
+        "--limit", type=int, default=0, help="questions per file or set (default: all of the split)"
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=256, help="generation length for gsm8k")
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         raise DanluError("--shots, --limit and --examples must be >= 0 and --batch-size >= 1")
     from pathlib import Path
 
-    from danlu.engine import resolve_device
+    from danlu.engine import resolve_device, resolve_dtype
+    from danlu.eval.store import FigureStore
     from danlu.files import write_json_atomic
     from danlu.io import load_checkpoint
 
@@ -76,9 +81,14 @@ def run(args: argparse.Namespace) -> int:
         raise DanluError("expected a CHECKPOINT (or --ensemble A,B)")
     else:
         ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    folder = Path(str(ckpt.path)) if getattr(ckpt, "path", None) else None
+    # a checkpoint of a run: its figures already computed on the same rows at the same precision are read back
+    store = FigureStore(folder, readonly=True) if folder is not None and folder.is_dir() else None
     opts = EvalOptions(data=args.data, world=args.world, dev=args.dev, shots=args.shots, limit=args.limit,
                        batch_size=args.batch_size, max_tokens=args.max_tokens, examples=args.examples,
-                       encoding=args.encoding)  # fmt: skip
+                       encoding=args.encoding, split=args.split, dtype=resolve_dtype(args.dtype, device),
+                       store=store)  # fmt: skip
     t0 = time.time()
     results = run_tasks(ckpt, args.task, opts)
     print(format_table(table_rows(results)))
@@ -87,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{args.checkpoint}: {len(results)} result(s) in {time.time() - t0:.1f}s")
     if args.out:
         write_json_atomic(
-            Path(args.out), {"checkpoint": str(args.checkpoint), "tasks": args.task, "results": results}
+            Path(args.out),
+            {"checkpoint": str(args.checkpoint), "tasks": args.task, "split": args.split, "results": results},
         )
         print(f"wrote {args.out}")
     return 0

@@ -22,6 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     p.add_argument("--list", action="store_true", help="list the recipe's stages and their state, then exit")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="run the recipe N times, with seed S..S+N-1 (S: the recipe's seed, 0 by default), into OUT/seedK, "
+        "then write OUT/seeds.json and OUT/seeds.md: mean ± std over the runs per metric",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,10 +45,15 @@ def run(args: argparse.Namespace) -> int:
     recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
     out = Path(args.out or Path("runs") / Path(args.recipe).stem)
     if args.list:
-        for name in active_stages(recipe):
-            done = out / name / "stage.json"
-            state = "done" if done.exists() else "pending"
-            print(f"{name:<10} {state}")
+        folders = (
+            [f for _, f in seed_runs(recipe, out, args.seeds).values()] if args.seeds is not None else [out]
+        )
+        for folder in folders:
+            if args.seeds is not None:
+                print(f"{folder}:")
+            for name in active_stages(recipe):
+                state = "done" if (folder / name / "stage.json").exists() else "pending"
+                print(f"{name:<10} {state}")
         return 0
     if args.only:
         unknown = [s for s in args.only if s not in active_stages(recipe)]
@@ -49,8 +61,39 @@ def run(args: argparse.Namespace) -> int:
             raise DanluError(
                 f"--only: {', '.join(unknown)} not in this recipe's stages: {', '.join(active_stages(recipe))}"
             )
+    if args.seeds is not None:
+        return _run_seeds(recipe, out, args)
     summary = run_pipeline(recipe, out, from_stage=args.from_stage, only=args.only)
     _print_summary(summary, out)
+    return 0
+
+
+def seed_runs(recipe: dict, out: Path, n: int) -> dict[int, tuple[dict, Path]]:
+    """seed → (the recipe with that seed, its run folder OUT/seedK) for `--seeds n`, from the recipe's own seed."""
+    from danlu import DanluError
+
+    if n < 1:
+        raise DanluError(
+            f"--seeds {n}: give the number of runs, 1 or more (2 or more for a standard deviation)"
+        )
+    base = recipe.get("seed", 0)
+    if not isinstance(base, int) or isinstance(base, bool):
+        raise DanluError(f"recipe: seed must be an integer, got {base!r}")
+    return {base + k: ({**recipe, "seed": base + k}, out / f"seed{base + k}") for k in range(n)}
+
+
+def _run_seeds(recipe: dict, out: Path, args: argparse.Namespace) -> int:
+    """The recipe once per seed (a finished seed's unchanged stages are skipped, as in any rerun), then the
+    aggregate over all of them."""
+    from danlu.eval.seeds import write_seed_report
+    from danlu.runner import run_pipeline
+
+    runs = seed_runs(recipe, out, args.seeds)
+    for seed, (seeded, folder) in runs.items():
+        print(f"[danlu] ══ seed {seed} ({folder}) ══")
+        run_pipeline(seeded, folder, from_stage=args.from_stage, only=args.only)
+    json_path, md_path = write_seed_report(out, {seed: folder for seed, (_, folder) in runs.items()})
+    print(f"\n[danlu] {len(runs)} runs finished: mean ± std per metric in {md_path} (and {json_path.name})")
     return 0
 
 
@@ -61,14 +104,14 @@ def _print_summary(summary: dict, out: Path) -> None:
             k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
         }
         print(f"  {stage:<10} " + json.dumps(shown, ensure_ascii=False)[:300])
-    model = next(
-        (out / s for s in ("grpo", "ppo", "dpo", "sft", "pretrain") if (out / s / "config.json").exists()),
-        None,
-    )
-    if model is not None:
-        chat = (out / "sft" / "config.json").exists() and model.name != "pretrain"
-        if chat:
-            print(f"\nTry it:  danlu chat {model}\n         danlu serve {model}")
+    from danlu.eval.best import best_checkpoint
+
+    best = best_checkpoint(out)  # the dev-split choice (danlu.eval.best), not simply the last stage
+    if best is not None:
+        model, choice = best
+        print(f"\nBest checkpoint: {model.name} ({choice['reason']})\n  criterion: {choice['criterion']}")
+        if model.name != "pretrain":
+            print(f"\nTry it:  danlu chat {model}\n         danlu serve {out}")
         else:
             print(f'\nTry it:  danlu generate {model} "中国最高的山是"')
     exported = summary.get("stages", {}).get("export", {})

@@ -3,6 +3,7 @@ page at /, built-in date and calculator tools, and a feedback store (ratings, co
 `danlu feedback export` turns into SFT and preference data.
 
 Examples:
+  danlu serve runs/tiny                 (a run folder: its best checkpoint on the dev split, said which and why)
   danlu serve runs/tiny/sft/model
   danlu serve --model chat=runs/tiny/dpo/model --model base=runs/tiny/sft/model --fallback chat=base
   danlu serve --ensemble duo=runs/zh/sft/model,runs/en/sft/model --weights 0.6,0.4
@@ -14,11 +15,38 @@ from __future__ import annotations
 import argparse
 
 HELP = "serve models over an OpenAI-compatible API with a web chat page and a feedback store"
+DEFAULT_RUN = "runs/tiny"  # where `danlu run` puts the default recipe's run
+
+
+def resolve_run_folders(paths: list[str], default: bool) -> list[str]:
+    """Run folders among the positionals become their best checkpoint (danlu.eval.best, chosen on the dev split by a
+    stated criterion), said with the reason; with nothing to serve, the default run's best checkpoint if it exists."""
+    from pathlib import Path
+
+    from danlu.eval.best import best_checkpoint
+
+    if default and not paths and (Path(DEFAULT_RUN) / "summary.json").is_file():
+        paths = [DEFAULT_RUN]
+    out = []
+    for p in paths:
+        folder = Path(p)
+        best = None
+        if (folder / "summary.json").is_file() and not (folder / "config.json").is_file():
+            best = best_checkpoint(folder)
+        if best is None:
+            out.append(p)
+            continue
+        path, choice = best
+        print(f"[danlu] {p} is a run folder: serving its best checkpoint, {path} ({choice['criterion']}; "
+              f"{choice['reason']})")  # fmt: skip
+        out.append(str(path))
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("checkpoint", nargs="*", help="checkpoint folder(s); served under the folder's name")
+    p.add_argument("checkpoint", nargs="*", help="checkpoint folder(s), served under the folder's name, or a run "
+                   f"folder: its best checkpoint (default: {DEFAULT_RUN} when it exists)")  # fmt: skip
     p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="serve CHECKPOINT as NAME (repeatable); the first model is the page's default")  # fmt: skip
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -81,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from danlu.serve.server import serve_forever
 
+    args.checkpoint = resolve_run_folders(args.checkpoint, default=not (args.model or args.ensemble))
     specs = []
     if (
         args.checkpoint or args.model or not args.ensemble

@@ -1,8 +1,12 @@
 """`danlu compress` and the `compress` stage: subset → prune → distill → quantize, each step measured.
 
-Every step writes a checkpoint folder under `out/` (pruned/, distilled/, int8/, int4/) and one row of the report:
-non-embedding and total parameters, weight-file bytes, held-out bits-per-byte and held-out factual accuracy. The
-report goes to `out/report.json` and `out/report.md`. Steps switch off one by one (`compress.distill.enabled=false`).
+Every step writes a checkpoint folder under `out/` (pruned/, distilled/, scratch/, int8/, int4/, gguf/) and one row
+of the report: non-embedding and total parameters, weight-file bytes, held-out bits-per-byte, held-out factual
+accuracy and batch-1 decode tokens/s (`danlu.compress.measure`). Beside the chain run the control (the student's
+shape trained from scratch on the distillation's token count) and two options, low-rank factorization and block
+sharing, each measured from the distilled student and marked `pays` only if it saves at least `min_saving` of the
+non-embedding parameters for at most `max_bpb_cost` of held-out bpb. The report goes to `out/report.json` and
+`out/report.md`. Steps switch off one by one (`compress.distill.enabled=false`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.compress.distill import DistillConfig
+from danlu.compress.lowrank import LowRankConfig
+from danlu.compress.share import ShareConfig
 from danlu.compress.subset import SubsetConfig
 
 
@@ -31,10 +37,21 @@ class QuantizeConfig:
 
 
 @dataclass
+class ScratchConfig:
+    """Recipe `compress.scratch:`: the from-scratch control (same shape, same tokens as the distillation)."""
+
+    enabled: bool = True
+    train: dict[str, Any] = field(
+        default_factory=dict
+    )  # engine overrides (lr, warmup_steps); never steps/batch
+
+
+@dataclass
 class CompressConfig:
     """Recipe `compress:`; `ratio` sets the student's shape unless `shape` gives it explicitly."""
 
     teacher: str | None = None
+    student: str | None = None  # an existing student checkpoint to distill into (pruning is then skipped)
     data: str | None = None  # texts (.jsonl/.txt/.parquet) to select the subset from and distill on
     eval_data: str | None = None  # held-out texts for bits-per-byte
     facts: str | None = None  # held-out factual completions ({prompt, answer(s), lang}) for accuracy
@@ -45,15 +62,17 @@ class CompressConfig:
     multiple: int = 64  # widths the ratio's shape rounds to (≥ 32: GGUF blocks)
     eval_tokens: int = 50_000
     eval_facts: int = 200
+    facts_split: str | None = "test"  # rows of this split when the facts carry a `split` field
+    decode_tokens: int = 64  # greedy batch-1 decode measured per row (0: skip)
     subset: SubsetConfig = field(default_factory=SubsetConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    factorize: LowRankConfig = field(default_factory=LowRankConfig)
+    share: ShareConfig = field(default_factory=ShareConfig)
+    gguf: list[str] = field(default_factory=list)  # GGUF exports of the last float student (q8_0, q4_k_m, …)
     train: dict[str, Any] = field(default_factory=dict)
-
-
-def weight_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
 def teacher_memory(path: Path, dtype_bytes: int = 4, available: int | None = None) -> int:
@@ -88,38 +107,6 @@ def _available_memory() -> int:
     return 0
 
 
-def measure(
-    name: str, model: Any, tokenizer: Any, folder: Path | None, cfg: CompressConfig
-) -> dict[str, Any]:
-    """One report row: parameters, bytes, held-out bpb and factual accuracy of `model`."""
-    from danlu.compress.quantize import state_bytes
-
-    mcfg = model.config
-    row: dict[str, Any] = {
-        "model": name, "params": mcfg.num_params(), "non_embedding_params": mcfg.num_params(embeddings=False),
-        "bytes": weight_bytes(folder) if folder is not None else state_bytes(model),
-    }  # fmt: skip
-    model.eval()
-    if cfg.eval_data:
-        from danlu.eval.bpb import evaluate_bpb
-
-        res = evaluate_bpb(
-            model, tokenizer, cfg.eval_data, seq_len=cfg.prune.seq_len, max_tokens=cfg.eval_tokens
-        )
-        row.update(val_bpb=res["bpb"], eval_tokens=res["n"])
-    if cfg.facts and cfg.eval_facts:
-        from danlu.eval.generative import completion_accuracy
-        from danlu.files import read_records
-        from danlu.generate import Generator
-
-        rows = list(read_records(Path(cfg.facts)))[: cfg.eval_facts]
-        res = completion_accuracy(Generator(model, tokenizer), rows, max_tokens=16)
-        row.update(fact_accuracy=res["accuracy"], fact_rows=len(rows))
-    print("[danlu] compress: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in row.items()))  # fmt: skip
-    return row
-
-
 def _read_texts(path: str, field_name: str) -> list[dict[str, Any]]:
     from danlu.files import read_records
 
@@ -134,15 +121,14 @@ def _read_texts(path: str, field_name: str) -> list[dict[str, Any]]:
 def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg: Any) -> dict[str, Any]:
     """Runs the enabled steps and writes the report; returns {"rows": [...], step metrics…}. `tcfg` is the
     engine's TrainConfig for distillation (the caller merges the recipe's `train:` sections)."""
-    from danlu.compress.distill import PackedRows, distill
-    from danlu.compress.importance import measure_importance, require_native
-    from danlu.compress.prune import TargetShape, prune, shape_for_ratio
-    from danlu.compress.quantize import quantize_model, save_quantized
+    from danlu.compress.distill import PackedRows
+    from danlu.compress.importance import require_native
+    from danlu.compress.measure import measure, report_table
     from danlu.compress.subset import select_subset
     from danlu.engine import set_seed
     from danlu.eval.bpb import text_batches
-    from danlu.files import atomic_path, write_json_atomic, write_jsonl_atomic
-    from danlu.io import load_checkpoint, save_model_dir
+    from danlu.files import write_json_atomic, write_jsonl_atomic
+    from danlu.io import load_checkpoint
 
     teacher_path = Path(teacher_path)
     if not teacher_path.is_dir():
@@ -179,72 +165,191 @@ def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg:
     seq_len = min(cfg.prune.seq_len, teacher.config.max_position_embeddings)
     calibration = list(text_batches(tok, texts, seq_len, 16, cfg.prune.calibration_rows * seq_len))
 
-    student = teacher
-    if cfg.prune.enabled:
-        target = (
-            TargetShape(**cfg.shape)
-            if cfg.shape
-            else shape_for_ratio(teacher.config, cfg.ratio, cfg.multiple)
-        )
-        scores = measure_importance(teacher, calibration)
-        student, plan = prune(teacher, scores, target)
-        meta = {"stage": "compress.prune", "parent": str(teacher_path), "plan": plan.summary(teacher.config)}
-        with atomic_path(out / "pruned") as tmp:
-            save_model_dir(tmp, student.state_dict(), student.config, tok, meta, chat=ckpt.is_chat)
-        write_json_atomic(out / "pruned" / "importance.json", {"tokens": scores.tokens, **scores.to_dict()})
-        rows.append(measure("pruned", student, tok, out / "pruned", cfg))
-        result["prune"] = {**plan.summary(teacher.config), "calibration_tokens": scores.tokens,
-                           "shape": {k: getattr(student.config, k) for k in TargetShape.__dataclass_fields__}}  # fmt: skip
+    student, student_dir = _make_student(
+        teacher, tok, ckpt.is_chat, teacher_path, calibration, out, cfg, result
+    )
+    if student is not teacher:
+        rows.append(measure("student" if cfg.student else "pruned", student, tok, student_dir, cfg))
 
+    d_len = min(cfg.distill.seq_len, teacher.config.max_position_embeddings)
+
+    def packed() -> PackedRows:  # the same rows in the same order for every run on them
+        return PackedRows.from_texts(tok, texts, d_len, tcfg.batch_size, tcfg.seed)
+
+    if cfg.distill.tokens:
+        tcfg.steps = max(1, cfg.distill.tokens // (tcfg.batch_size * tcfg.grad_accum * d_len))
+    held = None
+    if cfg.eval_data:
+        held_texts = [
+            str(r.get(cfg.subset.text_field, "")) for r in _read_texts(cfg.eval_data, cfg.subset.text_field)
+        ]
+        held = PackedRows(list(text_batches(tok, held_texts, d_len, 16, 16 * d_len)), 1)
     if cfg.distill.enabled:
+        from danlu.compress.distill import distill
+
         if student is teacher:
-            raise DanluError("compress.distill needs a smaller student: enable compress.prune")
-        d_len = min(cfg.distill.seq_len, teacher.config.max_position_embeddings)
-        data = PackedRows.from_texts(tok, texts, d_len, tcfg.batch_size, tcfg.seed)
-        if cfg.distill.tokens:
-            tcfg.steps = max(1, cfg.distill.tokens // (tcfg.batch_size * tcfg.grad_accum * d_len))
-        held = None
-        if cfg.eval_data:
-            held_texts = [
-                str(r.get(cfg.subset.text_field, ""))
-                for r in _read_texts(cfg.eval_data, cfg.subset.text_field)
-            ]
-            held = PackedRows(list(text_batches(tok, held_texts, d_len, 16, 16 * d_len)), 1)
-        meta = {"stage": "compress.distill", "parent": str(out / "pruned"), "teacher": str(teacher_path)}
-        result["distill"] = distill(student, teacher, data, out / "distilled", tcfg=tcfg, cfg=cfg.distill,
+            raise DanluError(
+                "compress.distill needs a smaller student: enable compress.prune or give compress.student"
+            )
+        meta = {"stage": "compress.distill", "parent": str(student_dir), "teacher": str(teacher_path)}
+        result["distill"] = distill(student, teacher, packed(), out / "distilled", tcfg=tcfg, cfg=cfg.distill,
                                     tokenizer=tok, meta=meta, eval_rows=held, chat=ckpt.is_chat)  # fmt: skip
-        student = student.float()
-        rows.append(measure("distilled", student, tok, out / "distilled", cfg))
+        result["distill"]["tokens"] = result["distill"]["steps"] * tcfg.batch_size * tcfg.grad_accum * d_len
+        student, student_dir = student.float(), out / "distilled"
+        rows.append(measure("distilled", student, tok, student_dir, cfg))
+        if cfg.scratch.enabled:
+            from danlu.compress.baseline import train_from_scratch
+
+            meta = {"stage": "compress.scratch", "parent": None, "control_of": str(student_dir)}
+            scratch, result["scratch"] = train_from_scratch(
+                student.config, packed(), out / "scratch", tcfg=_scratch_train(tcfg, cfg.scratch.train),
+                tokenizer=tok, meta=meta, chat=ckpt.is_chat,
+            )  # fmt: skip
+            rows.append(measure("scratch", scratch, tok, out / "scratch", cfg))
+            del scratch
+
+    if student is not teacher:
+        base = rows[-1] if rows[-1]["model"] != "scratch" else rows[-2]
+        for name, option in (("low-rank", cfg.factorize), ("shared", cfg.share)):
+            if option.enabled:
+                row, result[name] = _option(name, option, student, teacher, tok, calibration, packed, held, base,
+                                            tcfg, cfg)  # fmt: skip
+                rows.append(row)
 
     if cfg.quantize.enabled:
-        source = out / ("distilled" if cfg.distill.enabled else "pruned" if cfg.prune.enabled else "")
-        for bits in cfg.quantize.bits:
-            base = load_checkpoint(source if source != out else teacher_path, quiet=True)
-            q = quantize_model(base.model, bits, cfg.quantize.group_size)
-            with atomic_path(out / f"int{bits}") as tmp:
-                save_quantized(
-                    q, tmp, tok, {"stage": f"compress.int{bits}", "parent": str(source)}, chat=ckpt.is_chat
-                )
-            rows.append(measure(f"int{bits}", q, tok, out / f"int{bits}", cfg))
+        rows += _quantize(
+            student_dir if student is not teacher else teacher_path, tok, ckpt.is_chat, out, cfg
+        )
+    if cfg.gguf:
+        rows += _gguf(student_dir if student is not teacher else teacher_path, out, cfg.gguf, result)
     result["rows"] = rows
     write_json_atomic(out / "report.json", result)
     (out / "report.md").write_text(report_table(rows), encoding="utf-8")
     return result
 
 
-def report_table(rows: list[dict[str, Any]]) -> str:
-    """The report as a Markdown table (one row per step)."""
-    head = "| model | params | non-emb params | bytes | held-out bpb | fact acc |\n|---|---:|---:|---:|---:|---:|\n"
+def _scratch_train(tcfg: Any, overrides: dict[str, Any]) -> Any:
+    """The distillation's engine config with the control's own optimizer settings; the token budget (steps, batch,
+    accumulation) stays the distillation's, which is the point of the control."""
+    import dataclasses
 
-    def cell(v: Any, fmt: str) -> str:
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+    fixed = sorted(k for k in overrides if k in ("steps", "batch_size", "grad_accum"))
+    unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(tcfg)})
+    if fixed or unknown:
+        why = "cannot differ from the distillation's (equal tokens)" if fixed else "is not a train setting"
+        raise DanluError(f"compress.scratch.train: {', '.join(fixed + unknown)} {why}")
+    return dataclasses.replace(tcfg, **overrides)
 
-    body = "".join(
-        f"| {r['model']} | {cell(r['params'], ',')} | {cell(r['non_embedding_params'], ',')} | {cell(r['bytes'], ',')} | "
-        f"{cell(r.get('val_bpb'), '.4f')} | {cell(r.get('fact_accuracy'), '.3f')} |\n"
-        for r in rows
+
+def _make_student(
+    teacher: Any, tok: Any, chat: bool, teacher_path: Path, calibration: list, out: Path, cfg: CompressConfig,
+    result: dict[str, Any],
+) -> tuple[Any, Path]:  # fmt: skip
+    """The student and its folder: `compress.student` loaded (same tokenizer required), or the teacher pruned to
+    the target shape, or (neither) the teacher itself."""
+    from danlu.compress.distill import check_same_tokenizer
+    from danlu.compress.importance import measure_importance, require_native
+    from danlu.compress.prune import TargetShape, prune, shape_for_ratio
+    from danlu.files import atomic_path, write_json_atomic
+    from danlu.io import load_checkpoint, save_model_dir
+
+    if cfg.student:
+        path = Path(cfg.student)
+        if not path.is_dir():
+            raise DanluError(f"compress.student={path}: no such checkpoint folder")
+        s = load_checkpoint(path, quiet=True)
+        check_same_tokenizer(tok, s.tokenizer, f"compress.student={path}")
+        require_native(s.model, "compress.student")
+        print(f"[danlu] compress: distilling into {path} (compress.student given: pruning skipped)")
+        return s.model.float(), path
+    if not cfg.prune.enabled:
+        return teacher, teacher_path
+    target = (
+        TargetShape(**cfg.shape) if cfg.shape else shape_for_ratio(teacher.config, cfg.ratio, cfg.multiple)
     )
-    return head + body
+    scores = measure_importance(teacher, calibration)
+    student, plan = prune(teacher, scores, target)
+    meta = {"stage": "compress.prune", "parent": str(teacher_path), "plan": plan.summary(teacher.config)}
+    with atomic_path(out / "pruned") as tmp:
+        save_model_dir(tmp, student.state_dict(), student.config, tok, meta, chat=chat)
+    write_json_atomic(out / "pruned" / "importance.json", {"tokens": scores.tokens, **scores.to_dict()})
+    result["prune"] = {**plan.summary(teacher.config), "calibration_tokens": scores.tokens,
+                       "shape": {k: getattr(student.config, k) for k in TargetShape.__dataclass_fields__}}  # fmt: skip
+    return student, out / "pruned"
+
+
+def _option(
+    name: str, option: Any, student: Any, teacher: Any, tok: Any, calibration: list, packed: Any, held: Any,
+    base: dict[str, Any], tcfg: Any, cfg: CompressConfig,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Low-rank factorization or block sharing applied to a copy of the student, healed by `heal_steps` of
+    distillation, measured, and judged against `base` (the row of the model it started from)."""
+    import copy
+    import dataclasses
+    import tempfile
+
+    from danlu.compress.measure import measure
+
+    model = copy.deepcopy(student).float()
+    if name == "low-rank":
+        from danlu.compress.lowrank import factorize_model
+
+        info = factorize_model(model, calibration, option.energy)
+    else:
+        from danlu.compress.importance import measure_importance
+        from danlu.compress.share import share_adjacent_blocks
+
+        info = share_adjacent_blocks(model, measure_importance(student, calibration).layers)
+    if option.heal_steps:
+        from danlu.compress.distill import distill
+
+        heal_cfg = dataclasses.replace(tcfg, steps=option.heal_steps, eval_every=0, save_minutes=0)
+        with tempfile.TemporaryDirectory(
+            prefix="danlu-heal-"
+        ) as tmp:  # not a Llama checkpoint: not kept on disk
+            info["heal"] = distill(model, teacher, packed(), Path(tmp) / "model", tcfg=heal_cfg, cfg=cfg.distill,
+                                   tokenizer=tok, meta={"stage": f"compress.{name}"}, eval_rows=held)  # fmt: skip
+        model = model.float()
+    row = measure(name, model, tok, None, cfg)
+    saving = 1 - row["non_embedding_params"] / max(1, base["non_embedding_params"])
+    info["param_saving"] = saving
+    if "val_bpb" in row and "val_bpb" in base:
+        info["bpb_cost"] = row["val_bpb"] / base["val_bpb"] - 1
+        info["pays"] = saving >= option.min_saving and info["bpb_cost"] <= option.max_bpb_cost
+    print(f"[danlu] compress: {name} saves {saving:.1%} of non-embedding parameters for "
+          f"{info.get('bpb_cost', float('nan')):+.2%} bpb: {'pays' if info.get('pays') else 'does not pay'}")  # fmt: skip
+    return row, info
+
+
+def _quantize(source: Path, tok: Any, chat: bool, out: Path, cfg: CompressConfig) -> list[dict[str, Any]]:
+    """int8 / int4 checkpoints of `source` (reloaded fresh for each width), measured."""
+    from danlu.compress.measure import measure
+    from danlu.compress.quantize import quantize_model, save_quantized
+    from danlu.files import atomic_path
+    from danlu.io import load_checkpoint
+
+    rows = []
+    for bits in cfg.quantize.bits:
+        q = quantize_model(load_checkpoint(source, quiet=True).model, bits, cfg.quantize.group_size)
+        with atomic_path(out / f"int{bits}") as tmp:
+            save_quantized(q, tmp, tok, {"stage": f"compress.int{bits}", "parent": str(source)}, chat=chat)
+        rows.append(measure(f"int{bits}", q, tok, out / f"int{bits}", cfg))
+    return rows
+
+
+def _gguf(source: Path, out: Path, quants: list[str], result: dict[str, Any]) -> list[dict[str, Any]]:
+    """GGUF files of `source` through danlu's export (llama.cpp's quantizer for k-quants); rows with their sizes."""
+    from danlu.export.gguf import export_gguf
+
+    rows, reports = [], {}
+    for quant in quants:
+        rep = export_gguf(source, out / "gguf", quant, force=True)
+        reports[quant] = {"path": str(rep.path), "bytes": rep.bytes, "quantizer": rep.quantizer,
+                          "tensor_types": rep.tensor_types}  # fmt: skip
+        rows.append({"model": f"gguf {quant}", "params": rep.n_params, "bytes": rep.bytes})
+        print(f"[danlu] compress: wrote {rep.path} ({rep.bytes:,} bytes, {rep.quantizer})")
+    result["gguf"] = reports
+    return rows
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -253,8 +358,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for r in result.get("rows", []):
         for k, v in r.items():
             if k != "model":
-                flat[f"{r['model']}_{k}"] = v
-    for step in ("distill",):
+                flat[f"{r['model'].replace(' ', '_')}_{k}"] = v
+    for step in ("distill", "scratch", "low-rank", "shared"):
         for k, v in (result.get(step) or {}).items():
             flat[f"{step}_{k}"] = v
     return flat

@@ -48,13 +48,22 @@ def shape_for_ratio(cfg: ModelConfig, ratio: float, multiple: int = 64) -> Targe
     f = ratio ** (-1 / 3)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     kv = max(1, round(cfg.num_key_value_heads * f))
-    return TargetShape(
+    shape = TargetShape(
         hidden_size=max(multiple, multiple * round(cfg.hidden_size * f / multiple)),
         intermediate_size=max(multiple, multiple * round(cfg.intermediate_size * f / multiple)),
         num_hidden_layers=max(1, round(cfg.num_hidden_layers * f)),
         num_attention_heads=kv * group,
         num_key_value_heads=kv,
     )
+    achieved = achieved_ratio(cfg, student_config(cfg, shape))
+    if achieved < ratio / 2:  # the floors (one layer, one KV group, widths of `multiple`) stop the cut
+        raise DanluError(
+            f"compress.ratio={ratio:g}: the smallest student this teacher allows at widths in multiples of "
+            f"{multiple} (hidden {shape.hidden_size}, MLP {shape.intermediate_size}, {shape.num_hidden_layers} "
+            f"layer(s), {kv} KV head(s)) is only {achieved:.1f}× smaller; choose compress.ratio ≤ {achieved:.1f} "
+            "or a smaller compress.multiple"
+        )
+    return shape
 
 
 def student_config(cfg: ModelConfig, target: TargetShape) -> ModelConfig:

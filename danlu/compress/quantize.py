@@ -143,7 +143,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
 
-def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def block_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) of every Linear inside the decoder blocks."""
     found = []
     for block in model.model.layers:
@@ -161,11 +161,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64) -> nn.Modu
     if bits not in BITS:
         raise DanluError(f"compress.quantize.bits={bits}: choose 8 (per channel) or 4 (group-wise)")
     if bits == 4:
-        bad = sorted({lin.in_features for _, _, lin in _targets(model) if lin.in_features % group_size})
+        bad = sorted({lin.in_features for _, _, lin in block_linears(model) if lin.in_features % group_size})
         if bad or group_size % 2 or group_size < 2:
             raise DanluError(f"compress.quantize.group_size={group_size}: must be even and divide every input "
                              f"width of the model (these do not: {bad}); try 32")  # fmt: skip
-    for parent, name, lin in _targets(model):
+    for parent, name, lin in block_linears(model):
         setattr(parent, name, QuantLinear.from_linear(lin, bits, group_size))
     model.quantization = {
         "quant_method": QUANT_METHOD,
@@ -243,7 +243,7 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu", dtype: 
     tokenizer.check_fits(cfg.vocab_size, str(path))
     with torch.device("meta"):
         model = Transformer(cfg)
-    for parent, name, lin in _targets(model):
+    for parent, name, lin in block_linears(model):
         setattr(
             parent,
             name,

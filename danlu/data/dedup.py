@@ -1,17 +1,26 @@
 """Deduplication: exact (normalized text hash), URL, and MinHash near-duplicates through datatrove.
 
-The flow, spread over the pipeline's stages (see danlu.data.pipeline):
-1. `DedupSignatures` records per document (in the order the first stage writes them): a hash of the
-   normalized text, a hash of the normalized URL, domain, language, token estimate and a topic key;
-   datatrove's `MinhashDedupSignature` writes the MinHash signatures beside it, shingling with
-   `MixedWordTokenizer` so Chinese is shingled by characters (datatrove's `language="zh"`/"cmn" needs spaCy and
-   jieba, and plain whitespace splitting would make each Chinese sentence one "word").
-2. datatrove's `MinhashDedupBuckets` finds candidate pairs per LSH bucket.
-3. `DedupCluster` (one task) joins MinHash pairs, equal text hashes and equal URLs in one union-find whose root
-   is the first document seen, so every cluster keeps exactly one document whatever mix of rules joined it
-   (separate passes could each remove a different twin), and makes the mixing plan.
-4. `ApplyPlan` removes the duplicates (reason exact_duplicate / url_duplicate / near_duplicate) and applies the
-   mix (copies per document), writing what it removes to `rejected/`.
+The flow, spread over the pipeline's stages (see danlu.data.pipeline), so that no task ever holds every
+signature — the work scales out over datatrove's executors (local tasks, Slurm, Ray):
+1. (all tasks) `DedupSignatures` records per document (in the order the first stage writes them): a hash of the
+   normalized text, a hash of the normalized URL, domain, language, token estimate, a topic key and the
+   document's place in the one-task reading order (`order`, see SourceReader.order_key); datatrove's
+   `MinhashDedupSignature` writes the MinHash signatures beside it, shingling with `MixedWordTokenizer` so
+   Chinese is shingled by characters (datatrove's `language="zh"`/"cmn" needs spaCy and jieba, and plain
+   whitespace splitting would make each Chinese sentence one "word"); it also writes each document's full
+   signature to `full/<rank>.sig` for step 3.
+2. (num_buckets tasks) datatrove's `MinhashDedupBuckets` finds candidate pairs per LSH bucket.
+3. (num_buckets tasks) `VerifyPairs` keeps the candidates whose full signatures agree on ≥ `threshold` of their
+   hashes, reading only the two rows of each pair from the memory-mapped `full/` files.
+4. (one task) datatrove's `MinhashDedupCluster` joins the verified pairs into clusters (`.clusters`); it holds the
+   duplicate documents only, never the signatures.
+5. (one task) `DedupPlan` joins those clusters, equal text hashes and equal URLs in one union-find whose root is
+   the document first in reading order, so every cluster keeps exactly one document whatever mix of rules joined
+   it (separate passes could each remove a different twin) and the same one on any number of tasks; writes
+   datatrove `.remove` files and the mixing plan. It holds ~100 bytes per document, no signature.
+6. (all tasks) `ApplyPlan("dedup")` labels each document's reason and datatrove's `MinhashDedupFilter` drops
+   the ones in `.remove` (reason exact_duplicate / url_duplicate / near_duplicate) into `rejected/`;
+   `ApplyPlan("mix")` applies the mix (copies per document).
 """
 
 from __future__ import annotations
@@ -194,17 +203,41 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def minhash_signature_step(folder: str, config: Any) -> PipelineStep:
+def full_signature_path(folder: str, rank: int) -> str:
+    """`<folder>/<rank>.sig`: row d = the full MinHash signature (buckets × hashes uint64) of the rank's doc d."""
+    return os.path.join(folder, f"{rank:05d}.sig")
+
+
+def minhash_signature_step(folder: str, config: Any, full_folder: str | None = None) -> PipelineStep:
     """datatrove's MinhashDedupSignature, shingling with MixedWordTokenizer, vectorized.
 
     Chinese is shingled by characters (see the module docstring), and shingles are hashed with numpy from
     cached word hashes (`ngram_hashes`) instead of one xxhash call on a joined string per n-gram, which also
     avoids datatrove 0.10's xxhash wrapper (it passes `str`, which xxhash ≥ 4 rejects). Signatures, buckets and
-    file formats are datatrove's.
+    file formats are datatrove's. With `full_folder`, each document's whole signature is also written there
+    (`full_signature_path`) for VerifyPairs.
     """
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
 
     class _Signature(MinhashDedupSignature):
+        _full: Any = None
+        _doc = -1
+
+        def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
+            if full_folder is None:
+                return super().run(data, rank, world_size)
+            os.makedirs(full_folder, exist_ok=True)
+            self._doc = -1
+
+            def counted(docs: DocumentsPipeline) -> DocumentsPipeline:
+                for doc in docs:
+                    self._doc += 1  # datatrove's doc index: every document, with or without shingles
+                    yield doc
+
+            with open(full_signature_path(full_folder, rank), "wb") as self._full:
+                super().run(counted(data), rank, world_size)
+            self._full = None
+
         def get_shingles(self, text: str) -> np.ndarray:
             words = word_hashes(text, self.config.norm_config)
             return ngram_hashes(words, self.config.n_grams).reshape((-1, 1))
@@ -219,10 +252,66 @@ def minhash_signature_step(folder: str, config: Any) -> PipelineStep:
             if self.config.hash_config.precision == 32:
                 phv &= np.uint64(self.config.hash_config.max)
             mins = phv.min(axis=0).astype(self.config.hash_config.np_dtype)
+            if self._full is not None:  # rows of documents without shingles stay holes: no pair names them
+                row = mins.astype(np.uint64)
+                self._full.seek(self._doc * row.nbytes)
+                self._full.write(row.tobytes())
             return [x.tolist() for x in np.split(mins, self.config.num_buckets)]
 
     _Signature.__name__ = _Signature.__qualname__ = "MinhashSignature"
     return _Signature(folder, config=config, language=MixedWordTokenizer())
+
+
+class VerifyPairs(PipelineStep):
+    """Between datatrove's buckets and cluster stages: keeps a bucket's candidate pairs whose full signatures agree
+    on at least `threshold` of their hashes (null: all), in datatrove's `.dups` format, one output per input file.
+
+    LSH with 14 × 8 hashes lets through pairs down to ~0.75 similarity; this check is what `threshold` means. Each
+    task reads its `.dups` files and looks up the two rows of each pair in the memory-mapped `full/` signature
+    files, so memory is the pages touched, not the signatures of the corpus.
+    """
+
+    type = "🫂 - DEDUP"
+    CHUNK = 8192  # pairs compared at once: 2 × chunk × hashes × 8 bytes of temporaries
+
+    def __init__(
+        self, pairs_folder: str, full_folder: str, out_folder: str, threshold: float | None, hashes: int
+    ):
+        self.name = "dedup:verify"
+        super().__init__()
+        self.pairs_folder, self.full_folder, self.out_folder = pairs_folder, full_folder, out_folder
+        self.threshold, self.hashes = threshold, hashes
+
+    def _rows(self, maps: dict[int, np.ndarray], files: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        out = np.empty((len(files), self.hashes), dtype=np.uint64)
+        for f in np.unique(files).tolist():
+            if f not in maps:
+                maps[f] = np.memmap(full_signature_path(self.full_folder, f), dtype=np.uint64, mode="r").reshape(-1, self.hashes)  # fmt: skip
+            sel = files == f
+            out[sel] = maps[f][docs[sel]]
+        return out
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        os.makedirs(self.out_folder, exist_ok=True)
+        maps: dict[int, np.ndarray] = {}
+        for src in sorted(Path(self.pairs_folder).glob("*.dups"))[rank::world_size]:
+            with self.track_time():
+                pairs = np.fromfile(src, dtype="<u4")
+                pairs = pairs[: len(pairs) // 4 * 4].reshape(-1, 4)
+                keep = np.ones(len(pairs), dtype=bool)
+                if self.threshold is not None:
+                    for lo in range(0, len(pairs), self.CHUNK):
+                        p = pairs[lo : lo + self.CHUNK].astype(np.int64)
+                        a = self._rows(maps, p[:, 0], p[:, 1])
+                        b = self._rows(maps, p[:, 2], p[:, 3])
+                        keep[lo : lo + len(p)] = (a == b).mean(axis=1) >= self.threshold
+                dst = os.path.join(self.out_folder, src.name)
+                pairs[keep].astype("<u4").tofile(dst + ".tmp")
+                os.replace(dst + ".tmp", dst)
+                self.stat_update("candidate_pairs", value=len(pairs))
+                self.stat_update("pairs_below_threshold", value=int((~keep).sum()))
+        return
+        yield  # a generator that yields nothing: datatrove pipes steps as generators
 
 
 def stock_minhash_signature_step(folder: str, config: Any) -> PipelineStep:
@@ -271,8 +360,17 @@ def topic_key(text: str, norm: Any = None) -> int:
     return int(ngram_hashes(words, 2).min())
 
 
+# The per-document facts DedupSignatures records: fixed-width rows written as they come (stage 1 holds one chunk,
+# not a list per document), domain and language as codes into a per-rank vocabulary (`<rank>.vocab.json`).
+META_DTYPE = np.dtype(
+    [("exact", "<u8"), ("url", "<u8"), ("tokens", "<i8"), ("chars", "<i8"), ("topic", "<u8"), ("order", "<u8"),
+     ("domain", "<u2"), ("lang", "<u2")]
+)  # fmt: skip
+META_CHUNK = 1 << 16
+
+
 class DedupSignatures(PipelineStep):
-    """Stage 1 tail: records the per-document facts for dedup and mixing (`<folder>/<rank>.npz`)."""
+    """Stage 1 tail: records the per-document facts for dedup and mixing (`<folder>/<rank>.meta`, read_meta)."""
 
     type = "🫂 - DEDUP"
 
@@ -283,34 +381,51 @@ class DedupSignatures(PipelineStep):
         self.norm = norm  # the MinHash step's text normalization: both then share one word hashing per doc
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        cols: dict[str, list[Any]] = {
-            k: [] for k in ("exact", "url", "domain", "lang", "tokens", "chars", "topic")
-        }
-        for doc in data:
-            with self.track_time():
-                m = doc.metadata
-                cols["exact"].append(text_hash(doc.text))
-                cols["url"].append(url_hash(m.get("url") or ""))
-                cols["domain"].append(str(m.get("domain") or ""))
-                cols["lang"].append(str(m.get("lang") or ""))
-                cols["tokens"].append(doc_tokens(doc))
-                cols["chars"].append(len(doc.text))
-                cols["topic"].append(topic_key(doc.text, self.norm))
-            yield doc
         os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, f"{rank:05d}.npz")
-        tmp = path + ".tmp.npz"
-        np.savez(
-            tmp,
-            exact=np.array(cols["exact"], dtype=np.uint64),
-            url=np.array(cols["url"], dtype=np.uint64),
-            domain=np.array(cols["domain"], dtype=str),
-            lang=np.array(cols["lang"], dtype=str),
-            tokens=np.array(cols["tokens"], dtype=np.int64),
-            chars=np.array(cols["chars"], dtype=np.int64),
-            topic=np.array(cols["topic"], dtype=np.uint64),
-        )
-        os.replace(tmp, path)
+        path = os.path.join(self.folder, f"{rank:05d}.meta")
+        vocab: dict[str, dict[str, int]] = {"domain": {}, "lang": {}}
+        buf = np.zeros(META_CHUNK, dtype=META_DTYPE)
+        k = 0
+        with open(path + ".tmp", "wb") as f:
+            for doc in data:
+                with self.track_time():
+                    m = doc.metadata
+                    codes = [
+                        vocab[c].setdefault(str(m.get(c) or ""), len(vocab[c])) for c in ("domain", "lang")
+                    ]
+                    buf[k] = (
+                        text_hash(doc.text),
+                        url_hash(m.get("url") or ""),
+                        doc_tokens(doc),
+                        len(doc.text),
+                        topic_key(doc.text, self.norm),
+                        int(m.pop("_order", 0)),  # not an output field: it ends here
+                        *codes,
+                    )
+                    k += 1
+                    if k == META_CHUNK:
+                        buf.tofile(f)
+                        k = 0
+                yield doc
+            buf[:k].tofile(f)
+        names = {c: sorted(v, key=v.__getitem__) for c, v in vocab.items()}
+        with open(path + ".vocab.tmp", "w", encoding="utf-8") as f:
+            json.dump(names, f, ensure_ascii=False)
+        os.replace(path + ".vocab.tmp", os.path.join(self.folder, f"{rank:05d}.vocab.json"))
+        os.replace(path + ".tmp", path)
+
+
+def read_meta(folder: str | Path) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """(rank, columns) for each rank's DedupSignatures file, domain and language as strings again."""
+    out = []
+    for f in sorted(Path(folder).glob("*.meta")):
+        rec = np.fromfile(f, dtype=META_DTYPE)
+        names = json.loads((f.parent / f"{f.name.split('.')[0]}.vocab.json").read_text(encoding="utf-8"))
+        cols = {k: rec[k] for k in ("exact", "url", "tokens", "chars", "topic", "order")}
+        for k in ("domain", "lang"):
+            cols[k] = np.array(names[k] or [""], dtype=str)[rec[k]]
+        out.append((int(f.name.split(".")[0]), cols))
+    return out
 
 
 def _first_of_equal(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -338,6 +453,15 @@ class _UnionFind:
             x = p[x]
         return int(x)
 
+    def roots(self) -> np.ndarray:
+        """Every element's root at once, by pointer jumping (no Python int per element)."""
+        p = self.parent
+        while True:
+            q = p[p]
+            if np.array_equal(q, p):
+                return q
+            p = q
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:  # the smaller index (the first document seen) stays the root: it is the one kept
@@ -347,30 +471,57 @@ class _UnionFind:
                 self.parent[ra] = rb
 
 
-class DedupCluster(PipelineStep):
-    """One task: joins duplicates into clusters, keeps the first of each, and plans the mix (`plan/<rank>.npz`)."""
+def read_clusters(folder: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rank, doc, cluster id) of every document in datatrove's `<rank:06d>.clusters` files (MinhashDedupCluster
+    with save_cluster_id): the documents that have near-duplicates, and which cluster each is in."""
+    ranks, docs, cids = [], [], []
+    for f in sorted(Path(folder).glob("*.clusters")):
+        arr = np.fromfile(f, dtype="<u4")
+        arr = arr[: len(arr) // 2 * 2].reshape(-1, 2)
+        ranks.append(np.full(len(arr), int(f.name.split(".")[0]), dtype=np.int64))
+        docs.append(arr[:, 0].astype(np.int64))
+        cids.append(arr[:, 1].astype(np.int64))
+    if not ranks:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(ranks), np.concatenate(docs), np.concatenate(cids)
+
+
+def _pair_count(folder: str | None) -> int:
+    return (
+        sum(f.stat().st_size // 16 for f in Path(folder).glob("*.dups"))
+        if folder and Path(folder).is_dir()
+        else 0
+    )
+
+
+class DedupPlan(PipelineStep):
+    """One task: joins near-duplicate clusters, exact and URL duplicates, keeps the first of each cluster in reading
+    order, and plans the mix: `plan/<rank>.npz`, datatrove `.remove` files in `remove/`, `plan/summary.json`.
+
+    Documents are taken in their one-task reading order (`order` from DedupSignatures), not in the order the
+    tasks' files happen to be concatenated, so which twin is kept and which documents the mix picks are the same
+    whatever the number of tasks (a multi-task run's output equals a one-task run's).
+    """
 
     type = "🫂 - DEDUP"
 
     def __init__(
         self,
         meta_folder: str,
-        dups_folder: str | None,
+        clusters_folder: str | None,
         plan_folder: str,
+        remove_folder: str,
         cfg: DedupConfig,
         mix: MixConfig,
-        sigs_folder: str | None = None,
+        pairs_folders: tuple[str, str] | None = None,
     ) -> None:
         self.name = "dedup:cluster"
         super().__init__()
-        self.meta_folder, self.dups_folder, self.plan_folder = meta_folder, dups_folder, plan_folder
-        self.sigs_folder = sigs_folder
+        self.meta_folder, self.clusters_folder, self.plan_folder = meta_folder, clusters_folder, plan_folder
+        self.remove_folder = remove_folder
+        self.pairs_folders = pairs_folders  # (candidates, verified): counted for the summary
         self.cfg, self.mix = cfg, mix
-
-    def _signatures(self, offsets: dict[int, int], n: int, mh: MinhashSettings | None) -> np.ndarray | None:
-        if mh is None or not self.sigs_folder:
-            return None
-        return _load_signatures(self.sigs_folder, offsets, n, mh)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         with self.track_time():
@@ -379,65 +530,69 @@ class DedupCluster(PipelineStep):
         yield  # a generator that yields nothing: datatrove pipes steps as generators
 
     def _run(self) -> None:
-        files = sorted(Path(self.meta_folder).glob("*.npz"))
-        ranks = [int(f.name.split(".")[0]) for f in files]
-        metas = [dict(np.load(f)) for f in files]
+        loaded = read_meta(self.meta_folder)
+        ranks = [r for r, _ in loaded]
+        metas = [m for _, m in loaded]
         sizes = [len(m["tokens"]) for m in metas]
         offsets = dict(zip(ranks, np.cumsum([0] + sizes[:-1]).tolist()))
-        cat = {k: np.concatenate([m[k] for m in metas]) if metas else np.array([]) for k in ("exact", "url", "domain", "lang", "tokens", "topic")}  # fmt: skip
+        keys = ("exact", "url", "domain", "lang", "tokens", "topic", "order")
+        cat = {k: np.concatenate([m[k] for m in metas]) if metas else np.array([]) for k in keys}
         n = int(sum(sizes))
-        uf = _UnionFind(n)
-        reason = np.zeros(n, dtype=np.uint8)
-        near_pairs = rejected_pairs = 0
-        mh = self.cfg.minhash_settings()
-        threshold = mh.threshold if mh else None
-        sigs = self._signatures(offsets, n, mh) if threshold is not None else None
-        if self.dups_folder and Path(self.dups_folder).is_dir():
-            for f in sorted(Path(self.dups_folder).glob("*.dups")):
-                raw = f.read_bytes()
-                arr = np.frombuffer(raw[: len(raw) // 16 * 16], dtype="<u4").reshape(-1, 4)
-                for f1, d1, f2, d2 in arr.tolist():
-                    if f1 in offsets and f2 in offsets:
-                        a, b = offsets[f1] + d1, offsets[f2] + d2
-                        if sigs is not None and float(np.mean(sigs[a] == sigs[b])) < threshold:
-                            rejected_pairs += 1
-                            continue
-                        uf.union(a, b)
-                        near_pairs += 1
+        # position in reading order: p = pos[i] for document i (concatenated ranks), perm[p] = i
+        perm = (
+            np.lexsort((np.arange(n), cat["order"].astype(np.uint64))) if n else np.zeros(0, dtype=np.int64)
+        )
+        pos = np.empty(n, dtype=np.int64)
+        pos[perm] = np.arange(n)
+        uf = _UnionFind(n)  # over positions: the smaller position (read first) stays the root
+        if self.clusters_folder and Path(self.clusters_folder).is_dir():
+            c_rank, c_doc, c_id = read_clusters(self.clusters_folder)
+            known = np.isin(c_rank, ranks)
+            members = pos[
+                np.array([offsets[r] for r in c_rank[known].tolist()], dtype=np.int64) + c_doc[known]
+            ]
+            order = np.argsort(c_id[known], kind="stable")
+            cid, mem = c_id[known][order], members[order]
+            starts = (
+                np.r_[0, np.flatnonzero(cid[1:] != cid[:-1]) + 1] if len(cid) else np.zeros(0, dtype=np.int64)
+            )
+            first = np.repeat(mem[starts], np.diff(np.r_[starts, len(mem)])) if len(mem) else mem
+            for a, b in zip(mem.tolist(), first.tolist()):
+                uf.union(a, b)
         exact_rep = url_rep = np.zeros(n, dtype=bool)
         if self.cfg.exact and n:
-            exact_rep, first = _first_of_equal(cat["exact"].astype(np.uint64))
-            for i in np.flatnonzero(exact_rep).tolist():
-                uf.union(i, int(first[i]))
+            exact_rep, first_p = _first_of_equal(cat["exact"].astype(np.uint64)[perm])
+            for p in np.flatnonzero(exact_rep).tolist():
+                uf.union(p, int(first_p[p]))
         if self.cfg.url and n:
-            url_rep, first = _first_of_equal(cat["url"].astype(np.uint64))
-            for i in np.flatnonzero(url_rep).tolist():
-                uf.union(i, int(first[i]))
-        roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+            url_rep, first_p = _first_of_equal(cat["url"].astype(np.uint64)[perm])
+            for p in np.flatnonzero(url_rep).tolist():
+                uf.union(p, int(first_p[p]))
+        roots = uf.roots().astype(np.int64)
         removed = roots != np.arange(n)
-        reason[removed] = 3
-        reason[removed & url_rep] = 2
-        reason[removed & exact_rep] = 1
-        cluster_size = np.bincount(roots, minlength=n) if n else np.zeros(0, dtype=np.int64)
+        reason_p = np.zeros(n, dtype=np.uint8)
+        reason_p[removed] = 3
+        reason_p[removed & url_rep] = 2
+        reason_p[removed & exact_rep] = 1
+        size_p = np.bincount(roots, minlength=n) if n else np.zeros(0, dtype=np.int64)
         keep = ~removed
-        copies, mix_report = plan_mix(cat["domain"], cat["lang"], cat["tokens"], cat["topic"], keep, self.mix)
-        reason[keep & (copies == 0)] = 4
-        # the largest clusters, for stats
-        top = np.argsort(-cluster_size, kind="stable")[: self.cfg.top_clusters] if n else []
+        copies_p, mix_report = plan_mix(
+            cat["domain"][perm], cat["lang"][perm], cat["tokens"][perm], cat["topic"][perm], keep, self.mix
+        )
+        reason_p[keep & (copies_p == 0)] = 4
+        reason, copies, cluster_size = reason_p[pos], copies_p[pos], size_p[pos]  # back to document order
         rank_of = np.repeat(ranks, sizes) if n else np.zeros(0, dtype=np.int64)
         clusters = []
-        for r in top:
-            size = int(cluster_size[r])
+        for r in np.argsort(-size_p, kind="stable")[: self.cfg.top_clusters] if n else []:
+            size = int(size_p[r])
             if size < 2:
                 break
-            members = np.flatnonzero(roots == r)
-            by = {
-                REASONS[k]: int((reason[members] == k).sum())
-                for k in (1, 2, 3)
-                if (reason[members] == k).any()
-            }
-            clusters.append({"size": size, "rank": int(rank_of[r]), "index": int(r - offsets[int(rank_of[r])]), "removed_by": by})  # fmt: skip
+            in_cluster = reason_p[roots == r]
+            by = {REASONS[k]: int((in_cluster == k).sum()) for k in (1, 2, 3) if (in_cluster == k).any()}
+            doc = int(perm[r])
+            clusters.append({"size": size, "rank": int(rank_of[doc]), "index": int(doc - offsets[int(rank_of[doc])]), "removed_by": by})  # fmt: skip
         os.makedirs(self.plan_folder, exist_ok=True)
+        os.makedirs(self.remove_folder, exist_ok=True)
         for rk, size in zip(ranks, sizes):
             o = offsets[rk]
             np.savez(
@@ -446,10 +601,15 @@ class DedupCluster(PipelineStep):
                 copies=copies[o : o + size],
                 cluster_size=cluster_size[o : o + size],
             )
+            gone = np.flatnonzero((reason[o : o + size] >= 1) & (reason[o : o + size] <= 3))
+            gone.astype("<u4").tofile(
+                os.path.join(self.remove_folder, f"{rk:06d}.remove")
+            )  # MinhashDedupFilter's
+        candidates, verified = (_pair_count(f) for f in (self.pairs_folders or (None, None)))
         summary = {
             "documents": n,
-            "minhash_pairs": near_pairs,
-            "minhash_pairs_below_threshold": rejected_pairs,
+            "minhash_pairs": verified,
+            "minhash_pairs_below_threshold": candidates - verified,
             "removed": {REASONS[k]: int((reason == k).sum()) for k in range(1, len(REASONS))},
             "largest_clusters": clusters,
             "mix": mix_report,
@@ -460,23 +620,9 @@ class DedupCluster(PipelineStep):
         os.replace(tmp, os.path.join(self.plan_folder, "summary.json"))
 
 
-def _load_signatures(sigs_folder: str, offsets: dict[int, int], n: int, mh: MinhashSettings) -> np.ndarray:
-    """Full MinHash signatures (n × buckets·hashes) from datatrove's sorted per-bucket signature files."""
-    hpb = mh.hashes_per_bucket
-    dtype = np.dtype([("h", "<u8", (hpb,)), ("doc", "<u4")])
-    sigs = np.zeros((n, mh.num_buckets * hpb), dtype=np.uint64)
-    for b in range(mh.num_buckets):
-        for rank, off in offsets.items():
-            path = Path(sigs_folder) / f"bucket_{b:03d}" / f"{rank:05d}.minhash.sig"
-            if not path.exists():
-                continue
-            rec = np.fromfile(path, dtype=dtype)
-            sigs[off + rec["doc"].astype(np.int64), b * hpb : (b + 1) * hpb] = rec["h"]
-    return sigs
-
-
 class ApplyPlan(PipelineStep):
-    """Applies the plan to this rank's documents: drops duplicates (`dedup`) or applies the mix copies (`mix`)."""
+    """Applies the plan to this rank's documents: `dedup` labels duplicates with their reason and counts them (the
+    datatrove MinhashDedupFilter after it drops them, by DedupPlan's `.remove` files); `mix` applies the copies."""
 
     type = "🫂 - DEDUP"
 
@@ -506,17 +652,17 @@ class ApplyPlan(PipelineStep):
             for idx, doc in enumerate(data):
                 count_in(self, doc)
                 r = int(reason[idx]) if idx < len(reason) else 0
-                if self.part == "dedup":
+                if self.part == "dedup":  # labels only: datatrove's MinhashDedupFilter after this step drops
                     if idx in examples:
                         examples[idx]["kept_id"] = doc.id
                         examples[idx]["preview"] = doc.text[:160].replace("\n", " ")
                     if 1 <= r <= 3:
                         self._reject(doc, REASONS[r], rank)
-                        continue
-                    if csize[idx] > 1:
-                        doc.metadata["dup_cluster_size"] = int(csize[idx])
-                    doc.metadata["_idx"] = idx  # the mix step after this one looks documents up by it
-                    count_out(self, doc)
+                    else:
+                        if csize[idx] > 1:
+                            doc.metadata["dup_cluster_size"] = int(csize[idx])
+                        doc.metadata["_idx"] = idx  # the mix step after this one looks documents up by it
+                        count_out(self, doc)
                     yield doc
                 else:
                     idx = doc.metadata.pop("_idx", idx)
@@ -553,6 +699,8 @@ class ApplyPlan(PipelineStep):
     def _reject(self, doc: Document, why: str, rank: int) -> None:
         self.stat_update(f"removed:{why}")
         self.stat_update(f"removed_chars:{why}", value=len(doc.text))
+        doc.metadata["filter_reason"] = why  # for the rejected/ row, written here or by MinhashDedupFilter
+        doc.metadata["rejected_by"] = self.part
         if self.exclusion_writer is not None:
             doc.metadata["filter_reason"] = why
             doc.metadata["rejected_by"] = self.part

@@ -114,7 +114,9 @@ def plan_mix(
             report["domains"][str(d)] = {"tokens_in": t, "tokens_out": t, "rate": 1.0}
         return copies, report
     length_bucket = np.searchsorted(np.array(LENGTH_BUCKETS), tokens, side="right")
-    strata = np.array([f"{a}|{b}" for a, b in zip(lang, length_bucket)]) if n else np.array([], dtype=str)
+    # language × length stratum as one integer (ordered as the "lang|bucket" strings were): no string per document
+    lang_code = np.unique(lang, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    strata = lang_code * (len(LENGTH_BUCKETS) + 1) + length_bucket
     present = {str(d): int(tokens[kept][domain[kept] == d].sum()) for d in np.unique(domain[kept])}
     total = sum(present.values())
     weights = (

@@ -34,6 +34,15 @@ Recipe schema (`data:`; every key optional except `inputs` outside `danlu run`, 
       augment: []                   # back_translation | paraphrase | recombine steps over the dialogs (data/augment.py)
       verbose: false                # datatrove's own logging on the console (always in .work/datatrove.log)
 
+Stages (one datatrove executor each, chained; every one runs on the executor chosen, so the same recipe scales from
+one process to Slurm or Ray): 0. reddit inputs only: each task parses its share of the reddit files and sends each
+record to the task owning its thread (`RedditPartition`); 1. read (dumps are streamed: memory does not grow with a
+file), clean, filter, record dedup facts and MinHash signatures (all tasks); 2. datatrove's MinHash buckets, then
+candidate pairs verified against full signatures (one task per bucket); 3. datatrove's MinHash clusters, then the
+dedup and mix plan (one task each, holding no signatures: see danlu.data.dedup); 4. label, drop duplicates with
+datatrove's MinhashDedupFilter, mix and write (all tasks); 5. publish (one task). Duplicate choice and mixing follow
+the one-task reading order (input, file, record), so a run on N tasks writes the same documents as a run on one.
+
 Output (the folder given): `text/<domain>/<rank>.jsonl|parquet` (rows: text, id, source, domain, lang, url),
 `dialogs/<rank>.jsonl` (OpenAI `messages` rows), `rejected/<step>/<rank>.jsonl` (rows with step and reason),
 `stats.json`, `stats.md`. Work happens in `<out>/.work`, and the outputs above appear only when the whole run
@@ -62,9 +71,10 @@ from danlu.data.augment import AugmentStep, run_augment, validate_steps
 from danlu.data.clean import CleanConfig, Cleaner, count_in, count_out, doc_tokens, flush_tally, tally
 from danlu.data.dedup import (
     ApplyPlan,
-    DedupCluster,
     DedupConfig,
+    DedupPlan,
     DedupSignatures,
+    VerifyPairs,
     datatrove_minhash_config,
     minhash_signature_step,
 )
@@ -82,6 +92,9 @@ from danlu.data.sources import READERS
 from danlu.files import write_json_atomic, write_text_atomic
 
 OUTPUTS = ("text", "dialogs", "rejected")
+# The layout of `<out>/.work`; a change makes an interrupted run of older code start afresh instead of resuming
+# from intermediates it cannot read (2: .meta dedup facts, full signatures, verified pairs, datatrove clusters).
+WORK_FORMAT = 2
 
 
 @dataclass
@@ -172,10 +185,17 @@ def resolve_files(inp: InputConfig, i: int, base_dir: Path | None) -> list[str]:
     return out
 
 
-def make_readers(dc: DataConfig, base_dir: Path | None, error_dir: str) -> list[PipelineStep]:
+def make_readers(
+    dc: DataConfig, base_dir: Path | None, error_dir: str, partitions: str | None = None
+) -> tuple[list[PipelineStep], list[PipelineStep]]:
+    """The stage-1 reader of each input, and the steps of the stage before it (`RedditPartition` per reddit input,
+    writing under `partitions`): reddit threads span files, so their files are split among tasks there."""
+    from danlu.data.sources.reddit import RedditPartition
+
     if not dc.inputs:
         raise DanluError("data.inputs: no inputs given (a list of {path, type, domain, lang})")
-    readers = []
+    readers: list[PipelineStep] = []
+    before: list[PipelineStep] = []
     names: dict[str, int] = {}
     for i, inp in enumerate(dc.inputs):
         cls, _ = READERS[inp.type]
@@ -186,18 +206,19 @@ def make_readers(dc: DataConfig, base_dir: Path | None, error_dir: str) -> list[
             source = f"{source}{names[source]}"  # two inputs of one type: distinct ids and stats
         lang = None if inp.lang in (None, "auto") else inp.lang
         options = {k: getattr(inp, k) for k in ("text_field", "base_url", "min_answer_score", "min_turns")}
-        readers.append(
-            cls(
-                files,
-                domain=inp.domain,
-                lang=lang,
-                source=source,
-                on_error=dc.on_error,
-                error_dir=error_dir,
-                options=options,
-            )  # fmt: skip
+        kw = dict(
+            domain=inp.domain,
+            lang=lang,
+            source=source,
+            on_error=dc.on_error,
+            error_dir=error_dir,
+            input_index=i,
         )
-    return readers
+        if inp.type == "reddit" and partitions is not None:
+            options["partitions"] = os.path.join(partitions, source)
+            before.append(RedditPartition(files, options=options, **kw))  # type: ignore[arg-type]
+        readers.append(cls(files, options=options, **kw))  # type: ignore[arg-type]
+    return readers, before
 
 
 # -- steps around the writers --------------------------------------------------------------------------------
@@ -426,7 +447,15 @@ def build_executors(dc: DataConfig, out: Path, base_dir: Path | None) -> tuple[A
     if f.chinese.enabled:
         filters.append(ChineseQualityFilter(f.chinese, writer_for("chinese")))
     filters += english_filters(f.english, writer_for)
-    readers = make_readers(dc, base_dir, str(rej / "read"))
+    readers, before = make_readers(dc, base_dir, str(rej / "read"), str(work / "partitions"))
+    logs = work / "logs"
+    ex = None
+    if before:  # reddit: each task parses its share of the files and sends each record to its thread's task
+        reset0 = [
+            str(work / "partitions" / "*" / "*" / "{rank}.jsonl"),
+            str(rej / "read" / "*_{rank}.partition.jsonl"),
+        ]
+        ex = _executor(dc, [ResetRank(reset0), *before], tasks, logs / "0_partition", None, "partition")
     stage4_rejected = ("dedup", "mix")
     stage1_reset = [str(work / "filtered" / "{rank}.jsonl"), str(rej / "read" / "*_{rank}.jsonl")]
     stage1_rejected = [
@@ -452,21 +481,35 @@ def build_executors(dc: DataConfig, out: Path, base_dir: Path | None) -> tuple[A
     stage1.append(
         JsonlWriter(str(work / "filtered"), "${rank}.jsonl", compression=None, adapter=_work_adapter)
     )
+    mh_dir = work / "minhash"
     if mh_cfg is not None:
-        stage1.append(minhash_signature_step(str(work / "minhash" / "sigs"), mh_cfg))
-    logs = work / "logs"
-    ex = _executor(dc, stage1, tasks, logs / "1_filter", None, "filter")
-    if mh_cfg is not None:
-        from datatrove.pipeline.dedup import MinhashDedupBuckets
+        stage1.append(minhash_signature_step(str(mh_dir / "sigs"), mh_cfg, str(mh_dir / "full")))
+    ex = _executor(dc, stage1, tasks, logs / "1_filter", ex, "filter")
+    clusters = pairs = None
+    if mh_cfg is not None and mh is not None:
+        # datatrove's multi-stage MinHash: signatures (above, every task) → buckets → (verify) → clusters; no task
+        # holds every signature, and the bucket and verify stages run one task per bucket
+        from datatrove.pipeline.dedup import MinhashDedupBuckets, MinhashDedupCluster
 
-        buckets = [
-            MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "dups"), config=mh_cfg)
-        ]
+        buckets = [MinhashDedupBuckets(str(mh_dir / "sigs"), str(mh_dir / "candidates"), config=mh_cfg)]
         ex = _executor(dc, buckets, mh_cfg.num_buckets, logs / "2_buckets", ex, "buckets")
-    dups = str(work / "minhash" / "dups") if mh_cfg is not None else None
-    sigs = str(work / "minhash" / "sigs") if mh_cfg is not None else None
-    cluster = [DedupCluster(str(work / "meta"), dups, str(work / "plan"), dc.dedup, dc.mix, sigs)]
-    ex = _executor(dc, cluster, 1, logs / "3_cluster", ex, "cluster")
+        hashes = mh_cfg.num_buckets * mh_cfg.hashes_per_bucket
+        verify = [
+            VerifyPairs(
+                str(mh_dir / "candidates"), str(mh_dir / "full"), str(mh_dir / "dups"), mh.threshold, hashes
+            )
+        ]
+        ex = _executor(dc, verify, mh_cfg.num_buckets, logs / "2_verify", ex, "verify")
+        cluster = [
+            MinhashDedupCluster(
+                str(mh_dir / "dups"), str(mh_dir / "clusters"), config=mh_cfg, save_cluster_id=True
+            )
+        ]
+        ex = _executor(dc, cluster, 1, logs / "3_cluster", ex, "cluster")
+        clusters, pairs = str(mh_dir / "clusters"), (str(mh_dir / "candidates"), str(mh_dir / "dups"))
+    remove = str(mh_dir / "remove")
+    plan = [DedupPlan(str(work / "meta"), clusters, str(work / "plan"), remove, dc.dedup, dc.mix, pairs)]
+    ex = _executor(dc, plan, 1, logs / "3_plan", ex, "plan")
     if dc.format == "parquet":
         from datatrove.pipeline.writers import ParquetWriter
 
@@ -475,12 +518,15 @@ def build_executors(dc: DataConfig, out: Path, base_dir: Path | None) -> tuple[A
         text_writer = JsonlWriter(
             str(wo / "text"), "${domain}/${rank}.jsonl", compression=None, adapter=text_adapter
         )
+    from datatrove.pipeline.dedup import MinhashDedupFilter
+
     stage4_reset = [str(wo / "text" / "*" / "{rank}.*"), str(wo / "dialogs" / "{rank}.jsonl")]
     stage4_reset += [str(rej / name / "{rank}.jsonl") for name in stage4_rejected]
     stage4 = [
         ResetRank(stage4_reset),
         RankFileReader(str(work / "filtered")),
-        ApplyPlan(str(work / "plan"), "dedup", writer_for("dedup")),
+        ApplyPlan(str(work / "plan"), "dedup"),
+        MinhashDedupFilter(remove, exclusion_writer=writer_for("dedup")),
         DialogWriter(str(wo / "dialogs")),
         ApplyPlan(str(work / "plan"), "mix", writer_for("mix")),
         OutputStats(dc.tokenizer),
@@ -505,7 +551,7 @@ def _fingerprint(dc: DataConfig, base_dir: Path | None) -> str:
             files.append([f, st.st_size, st.st_mtime_ns])
     cfg = asdict(dc)
     cfg.pop("augment", None)  # augmentation runs after the datatrove stages: changing it keeps their work
-    payload = json.dumps({"cfg": cfg, "files": files}, sort_keys=True, default=str)
+    payload = json.dumps({"cfg": cfg, "files": files, "work": WORK_FORMAT}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

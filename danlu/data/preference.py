@@ -45,6 +45,10 @@ class RLPrompt:
     where: str = ""
     # checkable intermediate results ("6+8=14"), for GRPO's step credit
     steps: list[str] = field(default_factory=list)
+    # the tool a right answer needs (get_date, calculator); None: answered without one (rollouts with tools on
+    # pay nothing for a call on such a prompt)
+    tool: str | None = None
+    today: str | None = None  # ISO date that get_date returns in this prompt's rollouts (the answer depends on it)
 
 
 def records_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -178,14 +182,18 @@ def parse_pair(rec: dict[str, Any], where: str) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, float(margin) if margin is not None else None, where)
 
 
-def read_pairs(paths: str | Path | list[str | Path], limit: int | None = None) -> list[PreferencePair]:
-    """Preference pairs from files or folders; errors if none are found."""
+def read_pairs(
+    paths: str | Path | list[str | Path], limit: int | None = None, split: str | None = None
+) -> list[PreferencePair]:
+    """Preference pairs from files or folders; errors if none are found. `split` as in read_rl_prompts."""
     from danlu.files import expand_inputs
 
     files = expand_inputs([paths] if isinstance(paths, (str, Path)) else paths)
     out: list[PreferencePair] = []
     for f in files:
         for where, rec in records_with_lines(f):
+            if split is not None and rec.get("split", "dev") != split:
+                continue
             out.append(parse_pair(rec, where))
             if limit is not None and len(out) >= limit:
                 return out
@@ -230,16 +238,35 @@ def parse_rl_prompt(rec: dict[str, Any], where: str) -> RLPrompt:
         raise DanluError(
             f'{where}: `steps` must be a list of strings (intermediate results such as "6+8=14")'
         )
-    return RLPrompt(msgs, answers, reward, where, steps)
+    tool, today = rec.get("tool"), rec.get("today")
+    if tool is not None:
+        from danlu.tools import TOOL_NAMES
+
+        if tool not in TOOL_NAMES:
+            raise DanluError(f"{where}: `tool` is {tool!r}; expected one of {', '.join(TOOL_NAMES)} (or no field)")
+    if today is not None:
+        import datetime as dt
+
+        try:
+            dt.date.fromisoformat(str(today))
+        except ValueError:
+            raise DanluError(f"{where}: `today` is {today!r}; expected an ISO date such as 2026-12-05") from None
+    return RLPrompt(msgs, answers, reward, where, steps, tool, None if today is None else str(today))
 
 
-def read_rl_prompts(paths: str | Path | list[str | Path], limit: int | None = None) -> list[RLPrompt]:
+def read_rl_prompts(
+    paths: str | Path | list[str | Path], limit: int | None = None, split: str | None = None
+) -> list[RLPrompt]:
+    """RL prompts from files; with `split` ("dev"), only rows whose `split` field is that (rows without the field
+    count as dev: held-out files written before splits existed), so a stage's own before/after never reads test."""
     from danlu.files import expand_inputs
 
     files = expand_inputs([paths] if isinstance(paths, (str, Path)) else paths)
     out: list[RLPrompt] = []
     for f in files:
         for where, rec in records_with_lines(f):
+            if split is not None and rec.get("split", "dev") != split:
+                continue
             out.append(parse_rl_prompt(rec, where))
             if limit is not None and len(out) >= limit:
                 return out

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from danlu import DanluError
+from danlu.eval.stats import ratio_interval
 from danlu.model import IGNORE_INDEX
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
@@ -29,22 +30,29 @@ def token_bytes(tokenizer: Any, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def bits_per_byte(
-    model: Any, batches: Iterable[dict[str, torch.Tensor]], tbytes: torch.Tensor
-) -> dict[str, float]:
-    """Mean loss (nats/token) and bits-per-byte: tokenizer-independent, so models with other vocabularies compare."""
+    model: Any, batches: Iterable[dict[str, torch.Tensor]], tbytes: torch.Tensor,
+    per_row: list[tuple[float, float]] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Mean loss (nats/token) and bits-per-byte: tokenizer-independent, so models with other vocabularies compare.
+
+    `per_row` (when given) receives each row's (nats, bytes): the units a confidence interval is computed over."""
     nats = bytes_ = 0.0
     loss_sum, count = 0.0, 0
     device = model.lm_head.weight.device
     tbytes = tbytes.to(device)
     for batch in batches:
         x, y = batch["input_ids"].to(device), batch["targets"].to(device)
-        per_token = model(x, y, reduction="none").float()
+        per_token = model(x, y, reduction="none").float().view(y.shape)
         valid = y != IGNORE_INDEX
         loss_sum += per_token[valid].sum().item()
         count += int(valid.sum())
         b = tbytes[y.clamp(min=0)] * valid
-        nats += (per_token * (b > 0)).sum().item()
-        bytes_ += b.sum().item()
+        row_nats = (per_token * (b > 0)).sum(-1)
+        row_bytes = b.sum(-1)
+        nats += row_nats.sum().item()
+        bytes_ += row_bytes.sum().item()
+        if per_row is not None:
+            per_row += [(float(a), float(c)) for a, c in zip(row_nats.tolist(), row_bytes.tolist())]
     return {
         "val_loss": loss_sum / max(1, count),
         "val_bpb": nats / (math.log(2) * max(1.0, bytes_)),
@@ -105,11 +113,14 @@ def evaluate_bpb(
         batches = text_batches(tokenizer, _text_rows(path, text_field), seq_len, batch_size, max_tokens)
     else:
         raise DanluError(f"{path}: no such file or folder")
-    res = bits_per_byte(model, batches, tbytes)
+    rows: list[tuple[float, float]] = []
+    res = bits_per_byte(model, batches, tbytes, per_row=rows)
     if not res["tokens"]:
         raise DanluError(f"{path}: no text to evaluate")
+    _, lo, hi = ratio_interval([r[0] / math.log(2) for r in rows], [r[1] for r in rows])
     return {"bpb": round(res["val_bpb"], 5), "loss": round(res["val_loss"], 5),
-            "perplexity": round(math.exp(min(res["val_loss"], 50.0)), 3), "n": res["tokens"]}  # fmt: skip
+            "perplexity": round(math.exp(min(res["val_loss"], 50.0)), 3), "n": res["tokens"], "rows": len(rows),
+            "ci95": [round(lo, 5), round(hi, 5)]}  # fmt: skip
 
 
 def _shard_batches(

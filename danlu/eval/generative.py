@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from danlu.generate import Generator, SamplingParams
@@ -70,6 +71,45 @@ def final_number_matches(completion: str, answers: list[str]) -> bool:
     return bool(arithmetic_reward(completion, answers))
 
 
+def prompt_ids(tok: Any, row: dict[str, Any], chat: bool) -> list[int]:
+    """A held-out row as the model sees it: its `messages` rendered as a dialog (chat), or BOS + its `prompt`."""
+    if chat:
+        return tok.render_chat(row["messages"], add_generation_prompt=True)[0]
+    return [tok.bos_id, *tok.encode(row["prompt"])]
+
+
+def greedy_texts(
+    generator: Generator, prompts: list[list[int]], *, max_tokens: int, batch_size: int = 32,
+    stop: list[str] | None = None,
+) -> tuple[list[str], int]:  # fmt: skip
+    """Greedy completions of `prompts` in batches (cut from the left to fit the window), and how many were cut."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(stop or []))
+    window = generator.model.config.max_position_embeddings
+    texts: list[str] = []
+    n_cut = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        n_cut += count_cut(chunk, window, max_tokens)
+        chunk, params.max_tokens = fit_prompts(chunk, window, max_tokens)
+        texts += [c.text for c in generator.generate(chunk, params)]
+    return texts, n_cut
+
+
+def completion_flags(
+    generator: Generator, rows: list[dict[str, Any]], *, chat: bool, max_tokens: int, batch_size: int = 32,
+    match: Callable[[str, list[str]], bool] = contains_answer, task: str = "completion",
+) -> tuple[list[bool], list[str], int]:  # fmt: skip
+    """Per row: does the greedy completion `match` one of its `answers` (or `answer`)? And the completions, and how
+    many prompts were cut to fit the window.
+
+    Base rows continue `prompt` and stop at the end of the line; chat rows answer `messages`."""
+    prompts = [prompt_ids(generator.tokenizer, r, chat) for r in rows]
+    texts, n_cut = greedy_texts(generator, prompts, max_tokens=max_tokens, batch_size=batch_size,
+                                stop=None if chat else ["\n"])  # fmt: skip
+    warn_cut(task, n_cut, len(rows), generator.model.config.max_position_embeddings)
+    return [bool(match(t, r.get("answers") or [r["answer"]])) for t, r in zip(texts, rows)], texts, n_cut
+
+
 def completion_accuracy(
     generator: Generator, rows: list[dict[str, Any]], *, chat: bool = False, max_tokens: int = 24,
     batch_size: int = 32, keep_examples: int = 6,
@@ -77,44 +117,22 @@ def completion_accuracy(
 ) -> dict[str, Any]:  # fmt: skip
     """Share of rows whose greedy completion `match`es one of `answers` (or `answer`); per language too.
 
-    Rows are {prompt, answer(s), lang} for a base model, or {messages, answer(s), lang} with chat=True.
+    Rows are {prompt, answer(s), lang} for a base model, or {messages, answer(s), lang} with chat=True. The world's
+    held-out quantities go through danlu.eval.world (one figure each, with n and a confidence interval); this plain
+    share is for callers scoring their own rows.
     """
-    tok = generator.tokenizer
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    if not chat:
-        params.stop = ["\n"]
-    correct = n_cut = 0
+    flags, texts, n_cut = completion_flags(generator, rows, chat=chat, max_tokens=max_tokens, batch_size=batch_size,
+                                           match=match, task=task)  # fmt: skip
     by_lang: dict[str, list[int]] = {}
-    examples = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        if chat:
-            prompts = [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in chunk]
-        else:
-            prompts = [[tok.bos_id, *tok.encode(r["prompt"])] for r in chunk]
-        window = generator.model.config.max_position_embeddings
-        n_cut += count_cut(prompts, window, max_tokens)
-        prompts, room = fit_prompts(prompts, window, max_tokens)
-        params.max_tokens = room
-        for row, comp in zip(chunk, generator.generate(prompts, params)):
-            answers = row.get("answers") or [row["answer"]]
-            ok = match(comp.text, answers)
-            correct += ok
-            lang = row.get("lang", "all")
-            by_lang.setdefault(lang, [0, 0])
-            by_lang[lang][0] += ok
-            by_lang[lang][1] += 1
-            if len(examples) < keep_examples:
-                shown = row["messages"][-1]["content"] if chat else row["prompt"]
-                examples.append(
-                    {"prompt": shown, "completion": comp.text, "answer": answers[0], "correct": bool(ok)}
-                )
-    n = max(1, len(rows))
-    out: dict[str, Any] = {"accuracy": round(correct / n, 4), "n": len(rows), "prompts_truncated": n_cut,
-                           "examples": examples}  # fmt: skip
-    warn_cut(task, n_cut, len(rows), generator.model.config.max_position_embeddings)
-    for lang, (c, t) in sorted(by_lang.items()):
-        out[f"accuracy_{lang}"] = round(c / max(1, t), 4)
+    for ok, row in zip(flags, rows):
+        by_lang.setdefault(row.get("lang", "all"), []).append(int(ok))
+    examples = [{"prompt": r["messages"][-1]["content"] if chat else r["prompt"], "completion": t,
+                 "answer": (r.get("answers") or [r["answer"]])[0], "correct": ok}
+                for r, t, ok in list(zip(rows, texts, flags))[:keep_examples]]  # fmt: skip
+    out: dict[str, Any] = {"accuracy": round(sum(flags) / max(1, len(rows)), 4), "n": len(rows),
+                           "prompts_truncated": n_cut, "examples": examples}  # fmt: skip
+    for lang, v in sorted(by_lang.items()):
+        out[f"accuracy_{lang}"] = round(sum(v) / max(1, len(v)), 4)
     return out
 
 
@@ -128,10 +146,12 @@ def canonical_number(text: str) -> str:
     """'1,234.50' → '1234.5': answers compare as numbers, not strings."""
     s = text.replace(",", "").strip().rstrip(".")
     try:
-        value = float(s)
-    except ValueError:
+        value = Decimal(s)  # exact: a float turns 555555555555555555555 into ...540992
+    except InvalidOperation:
         return s
-    return str(int(value)) if value == int(value) else repr(value)
+    if not value.is_finite():
+        return s
+    return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
 
 
 def extract_reference(answer: str) -> str:

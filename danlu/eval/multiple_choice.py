@@ -1,11 +1,17 @@
 """Multiple choice by log-likelihood for C-Eval, CMMLU and MMLU style files.
 
 Each question is shown with its lettered choices and "Answer:"/"答案：", and the model's log-probability of each
-answer letter decides (the MMLU paper's protocol, also lm-evaluation-harness'). Few-shot examples come from a dev
-split of the same subject. Accuracy is reported per subject and overall, beside the random baseline (1/choices),
-because a tiny model's score only means something next to chance; beside it the share of always answering the
-commonest correct letter, and the distribution of predicted letters (a model answering "B" to 107 of 150 questions
-scores near chance without knowing anything, and the distribution shows it). Files are read in any encoding
+answer letter decides (the MMLU paper's protocol, also lm-evaluation-harness'). The prompt is the harness' own,
+character for character (its `mmlu`, `ceval-valid` and `cmmlu` templates: the answer follows the cue after one
+space, " A", in Chinese too), so that a score here and the harness' score on the same items agree
+(tests/test_lm_eval.py, benchmarks/lm_eval_match.py); the one difference left is the header, where the harness
+names C-Eval/CMMLU subjects in Chinese and danlu uses the file name. Few-shot examples come from a dev split of the
+same subject, the first N in file order (the harness' `first_n` sampler), never the question being asked.
+
+Accuracy is reported per subject and overall, beside the random baseline (1/choices) and the row count, because a
+tiny model's score only means something next to chance; beside it the share of always answering the commonest
+correct letter, and the distribution of predicted letters (a model answering "B" to 107 of 150 questions scores
+near chance without knowing anything, and the distribution shows it). Files are read in any encoding
 (danlu.files); an empty file, a header with a gap in its choices or a row with an empty choice is an error, and a
 file with fewer than four choices a warning.
 
@@ -135,7 +141,8 @@ def read_csv(path: Path, subject: str | None = None, encoding: str | None = None
                     f"{where}: choice {', '.join(empty)} is empty; this file's header has {len(choice_cols)} "
                     f"choices ({', '.join(choice_cols)}) and every question must fill them"
                 )
-        out.append(Question(question.strip(), [c.strip() for c in choices], _answer_index(answer, len(choices), where),
+        # choices as the file has them: the harness' templates do not strip them (CMMLU has '根 '), the question yes
+        out.append(Question(question.strip(), list(choices), _answer_index(answer, len(choices), where),
                             subject, where))  # fmt: skip
     if not out:
         raise DanluError(f"{path}: no questions (a header and no rows)")
@@ -212,8 +219,14 @@ def format_question(q: Question, *, with_answer: bool) -> str:
     lines.append("答案：" if zh else "Answer:")
     text = "\n".join(lines)
     if with_answer:
-        text += (LETTERS[q.answer] if zh else " " + LETTERS[q.answer]) + "\n\n"
+        text += answer_text(q.answer) + "\n\n"
     return text
+
+
+def answer_text(index: int) -> str:
+    """The scored continuation for choice `index`: " A". One space after the cue in both languages, as the harness
+    writes it (its target delimiter), so that both score the same tokens."""
+    return " " + LETTERS[index]
 
 
 def header(subject: str, zh: bool) -> str:
@@ -229,24 +242,43 @@ def build_prompt(q: Question, shots: list[Question]) -> str:
     ) + format_question(q, with_answer=False)  # fmt: skip
 
 
-def evaluate_multiple_choice(
+def _same_question(a: Question, b: Question) -> bool:
+    """The question being asked, or a copy of it elsewhere in the file (MMLU's college_physics dev has one): never a
+    few-shot example, or the prompt would hold its answer. The harness leaves out every equal row too."""
+    return a is b or a.where == b.where or (a.question, a.choices) == (b.question, b.choices)
+
+
+@dataclass
+class ScoredQuestion:
+    """One question as scored: the prompt shown, each choice's log-probability and the choice picked."""
+
+    question: Question
+    prompt: str
+    logprobs: list[float]
+    cut: bool  # the prompt lost its beginning to the model's window
+
+    @property
+    def prediction(self) -> int:
+        return max(range(len(self.logprobs)), key=self.logprobs.__getitem__)
+
+
+def score_questions(
     model: Any, tokenizer: Any, data: str | Path, *, dev: str | Path | None = None, shots: int = 0,
-    limit: int = 0, batch_size: int = 16, keep_examples: int = 3, encoding: str | None = None, task: str = "mc",
-) -> dict[str, Any]:  # fmt: skip
-    """Accuracy per subject and overall (micro and macro), with the random baseline beside each.
+    limit: int = 0, batch_size: int = 16, encoding: str | None = None,
+) -> list[ScoredQuestion]:  # fmt: skip
+    """Every question of `data` (the first `limit` per subject) scored by the log-probability of each answer letter.
 
     Few-shot examples for a subject come from `dev` (a file or folder with the same subject names); without it,
-    from the evaluated file itself, never the question being asked.
+    from the evaluated file itself, never the question being asked. Kept apart from the accuracy so that a caller
+    can compare item by item (against lm-evaluation-harness: benchmarks/lm_eval_match.py).
     """
-    from danlu.eval.generative import warn_cut
     from danlu.eval.loglik import loglikelihoods
 
     subjects = read_questions(data, encoding)
     dev_subjects = read_questions(dev, encoding) if dev else subjects
     window = model.config.max_position_embeddings
-    n_cut = 0
     requests: list[tuple[list[int], list[int]]] = []
-    index: list[tuple[Question, int]] = []  # (question, number of choices) in request order
+    pending: list[tuple[Question, str, bool]] = []  # (question, prompt, cut) in request order
     for name, subj in subjects.items():
         qs = subj.questions[:limit] if limit else subj.questions
         pool = dev_subjects.get(name, Subject(name)).questions
@@ -255,28 +287,43 @@ def evaluate_multiple_choice(
                 f"{dev}: no dev examples for subject {name!r} (have: {', '.join(dev_subjects) or 'none'})"
             )
         for q in qs:
-            fewshot = [s for s in pool if s is not q and s.where != q.where][:shots] if shots else []
-            ctx = [tokenizer.bos_id, *tokenizer.encode(build_prompt(q, fewshot))]
-            zh = is_chinese(q.question)
-            conts = [tokenizer.encode(LETTERS[i] if zh else " " + LETTERS[i]) for i in range(len(q.choices))]
-            n_cut += any(
+            fewshot = [s for s in pool if not _same_question(s, q)][:shots] if shots else []
+            prompt = build_prompt(q, fewshot)
+            ctx = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+            conts = [tokenizer.encode(answer_text(i)) for i in range(len(q.choices))]
+            cut = any(
                 len(ctx) + len(c) > window + 1 for c in conts
             )  # loglikelihoods cuts these from the left
             requests += [(ctx, c) for c in conts]
-            index.append((q, len(q.choices)))
+            pending.append((q, prompt, cut))
     scores = loglikelihoods(model, requests, batch_size=batch_size, pad_id=tokenizer.pad_id,
                             vocab_size=tokenizer.vocab_size)  # fmt: skip
+    out, pos = [], 0
+    for q, prompt, cut in pending:
+        n = len(q.choices)
+        out.append(ScoredQuestion(q, prompt, [s for s, _ in scores[pos : pos + n]], cut))
+        pos += n
+    return out
+
+
+def evaluate_multiple_choice(
+    model: Any, tokenizer: Any, data: str | Path, *, dev: str | Path | None = None, shots: int = 0,
+    limit: int = 0, batch_size: int = 16, keep_examples: int = 3, encoding: str | None = None, task: str = "mc",
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy per subject and overall (micro and macro), with the random baseline and row count beside each."""
+    from danlu.eval.generative import warn_cut
+
+    scored = score_questions(model, tokenizer, data, dev=dev, shots=shots, limit=limit, batch_size=batch_size,
+                             encoding=encoding)  # fmt: skip
+    window = model.config.max_position_embeddings
     per: dict[str, list[float]] = {}
     examples = []
-    pos = 0
     correct_total = 0
     baseline_total = 0.0
     predicted: dict[str, int] = {}
     gold: dict[str, int] = {}
-    for q, n in index:
-        lps = [s for s, _ in scores[pos : pos + n]]
-        pos += n
-        pred = max(range(n), key=lambda i: lps[i])
+    for item in scored:
+        q, n, pred = item.question, len(item.logprobs), item.prediction
         ok = pred == q.answer
         correct_total += ok
         predicted[LETTERS[pred]] = predicted.get(LETTERS[pred], 0) + 1
@@ -289,13 +336,14 @@ def evaluate_multiple_choice(
         if len(examples) < keep_examples:
             examples.append({"question": q.question, "prediction": LETTERS[pred], "answer": LETTERS[q.answer],
                              "correct": ok, "where": q.where})  # fmt: skip
-    n_total = max(1, len(index))
+    n_cut = sum(item.cut for item in scored)
+    n_total = max(1, len(scored))
     by_subject = {
         s: {"accuracy": round(c / t, 4), "n": t, "random": round(b / t, 4)}
         for s, (c, t, b) in sorted(per.items())
     }
     macro = sum(v["accuracy"] for v in by_subject.values()) / max(1, len(by_subject))
-    warn_cut(task, n_cut, len(index), window, "use fewer --shots or a longer-context model")
+    warn_cut(task, n_cut, len(scored), window, "use fewer --shots or a longer-context model")
     top = max(predicted, key=predicted.__getitem__) if predicted else ""
     return {
         "accuracy": round(correct_total / n_total, 4),
@@ -306,7 +354,7 @@ def evaluate_multiple_choice(
         "predicted_letters": dict(sorted(predicted.items())),
         "answer_letters": dict(sorted(gold.items())),
         "top_prediction_share": round(predicted.get(top, 0) / n_total, 4),
-        "n": len(index),
+        "n": len(scored),
         "shots": shots,
         "prompts_truncated": n_cut,
         "subjects": by_subject,

@@ -1,8 +1,9 @@
 """The run report: `DIR/report.md` and a self-contained `DIR/report.html` (plots inline as base64 PNG).
 
-It answers "what did each stage change?" from the files the run already wrote: `summary.json`, each stage's
-`metrics.jsonl` (train loss, validation loss, tokens/s, MFU, samples), `eval/results.json` (the before/after
-table), `data/stats.json` and `world/stats.json`. Every loss plot shows train and validation together, because
+It answers "what did each stage change?" from the files the run already wrote: `summary.json` (each stage's numbers,
+the held-out evaluation table with intervals, the best checkpoint and why), each stage's `metrics.jsonl` (train loss,
+validation loss, tokens/s, MFU, samples), `eval/results.json` (example answers), `data/stats.json` and
+`world/stats.json`. Every loss plot shows train and validation together, because
 overfitting is only visible as the gap between them.
 """
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from danlu import DanluError
+from danlu.eval.results import Table, markdown_table, results_table
+from danlu.pipeline import STAGES
 
 OVERFIT_GAP = 0.5  # nats; the engine's default overfit_warning_gap
 
@@ -52,8 +55,6 @@ def _json(path: Path) -> dict[str, Any]:
 
 def stage_histories(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """metrics.jsonl of each stage folder, in pipeline order."""
-    from danlu.runner import STAGES
-
     out = {}
     for name in STAGES:
         path = run_dir / name / "metrics.jsonl"
@@ -160,11 +161,11 @@ def throughput_plot(histories: dict[str, list[dict[str, Any]]]) -> bytes | None:
     return _figure_png(fig)
 
 
-def eval_plot(results: dict[str, dict[str, dict[str, Any]]]) -> bytes | None:
-    """Grouped bars: each accuracy result, one bar per checkpoint (stage order), random baseline dashed."""
+def eval_plot(table: Table) -> bytes | None:
+    """Grouped bars: each accuracy, one bar per checkpoint (stage order) with its 95% interval, random dashed."""
     names: list[str] = []
-    for res in results.values():
-        names += [k for k, v in res.items() if "accuracy" in v and k not in names]
+    for figures in table.values():
+        names += [k for k, v in figures.items() if v.get("metric") == "accuracy" and k not in names]
     if not names:
         return None
     import matplotlib
@@ -172,23 +173,27 @@ def eval_plot(results: dict[str, dict[str, dict[str, Any]]]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) * max(1, len(results)) * 0.5 + 3), 3.6))
-    width = 0.8 / max(1, len(results))
-    for j, (stage, res) in enumerate(results.items()):
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) * max(1, len(table)) * 0.5 + 3), 3.6))
+    width = 0.8 / max(1, len(table))
+    for j, (stage, figures) in enumerate(table.items()):
         xs = [i + j * width for i in range(len(names))]
-        ax.bar(xs, [res.get(n, {}).get("accuracy", 0.0) for n in names], width, label=stage)
+        vals = [figures.get(n, {}).get("value", 0.0) for n in names]
+        cis = [figures.get(n, {}).get("ci95") or [v, v] for n, v in zip(names, vals)]
+        err = [
+            [max(0.0, v - c[0]) for v, c in zip(vals, cis)],
+            [max(0.0, c[1] - v) for v, c in zip(vals, cis)],
+        ]
+        ax.bar(xs, vals, width, yerr=err, capsize=2, label=stage)
     for i, n in enumerate(names):
-        rand = next(
-            (res[n].get("random") for res in results.values() if n in res and res[n].get("random")), None
-        )
+        rand = next((f[n].get("random") for f in table.values() if n in f and f[n].get("random")), None)
         if rand:
             ax.hlines(rand, i - width / 2, i + 0.8 - width / 2, colors="black", linestyles="dashed")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
-    ax.set_xticklabels([n.removeprefix("world/") for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("held-out evaluation per checkpoint (dashed: random baseline)")
+    ax.set_title("held-out evaluation per checkpoint (bars: 95% interval; dashed: random)")
     return _figure_png(fig)
 
 
@@ -236,6 +241,7 @@ def build_sections(run_dir: Path) -> list[Section]:
     summary = _json(run_dir / "summary.json")
     histories = stage_histories(run_dir)
     results = _json(run_dir / "eval" / "results.json")
+    results = results.get("checkpoints", {}) if "checkpoints" in results else {}
     sections: list[Section] = []
 
     stage_rows = []
@@ -253,19 +259,7 @@ def build_sections(run_dir: Path) -> list[Section]:
                             "\n".join(f"- {n}" for n in notes) or "No training stage logged a loss.",
                             image=loss_plot(histories), image_name="loss.png"))  # fmt: skip
 
-    if results:
-        from danlu.stages.eval import results_table
-
-        head, rows = results_table(results)
-        sections.append(Section("Evaluation before/after each stage",
-                                "Held-out sets (phrasings never seen in training); accuracy unless marked bpb "
-                                "(bits per byte, lower is better). Rows in stage order: read down a column to see what "
-                                "each stage changed.", table=(head, rows), image=eval_plot(results),
-                                image_name="eval.png"))  # fmt: skip
-    else:
-        sections.append(
-            Section("Evaluation before/after each stage", "No `eval` stage results in this run yet.")
-        )
+    sections += evaluation_sections(summary)
 
     tp_rows = []
     for stage, hist in histories.items():
@@ -309,6 +303,29 @@ def build_sections(run_dir: Path) -> list[Section]:
     return sections
 
 
+def evaluation_sections(summary: dict[str, Any]) -> list[Section]:
+    """The held-out table of each split (value and 95% interval per quantity and checkpoint) and the best
+    checkpoint with its criterion and reason."""
+    evaluation = summary.get("evaluation") or {}
+    if not evaluation:
+        return [Section("Evaluation before/after each stage", "No held-out evaluation in this run yet.")]
+    out = []
+    for split, table in evaluation.items():
+        counts = {q: f.get("counts", "") for figures in table.values() for q, f in figures.items()}
+        legend = "\n".join(f"- **{q}**: {c}" for q, c in counts.items() if c)
+        text = (f"The {split} split of the held-out sets (phrasings never seen in training"
+                + ("; recipes are tuned on it, so report the test split" if split == "dev" else "; nothing is tuned "
+                   "on it") + "). Cells: value (95% interval); accuracy unless marked bpb (bits per byte, lower is "
+                "better). Rows in stage order: read down a column to see what each stage changed.\n" + legend)  # fmt: skip
+        out.append(Section(f"Evaluation before/after each stage ({split})", text, table=results_table(table),
+                           image=eval_plot(table), image_name=f"eval_{split}.png"))  # fmt: skip
+    best = summary.get("best_checkpoint")
+    if best:
+        out.append(Section("Best checkpoint", f"**{best['checkpoint']}** — chosen by the {best['criterion']}. "
+                           f"{best['reason']}. `danlu serve RUN_DIR` serves it."))  # fmt: skip
+    return out
+
+
 LONG_DIALOG_KEYS = ("dialogs_read", "dialogs", "dialogs_truncated", "dialogs_split", "dialogs_split_rows",
                     "dialogs_skipped_too_long", "assistant_tokens_kept_share")  # fmt: skip
 
@@ -331,14 +348,6 @@ def long_dialog_section(stages: dict[str, dict[str, Any]]) -> Section:
                            "answer tokens trained"], rows))  # fmt: skip
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    return "\n".join(
-        ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
-        + ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
-    )
-
-
 def render_markdown(title: str, sections: list[Section], assets: str) -> str:
     parts = [f"# {title}\n"]
     for s in sections:
@@ -346,7 +355,7 @@ def render_markdown(title: str, sections: list[Section], assets: str) -> str:
         if s.text:
             parts.append(s.text + "\n")
         if s.table and s.table[1]:
-            parts.append(_md_table(*s.table) + "\n")
+            parts.append(markdown_table(*s.table) + "\n")
         if s.image:
             parts.append(f"![{s.title}]({assets}/{s.image_name})\n")
         if s.code:

@@ -1,8 +1,9 @@
 """The task registry behind `danlu eval --task NAME` and the `eval:` stage: names → functions.
 
 A task takes a loaded checkpoint and options and returns {result name: metrics}; most return one result, the
-`world*` tasks one per held-out set. Metrics are flat numbers (plus optional `examples` and `subjects`), with
-`random` beside accuracies where chance is meaningful.
+`world*` tasks one figure per held-out quantity (danlu.eval.world: value, n, 95% interval, what it counts, on the
+dev or test split). Other tasks' metrics are flat numbers (plus optional `examples` and `subjects`), with `random`
+beside accuracies where chance is meaningful; danlu.eval.results.as_figure gives them the figure shape.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class EvalOptions:
     seed: int = 0  # the world whose held-out sets to generate when no folder is given
     examples: int = 3  # examples kept per task in the results (questions, predictions, answers)
     encoding: str | None = None  # text encoding of --data/--dev files; None: detected
+    split: str = "dev"  # world tasks: held-out rows scored, dev (tune on it) or test (report it)
+    dtype: Any = None  # world tasks: autocast dtype (the precision the checkpoint trained at); None: float32
+    store: Any = None  # world tasks: the checkpoint's FigureStore, so a quantity already computed is reused
 
 
 @dataclass
@@ -125,15 +129,16 @@ def _world(sets: list[str] | None) -> Callable[[Any, EvalOptions], dict[str, dic
             world = str(
                 Path(ckpt.path).parent / "world"
             )  # a checkpoint inside a run folder: that run's world
-        res = evaluate_world(ckpt.model, ckpt.tokenizer, chosen, data=world, limit=opts.limit or 200,
-                             batch_size=max(opts.batch_size, 1), seed=opts.seed)  # fmt: skip
+        res = evaluate_world(ckpt.model, ckpt.tokenizer, chosen, data=world, split=opts.split, limit=opts.limit,
+                             batch_size=max(opts.batch_size, 1), seed=opts.seed, dtype=opts.dtype,
+                             store=opts.store)  # fmt: skip
         return {f"world/{k}": v for k, v in res.items()}
 
     return run
 
 
 def registry() -> dict[str, Task]:
-    from danlu.eval.world import BASE_SETS, CHAT_SETS, WORLD_SETS
+    from danlu.eval.world import BASE_SETS, CHAT_SETS, WORLD_SETS, quantities_of
 
     tasks = [
         Task("bpb", "bits-per-byte and perplexity on a text file or token shard folder (--data)", _bpb, True),
@@ -166,7 +171,11 @@ def registry() -> dict[str, Task]:
         Task("world_chat", "world held-out sets in chat form", _world(CHAT_SETS)),
     ]
     tasks += [
-        Task(f"world/{s}", f"world held-out set {s} ({WORLD_SETS[s][1]} form)", _world([s]))
+        Task(
+            f"world/{s}",
+            f"world held-out set {s} ({WORLD_SETS[s].form} form): {', '.join(quantities_of(s))}",
+            _world([s]),
+        )
         for s in WORLD_SETS
     ]
     return {t.name: t for t in tasks}
@@ -195,24 +204,40 @@ def run_tasks(ckpt: Any, names: list[str], opts: EvalOptions) -> dict[str, dict[
 MAIN_METRICS = ("accuracy", "bpb")
 
 
-def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, str]]:
-    """(task, metric, value, random baseline, n) rows for a terminal or Markdown table."""
+def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str, str, str]]:
+    """(task, metric, value, 95% interval, random baseline, n) rows for a terminal or Markdown table."""
     rows = []
     for name, m in results.items():
-        metric = next((k for k in MAIN_METRICS if k in m), None)
-        if metric is None:
-            continue
+        if "value" in m:  # a figure (danlu.eval.stats): the world evaluator's shape
+            metric, value = m["metric"], m["value"]
+        else:
+            metric = next((k for k in MAIN_METRICS if k in m), "")
+            if not metric:
+                continue
+            value = m[metric]
+        ci = m.get("ci95")
+        ci_text = f"{ci[0]:.4f}–{ci[1]:.4f}" if ci and None not in ci else ""
         rand = m.get("random")
         rows.append(
-            (name, metric, f"{m[metric]:.4f}", "" if rand is None else f"{rand:.4f}", str(m.get("n", "")))
+            (
+                name,
+                metric,
+                f"{value:.4f}",
+                ci_text,
+                "" if rand is None else f"{rand:.4f}",
+                str(m.get("n", "")),
+            )
         )
         if "perplexity" in m:
-            rows.append((name, "perplexity", f"{m['perplexity']:.3f}", "", str(m.get("n", ""))))
+            rows.append((name, "perplexity", f"{m['perplexity']:.3f}", "", "", str(m.get("n", ""))))
         for subj, sm in (m.get("subjects") or {}).items():
             if len(m["subjects"]) > 1:
-                rows.append(
-                    (f"  {subj}", "accuracy", f"{sm['accuracy']:.4f}", f"{sm['random']:.4f}", str(sm["n"]))
-                )
+                rows.append((f"  {subj}", "accuracy", f"{sm['accuracy']:.4f}", "", f"{sm['random']:.4f}",
+                             str(sm["n"])))  # fmt: skip
+        for part, pm in (m.get("parts") or {}).items():
+            pci = pm["ci95"]
+            rows.append((f"  {part}", pm["metric"], f"{pm['value']:.4f}", f"{pci[0]:.4f}–{pci[1]:.4f}", "",
+                         str(pm["n"])))  # fmt: skip
     return rows
 
 
@@ -234,7 +259,8 @@ def letter_lines(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def format_table(
-    rows: list[tuple[str, ...]], header: tuple[str, ...] = ("task", "metric", "value", "random", "n")
+    rows: list[tuple[str, ...]],
+    header: tuple[str, ...] = ("task", "metric", "value", "95% CI", "random", "n"),
 ) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]

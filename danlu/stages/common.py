@@ -226,3 +226,34 @@ def load_reference(policy_ckpt: Any, reference: str | None) -> Any:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
+
+
+def world_eval_folder(eval_data: str | Path | None) -> Path | None:
+    """The world's held-out folder when a stage's `eval_data` is one of its files (world/eval/*.jsonl), else None:
+    then the stage's held-out figures come from danlu.eval.world, the one evaluator of the run."""
+    if eval_data is None:
+        return None
+    folder = Path(eval_data).parent
+    return folder if (folder / "facts_base.jsonl").is_file() else None
+
+
+def world_figures(
+    model: Any, tokenizer: Any, folder: Path, quantities: list[str], checkpoint: Path, *, limit: int | None,
+    dtype: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Dev-split figures of `quantities` for the weights in `checkpoint` (stored in its heldout.json, so the eval
+    stage reads them instead of computing them again); {} when `limit` is None (held-out scoring off)."""
+    from danlu.eval.store import FigureStore
+    from danlu.eval.world import evaluate_quantities
+
+    if limit is None:
+        return {}
+    return evaluate_quantities(model, tokenizer, quantities, data=folder, split="dev", limit=limit, dtype=dtype,
+                               store=FigureStore(checkpoint))  # fmt: skip
+
+
+def before_after_line(stage: str, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One console line: each held-out quantity's value before → after, with its row count."""
+    parts = [f"{q} {before[q]['value']:.3f} → {after[q]['value']:.3f} (n={after[q]['n']})"
+             for q in after if q in before]  # fmt: skip
+    return f"[danlu] {stage}: held-out dev " + ", ".join(parts)

@@ -11,7 +11,7 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.config import from_dict
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from danlu.data.pipeline import flat_metrics, run_data
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.detect.metrics import evaluate_scorers, results_markdown
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 CHAT_STAGES = ("grpo", "ppo", "dpo", "sft")  # the chat models a run can hold, last stage first
 SHARED_DATA = (

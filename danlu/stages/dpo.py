@@ -23,11 +23,15 @@ import torch
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.data.preference import PairBatches, encode_pairs
-from danlu.runner import StageContext
+from danlu.model import IGNORE_INDEX
+from danlu.pipeline import StageContext, heldout_limit
 from danlu.stages.common import (
     attach_with_reference,
+    before_after_line,
     cached_logps,
     sequence_logps,
+    world_eval_folder,
+    world_figures,
 )
 from danlu.stages.rollouts import answer_accuracy, make_scorer, read_prompts
 
@@ -72,8 +76,9 @@ TRAIN_DEFAULTS = {"steps": 150, "batch_size": 8, "lr": 2e-4, "warmup_steps": 10,
 def preference_eval(
     policy: Any, ref: Any, batches: Any, beta: float, autocast: Any, prefix: str = "val_"
 ) -> dict[str, float]:
-    """{prefix}loss (DPO), {prefix}pref_accuracy (policy: log π(chosen) > log π(rejected)), {prefix}reward_accuracy
-    (implicit reward β·log π/π_ref ranks chosen higher; 0.5 by definition when policy = reference)."""
+    """{prefix}loss (DPO), {prefix}pref_accuracy (the policy gives the chosen answer the higher mean log-probability
+    per token: danlu's one definition, danlu.eval.world.preference_flags), {prefix}reward_accuracy (implicit reward
+    β·log π/π_ref ranks chosen higher; 0.5 by definition when policy = reference: a training diagnostic)."""
     from danlu.losses import dpo_loss
 
     device = policy.lm_head.weight.device
@@ -84,8 +89,9 @@ def preference_eval(
             pc, pr = sequence_logps(policy, b).float().chunk(2)
             rc, rr = sequence_logps(ref, b).float().chunk(2)
         losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta)
+        tc, tr = (b["targets"] != IGNORE_INDEX).sum(-1).clamp(min=1).chunk(2)
         loss += float(losses.sum())
-        pref += float((pc > pr).sum())
+        pref += float((pc / tc > pr / tr).sum())
         rew += float((cr > rj).sum() + 0.5 * (cr == rj).sum())
         n += pc.numel()
     n = max(n, 1)
@@ -116,7 +122,11 @@ def train_dpo(
     adapter, ref = attach_with_reference(ckpt, cfg.peft, "dpo", parent, cfg.reference)
     written = read_pairs(data, cfg.max_pairs or None) if cfg.written_pairs else []
     train, dropped = encode_pairs(written, tok, context)
-    held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
+    held = (
+        encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None, split="dev"), tok, context)[0]
+        if eval_data
+        else []
+    )
     source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed, rank=d.rank, world_size=d.world_size)
     held_batches = PairBatches(held, tcfg.batch_size, tok.pad_id, 0) if held else None
     online = cfg.reference_mode == "online"
@@ -178,6 +188,9 @@ def train_dpo(
         raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
     if not online:  # same device and precision as training, so the first step's loss is exactly log 2
         source.extra["ref_logps"] = cached_logps(ref, PairBatches(train, 1, tok.pad_id, 0), trainer.autocast)
+    world, limit = world_eval_folder(eval_data), heldout_limit(recipe, cfg.eval_pairs)
+    before = (world_figures(trainer.raw_model, tok, world, ["preference_chat"], parent, limit=limit,
+                            dtype=trainer.dtype) if world is not None and d.main else {})  # fmt: skip
     if resume_wanted(out, cfg.resume, tcfg, "dpo"):
         trainer.resume()
     if d.main:
@@ -191,13 +204,20 @@ def train_dpo(
         "reward_margin": metrics.get("margin"),
     }  # fmt: skip
     if evals:
-        result["heldout_pref_accuracy_before"] = round(evals[0]["val_pref_accuracy"], 4)
-        result["heldout_pref_accuracy"] = round(evals[-1]["val_pref_accuracy"], 4)
+        if world is None:  # a user's held-out pairs; in a run the world evaluator's figure below is the one
+            result["heldout_pref_accuracy_before"] = round(evals[0]["val_pref_accuracy"], 4)
+            result["heldout_pref_accuracy"] = round(evals[-1]["val_pref_accuracy"], 4)
         # TRL's eval rewards/accuracies: 0.5 before training by definition (policy = reference, every pair a tie)
-        result["heldout_reward_accuracy_before"] = round(evals[0]["val_reward_accuracy"], 4)
-        result["heldout_reward_accuracy"] = round(evals[-1]["val_reward_accuracy"], 4)
+        result["heldout_implicit_reward_accuracy_before"] = round(evals[0]["val_reward_accuracy"], 4)
+        result["heldout_implicit_reward_accuracy"] = round(evals[-1]["val_reward_accuracy"], 4)
         result["heldout_dpo_loss"] = round(evals[-1]["val_loss"], 4)
         result["heldout_pairs"] = len(held)
+    if world is not None and d.main:
+        after = world_figures(
+            trainer.raw_model, tok, world, ["preference_chat"], out, limit=limit, dtype=trainer.dtype
+        )
+        result["heldout"] = {"before": before, "after": after}
+        print(before_after_line("dpo", before, after))
     if judged is not None:
         with trainer.autocast():
             result.update(judged.report(trainer.raw_model, trainer.history, out))
@@ -219,7 +239,7 @@ class JudgedSets:
         self.judge = make_scorer(cfg.judge, tokenizer)
         self.prompts = read_prompts(cfg.prompts, cfg.prompt_kinds, cfg.sample_prompts)
         self.held_prompts = (
-            read_rl_prompts(cfg.eval_prompts, cfg.eval_pairs or None) if cfg.eval_prompts else []
+            read_rl_prompts(cfg.eval_prompts, cfg.eval_pairs or None, split="dev") if cfg.eval_prompts else []
         )
         self.train: list[tuple] = []
         self.pairs: dict[str, list[Any]] = {}

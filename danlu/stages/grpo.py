@@ -20,9 +20,15 @@ import torch
 
 from danlu import DanluError
 from danlu.config import from_dict
-from danlu.runner import StageContext
-from danlu.stages.common import attach_with_reference, token_logps
-from danlu.stages.rollouts import Rollouts, answer_accuracy, make_scorer, read_prompts
+from danlu.pipeline import StageContext, heldout_limit
+from danlu.stages.common import (
+    attach_with_reference,
+    before_after_line,
+    token_logps,
+    world_eval_folder,
+    world_figures,
+)
+from danlu.stages.rollouts import Rollouts, answer_accuracy, make_scorer, prompt_kinds, read_prompts
 
 
 @dataclass
@@ -46,6 +52,8 @@ class GRPOConfig:
     step_reward: float = 0.0  # + this × share of a prompt's `steps` written right (dense credit; not in eval)
     credit: str = "answer"  # answer: one advantage per sample; steps: each checked step's on its own tokens
     kinds: list[str] = field(default_factory=list)  # keep only prompts whose `kind` is listed ([] = all)
+    tools: bool = False  # execute the rollouts' tool calls (get_date, calculator) and score the final answer
+    tool_rounds: int = 1  # tool rounds per episode before the answer must come
     max_prompts: int = 0
     eval_rows: int = 200
     resume: str = "auto"
@@ -55,6 +63,9 @@ class GRPOConfig:
     )  # an adapter instead of all weights (danlu.adapters.PeftSpec)
 
 
+# What GRPO targets, scored before and after by the run's one evaluator (danlu.eval.world) on the dev split;
+# the eval stage scores everything else (facts, translation …) of every checkpoint, so a lost skill shows there.
+RL_QUANTITIES = ["arithmetic_chat_unseen", "arithmetic_chat_times_table", "tools_call", "tools_answer"]
 TRAIN_DEFAULTS = {"steps": 60, "batch_size": 1, "lr": 1e-4, "warmup_steps": 5, "eval_every": 0, "log_every": 5,
                   "weight_decay": 0.0}  # fmt: skip
 
@@ -82,12 +93,13 @@ def train_grpo(
     else:
         adapter, ref = attach_peft(ckpt, cfg.peft, "grpo", parent), None
     prompts = read_prompts(data, cfg.kinds, cfg.max_prompts or None)
-    held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
+    held = read_rl_prompts(eval_data, cfg.eval_rows or None, split="dev") if eval_data else []
     reward = make_scorer(cfg.reward, tok)
     source = Rollouts(
         prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
-        step_reward=cfg.step_reward, credit=cfg.credit, rank=d.rank, world_size=d.world_size,
+        step_reward=cfg.step_reward, credit=cfg.credit, rank=d.rank, world_size=d.world_size, tools=cfg.tools,
+        tool_rounds=cfg.tool_rounds,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -101,7 +113,8 @@ def train_grpo(
         return loss, {"reward": float(b["rewards"].mean()), "reward_std": float(b["rewards"].std()),
                       "groups_learning": float((groups.std(1) > 0).float().mean()),
                       "kl": float(st["kl"]), "clip_ratio": float(st["clip_ratio"]),
-                      "completion_tokens": float(b["completion_tokens"].mean())}  # fmt: skip
+                      "completion_tokens": float(b["completion_tokens"].mean()),
+                      "tool_calls": float(b["tool_calls"].mean())}  # fmt: skip
 
     meta = {"stage": "grpo", "parent": str(parent), "data": str(data), "reward": cfg.reward}
     trainer = Trainer(
@@ -121,28 +134,43 @@ def train_grpo(
     if reward.model is not None:
         reward.model.to(trainer.device)
     # Mean reward per step moves with which prompts the step drew (a 40-step run with lr≈0 "fell" 0.39 → 0.25), so
-    # learning is shown on fixed prompts: greedy accuracy on a sample of the training prompts and on held-out ones.
+    # learning is shown on fixed prompts: greedy accuracy on a sample of the training prompts, and held-out figures
+    # (in a run: the world evaluator's arithmetic and tool quantities on the dev split, kept beside each checkpoint).
     probe = random.Random(tcfg.seed).sample(prompts, min(len(prompts), cfg.eval_rows))
-    sets = {"train_prompt_accuracy": probe, "heldout_accuracy": held}
+    world = world_eval_folder(eval_data)
+    limit = heldout_limit(recipe, cfg.eval_rows)
+    sets = {"train_prompt_accuracy": probe}
+    if world is None and held:
+        sets["heldout_accuracy"] = held
 
     def accuracies(suffix: str) -> dict[str, Any]:
         with trainer.autocast():
             return {name + suffix: answer_accuracy(trainer.raw_model, tok, rows, reward, cfg.max_new_tokens)
                     for name, rows in sets.items() if rows}  # fmt: skip
 
+    def figures(checkpoint: Path) -> dict[str, Any]:
+        return world_figures(trainer.raw_model, tok, world, RL_QUANTITIES, checkpoint, limit=limit,
+                             dtype=trainer.dtype) if world is not None else {}  # fmt: skip
+
     result: dict[str, Any] = {k: v["accuracy"] for k, v in accuracies("_before").items()}
+    before = figures(parent)
     if resume_wanted(out, cfg.resume, tcfg, "grpo"):
         trainer.resume()
     if d.main:
-        print(f"[danlu] grpo: {len(prompts)} prompts, {cfg.prompts_per_step}×{cfg.group_size} samples per step and "
-              f"process ({d.world_size}), reward {cfg.reward}, β={cfg.beta}, {tcfg.steps} steps")  # fmt: skip
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(prompt_kinds(prompts).items()))
+        print(f"[danlu] grpo: {len(prompts)} prompts (tool needed: {kinds}), {cfg.prompts_per_step}×{cfg.group_size} "
+              f"samples per step and process ({d.world_size}), reward {cfg.reward}, tools {'on' if cfg.tools else 'off'}, "
+              f"β={cfg.beta}, {tcfg.steps} steps")  # fmt: skip
     metrics = trainer.fit()
     result.update({"steps": trainer.step, "train_loss": metrics.get("loss"), "kl": metrics.get("kl")})
     after = accuracies("")
     result.update({k: v["accuracy"] for k, v in after.items()})
-    if held:
+    if "heldout_accuracy" in after:
         result["heldout_rows"] = len(held)
         result["heldout_examples"] = after["heldout_accuracy"]["examples"]
+    if world is not None and d.main:
+        result["heldout"] = {"before": before, "after": figures(out)}
+        print(before_after_line("grpo", before, result["heldout"]["after"]))
     return result
 
 

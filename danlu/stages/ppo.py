@@ -21,7 +21,7 @@ from torch import nn
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.model import Transformer
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 from danlu.stages.common import attach_with_reference
 from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy
 
@@ -45,6 +45,8 @@ class PPOConfig:
     value_clip: float = 0.2
     vf_coef: float = 0.1
     max_prompts: int = 0
+    tools: bool = False  # execute the rollouts' tool calls (get_date, calculator) and score the final answer
+    tool_rounds: int = 1
     eval_rows: int = 100
     resume: str = "auto"
     train: dict[str, Any] = field(default_factory=dict)
@@ -163,11 +165,11 @@ def train_ppo(
     )  # the adapter froze every base weight; the value head always trains
     scorer = Scorer(reward, tok)
     prompts = read_rl_prompts(data, cfg.max_prompts or None)
-    held = read_rl_prompts(eval_data, cfg.eval_rows or None) if eval_data else []
+    held = read_rl_prompts(eval_data, cfg.eval_rows or None, split="dev") if eval_data else []
     source = PPORollouts(
         prompts, tok, policy, ref, scorer, group_size=1, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, seed=tcfg.seed, cfg=cfg,
-        rank=d.rank, world_size=d.world_size,
+        rank=d.rank, world_size=d.world_size, tools=cfg.tools, tool_rounds=cfg.tool_rounds,
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

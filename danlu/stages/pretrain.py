@@ -17,7 +17,8 @@ from danlu.config import from_dict
 from danlu.eval.bpb import bits_per_byte, token_bytes
 from danlu.io import update_meta_metrics
 from danlu.model import ModelConfig, Transformer
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext, heldout_limit
+from danlu.stages.common import world_eval_folder, world_figures
 
 
 @dataclass
@@ -115,26 +116,18 @@ def pretrain(
         result["val_bpb_start"] = (first_eval or evals[0]).get("val_bpb")
         result["val_bpb_end"] = evals[-1].get("val_bpb")
         result["val_loss_end"] = evals[-1].get("val_loss")
-    if d.main and facts_path is not None and facts_path.exists() and cfg.eval_facts:
-        result.update(_fact_accuracy(trainer.raw_model, tokenizer, facts_path, cfg.eval_facts))
     if d.main:
         update_meta_metrics(out, result)
+    world = world_eval_folder(facts_path)
+    limit = heldout_limit(recipe, cfg.eval_facts)
+    if d.main and world is not None and limit is not None:
+        # held-out factual completions by the run's one evaluator, kept in out/heldout.json (summary: evaluation)
+        facts = world_figures(trainer.raw_model, tokenizer, world, ["facts_base"], out, limit=limit,
+                              dtype=trainer.dtype)  # fmt: skip
+        result["heldout"] = {"after": facts}
+        fig = facts["facts_base"]
+        print(f"[danlu] pretrain: held-out dev factual completions {fig['value']:.3f} (n={fig['n']})")
     return result
-
-
-def _fact_accuracy(model: Transformer, tokenizer: Any, path: Path, limit: int) -> dict[str, Any]:
-    from danlu.eval.generative import completion_accuracy
-    from danlu.files import read_records
-    from danlu.generate import Generator
-
-    rows = list(read_records(path))[:limit]
-    model.eval()
-    res = completion_accuracy(Generator(model, tokenizer), rows, max_tokens=16)
-    return {
-        "heldout_fact_accuracy": res["accuracy"],
-        **{f"heldout_fact_{k}": v for k, v in res.items() if k.startswith("accuracy_")},
-        "heldout_fact_examples": res["examples"],
-    }
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.data.preference import PairBatches, encode_pairs
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 
 @dataclass
@@ -86,7 +86,7 @@ def train_reward(
     train, dropped = encode_pairs(read_pairs(data, cfg.max_pairs or None), tok, context)
     if not train:
         raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
-    held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None), tok, context)[0] if eval_data else []
+    held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None, split="dev"), tok, context)[0] if eval_data else []
     ckpt.model = RewardModel.from_policy(ckpt.model)
     adapter = attach_score_adapter(ckpt, cfg.peft, parent)
     model = ckpt.model

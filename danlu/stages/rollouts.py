@@ -20,7 +20,8 @@ class Rollouts:
     def __init__(
         self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
         prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-        step_reward: float = 0.0, credit: str = "answer", rank: int = 0, world_size: int = 1,
+        step_reward: float = 0.0, credit: str = "answer", rank: int = 0, world_size: int = 1, tools: bool = False,
+        tool_rounds: int = 1,
     ) -> None:  # fmt: skip
         self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
         self.rank, self.world_size = (
@@ -37,6 +38,7 @@ class Rollouts:
         if credit not in ("answer", "steps"):
             raise DanluError(f"grpo.credit: {credit!r}; expected answer or steps")
         self.step_reward, self.credit = step_reward, credit
+        self.tools, self.tool_rounds = tools, tool_rounds  # execute the completions' tool calls (episodes.py)
         self.position = 0
         self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
@@ -54,7 +56,9 @@ class Rollouts:
 
     @torch.no_grad()
     def sample(self, position: int) -> tuple[list[int], list[Any]]:
+        """This rank's episodes of rollout `position` (danlu.stages.episodes): group_size per prompt."""
         from danlu.generate import Generator, SamplingParams
+        from danlu.stages.episodes import run_episodes
 
         idx = [i for i in self._prompt_indices(position) for _ in range(self.group_size)]
         params = SamplingParams(
@@ -63,40 +67,45 @@ class Rollouts:
         )  # fmt: skip
         was_training = self.policy.training
         with self.autocast():
-            completions = Generator(self.policy, self.tok).generate([self.encoded[i] for i in idx], params)
+            episodes = run_episodes(
+                Generator(self.policy, self.tok), [self.prompts[i] for i in idx], [self.encoded[i] for i in idx],
+                params, tools=self.tools, tool_rounds=self.tool_rounds,
+            )  # fmt: skip
         self.policy.train(was_training)
-        return idx, completions
+        return idx, episodes
+
+    def score(self, rows: list[Any], episodes: list[Any]) -> list[float]:
+        """The checking (or reward-model) score of each final answer; with tools on, `rewards.tool_use_reward`
+        decides what the calls earn; step credit only for answers worked without a call."""
+        from danlu.rewards import step_credit, tool_use_reward
+
+        scores = self.reward(rows, [e.text for e in episodes])
+        if self.tools:
+            scores = [tool_use_reward(p.tool, e.calls, e.malformed, s, p.answers)
+                      for s, p, e in zip(scores, rows, episodes)]  # fmt: skip
+        if self.step_reward:
+            scores = [s + (0.0 if e.calls else self.step_reward * step_credit(e.text, p.steps))
+                      for s, p, e in zip(scores, rows, episodes)]  # fmt: skip
+        return scores
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         from danlu.data.preference import rows_from_sequences
         from danlu.losses import group_advantages
 
-        idx, completions = self.sample(self.position)
+        idx, episodes = self.sample(self.position)
         self.position += 1
-        from danlu.rewards import step_credit
-
-        rows, texts = [self.prompts[i] for i in idx], [c.text for c in completions]
-        scores = self.reward(rows, texts)
-        if self.step_reward:
-            scores = [s + self.step_reward * step_credit(t, p.steps) for s, p, t in zip(scores, rows, texts)]
-        rewards = torch.tensor(scores)
-        seqs, tails = [], []
-        for i, c in zip(idx, completions):
-            tail = c.token_ids + ([self.tok.end_of_turn_id] if c.finish_reason == "stop" else [])
-            p = self.encoded[i]
-            seqs.append((p + tail, [0] * len(p) + [1] * len(tail)))
-            tails.append(len(tail))
-        batch = rows_from_sequences(seqs, self.tok.pad_id)
+        rows = [self.prompts[i] for i in idx]
+        rewards = torch.tensor(self.score(rows, episodes))
+        batch = rows_from_sequences([(e.ids, e.mask) for e in episodes], self.tok.pad_id)
         if self.group_size < 2:  # no group to compare with (PPO's rollouts): the caller sets advantages
             batch["advantages"] = torch.zeros_like(rewards)
         elif self.credit == "steps":
-            batch["advantages"] = self._step_advantages(
-                idx, completions, tails, rewards, batch["targets"].size(1)
-            )
+            batch["advantages"] = self._step_advantages(idx, episodes, rewards, batch["targets"].size(1))
         else:
             batch["advantages"] = group_advantages(rewards, self.group_size)
         batch["rewards"] = rewards
-        batch["completion_tokens"] = torch.tensor([float(len(c.token_ids)) for c in completions])
+        batch["completion_tokens"] = torch.tensor([float(e.sampled) for e in episodes])
+        batch["tool_calls"] = torch.tensor([float(len(e.calls)) for e in episodes])
         if self.ref is not None:
             from danlu.stages.common import token_logps
 
@@ -109,27 +118,27 @@ class Rollouts:
                 )
         return batch
 
-    def _step_advantages(
-        self, idx: list[int], completions: list[Any], tails: list[int], scores: torch.Tensor, length: int
-    ) -> Any:
+    def _step_advantages(self, idx: list[int], episodes: list[Any], scores: torch.Tensor, length: int) -> Any:
         """Per-token advantages (B, length) aligned with the targets: one reward per expected step of the prompt
-        (`rewards.step_marks`) on the token that completes it, and the answer's score on the last token."""
+        (`rewards.step_marks`) on the token that completes it, and the answer's score on the episode's last trained
+        token. Episodes that called a tool get the answer's score only (their steps are not worked by hand)."""
         from danlu.losses import step_advantages
         from danlu.rewards import step_marks
 
         slots = 1 + max(len(self.prompts[i].steps or []) for i in idx)
         rewards, ends = torch.zeros(len(idx), slots), torch.zeros(len(idx), slots, dtype=torch.long)
-        for row, (i, c, n, score) in enumerate(zip(idx, completions, tails, scores.tolist())):
-            start = (
-                len(self.encoded[i]) - 1
-            )  # the target index of the first completion token; n trained tokens
-            # Character offset → token: the decoded length after each token (ids decode left to right).
-            ids = c.token_ids
-            decoded = [len(self.tok.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))]
-            for s, (offset, right) in enumerate(step_marks(c.text, self.prompts[i].steps or [])):
-                token = next((k for k, end in enumerate(decoded) if end >= offset), n - 1)
-                rewards[row, s], ends[row, s] = right, start + token
-            rewards[row, -1], ends[row, -1] = score, start + n - 1
+        for row, (i, ep, score) in enumerate(zip(idx, episodes, scores.tolist())):
+            start = ep.prompt_len - 1  # the target index of the first completion token
+            if not ep.calls:
+                # Character offset → token: the decoded length after each token (ids decode left to right).
+                ids = ep.ids[ep.prompt_len :]
+                decoded = [
+                    len(self.tok.decode(ids[: k + 1], skip_special_tokens=True)) for k in range(len(ids))
+                ]
+                for s, (offset, right) in enumerate(step_marks(ep.text, self.prompts[i].steps or [])):
+                    token = next((k for k, end in enumerate(decoded) if end >= offset), len(ids) - 1)
+                    rewards[row, s], ends[row, s] = right, start + token
+            rewards[row, -1], ends[row, -1] = score, ep.last_target
         return step_advantages(rewards, ends, self.group_size, length)
 
     def state_dict(self) -> dict[str, Any]:
@@ -191,6 +200,14 @@ def read_prompts(data: str | Path, kinds: list[str], limit: int | None) -> list[
             f"{data}: no RL prompts of kind {', '.join(kinds)} (grpo.kinds); check the `kind` field"
         )
     return out
+
+
+def prompt_kinds(prompts: list[Any]) -> dict[str, int]:
+    """How many prompts need each tool (`none` for answers worked without one): the mix RL trains on."""
+    counts: dict[str, int] = {}
+    for p in prompts:
+        counts[p.tool or "none"] = counts.get(p.tool or "none", 0) + 1
+    return counts
 
 
 def make_scorer(spec: str, tokenizer: Any) -> Any:

@@ -18,12 +18,12 @@ warning below 90%; the counts and the share are in the stage's metrics.
 
 Forgetting: `replay` is the share of rows taken from the run's pretraining token shards (plain next-token loss);
 held-out pretraining bits-per-byte is measured before and after SFT so the cost of fine-tuning is visible.
-At the end the world corpus' held-out chat evaluations are scored by greedy generation.
+At the end the world corpus' held-out chat sets (dev split) are scored by the one evaluator, danlu.eval.world, and
+kept in the checkpoint's heldout.json, where the eval stage finds them instead of computing them again.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import sys
 from dataclasses import dataclass, field
@@ -37,9 +37,9 @@ from danlu import DanluError
 from danlu.config import from_dict
 from danlu.io import update_meta_metrics
 from danlu.model import IGNORE_INDEX
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext, heldout_limit
 
-CHAT_EVALS = ("facts_chat", "arithmetic", "translation")
+CHAT_EVALS = ("facts_chat", "arithmetic_chat", "translation", "tools")  # world sets scored at the end
 
 
 @dataclass
@@ -59,8 +59,9 @@ class SFTConfig:
     val_dialogs: int = 200  # held out from the data for the validation loss
     replay: float = 0.1  # share of rows that are pretraining text (needs the run's token shards)
     epochs: float = 2.0  # sets train.steps when the recipe does not
-    eval_limit: int = 400  # rows per held-out chat evaluation (0 = none)
-    eval_max_tokens: int = 32
+    eval_limit: int = (
+        400  # rows per held-out chat set, dev split (0: none; -1: all; with an eval stage: its limit)
+    )
     bpb_rows: int = 64  # held-out pretraining rows for bits-per-byte before/after (0 = off)
     resume: str = "auto"
     samples: list[str] = field(
@@ -443,103 +444,21 @@ def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
 # ───────────────────────── held-out evaluations ─────────────────────────
 
 
-def chat_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int, **kw: Any) -> dict[str, Any]:
-    """completion_accuracy on chat rows, split into seen/unseen facts when the rows say which."""
-    from danlu.eval.generative import completion_accuracy
+def heldout_evals(
+    model: Any, tokenizer: Any, eval_dir: Path, out: Path, *, limit: int, dtype: Any, split: str = "dev"
+) -> dict[str, dict[str, Any]]:
+    """The chat checkpoint's held-out figures from the one evaluator (danlu.eval.world), kept in its store
+    (`out/heldout.json`) so that the eval stage reads them instead of computing them again."""
+    from danlu.eval.results import without_examples
+    from danlu.eval.store import FigureStore
+    from danlu.eval.world import evaluate_world
 
-    res = completion_accuracy(generator, rows, chat=True, max_tokens=max_tokens, **kw)
-    if any("seen_in_sft" in r for r in rows):
-        for flag, name in ((True, "seen"), (False, "unseen")):
-            part = [r for r in rows if bool(r.get("seen_in_sft")) == flag]
-            if part:
-                res[f"accuracy_{name}_facts"] = completion_accuracy(
-                    generator, part, chat=True, max_tokens=max_tokens
-                )["accuracy"]
-    return res
-
-
-def tool_accuracy(generator: Any, rows: list[dict[str, Any]], max_tokens: int = 48) -> dict[str, Any]:
-    """Two rounds per row: is the tool call right (name; for the calculator, an expression with the right
-    value), and after running it with danlu.tools.run_tool, does the final answer contain the right answer?"""
-    from danlu.eval.generative import contains_answer
-    from danlu.generate import SamplingParams
-    from danlu.tools import parse_tool_calls, run_tool
-
-    tok = generator.tokenizer
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    first = generator.generate(
-        [tok.render_chat(r["messages"], add_generation_prompt=True)[0] for r in rows], params
-    )
-    call_ok, follow, convos, examples = [], [], [], []
-    for row, comp in zip(rows, first):
-        content, calls = parse_tool_calls(comp.text)
-        ok = False
-        if calls:
-            fn = calls[0]["function"]
-            ok = fn["name"] == row["tool"]
-            if ok and row["tool"] == "calculator":
-                ok = run_tool("calculator", fn["arguments"]) == str(row["answer"])
-            today = dt.date.fromisoformat(row["today"]) if row.get("today") else None
-            convo = [*row["messages"], {"role": "assistant", "content": content, "tool_calls": calls}]
-            for c in calls:
-                f = c["function"]
-                convo.append(
-                    {"role": "tool", "name": f["name"], "content": run_tool(f["name"], f["arguments"], today)}
-                )
-            follow.append(len(convos))
-            convos.append(convo)
-        else:
-            follow.append(None)
-        call_ok.append(ok)
-    prompts = [tok.render_chat(c, add_generation_prompt=True)[0] for c in convos]
-    ctx = generator.context
-    fits = [len(p) < ctx for p in prompts]
-    second = generator.generate([p for p, f in zip(prompts, fits) if f], params) if any(fits) else []
-    texts, it = [], iter(second)
-    for f in fits:
-        texts.append(next(it).text if f else "")
-    answer_ok = []
-    for i, (row, comp) in enumerate(zip(rows, first)):
-        final = texts[follow[i]] if follow[i] is not None else comp.text
-        ok = contains_answer(final, row.get("answers") or [row["answer"]])
-        answer_ok.append(ok)
-        if len(examples) < 4:
-            examples.append({"prompt": row["messages"][-1]["content"], "call": comp.text, "final": final,
-                             "answer": row["answer"], "call_ok": call_ok[i], "correct": ok})  # fmt: skip
-    n = max(1, len(rows))
-    out: dict[str, Any] = {"call_accuracy": round(sum(call_ok) / n, 4), "accuracy": round(sum(answer_ok) / n, 4),
-                           "n": len(rows), "examples": examples}  # fmt: skip
-    for name in sorted({r["tool"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["tool"] == name]
-        out[f"accuracy_{name}"] = round(sum(answer_ok[i] for i in idx) / len(idx), 4)
-    return out
-
-
-def heldout_evals(model: Any, tokenizer: Any, eval_dir: Path, limit: int, max_tokens: int) -> dict[str, Any]:
-    from danlu.files import read_records
-    from danlu.generate import Generator
-
-    gen = Generator(model.eval(), tokenizer)
-    out: dict[str, Any] = {}
-    for name in (*CHAT_EVALS, "tools"):
-        path = eval_dir / f"{name}.jsonl"
-        if not path.exists() or not limit:
-            continue
-        rows = [r for r in read_records(path)][:limit]
-        if name == "tools":
-            res = tool_accuracy(gen, rows, max_tokens=max(max_tokens, 48))
-            out["chat_tools_call_accuracy"] = res["call_accuracy"]
-        elif name == "arithmetic":  # worked solutions are longer; their last number is the answer
-            from danlu.eval.generative import final_number_matches
-
-            res = chat_accuracy(gen, rows, max(max_tokens, 64), match=final_number_matches)
-        else:
-            res = chat_accuracy(gen, rows, max_tokens)
-        key = "chat_facts" if name == "facts_chat" else f"chat_{name}"
-        out[f"{key}_accuracy"] = res["accuracy"]
-        out.update({f"{key}_{k}": v for k, v in res.items() if k.startswith("accuracy_")})
-        out[f"{key}_examples"] = res["examples"][:4]
-    return out
+    figures = evaluate_world(model, tokenizer, list(CHAT_EVALS), data=eval_dir, split=split, limit=limit,
+                             dtype=dtype, store=FigureStore(out))  # fmt: skip
+    for name, f in figures.items():
+        print(f"[danlu] sft: held-out {name} ({split}) {f['value']:.3f} (95% CI {f['ci95'][0]:.3f}–"
+              f"{f['ci95'][1]:.3f}, n {f['n']})")  # fmt: skip
+    return {name: without_examples(f) for name, f in figures.items()}
 
 
 # ───────────────────────── the stage ─────────────────────────
@@ -735,9 +654,10 @@ def sft(
         with torch.no_grad(), trainer.autocast():
             if val_tokens is not None:
                 result["pretrain_val_bpb_after"] = pretrain_bpb(m).get("val_bpb")
-            if eval_dir is not None and eval_dir.is_dir():
-                result.update(heldout_evals(m, tokenizer, eval_dir, cfg.eval_limit, cfg.eval_max_tokens))
         update_meta_metrics(out, result)
+        if eval_dir is not None and eval_dir.is_dir() and cfg.eval_limit:
+            result["heldout"] = heldout_evals(m, tokenizer, eval_dir, out, limit=max(0, cfg.eval_limit),
+                                              dtype=trainer.dtype)  # fmt: skip
     return result
 
 
@@ -745,6 +665,8 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.files import expand_inputs
 
     cfg = from_dict(SFTConfig, ctx.cfg, "sft")
+    limit = heldout_limit(ctx.recipe, cfg.eval_limit)  # the eval stage's rows when the run has one
+    cfg.eval_limit = 0 if limit is None else (limit or -1)
     if cfg.data:
         data = expand_inputs(cfg.data, suffixes=(".jsonl", ".json", ".parquet", ".csv", ".tsv"))
     else:

@@ -17,7 +17,7 @@ from typing import Any
 from danlu import DanluError
 from danlu.config import from_dict
 from danlu.files import read_records
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 SFT_SHARE = 0.2  # at most this share of max_chars goes to dialogs, the rest to pretraining text
 

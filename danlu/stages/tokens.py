@@ -7,7 +7,7 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.config import from_dict
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 
 @dataclass

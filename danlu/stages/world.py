@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from danlu.config import from_dict
-from danlu.runner import StageContext
+from danlu.pipeline import StageContext
 
 
 @dataclass

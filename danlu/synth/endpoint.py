@@ -30,6 +30,16 @@ T = TypeVar("T")
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 
+class PromptTooLong(Exception):
+    """A request the server refused because the prompt does not fit its context: that one row fails (finish
+    `too_long`, as a local teacher reports it), the run goes on."""
+
+
+def _is_context_error(e: Any) -> bool:
+    """HTTP 400 saying the prompt exceeds the context: OpenAI's and `danlu serve`'s code, vLLM's wording."""
+    return getattr(e, "code", None) == "context_length_exceeded" or "maximum context length" in _message(e)
+
+
 class RateLimiter:
     """Spaces request starts at least 1/rps seconds apart across threads (None: no limit)."""
 
@@ -148,6 +158,11 @@ class EndpointTeacher:
                     f"teacher {self.url} refused the API key ({self._key_source}): HTTP {e.status_code}: "
                     f"{_message(e)}"
                 ) from None
+            except openai.BadRequestError as e:
+                if _is_context_error(e):
+                    self._count("too_long")
+                    raise PromptTooLong(_message(e)) from None
+                raise DanluError(f"teacher {self.url}: {what}: HTTP 400: {_message(e)}") from None
             except openai.NotFoundError as e:
                 raise DanluError(f"teacher {self.url}: {what}: HTTP 404: {_message(e)} (is this an OpenAI-"
                                  "compatible API root, and is the model served?)") from None  # fmt: skip
@@ -191,10 +206,15 @@ class EndpointTeacher:
 
     def chat(self, conversations: list[list[dict[str, Any]]], sampling: Sampling) -> list[Reply]:
         def one(i: int, messages: list[dict[str, Any]]) -> Reply:
-            r = self._call(
-                lambda: self.client.chat.completions.create(messages=messages, **self._kwargs(sampling, i)),
-                "chat completion",
-            )
+            try:
+                r = self._call(
+                    lambda: self.client.chat.completions.create(
+                        messages=messages, **self._kwargs(sampling, i)
+                    ),
+                    "chat completion",
+                )
+            except PromptTooLong:
+                return Reply("", "too_long")
             choices = getattr(r, "choices", None)
             if not choices:
                 raise DanluError(f"teacher {self.url}: a chat completion came back without choices")
@@ -206,10 +226,13 @@ class EndpointTeacher:
 
     def complete(self, prompts: list[str], sampling: Sampling) -> list[Reply]:
         def one(i: int, prompt: str) -> Reply:
-            r = self._call(
-                lambda: self.client.completions.create(prompt=prompt, **self._kwargs(sampling, i)),
-                "completion",
-            )
+            try:
+                r = self._call(
+                    lambda: self.client.completions.create(prompt=prompt, **self._kwargs(sampling, i)),
+                    "completion",
+                )
+            except PromptTooLong:
+                return Reply("", "too_long")
             choices = getattr(r, "choices", None)
             if not choices:
                 raise DanluError(f"teacher {self.url}: a completion came back without choices")

@@ -109,10 +109,12 @@ class Filters:
 
 def _malformed(text: str, finish_reason: str) -> str | None:
     """Why a teacher's output is not text at all (empty, cut off, template tokens, broken UTF-8), or None."""
+    if finish_reason == "too_long":  # nothing was generated: the prompt itself did not fit
+        return "the prompt exceeds the teacher's context"
     if not text:
         return "empty text"
-    if finish_reason in ("length", "too_long"):
-        return f"cut off ({finish_reason})"
+    if finish_reason == "length":
+        return "cut off (length)"
     mark = next((m for m in TEMPLATE_MARKS if m in text), None)
     if mark:
         return f"contains the template token {mark}"

@@ -62,6 +62,9 @@ def check_not_all_empty(replies: list[Reply], teacher: Teacher, first_round: boo
     said at once, before anything is written, instead of a run that rejects every row."""
     if first_round and replies and all(not r.text.strip() for r in replies):
         reasons = sorted({r.finish_reason for r in replies})
+        if reasons == ["too_long"]:
+            raise DanluError(f"teacher {teacher.name}: all {len(replies)} prompts of the first round exceed its context; "
+                             "show fewer or shorter examples, or use a teacher with a longer context")  # fmt: skip
         raise DanluError(f"teacher {teacher.name} returned empty text for all {len(replies)} requests of the first "
                          f"round (finish: {', '.join(reasons)}); is it a chat model, and is the model name "
                          "right?")  # fmt: skip

@@ -80,3 +80,23 @@ def run_yield(out: str | Path) -> dict[str, Any]:
     generated = kept + sum(rejected.values())
     return {"generated": generated, "kept": kept, "kept_ratio": round(kept / generated, 4) if generated else 0.0,
             "rejected": dict(rejected.most_common())}  # fmt: skip
+
+
+def paired_difference(base: list[int], other: list[int]) -> dict[str, Any]:
+    """Accuracy difference other - base on the same items, with its 95% interval (normal approximation of the mean
+    per-item difference, each in {-1, 0, 1}).
+
+    Why paired: both students answer the same held-out rows, so the item-to-item spread (easy and hard questions)
+    cancels; the interval is that of the differences, narrower than two independent binomial intervals.
+    """
+    if len(base) != len(other):
+        raise ValueError(f"paired difference: {len(base)} vs {len(other)} items")
+    n = len(base)
+    if not n:
+        return {"delta": 0.0, "ci95": [0.0, 0.0], "n": 0, "better": 0, "worse": 0}
+    d = [b - a for a, b in zip(base, other)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
+    half = 1.96 * (var / n) ** 0.5
+    return {"delta": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)], "n": n,
+            "better": d.count(1), "worse": d.count(-1)}  # fmt: skip

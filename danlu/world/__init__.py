@@ -1,8 +1,9 @@
 """The built-in world corpus: a small bilingual world of true facts, written as a real crawl and as dialogs.
 
-`build_world(out, seed, scale)` writes facts.jsonl, pretrain.jsonl, pretrain_val.jsonl, sft.jsonl,
-preference.jsonl, rl.jsonl, eval/*.jsonl (held-out) and stats.json; it is what `danlu run` trains on when the
-user brings no data, so a laptop can build a working chat model with no download.
+`build_world(out, seed, scale)` writes facts.jsonl, pretrain.jsonl, pretrain_val.jsonl (no sentence of
+pretrain.jsonl), pretrain_val_seen.jsonl (the seen sentences cut from it), sft.jsonl, preference.jsonl, rl.jsonl,
+eval/*.jsonl (held-out, each row in a "dev" or "test" split) and stats.json; it is what `danlu run` trains on when
+the user brings no data, so a laptop can build a working chat model with no download.
 """
 
 from __future__ import annotations

@@ -19,8 +19,11 @@ from danlu.files import write_json_atomic, write_jsonl_atomic
 from danlu.world.dialogs import PREFERENCE_MIX, SFT_MIX, DialogWriter
 from danlu.world.documents import Doc, DocWriter
 from danlu.world.facts import RELATIONS
-from danlu.world.heldout import EvalWriter
+from danlu.world.heldout import SPLITS, EvalWriter
 from danlu.world.index import World
+from danlu.world.numbers import written_table_problems
+from danlu.world.sentences import record_strings, sentence_keys
+from danlu.world.validation import ValText, draft_val_text
 
 LANGS = ("zh", "en")
 # Documents per generator at scale 1.0: about 8 MB of UTF-8 text in all (≈2M tokens with a 4096-token BPE:
@@ -43,7 +46,11 @@ MIN_VAL_DOCS = 60
 SFT_DIALOGS = 15000
 PREFERENCE_PAIRS = 3000
 RL_PROMPTS = 3000
+# By-hand arithmetic (GRPO's target), facts (already answered), and prompts that need a tool (get_date,
+# calculator), so that RL keeps paying for the tool calls SFT taught.
+RL_MIX = {"arithmetic": 0.45, "fact": 0.25, "calculator": 0.15, "date": 0.15}
 MAX_SCALE = 100.0
+POST_TRAINING = ("sft.jsonl", "preference.jsonl", "rl.jsonl")
 
 
 def scaled(n: float, scale: float, minimum: int = 1) -> int:
@@ -78,23 +85,25 @@ def pretrain_docs(world: World, seed: int, scale: float) -> list[Doc]:
     return docs
 
 
-def val_docs(world: World, seed: int, n: int, train_texts: set[str]) -> list[Doc]:
-    """Held-out documents of the same kinds, drawn with their own random stream, none equal to a training one."""
-    rng = random.Random(f"{seed}:pretrain_val")
-    writer = DocWriter(world, rng)
+def val_text(world: World, seed: int, train: list[dict[str, Any]], train_keys: set[str]) -> ValText:
+    """Validation documents of the training kinds and mix with every sentence pretraining text holds cut out
+    (`danlu.world.validation`): as many characters as max(MIN_VAL_DOCS, VAL_SHARE of the training documents)
+    training documents hold on average, and at least that many documents."""
     weights = {
         **PRETRAIN_PLAN,
         "encyclopedia": ENCYCLOPEDIA_EDITIONS * len(world.subjects) * 2,
         "list_article": LIST_EDITIONS * len(RELATIONS) * 2,
     }
-    kinds = list(weights)
-    out: list[Doc] = []
-    while len(out) < n:
-        kind = rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
-        doc = _make(writer, kind, rng.choice(LANGS), seed, world)
-        if doc["text"] not in train_texts:
-            out.append(doc)
-    return out
+    n_docs = max(MIN_VAL_DOCS, round(len(train) * VAL_SHARE))
+    return draft_val_text(
+        world,
+        seed,
+        weights,
+        lambda writer, kind, lang: _make(writer, kind, lang, seed, world),
+        train_keys,
+        min_docs=n_docs,
+        min_chars=round(n_docs * sum(len(r["text"]) for r in train) / len(train)),
+    )
 
 
 def finish_docs(docs: list[Doc], prefix: str) -> list[dict[str, Any]]:
@@ -146,7 +155,7 @@ def preference_pairs(world: World, seed: int, scale: float) -> list[dict[str, An
 
 
 def rl_prompts(world: World, seed: int, scale: float) -> list[dict[str, Any]]:
-    return _written(world, seed, scale, "rl", RL_PROMPTS, 20, {"arithmetic": 0.5, "fact": 0.5})
+    return _written(world, seed, scale, "rl", RL_PROMPTS, 20, RL_MIX)
 
 
 def check_args(seed: Any, scale: Any) -> tuple[int, float]:
@@ -174,24 +183,30 @@ def build_world(out: str | Path, seed: int = 0, scale: float = 1.0) -> dict[str,
         raise DanluError(f"{out}: exists and is not a folder")
     world = World.create(seed)
     train = finish_docs(pretrain_docs(world, seed, scale), "world")
-    train_texts = {r["text"] for r in train}
-    n_val = max(MIN_VAL_DOCS, round(len(train) * VAL_SHARE))
-    val = finish_docs(val_docs(world, seed, n_val, train_texts), "world-val")
+    pretrain_keys = sentence_keys(r["text"] for r in train)
+    val = val_text(world, seed, train, pretrain_keys)
     splits: dict[str, list[dict[str, Any]]] = {
         "facts.jsonl": [f.record() for f in world.facts],
         "pretrain.jsonl": train,
-        "pretrain_val.jsonl": val,
+        "pretrain_val.jsonl": finish_docs(val.unseen, "world-val"),
+        "pretrain_val_seen.jsonl": finish_docs(val.seen, "world-val-seen"),
         "sft.jsonl": sft_dialogs(world, seed, scale),
         "preference.jsonl": preference_pairs(world, seed, scale),
         "rl.jsonl": rl_prompts(world, seed, scale),
     }
-    evals = EvalWriter(world, random.Random(f"{seed}:eval"), seed).all()
-    splits.update({f"eval/{name}.jsonl": rows for name, rows in evals.items()})
+    # no held-out row may hold a sentence of any training file (every string of a post-training record counts)
+    post = [s for name in POST_TRAINING for r in splits[name] for s in record_strings(r)]
+    seen = pretrain_keys | sentence_keys(post)
+    table = written_table_problems([*(r["text"] for r in train), *post])
+    writer = EvalWriter(world, random.Random(f"{seed}:eval"), seed, seen=seen, seen_problems=table)
+    splits.update({f"eval/{name}.jsonl": rows for name, rows in writer.all().items()})
     files = {}
     for name, rows in splits.items():
         write_jsonl_atomic(out / name, rows)
         files[name] = {"rows": len(rows), "bytes": (out / name).stat().st_size}
     stats = make_stats(world, seed, scale, splits, files)
+    stats["pretrain_val"].update(val.stats())
+    stats["eval_refused_rows"] = sum(writer.refused.values())
     write_json_atomic(out / "stats.json", stats)  # no timings inside: same seed → same bytes
     return {**stats, "seconds": round(time.time() - t0, 2)}
 
@@ -230,6 +245,7 @@ def make_stats(
         "files": files,
         "pretrain": text_stats(splits["pretrain.jsonl"]),
         "pretrain_val": text_stats(splits["pretrain_val.jsonl"]),
+        "pretrain_val_seen": text_stats(splits["pretrain_val_seen.jsonl"]),
         "sft": {
             "dialogs": len(sft),
             "kind": _counts(sft, "kind"),
@@ -249,6 +265,15 @@ def make_stats(
             "lang": _counts(splits["rl.jsonl"], "lang"),
         },
         "eval": {name[5:-6]: len(rows) for name, rows in splits.items() if name.startswith("eval/")},
+        "eval_splits": {
+            name[5:-6]: {split: sum(r["split"] == split for r in rows) for split in SPLITS}
+            for name, rows in splits.items()
+            if name.startswith("eval/")
+        },
+        "arithmetic_subsets": {
+            split: _counts([r for r in splits["eval/arithmetic.jsonl"] if r["split"] == split], "subset")
+            for split in SPLITS
+        },
     }
 
 
@@ -262,11 +287,14 @@ def flat_metrics(stats: dict[str, Any]) -> dict[str, float]:
         "pretrain_chars": stats["pretrain"]["chars"],
         "pretrain_mb": round(stats["pretrain"]["bytes"] / 1e6, 3),
         "val_docs": stats["pretrain_val"]["docs"],
+        "val_kept_sentences": stats["pretrain_val"]["kept_sentences"],
+        "val_dropped_seen_sentences": stats["pretrain_val"]["dropped_seen_sentences"],
         "sft_dialogs": stats["sft"]["dialogs"],
         "preference_pairs": stats["preference"]["pairs"],
         "rl_prompts": stats["rl"]["prompts"],
     }
     out.update({f"eval_{k}": v for k, v in stats["eval"].items()})
+    out.update({f"eval_{k}_{split}": n for k, v in stats["eval_splits"].items() for split, n in v.items()})
     return out
 
 
@@ -299,7 +327,21 @@ def format_stats(stats: dict[str, Any], out: str | Path | None = None) -> str:
     ]
     lines.append("preference: " + " · ".join(f"{k} {v}" for k, v in stats["preference"]["kind"].items()))
     lines.append("rl: " + " · ".join(f"{k} {v}" for k, v in stats["rl"]["kind"].items()))
-    lines.append("eval (held-out): " + " · ".join(f"{k} {v}" for k, v in stats["eval"].items()))
+    v = stats["pretrain_val"]
+    lines.append(
+        f"pretrain_val: {v['docs']:,} documents, {v['chars']:,} characters, no sentence of pretrain.jsonl "
+        f"({v['dropped_seen_sentences']:,} of {v['drafted_sentences']:,} drafted sentences were seen and moved to "
+        "pretrain_val_seen.jsonl)"
+    )
+    lines.append(
+        "eval (held-out, dev/test): "
+        + " · ".join(f"{k} {v['dev']}/{v['test']}" for k, v in stats["eval_splits"].items())
+    )
+    a = stats["arithmetic_subsets"]
+    lines.append(
+        "  arithmetic subsets (dev/test): "
+        + " · ".join(f"{k} {a['dev'].get(k, 0)}/{a['test'].get(k, 0)}" for k in ("unseen", "times_table"))
+    )
     if "seconds" in stats:
         lines.append(f"generated in {stats['seconds']:.1f}s")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ the operands): no training text contains them, and the arithmetic eval asks exac
 from __future__ import annotations
 
 import random
+import re
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 _ZH_DIGITS = "零一二三四五六七八九"
@@ -238,6 +240,21 @@ def heldout_small(rng: random.Random, seed: int) -> Problem:
         p = Problem(a, op, b)
         if is_heldout(p, seed):
             return p
+
+
+_WRITTEN_TABLE = re.compile(r"(?<![\d.])(\d{1,3}) ?([×÷]) ?(\d{1,3})(?![\d.])")
+
+
+def written_table_problems(texts: Iterable[str]) -> set[Problem]:
+    """The × and ÷ problems of the 12×12 table that `texts` write with digits ("7 × 8", "56÷7"): what the eval may
+    call seen in training (a pair written only in words is left out, which can only make the set smaller)."""
+    out = set()
+    for text in texts:
+        for a, op, b in _WRITTEN_TABLE.findall(text):
+            p = Problem(int(a), op, int(b))
+            if is_small(p):
+                out.add(p)
+    return out
 
 
 def big_expression(rng: random.Random) -> str:

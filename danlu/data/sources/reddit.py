@@ -5,17 +5,26 @@ comments in reading order) and, when it has a reply chain, one conversation: sta
 best-scored reply at each level; turns alternate user/assistant and end on an assistant turn. Deleted/removed
 content and bots (AutoModerator, names ending in "bot", "I am a bot" footers) are dropped with their replies.
 
-Comments and submissions usually sit in different files, so every task reads all the reddit files of an input
-and keeps the threads that hash to its rank (`crc32(thread id) % world_size`).
+Comments and submissions usually sit in different files, so a thread can only be built once all files are read.
+In the pipeline the files are split among tasks rather than parsed by all: `RedditPartition` (a stage of its own)
+has each task parse its share of the files and send every record to the task that owns its thread
+(`crc32(thread id) % world_size`), and `RedditReader` with `options["partitions"]` then reads only what was sent to
+its rank. Without that option (a reader used on its own) every task reads all the files and keeps its threads.
 """
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import re
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
+
+import xxhash
+from datatrove.data import DocumentsPipeline
 
 from danlu.data.sources.base import SourceError, SourceReader, iter_json_lines
 
@@ -33,6 +42,11 @@ def _strip_prefix(x: str) -> str:
     return x.split("_", 1)[1] if x[:3] in ("t1_", "t3_") else x
 
 
+def is_submission(obj: dict[str, Any]) -> bool:
+    """A pushshift submission (it has a title or a t3_ name); otherwise a comment when it has a body."""
+    return "title" in obj or str(obj.get("name", "")).startswith("t3_")
+
+
 def _score(r: dict[str, Any]) -> int:
     try:
         return int(r.get("score") or 0)
@@ -44,34 +58,42 @@ class RedditReader(SourceReader):
     source_name = "reddit"
     default_domain = "forum"
 
+    def thread_of(self, obj: dict[str, Any], path: str, lineno: int) -> str | SourceError:
+        """The id of the thread a submission or comment belongs to, or why the record has none."""
+        if is_submission(obj):
+            tid = _strip_prefix(str(obj.get("id") or obj.get("name") or ""))
+            return tid or SourceError(path, str(lineno), "submission without an id")
+        if "body" in obj:
+            link = _strip_prefix(str(obj.get("link_id") or ""))
+            return link or SourceError(path, str(lineno), "comment without a link_id")
+        msg = "neither a submission (title) nor a comment (body): not a pushshift dump?"
+        return SourceError(path, str(lineno), msg)
+
+    def partition_files(self, rank: int) -> list[str]:
+        return sorted(glob.glob(os.path.join(str(self.options["partitions"]), f"{rank:05d}", "*.jsonl")))
+
     def read_all(self, rank: int, world_size: int) -> Iterator[tuple[str, dict[str, Any]]]:
         subs: dict[str, dict[str, Any]] = {}
         comments: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for path in self.files:  # threads span files: every rank reads all of them and keeps its own threads
+        partitioned = bool(self.options.get("partitions"))
+        # partitioned: only what RedditPartition sent to this rank; else every file, keeping this rank's threads
+        for path in self.partition_files(rank) if partitioned else self.files:
             try:
                 for lineno, obj in iter_json_lines(path):
-                    if isinstance(obj, SourceError):
-                        self.error(obj, rank)
-                    elif "title" in obj or str(obj.get("name", "")).startswith("t3_"):
-                        tid = _strip_prefix(str(obj.get("id") or obj.get("name") or ""))
-                        if not tid:
-                            self.error(SourceError(path, str(lineno), "submission without an id"), rank)
-                        elif zlib.crc32(tid.encode()) % world_size == rank:
+                    tid = obj if isinstance(obj, SourceError) else self.thread_of(obj, path, lineno)
+                    if isinstance(tid, SourceError):
+                        self.error(tid, rank)
+                    elif partitioned or zlib.crc32(tid.encode()) % world_size == rank:
+                        if is_submission(obj):
                             subs[tid] = obj
-                    elif "body" in obj:
-                        link = _strip_prefix(str(obj.get("link_id") or ""))
-                        if not link:
-                            self.error(SourceError(path, str(lineno), "comment without a link_id"), rank)
-                        elif zlib.crc32(link.encode()) % world_size == rank:
-                            comments[link].append(obj)
-                    else:
-                        msg = "neither a submission (title) nor a comment (body): not a pushshift dump?"
-                        self.error(SourceError(path, str(lineno), msg), rank)
+                        else:
+                            comments[tid].append(obj)
             except SourceError as e:
                 self.error(e, rank)
         for tid in sorted(set(subs) | set(comments)):
             rec = self._thread(tid, subs.get(tid), comments.get(tid, []))
             if rec is not None:
+                rec["_order"] = xxhash.xxh64_intdigest(tid.encode())  # order_key: the same on any task count
                 yield self.files[0], rec
 
     def _keep(self, r: dict[str, Any], text_key: str) -> bool:
@@ -133,3 +155,41 @@ class RedditReader(SourceReader):
             rec["messages"] = [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
         self.stat_update("threads")
         return rec
+
+
+class RedditPartition(RedditReader):
+    """A stage before the readers: each task parses its share of an input's reddit files (every `world_size`-th
+    from `rank`) and writes each record to `<partitions>/<owner rank>/<rank>.jsonl`, where the owner is the task
+    that builds the record's thread. Bad records are reported here (counted under the source's `read:` step), so
+    the readers afterwards see only well-formed records of their own threads."""
+
+    error_suffix = ".partition"
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        folder = str(self.options["partitions"])
+        outs: dict[int, Any] = {}
+        try:
+            for path in self.files_for_rank(rank, world_size):
+                try:
+                    for lineno, obj in iter_json_lines(path):
+                        tid = obj if isinstance(obj, SourceError) else self.thread_of(obj, path, lineno)
+                        if isinstance(tid, SourceError):
+                            self.error(tid, rank)
+                            continue
+                        owner = zlib.crc32(tid.encode()) % world_size
+                        if owner not in outs:
+                            os.makedirs(os.path.join(folder, f"{owner:05d}"), exist_ok=True)
+                            name = os.path.join(folder, f"{owner:05d}", f"{rank:05d}.jsonl")
+                            outs[owner] = open(name, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+                        outs[owner].write(json.dumps(obj, ensure_ascii=False) + "\n")
+                        self.stat_update("records_partitioned")
+                except SourceError as e:  # also a file that is not what its name says (danlu.files)
+                    self.error(e, rank)
+        finally:
+            for f in outs.values():
+                f.close()
+            if self._error_file is not None:
+                self._error_file.close()
+                self._error_file = None

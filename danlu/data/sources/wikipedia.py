@@ -1,5 +1,6 @@
 """Wikipedia (MediaWiki XML export) dumps, `.xml` or `.xml.bz2`: articles as plain text.
 
+The dump is streamed (`iter_xml_elements`): memory stays that of one page whatever the file's size.
 Redirects, non-article namespaces (Talk:, User:, File:, …) and pages left empty after markup removal are
 dropped. The wikitext converter is deliberately small — templates, tables, references and file links are removed;
 links keep their label; headings, lists and emphasis become plain text — good enough for pretraining text
@@ -14,7 +15,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
-from danlu.data.sources.base import SourceError, SourceReader, open_binary
+from danlu.data.sources.base import SourceError, SourceReader, iter_xml_elements
 
 _DROP_LINK_PREFIXES = (
     "file", "image", "category", "media", "文件", "檔案", "图像", "圖像", "分类", "分類", "wikipedia", "wp",
@@ -116,20 +117,17 @@ class WikipediaReader(SourceReader):
         base_url = self.options.get("base_url") or ""
         pages = 0
         try:
-            with open_binary(path) as f:
-                for _event, elem in ET.iterparse(f, events=("end",)):
-                    tag = _local(elem.tag)
-                    if tag == "base" and not base_url and elem.text:
-                        base_url = elem.text.rsplit("/", 1)[0] + "/"
-                    if tag != "page":
-                        continue
-                    pages += 1
-                    rec = self._page(elem, base_url)
-                    elem.clear()
-                    if rec is None:
-                        self.stat_update("pages_dropped")
-                        continue
-                    yield rec
+            for tag, elem in iter_xml_elements(path, "mediawiki", "a MediaWiki XML dump"):
+                if tag == "base" and not base_url and elem.text:
+                    base_url = elem.text.rsplit("/", 1)[0] + "/"
+                if tag != "page":
+                    continue
+                pages += 1
+                rec = self._page(elem, base_url)
+                if rec is None:
+                    self.stat_update("pages_dropped")
+                    continue
+                yield rec
         except ET.ParseError as e:
             line, col = e.position
             what = "not a MediaWiki XML dump" if pages == 0 and line <= 1 else "malformed or truncated XML"
