@@ -135,7 +135,7 @@ def test_dpo_lora_uses_the_base_as_reference_without_a_copy(
         out = tmp_path / mode
         cfg = DPOConfig(resume="false", reference_mode=mode, peft=LORA, train={**FAST, "steps": 2})
         res = train_dpo(tiny_checkpoint, data["pairs"], out, recipe={}, eval_data=data["pairs"], cfg=cfg)
-        assert res["heldout_reward_accuracy_before"] == 0.5  # policy = reference before training
+        assert res["heldout_implicit_reward_accuracy_before"] == 0.5  # policy = reference before training
         losses[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
                         if json.loads(line).get("event") == "train"]  # fmt: skip
         assert not (out / "model.safetensors").exists() and (out / "adapter_model.safetensors").exists()

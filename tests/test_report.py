@@ -97,7 +97,7 @@ def test_report_is_self_contained_and_shows_every_part(overfit_run) -> None:
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: one file to send or archive
     assert "overfitting" in page and "stopped early" in page
     # stage rows, one column per quantity with its row count; cells: value (95% interval)
-    assert "| checkpoint | facts_base (n 10 rows) | bpb (n 100 tokens) | preference_chat (n 10 rows) |" in md
+    assert "| checkpoint | facts_base (n 10 rows) | bpb (n 100 tokens) | preference_chat (n 10 rows, chance 0.5000) |" in md
     assert "| pretrain | 0.100 (0.018–0.404) | 3.200 (3.000–3.400) |  |" in md
     assert "| sft | 0.300 (0.108–0.603) |  | 0.600 (0.313–0.832) |" in md
     assert "**sft** — chosen by the highest mean dev-split accuracy" in md and "no chat checkpoint" not in md
