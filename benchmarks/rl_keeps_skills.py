@@ -10,6 +10,8 @@ parent's figure, with each set's row count; writes OUT/results.json and OUT/resu
 Variants: `arith` = RL on by-hand arithmetic only, tool calls not executed (the recipe before issue 24);
 `tools` = arithmetic + prompts that need get_date / the calculator, calls executed in the rollouts;
 `tools_kl` = `tools` + a KL penalty (β = 0.04) to the starting model.
+`--dpo` / `--ppo` measure the other RL stages the same way: the recipe's DPO from RUN/sft, or its PPO (tool calls
+executed, RUN/reward as the reward) from RUN/dpo.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     )
     ap.add_argument("--dpo", action="store_true",
                     help="the DPO stage instead: the tiny recipe's DPO from RUN/sft per seed, against RUN/sft")  # fmt: skip
+    ap.add_argument("--ppo", action="store_true",
+                    help="the PPO stage instead: the tiny recipe's PPO (tools on, RUN/reward as reward) from RUN/dpo")  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -76,8 +80,8 @@ def main() -> None:
     world = args.world or args.run / "world"
     parent = args.run / ("sft" if args.dpo else "dpo")
     recipe = load_recipe("tiny")
-    if args.dpo:
-        args.variants = ["dpo"]
+    if args.dpo or args.ppo:
+        args.variants = ["dpo" if args.dpo else "ppo"]
     section = {k: v for k, v in recipe["grpo"].items() if k not in ("kinds", "tools")}
     if args.steps:
         section["train"] = {**section.get("train", {}), "steps": args.steps}
@@ -107,6 +111,13 @@ def main() -> None:
                 cfg = from_dict(DPOConfig, {**recipe["dpo"], "resume": "false"}, "dpo")
                 stage = train_dpo(parent, world / "preference.jsonl", out, recipe={"seed": seed, "train": train},
                                   cfg=cfg, eval_data=world / "eval" / "preference.jsonl")  # fmt: skip
+            elif args.ppo:
+                from danlu.stages.ppo import PPOConfig, train_ppo
+
+                ppo = {k: v for k, v in recipe["ppo"].items() if k != "enabled"}
+                cfg = from_dict(PPOConfig, {**ppo, "resume": "false"}, "ppo")
+                stage = train_ppo(parent, world / "rl.jsonl", out, recipe={"seed": seed, "train": train}, cfg=cfg,
+                                  reward=str(args.run / "reward"), eval_data=world / "eval" / "rl.jsonl")  # fmt: skip
             else:
                 cfg = from_dict(GRPOConfig, {**section, **VARIANTS[variant], "resume": "false"}, "grpo")
                 stage = train_grpo(parent, world / "rl.jsonl", out, recipe={"seed": seed, "train": train}, cfg=cfg,
