@@ -110,10 +110,12 @@ def test_a_stop_signal_saves_the_finished_step_and_resume_cuts_the_metrics(
         return m(b["input_ids"], b["targets"]), {}
 
     holder["t"] = _trainer(shards, out, tiny_tokenizer, steps=8, loss=loss, save_minutes=0)
+    # what the process had before (a shell's background job starts with SIGINT ignored, not the default handler)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt):
         holder["t"].fit()
     assert _state(out)["step"] == 4 and not _state(out)["finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers are restored
     # lines logged after the checkpoint (a crash after the save) are redone on resume, so they must go
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"stage": "pretrain", "step": 5, "event": "train", "loss": 9.9}) + "\n")
