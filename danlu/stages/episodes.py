@@ -114,7 +114,8 @@ def run_episodes(
                 fn = call["function"]
                 result = run_tool(fn["name"], fn["arguments"], today)
                 ep.calls.append((fn["name"], result))
-                results.append({"role": "tool", "name": fn["name"], "content": result})
+                # as danlu serve does: a result that echoes control tokens the policy wrote stays plain text
+                results.append({"role": "tool", "name": fn["name"], "content": tok.defuse(result)})
             inserted = tool_turn_tokens(tok, conversations[i], results)
             conversations[i] += results
             if len(ep.ids) + len(inserted) + params.max_tokens > generator.context:
