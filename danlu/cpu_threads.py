@@ -80,6 +80,12 @@ def choose_threads(requested: int, local_processes: int = 1, busy: float | None 
     return choice
 
 
+def forget_choice() -> None:
+    """Lets the next trainer probe the machine again: the runner calls it between stages, so a stage that starts
+    on a quieter (or busier) machine than the last one chooses for itself; within a stage the choice stays fixed."""
+    _CHOSEN.clear()
+
+
 def _automatic(cores: int, local_processes: int, busy: float) -> ThreadChoice:
     share = max(1, cores // max(1, local_processes))
     if busy != busy:  # nan: cannot tell

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from danlu import DanluError
+from danlu.cpu_threads import forget_choice
 from danlu.files import write_json_atomic
 from danlu.pipeline import GLOBAL_KEYS, MODEL_STAGES, STAGES, StageContext, stage_enabled
 
@@ -114,6 +115,7 @@ def run_pipeline(
         if interrupted_at is not None:
             print(f"[danlu] {name}: an interrupted run left a checkpoint at step {interrupted_at}; the stage continues "
                   "from it when its settings are unchanged (resume: auto)")  # fmt: skip
+        forget_choice()  # each stage's trainer looks at the machine's load anew (danlu.cpu_threads)
         module = importlib.import_module(f"danlu.stages.{name}")
         t0 = time.time()
         try:

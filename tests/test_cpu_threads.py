@@ -54,3 +54,15 @@ def test_the_automatic_choice_is_made_once_per_process(monkeypatch: pytest.Monke
     monkeypatch.setattr(cpu_threads, "others_busy_cores", lambda window=0.15: next(readings))
     first, second = cpu_threads.choose_threads(0), cpu_threads.choose_threads(0)
     assert first.new and not second.new and second.threads == first.threads
+
+
+def test_the_runner_lets_each_stage_choose_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from danlu import cpu_threads
+
+    monkeypatch.setattr(cpu_threads, "_CHOSEN", {})
+    readings = iter([5.0, 0.0])
+    monkeypatch.setattr(cpu_threads, "others_busy_cores", lambda window=0.15: next(readings))
+    monkeypatch.setattr(cpu_threads, "usable_cores", lambda: 2)
+    busy = cpu_threads.choose_threads(0)
+    cpu_threads.forget_choice()  # what danlu.runner does before each stage
+    assert busy.threads == 1 and cpu_threads.choose_threads(0).threads == 2
