@@ -48,7 +48,9 @@ class RLPrompt:
     # the tool a right answer needs (get_date, calculator); None: answered without one (rollouts with tools on
     # pay nothing for a call on such a prompt)
     tool: str | None = None
-    today: str | None = None  # ISO date that get_date returns in this prompt's rollouts (the answer depends on it)
+    today: str | None = (
+        None  # ISO date that get_date returns in this prompt's rollouts (the answer depends on it)
+    )
 
 
 def records_with_lines(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -243,14 +245,18 @@ def parse_rl_prompt(rec: dict[str, Any], where: str) -> RLPrompt:
         from danlu.tools import TOOL_NAMES
 
         if tool not in TOOL_NAMES:
-            raise DanluError(f"{where}: `tool` is {tool!r}; expected one of {', '.join(TOOL_NAMES)} (or no field)")
+            raise DanluError(
+                f"{where}: `tool` is {tool!r}; expected one of {', '.join(TOOL_NAMES)} (or no field)"
+            )
     if today is not None:
         import datetime as dt
 
         try:
             dt.date.fromisoformat(str(today))
         except ValueError:
-            raise DanluError(f"{where}: `today` is {today!r}; expected an ISO date such as 2026-12-05") from None
+            raise DanluError(
+                f"{where}: `today` is {today!r}; expected an ISO date such as 2026-12-05"
+            ) from None
     return RLPrompt(msgs, answers, reward, where, steps, tool, None if today is None else str(today))
 
 
@@ -289,6 +295,21 @@ def encode_completion(
     head = tokenizer.render_chat(prompt, add_generation_prompt=True)[0]
     cut = len(head) if ids[: len(head)] == head else len(head) - 1  # a boundary token may merge differently
     return ids, [0] * cut + mask[cut:]
+
+
+def resumed_position(state: dict[str, Any], noun: str, count: int, world_size: int, what: str) -> int:
+    """The position a data source saved, after checking the resumed run has the same rows (`count` {noun}) and the
+    same number of processes: a position counts global batches of that many ranks, so it means nothing on another."""
+    if state.get(noun) != count:
+        raise DanluError(
+            f"--resume: the checkpoint was trained on {state.get(noun)} {noun}, this data has {count}"
+        )
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != world_size:
+        raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
+                         f"{world_size}; its {what} position counts global batches of that many ranks, so "
+                         f"resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
+    return int(state["position"])
 
 
 def rows_from_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
@@ -390,13 +411,4 @@ class PairBatches:
         return {"position": self.position, "pairs": len(self.encoded), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("pairs") != len(self.encoded):
-            raise DanluError(
-                f"--resume: the checkpoint was trained on {state.get('pairs')} pairs, this data has {len(self.encoded)}"
-            )
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.world_size:
-            raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
-                             f"{self.world_size}; its data position counts global batches of that many ranks, so "
-                             f"resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
-        self.position = int(state["position"])
+        self.position = resumed_position(state, "pairs", len(self.encoded), self.world_size, "data")

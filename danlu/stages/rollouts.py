@@ -145,16 +145,9 @@ class Rollouts:
         return {"position": self.position, "prompts": len(self.prompts), "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("prompts") != len(self.prompts):
-            raise DanluError(
-                f"--resume: the checkpoint was trained on {state.get('prompts')} prompts, this data has {len(self.prompts)}"
-            )
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.world_size:
-            raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
-                             f"{self.world_size}; its rollout position counts global batches of that many ranks, "
-                             f"so resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
-        self.position = int(state["position"])
+        from danlu.data.preference import resumed_position
+
+        self.position = resumed_position(state, "prompts", len(self.prompts), self.world_size, "rollout")
 
 
 @torch.no_grad()
