@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,15 @@ def test_world_rl_prompts_need_tools_in_stated_shares_and_wordings_of_their_own(
                      if isinstance(m, dict) and m.get("role") == "user"}  # fmt: skip
     assert not set(asked) & sft_users and not set(asked) & heldout_users
     assert not [s for s in stems if any(s.rstrip("？?。.") in q for q in sft_users | heldout_users)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [({"tool": "weather"}, "`tool` is 'weather'; expected one of get_date, calculator"),
+     ({"tool": "get_date", "today": "5 Dec"}, "`today` is '5 Dec'; expected an ISO date")],
+)  # fmt: skip
+def test_rl_prompt_with_an_unknown_tool_or_date_names_file_and_line(tmp_path: Path, extra: dict, message: str) -> None:
+    path = _write(tmp_path / "rl.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "answer": "1"},
+                                          {"messages": [{"role": "user", "content": "today?"}], "answer": "x", **extra}])  # fmt: skip
+    with pytest.raises(DanluError, match=rf"rl.jsonl:2: {re.escape(message)}"):
+        read_rl_prompts(path)
