@@ -1,11 +1,15 @@
-"""Load test of `danlu serve`: 1 streaming client, then N concurrent streaming clients, on loopback only.
+"""Load test of `danlu serve`: 1, 4 and 16 concurrent streaming clients, continuous batching vs round robin.
 
-Bounded in count (clients × requests) and time (--time-limit); every stream must end with `data: [DONE]` and
-its finish chunk, or the run fails. Reports time to first token, request latency, per-stream and aggregate
-tokens/s, for the one-client and the concurrent runs side by side.
+The same model behind two workers, one after the other, on loopback only: `batched` (danlu.serve.engine's
+continuous batching: all streams in one decode step) and `round robin` (the worker before it: each stream its own
+cache, one token in turn; `ModelWorker(..., batched=False)`). Greedy requests, so the batched answers must equal
+the round robin's, which are unbatched greedy decoding (`Generator.stream` per request): checked, the run fails
+otherwise. Bounded in count (clients × requests) and time (--time-limit); every stream must end with its finish
+chunk and `data: [DONE]`. Reports aggregate tokens/s, its ratio to one client, and p50/p90/p99 of the time to first
+token and of the gaps between a stream's chunks.
 
     python benchmarks/serve_load.py                      # a random-init depth-4 model (shape of the tiny recipe)
-    python benchmarks/serve_load.py --checkpoint runs/tiny/sft/model --clients 16
+    python benchmarks/serve_load.py --checkpoint runs/tiny/sft/model --clients 1,4,16
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -44,13 +47,14 @@ def random_checkpoint(folder: Path, depth: int, context: int) -> Path:
 async def one_stream(client, url: str, model: str, max_tokens: int, i: int) -> dict:
     body = {
         "model": model, "messages": [{"role": "user", "content": f"中国最高的山是什么? ({i})"}],
-        "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "stream": True, "ignore_eos": True,
+        "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }  # fmt: skip
     t0 = time.perf_counter()
-    first = None
+    arrivals: list[float] = []
     done = finished = False
     tokens = 0
+    text = ""
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r}")
@@ -65,22 +69,30 @@ async def one_stream(client, url: str, model: str, max_tokens: int, i: int) -> d
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             for c in chunk.get("choices", []):
-                if c["delta"].get("content") and first is None:
-                    first = time.perf_counter()
+                if c["delta"].get("content"):
+                    arrivals.append(time.perf_counter())
+                    text += c["delta"]["content"]
                 finished = finished or c.get("finish_reason") is not None
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
     end = time.perf_counter()
     if not (done and finished and tokens == max_tokens):
         raise RuntimeError(f"stream {i} incomplete (done={done}, finish chunk={finished}, tokens={tokens})")
-    return {"ttft": (first or end) - t0, "latency": end - t0, "tokens": tokens,
-            "stream_tps": tokens / max(end - (first or t0), 1e-9)}  # fmt: skip
+    first = arrivals[0] if arrivals else end
+    return {"i": i, "text": text, "ttft": first - t0, "latency": end - t0, "tokens": tokens,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}  # fmt: skip
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of values."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] if ordered else 0.0
 
 
 async def run_clients(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import httpx
 
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 4)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
 
         async def worker(w: int) -> list[dict]:
             return [await one_stream(client, url, model, max_tokens, w * 1000 + k) for k in range(requests)]
@@ -88,15 +100,14 @@ async def run_clients(url: str, model: str, clients: int, requests: int, max_tok
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(worker(w) for w in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
-    lat = sorted(r["latency"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    gaps = [g for r in results for g in r["gaps"]]
     return {
-        "clients": clients, "streams": len(results), "errors": 0, "wall_s": round(wall, 2),
-        "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 3),
-        "ttft_max_s": round(max(r["ttft"] for r in results), 3),
-        "latency_p50_s": round(statistics.median(lat), 3),
-        "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
-        "stream_tokens_per_s": round(statistics.median(r["stream_tps"] for r in results), 1),
+        "clients": clients, "streams": len(results), "wall_s": round(wall, 2),
         "aggregate_tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 1),
+        **{f"ttft_p{q}_s": round(pct(ttft, q), 3) for q in (50, 90, 99)},
+        **{f"gap_p{q}_ms": round(1000 * pct(gaps, q), 1) for q in (50, 90, 99)},
+        "texts": {r["i"]: r["text"] for r in results},
     }  # fmt: skip
 
 
@@ -105,58 +116,98 @@ def main() -> int:
     p.add_argument("--checkpoint", help="checkpoint folder (default: a random-init model, see --depth)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--context", type=int, default=512)
-    p.add_argument("--clients", type=int, default=16)
+    p.add_argument(
+        "--clients", default="1,4,16", help="client counts, comma-separated (the first is the base)"
+    )
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--time-limit", type=float, default=300, help="give up (and fail) after this many seconds")
+    p.add_argument("--modes", default="batched,round-robin", help="workers to compare, comma-separated")
+    p.add_argument(
+        "--time-limit", type=float, default=1800, help="give up (and fail) after this many seconds"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--compile", default="auto", choices=["auto", "on", "off"], help="as `danlu serve --compile`"
     )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    modes = args.modes.split(",")
+
+    import datetime as dt
 
     import torch
 
-    from danlu.generate import resolve_compile
+    from danlu.generate import resolve_compile, slot_count
     from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.engine import ModelWorker
     from danlu.serve.routing import load_served_model
     from danlu.serve.server import BackgroundServer
 
+    results: dict[str, list[dict]] = {}
+    warm_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or str(random_checkpoint(Path(tmp) / "ckpt", args.depth, args.context))
         compiled = resolve_compile(args.compile, args.device)
-        model = load_served_model("bench", path, device=args.device, compile=compiled)
-        app = create_app([model], ServeOptions())
-        try:
-            with BackgroundServer(app) as url:  # 127.0.0.1, a free port
+        served = load_served_model(
+            "bench", path, device=args.device, compile=compiled, max_active=max(counts)
+        )
+        gen = served.worker.generator
+        served.worker.close()
+        for mode in modes:
+            served.worker = ModelWorker(gen, name="bench", max_active=max(counts), batched=mode == "batched")
+            t0 = time.perf_counter()
+            if mode == "batched":  # every slot count the runs meet, compiled before timing (as warm_up does)
+                gen.warm_up(tuple(sorted({slot_count(n, max(counts)) for n in range(1, max(counts) + 1)})))
+            app = create_app([served], ServeOptions(now=lambda: dt.datetime(2026, 11, 21, 14, 5)))
+            try:
+                with BackgroundServer(app) as url:  # 127.0.0.1, a free port
 
-                async def both() -> tuple[dict, dict]:
-                    await run_clients(url, "bench", 1, 1, 8)  # warm-up
-                    one = await run_clients(url, "bench", 1, args.requests, args.max_tokens)
-                    many = await run_clients(url, "bench", args.clients, args.requests, args.max_tokens)
-                    return one, many
+                    async def warm_up(url: str = url) -> None:  # compiles decode_step (round robin), prefills
+                        for n in counts:
+                            await run_clients(url, "bench", n, 1, 8)
 
-                one, many = asyncio.run(asyncio.wait_for(both(), args.time_limit))
-        finally:
-            model.worker.close()
+                    async def measured(url: str = url) -> list[dict]:
+                        return [
+                            await run_clients(url, "bench", n, args.requests, args.max_tokens) for n in counts
+                        ]
+
+                    asyncio.run(asyncio.wait_for(warm_up(), args.time_limit))
+                    warm_s[mode] = round(time.perf_counter() - t0, 1)
+                    results[mode] = asyncio.run(asyncio.wait_for(measured(), args.time_limit))
+            finally:
+                served.worker.close()
+    same = None
+    if len(results) > 1:
+        texts = [{i: t for row in rows for i, t in row["texts"].items()} for rows in results.values()]
+        same = all(t == texts[0] for t in texts[1:])
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
             f"{torch.__version__}, {torch.get_num_threads()} threads", "model": path if args.checkpoint else
             f"random-init depth {args.depth}, context {args.context}", "max_tokens": args.max_tokens,
-            "compiled decode": compiled}  # fmt: skip
+            "compiled decode": compiled, "warm_up_s": warm_s, "same_greedy_texts": same,
+            "load": os.getloadavg()}  # fmt: skip
     print(f"# serve load · {info['machine']} · {info['model']} · {args.max_tokens} tokens per answer · "
-          f"{'compiled' if compiled else 'eager'} decode")  # fmt: skip
-    keys = ["clients", "streams", "errors", "ttft_p50_s", "ttft_max_s", "latency_p50_s", "latency_p95_s",
-            "stream_tokens_per_s", "aggregate_tokens_per_s"]  # fmt: skip
-    print("| " + " | ".join(keys) + " |")
-    print("|" + "---|" * len(keys))
-    for row in (one, many):
-        print("| " + " | ".join(str(row[k]) for k in keys) + " |")
-    print(f"aggregate throughput ×{many['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f} with "
-          f"{args.clients} clients vs 1")  # fmt: skip
+          f"{'compiled' if compiled else 'eager'} decode · {args.requests} requests per client · "
+          f"load average {' '.join(f'{x:.2f}' for x in info['load'])}")  # fmt: skip
+    keys = ["clients", "streams", "aggregate_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "gap_p50_ms",
+            "gap_p90_ms", "gap_p99_ms"]  # fmt: skip
+    print("| worker | " + " | ".join(keys) + " | × 1 client | × round robin |")
+    print("|---|" + "---|" * (len(keys) + 2))
+    for mode, rows in results.items():
+        for k, row in enumerate(rows):
+            other = results.get("round-robin", rows)[k]["aggregate_tokens_per_s"]
+            print(f"| {mode} | " + " | ".join(str(row[key]) for key in keys) +
+                  f" | ×{row['aggregate_tokens_per_s'] / rows[0]['aggregate_tokens_per_s']:.2f}"
+                  f" | ×{row['aggregate_tokens_per_s'] / other:.2f} |")  # fmt: skip
+    print(f"warm-up (compile + first requests), s: {warm_s}")
+    if same is not None:
+        print(f"batched greedy texts equal the round robin's (unbatched Generator.stream): {same}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**info, "one": one, "many": many}, indent=2))
-    return 0
+        for rows in results.values():
+            for row in rows:
+                row.pop("texts")
+        Path(args.json).write_text(json.dumps({**info, "results": results}, indent=2))
+    return 0 if same in (None, True) else 1
 
 
 if __name__ == "__main__":

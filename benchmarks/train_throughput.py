@@ -10,6 +10,7 @@ every row alike.
     python benchmarks/train_throughput.py --shape tiny          # a short run
     python benchmarks/train_throughput.py --shape d12 --rounds 3 --no-eager
     python benchmarks/train_throughput.py --shape d12 --batch 8 --device cuda
+    python benchmarks/train_throughput.py --loss-curve 300 --curves danlu,hf --compile   # same start, same data
 """
 
 from __future__ import annotations
@@ -143,41 +144,73 @@ def markov_batches(
     return draw
 
 
+class _HFLoss(torch.nn.Module):
+    """transformers' LlamaForCausalLM behind danlu's `model(input_ids, targets) -> loss` call, starting from the
+    weights of a danlu model (the parameter names are the same), so a curve against it differs only in the code."""
+
+    def __init__(self, cfg: ModelConfig, start: Transformer) -> None:
+        super().__init__()
+        from transformers import LlamaForCausalLM
+
+        self.hf = LlamaForCausalLM(hf_twin(cfg))
+        self.hf.load_state_dict(start.state_dict())
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.hf(input_ids=input_ids).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+CURVES = ("danlu", "plain", "hf")  # the chunked loss (the model as trained), whole-logits loss, transformers
+
+
 def loss_curve(args: argparse.Namespace, device: torch.device) -> None:
-    """Trains the chunked-loss model and the plain-loss model from the same seed on the same batches, step by step
-    (the engine's optimizer, schedule and clipping), and prints both losses at every 100th step."""
+    """Trains the models named by --curves from the same initial weights on the same batches, step by step (the
+    engine's optimizer, schedule and clipping; compiled with --compile), and prints their losses every 100 steps.
+    danlu vs plain isolates the chunked loss; danlu vs hf the rest of the model code."""
     from danlu.engine import lr_factor
 
-    shape = SHAPES["tiny"]
+    shape = {**SHAPES["tiny"], **{k: v for k in ("batch", "seq") if (v := getattr(args, k)) is not None}}
     cfg = ModelConfig(vocab_size=args.vocab, depth=shape["depth"], max_position_embeddings=shape["seq"])
     tcfg = TrainConfig(steps=args.loss_curve, warmup_steps=20)
     dtype = resolve_dtype(args.dtype, device)
+    names = [n.strip() for n in args.curves.split(",")]
+    if unknown := set(names) - set(CURVES):
+        raise SystemExit(f"--curves: unknown {sorted(unknown)} (choose from {', '.join(CURVES)})")
     runs = {}
-    for name, cls in (("chunked", Transformer), ("plain", _PlainLoss)):
+    for name in names:
         torch.manual_seed(0)
-        model = cls(cfg).to(device)
-        runs[name] = (model, build_optimizers(model, tcfg, device), [])
+        start = Transformer(cfg)
+        if name == "hf":
+            model: torch.nn.Module = _HFLoss(cfg, start)
+        elif name == "plain":
+            model = _PlainLoss(cfg)
+            model.load_state_dict(start.state_dict())
+        else:
+            model = start
+        model.to(device)
+        run = torch.compile(model) if args.compile else model
+        runs[name] = (run, build_optimizers(model, tcfg, device), [p for p in model.parameters()], [])
     draw = markov_batches(args.vocab, shape["batch"], shape["seq"])
-    print(
-        f"loss curve: tiny shape, {dtype}, eager, lr {tcfg.lr} cosine, {tcfg.steps} steps, same seed and batches"
-    )
+    mode = "compiled" if args.compile else "eager"
+    print(f"loss curve: depth {shape['depth']}, batch {shape['batch']} x {shape['seq']}, {dtype}, {mode}, "
+          f"lr {tcfg.lr} cosine, {tcfg.steps} steps, same initial weights and batches: {', '.join(names)}")  # fmt: skip
     for step in range(tcfg.steps):
         x, y = (t.to(device) for t in draw())
-        for model, opts, losses in runs.values():
+        for run, opts, params, losses in runs.values():
             for opt in opts:
                 for group in opt.param_groups:
                     group.setdefault("base_lr", group["lr"])
                     group["lr"] = group["base_lr"] * lr_factor(step, tcfg)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = model(x, y)
+                loss = run(x, y)
             loss.backward()
-            optimizer_step(opts, list(model.parameters()), tcfg.grad_clip)
+            optimizer_step(opts, params, tcfg.grad_clip)
             losses.append(loss.item())
         if (step + 1) % 100 == 0 or step + 1 == tcfg.steps:
-            c, p = runs["chunked"][2], runs["plain"][2]
             lo = max(0, step - 9)
-            print(f"  step {step + 1:>4}: chunked {c[step]:.4f}  plain {p[step]:.4f}  (means of the last 10 steps "
-                  f"{sum(c[lo:]) / len(c[lo:]):.4f} / {sum(p[lo:]) / len(p[lo:]):.4f})", flush=True)  # fmt: skip
+            now = "  ".join(f"{n} {r[3][step]:.4f}" for n, r in runs.items())
+            means = " / ".join(f"{sum(r[3][lo:]) / len(r[3][lo:]):.4f}" for r in runs.values())
+            print(f"  step {step + 1:>4}: {now}  (means of the last 10 steps {means})", flush=True)
 
 
 def main() -> None:
@@ -194,7 +227,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--no-eager", action="store_true", help="skip the same-precision eager pair")
     ap.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
-                    help="instead of timing: train chunked-loss and plain-loss models side by side for STEPS steps")  # fmt: skip
+                    help="instead of timing: train the --curves models side by side for STEPS steps")  # fmt: skip
+    ap.add_argument("--curves", default="danlu,plain", help=f"--loss-curve models, from {', '.join(CURVES)}")
+    ap.add_argument("--compile", action="store_true", help="--loss-curve: train under torch.compile")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"machine: {machine()}")

@@ -1,7 +1,11 @@
-"""Sampling with a KV cache: streaming for one prompt, batched for many (evaluation, RL rollouts).
+"""Sampling with a KV cache: streaming for one prompt, batched for many (evaluation, RL rollouts, the server).
 
-Only the last position's logits are computed after the prompt, the cache is preallocated once per call, and
-finished rows leave a batch; that is where our speed over a plain `transformers.generate` loop comes from.
+Only the last position's logits are computed after a prompt and caches are preallocated; that is where our speed
+over a plain `transformers.generate` loop comes from. Many generations decode together in a `SlotBatch`: a cache
+of a fixed number of rows (slots) and a fixed length, each row at its own position, so the batch keeps its shapes
+while rows join and leave between steps and one `torch.compile` of the model's `decode_rows` serves every step.
+`Generator.generate` (evaluation, RL rollouts) and `danlu serve` (continuous batching, danlu.serve.engine) decode
+through it; a `Row` holds one generation's sampling, stop and streaming state, the same for every path.
 """
 
 from __future__ import annotations
@@ -48,21 +52,23 @@ def sample_next(
     """logits (B, V) → (token ids (B,), their log-probabilities under the unmodified model distribution)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
-    if params.temperature <= 0:
-        ids = logits.argmax(dim=-1)
-    else:
-        scaled = logits / params.temperature
-        if params.top_k > 0:
-            kth = torch.topk(scaled, min(params.top_k, scaled.size(-1)), dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            cut = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
-            sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-        ids = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen).squeeze(-1)
+    ids = logits.argmax(dim=-1) if params.temperature <= 0 else _draw(logits, params, gen)
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """Token ids (B,) drawn from fp32 logits (B, V) under temperature, top-k and top-p; `gen` gives the randomness."""
+    scaled = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scaled, min(params.top_k, scaled.size(-1)), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cut = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen).squeeze(-1)
 
 
 class _StopStrings:
@@ -96,44 +102,261 @@ def cache_length(tokens: int, context: int) -> int:
     return min(context, max(256, 1 << max(0, tokens - 1).bit_length()))
 
 
+def slot_count(rows: int, most: int) -> int:
+    """The slots a batch of `rows` generations gets: the next power of 4 (1, 4, 16, 64 …), at most `most` (but at
+    least `rows`). Each count is one compiled graph per cache length, so counts are few; a padded slot costs some
+    compute, but a step's time grows slowly with its rows (16 rows took ~3× one row's step time eagerly on 2 CPU
+    cores: benchmarks/serve_load.py)."""
+    slots = 1
+    while slots < rows:
+        slots *= 4
+    return max(rows, min(slots, most))
+
+
+class Row:
+    """One generation in progress: its sampling params and random generator, stop ids and strings, the tokens and
+    the text streamed so far. `Generator.stream`, `Generator.generate` and the server's batch all end a text through
+    it, so they stop, cut and stream identically. `tag` is the caller's handle (the server's job)."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, tokenizer: Any, context: int, gen: torch.Generator,
+        tag: Any = None,
+    ) -> None:  # fmt: skip
+        self.prompt_ids, self.params, self.gen, self.tag = prompt_ids, params, gen, tag
+        self.stop_ids = set(
+            params.stop_token_ids if params.stop_token_ids is not None else tokenizer.stop_ids
+        )
+        self.budget = min(params.max_tokens, context - len(prompt_ids))
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.stops = _StopStrings(params.stop)
+        self.text, self.sent = "", 0
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish: str | None = None if self.budget > 0 else "length"  # None while it runs
+        self._hit = -1
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def needed(self) -> int:
+        """Cache positions this generation can fill: its prompt and its token budget."""
+        return len(self.prompt_ids) + self.budget
+
+    @property
+    def position(self) -> int:
+        """Where the last sampled token goes into the cache (the next decode step feeds it)."""
+        return len(self.prompt_ids) + len(self.token_ids) - 1
+
+    def push(self, token: int, logprob: float) -> str:
+        """Takes the next sampled token; returns the text now safe to show (no partial stop string) and marks the
+        row finished on a stop id, a stop string or the end of its budget."""
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return ""
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        before = len(self.text)
+        self.text += self.decoder.step(token)
+        if self.stops.stops:
+            self._hit = self.stops.find(self.text, before)
+            if self._hit >= 0:
+                self.text, self.finish = self.text[: self._hit], "stop"
+                return ""
+        if len(self.token_ids) >= self.budget:
+            self.finish = "length"
+        safe = len(self.text) - self.stops.hold if self.stops.stops else len(self.text)
+        if safe <= self.sent:
+            return ""
+        delta, self.sent = self.text[self.sent : safe], safe
+        return delta
+
+    def cancel(self) -> None:
+        """The consumer went away: the row ends now (its Completion says "length", as a cut-off answer)."""
+        self.finish = self.finish or "cancelled"
+
+    def close(self) -> tuple[str, Completion]:
+        """The text not yet shown (held back for stop strings, or flushed from the decoder), and the Completion."""
+        if not self._closed:
+            self._closed = True
+            if self._hit < 0:
+                self.text += self.decoder.flush()
+        tail, self.sent = self.text[self.sent :], len(self.text)
+        finish = "length" if self.finish in (None, "cancelled") else self.finish
+        return tail, Completion(self.text, self.token_ids, finish, len(self.prompt_ids), self.logprobs)
+
+
+class SlotBatch:
+    """Generations decoded together, one token each per `advance`, in one KV cache of `slots` rows × `length`
+    positions. Each row sits at its own position; a free slot computes garbage at position 0 that nothing reads.
+    Rows join with `admit` (their prompts prefilled together, left-padded, then copied into free slots) and leave
+    when they finish or are `drop`ped, between steps, so the shapes of a step change only when the cache is re-laid:
+    when the rows or a row's length outgrow it, or the rows fall to a quarter of the slots (`slot_count`,
+    `cache_length`). Not thread-safe: one thread drives it (a server's worker, a `generate` call)."""
+
+    def __init__(self, generator: Generator, most: int = 64) -> None:
+        self.generator = generator
+        self.most = max(1, most)
+        self.rows: list[Row | None] = []
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    @property
+    def active(self) -> list[Row]:
+        return [r for r in self.rows if r is not None]
+
+    def __len__(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def room(self) -> int:
+        """How many more rows may join now."""
+        return self.most - len(self)
+
+    def _fit(self, joining: list[Row], shrink: int = 4) -> None:
+        """Re-lays the cache (live rows packed into the first slots) when the rows outgrow it or fall to
+        1/`shrink` of its slots; a no-op otherwise."""
+        live = self.active
+        count = len(live) + len(joining)
+        slots = slot_count(count, self.most)
+        needed = max((r.needed for r in live + joining), default=1)
+        grow = slots > len(self.rows) or needed > self.length
+        if not grow and not (count <= len(self.rows) // shrink and slots < len(self.rows)):
+            return
+        g = self.generator
+        cache = g.model.new_cache(slots, max(cache_length(needed, g.context), needed))
+        if live:
+            index = torch.tensor([i for i, r in enumerate(self.rows) if r is not None], device=g.device)
+            keep = min(self.length, cache.max_len)
+            for new, old in zip(cache.k + cache.v, self.keys + self.values):
+                new[: len(live), :, :keep] = old.index_select(0, index)[:, :, :keep]
+        self.keys, self.values, self.length = cache.k, cache.v, cache.max_len
+        self.rows = live + [None] * (slots - len(live))
+
+    @torch.inference_mode()
+    def admit(self, rows: list[Row]) -> list[tuple[Row, str]]:
+        """Prefills the rows' prompts (together, left-padded), samples each row's first token and gives each
+        unfinished row a slot. Returns (row, text delta) per row; more rows than `room` is a caller's error."""
+        rows = [r for r in rows if not r.done]
+        if not rows:
+            return []
+        if len(rows) > self.room:
+            raise DanluError(f"SlotBatch: {len(rows)} rows joining, room for {self.room}")
+        g = self.generator
+        self._fit(rows)
+        lengths = [len(r.prompt_ids) for r in rows]
+        longest = max(lengths)
+        pad = torch.tensor([longest - n for n in lengths], device=g.device)
+        ids = torch.tensor([[g.tokenizer.pad_id] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in rows],
+                           device=g.device)  # fmt: skip
+        prefill = g.model.new_cache(len(rows), longest, pad=pad)
+        logits = g._logits(ids, prefill)
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        out = []
+        for i, (row, (token, logprob)) in enumerate(zip(rows, _sample_rows(logits, rows))):
+            out.append((row, row.push(token, logprob)))
+            if row.done:
+                continue
+            slot, n = free.pop(0), lengths[i]
+            self.rows[slot] = row
+            for new, old in zip(self.keys + self.values, prefill.k + prefill.v):
+                new[slot, :, :n] = old[i, :, longest - n :]
+        return out
+
+    @torch.inference_mode()
+    def advance(self) -> list[tuple[Row, str]]:
+        """One decode step of every row: feeds each row's last token at its position, samples the next. Returns
+        (row, text delta) per row; finished rows leave their slots."""
+        g = self.generator
+        if g._decode is None:  # eagerly every slot costs time, and a new shape costs nothing: shed idle slots
+            self._fit([], shrink=2)
+        live = [(i, r) for i, r in enumerate(self.rows) if r is not None]
+        if not live:
+            return []
+        tokens, positions = [0] * len(self.rows), [0] * len(self.rows)
+        for i, r in live:
+            tokens[i], positions[i] = r.token_ids[-1], r.position
+        logits = g._decode_rows(tokens, positions, self.keys, self.values)
+        index = [i for i, _ in live]
+        rows = [r for _, r in live]
+        picked = logits if len(index) == len(self.rows) else logits[torch.tensor(index, device=g.device)]
+        out = []
+        for (slot, row), (token, logprob) in zip(live, _sample_rows(picked, rows)):
+            out.append((row, row.push(token, logprob)))
+            if row.done:
+                self.rows[slot] = None
+        return out
+
+    def drop(self, row: Row) -> None:
+        """Frees a row's slot before the next step (a cancelled request)."""
+        for i, r in enumerate(self.rows):
+            if r is row:
+                self.rows[i] = None
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[tuple[int, float]]:
+    """(token, log-probability) per row of `logits` (rows × V), each row with its own params and generator: greedy
+    rows in one argmax, each sampled row drawn from its own generator, as it would be alone."""
+    logits = logits.float()
+    logp = torch.log_softmax(logits, dim=-1)
+    ids = logits.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if row.params.temperature > 0:
+            ids[i] = _draw(logits[i : i + 1], row.params, row.gen)[0]
+    lps = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return list(zip(ids.tolist(), lps.tolist()))
+
+
 class Generator:
     """Drives one model; not thread-safe (a server runs it from one worker thread).
 
-    `compile=True` decodes single prompts (`stream`, and `generate` of one prompt) with `torch.compile` of the
-    model's static-shape `decode_step`: ~3× faster per token than eager at the tiny shape on a CPU, ~2× at 26–81M
-    parameters (BENCHMARKS.md), after a compilation of
-    10–20 s per cache length the first time a process meets it. That pays off in a server or a long chat, not in a
-    one-off command. If compilation fails (no C++ compiler, an unsupported op), the generator says so once and
-    decodes eagerly. Batches (evaluation, RL rollouts) stay eager: rows leave a batch as they finish, so its
-    shapes change at every step."""
+    `compile=True` decodes with `torch.compile` of the model's static-shape decode steps: `decode_step` for one
+    prompt (`stream`), `decode_rows` for a `SlotBatch` (`generate`, the server): ~3× faster per token than eager at
+    the tiny shape on a CPU, ~2× at 26–81M parameters (BENCHMARKS.md), after a compilation of 10–20 s per shape
+    (cache length; for a batch also its slot count, `slot_count`) the first time a process meets it. That pays off
+    in a server, a long chat or repeated batches of one shape (RL rollouts), not in a one-off command. If
+    compilation fails (no C++ compiler, an unsupported op), the generator says so once and decodes eagerly.
+    Models without `decode_rows` (transformers-backed, ensembles, soft prompts) decode batches eagerly with a
+    shrinking cache (`cache.reorder`)."""
 
     def __init__(self, model: Transformer, tokenizer: Any, compile: bool = False) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
+        self.batches = bool(getattr(model, "supports_compiled_decode", False))  # has `decode_rows`
         self._decode = None
-        if compile and not getattr(model, "supports_compiled_decode", False):
-            print("[danlu] generate: this model runs through transformers; decoding without torch.compile",
-                  file=sys.stderr)  # fmt: skip
+        self._decode_step = None
+        if compile and not self.batches:
+            print("[danlu] generate: this model has no static-shape decode step (transformers-backed, ensemble "
+                  "or soft prompts); decoding without torch.compile", file=sys.stderr)  # fmt: skip
             compile = False
         if compile:  # on a CPU the C++ wrapper drops the Python call per kernel: another ~15% per token
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            self._decode = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
+            self._decode = torch.compile(model.decode_rows, fullgraph=True, dynamic=False, options=options)
+            self._decode_step = torch.compile(
+                model.decode_step, fullgraph=True, dynamic=False, options=options
+            )
 
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Compiles the decode step for every cache length this model's context allows (`cache_length`), so that no
-        request of a server waits for the compiler."""
+    def warm_up(self, slots: tuple[int, ...] = (1,)) -> None:
+        """Compiles the batched decode step for every cache length this model's context allows (`cache_length`) and
+        each slot count in `slots`, so that no request of a server waits for the compiler (other slot counts
+        compile when a batch first grows to them)."""
         for length in sorted(
             {cache_length(1 << k, self.context) for k in range(self.context.bit_length() + 1)}
         ):
-            if self._decode is None:  # not asked for, or the compiler failed
-                return
-            self._step(0, self.model.new_cache(1, length))  # position 0 of an empty cache: a real step
+            for rows in slots:
+                if self._decode is None:  # not asked for, or the compiler failed
+                    return
+                cache = self.model.new_cache(rows, length)  # position 0 of empty rows: real steps
+                self._decode_rows([0] * rows, [0] * rows, cache.k, cache.v)
 
     def _check(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -149,6 +372,14 @@ class Generator:
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         return gen
 
+    def row(
+        self, prompt_ids: list[int], params: SamplingParams, seed_offset: int = 0, tag: Any = None
+    ) -> Row:
+        """A checked generation for `SlotBatch`: its own random generator, seeded `params.seed + seed_offset`."""
+        self._check(prompt_ids)
+        seed = None if params.seed is None else (params.seed + seed_offset) % 2**64
+        return Row(list(prompt_ids), params, self.tokenizer, self.context, self._generator(seed), tag)
+
     def _logits(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         x = self.model.hidden_states(ids, cache=cache)
         return self._mask_padding(self.model.lm_head(x[:, -1]))
@@ -158,126 +389,112 @@ class Generator:
             logits[:, self.tokenizer.vocab_size :] = float("-inf")
         return logits
 
+    def _compiler_failed(self, error: Exception) -> None:
+        """A compiler failure costs speed, never the answer: says so once, then every step runs eagerly."""
+        if not is_compiler_error(error):
+            raise error
+        print(f"[danlu] generate: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+              "decoding without it", file=sys.stderr)  # fmt: skip
+        self._decode = self._decode_step = None
+
+    def _decode_rows(
+        self, tokens: list[int], positions: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Logits (rows, V) of a slot batch's step; compiled where asked for. Eagerly, attention reads only the
+        cache up to the furthest row (a compiled step reads it all: its shapes are fixed)."""
+        token = torch.tensor(tokens, device=self.device).view(-1, 1)
+        pos = torch.tensor(positions, device=self.device)
+        if self._decode is not None:
+            try:  # one graph per (slots, length): more than dynamo's default of 8 per function
+                with torch._dynamo.config.patch(recompile_limit=64):
+                    return self._mask_padding(self._decode(token, pos, keys, values))
+            except Exception as error:
+                self._compiler_failed(error)
+        end = max(positions) + 1
+        keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
+        return self._mask_padding(self.model.decode_rows(token, pos, keys, values))
+
     def _step(self, token: int, cache: Any) -> torch.Tensor:
         """Logits after one more token of a single-row generation; compiled where asked for."""
         ids = torch.tensor([[token]], device=self.device)
-        if self._decode is None:
-            return self._logits(ids, cache)
-        pos = torch.tensor([cache.pos], device=self.device)
-        try:
-            logits = self._decode(ids, pos, cache.k, cache.v)
-        except Exception as error:  # a compiler failure costs speed, never the answer
-            if not is_compiler_error(error):
-                raise
-            print(f"[danlu] generate: torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
-                  "decoding without it", file=sys.stderr)  # fmt: skip
-            self._decode = None
-            return self._logits(ids, cache)
-        cache.pos += 1
-        return self._mask_padding(logits)
+        if self._decode_step is not None:
+            pos = torch.tensor([cache.pos], device=self.device)
+            try:
+                logits = self._decode_step(ids, pos, cache.k, cache.v)
+            except Exception as error:
+                self._compiler_failed(error)
+            else:
+                cache.pos += 1
+                return self._mask_padding(logits)
+        return self._logits(ids, cache)
 
     @torch.inference_mode()
     def stream(
         self, prompt_ids: list[int], params: SamplingParams, cancelled: Callable[[], bool] | None = None
     ) -> Iterator[str | Completion]:
         """Yields text deltas as they are complete, then one final `Completion`."""
-        self._check(prompt_ids)
-        stop_ids = set(
-            params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids
+        row = self.row(prompt_ids, params)
+        cache = self.model.new_cache(
+            1, cache_length(row.needed, self.context) if self._decode_step else row.needed
         )
-        budget = min(params.max_tokens, self.context - len(prompt_ids))
-        gen = self._generator(params.seed)
-        needed = len(prompt_ids) + budget
-        cache = self.model.new_cache(1, cache_length(needed, self.context) if self._decode else needed)
-        logits = self._logits(torch.tensor([prompt_ids], device=self.device), cache)
-        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
-        stops = _StopStrings(params.stop)
-        text, sent, out_ids, logprobs = "", 0, [], []
-        finish, hit = "length", -1
-        for _ in range(budget):
+        logits = self._logits(torch.tensor([row.prompt_ids], device=self.device), cache)
+        while not row.done:
             if cancelled is not None and cancelled():
-                finish = "cancelled"
+                row.cancel()
                 break
-            tok, lp = sample_next(logits, params, gen)
+            tok, lp = sample_next(logits, params, row.gen)
             t = int(tok.item())
-            if t in stop_ids:
-                finish = "stop"
-                break
-            out_ids.append(t)
-            logprobs.append(float(lp.item()))
-            before = len(text)
-            text += decoder.step(t)
-            hit = stops.find(text, before) if stops.stops else -1
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                break
-            safe = len(text) - stops.hold if stops.stops else len(text)
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-            if len(out_ids) < budget:
+            delta = row.push(t, float(lp.item()))
+            if delta:
+                yield delta
+            if not row.done:
                 logits = self._step(t, cache)
-        if hit < 0:
-            text += decoder.flush()
-        if len(text) > sent:
-            yield text[sent:]
-        yield Completion(
-            text, out_ids, "length" if finish == "cancelled" else finish, len(prompt_ids), logprobs
-        )
+        tail, completion = row.close()
+        if tail:
+            yield tail
+        yield completion
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """Batched sampling: prompts are left-padded into one KV cache; finished rows leave the batch."""
+        """Batched sampling, one row per prompt, row i seeded `params.seed + i`. Through a `SlotBatch` (finished
+        rows leave their slots, the shapes stay: compiled where asked for), or, for models without `decode_rows`,
+        left-padded into one shrinking cache."""
         if not prompts:
             return []
-        if len(prompts) == 1 and self._decode is not None:
-            return [next(c for c in self.stream(prompts[0], params) if isinstance(c, Completion))]
-        for p in prompts:
-            self._check(p)
-        stop_ids = set(
-            params.stop_token_ids if params.stop_token_ids is not None else self.tokenizer.stop_ids
-        )
+        if not self.batches:
+            return self._generate_eagerly(prompts, params)
+        rows = [self.row(p, params, seed_offset=i) for i, p in enumerate(prompts)]
+        batch = SlotBatch(self, most=len(rows))
+        batch.admit(rows)
+        while len(batch):
+            batch.advance()
+        return [r.close()[1] for r in rows]
+
+    def _generate_eagerly(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """Left-padded prompts in one cache; finished rows leave it (`cache.reorder`), so every step is smaller."""
+        rows = [self.row(p, params, seed_offset=i) for i, p in enumerate(prompts)]
         longest = max(len(p) for p in prompts)
         budget = min(params.max_tokens, self.context - longest)
-        pad_id = self.tokenizer.pad_id
+        for row in rows:  # all rows share the longest prompt's positions
+            row.budget = min(row.budget, budget)
         pad = torch.tensor([longest - len(p) for p in prompts], device=self.device)
-        ids = torch.tensor([[pad_id] * (longest - len(p)) + p for p in prompts], device=self.device)
-        gen = self._generator(params.seed)
+        ids = torch.tensor(
+            [[self.tokenizer.pad_id] * (longest - len(p)) + p for p in prompts], device=self.device
+        )
         cache = self.model.new_cache(len(prompts), longest + budget, pad=pad)
         logits = self._logits(ids, cache)
-        active = list(range(len(prompts)))
-        out: list[list[int]] = [[] for _ in prompts]
-        lps: list[list[float]] = [[] for _ in prompts]
-        finish = ["length"] * len(prompts)
-        stops = _StopStrings(params.stop)
-        for step in range(budget):
-            toks, lp = sample_next(logits, params, gen)
-            keep = []
-            for row, (t, logprob) in enumerate(zip(toks.tolist(), lp.tolist())):
-                i = active[row]
-                if t in stop_ids:
-                    finish[i] = "stop"
-                    continue
-                out[i].append(t)
-                lps[i].append(logprob)
-                if stops.stops and stops.find(self.tokenizer.decode(out[i][-32:]), 0) >= 0:
-                    finish[i] = "stop"
-                    continue
-                keep.append(row)
-            if not keep or step == budget - 1:
+        active = [r for r in rows if not r.done]
+        while active:
+            toks = []
+            for row, (t, lp) in zip(active, _sample_rows(logits, active)):
+                row.push(t, lp)
+                toks.append(t)
+            keep = [k for k, r in enumerate(active) if not r.done]
+            if not keep:
                 break
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=self.device)
-                cache.reorder(index)
-                toks = toks[index]
-                active = [active[r] for r in keep]
-            logits = self._logits(toks.unsqueeze(1), cache)
-        results = []
-        for i, p in enumerate(prompts):
-            text = self.tokenizer.decode(out[i], skip_special_tokens=True)
-            if stops.stops:
-                cut = stops.find(text, 0)
-                if cut >= 0:
-                    text = text[:cut]
-            results.append(Completion(text, out[i], finish[i], len(p), lps[i]))
-        return results
+                cache.reorder(torch.tensor(keep, device=self.device))
+                active = [active[k] for k in keep]
+                toks = [toks[k] for k in keep]
+            logits = self._logits(torch.tensor(toks, device=self.device).unsqueeze(1), cache)
+        return [r.close()[1] for r in rows]

@@ -22,7 +22,7 @@ from torch import nn
 
 from danlu import DanluError
 from danlu.losses_fused import logits_cross_entropy
-from danlu.model import _segment_positions
+from danlu.model import _segment_positions, dense_segment_mask
 
 # Config keys that hold the context length, in the order transformers' configs use them.
 _CONTEXT_KEYS = (
@@ -34,6 +34,8 @@ DEFAULT_CONTEXT = 2048  # for configs that state no context length at all (ALiBi
 # cannot keep packed documents apart there, so such models are not packed.
 _RECURRENT_HINTS = ("mamba", "rwkv", "jamba", "zamba", "bamba", "xlstm", "recurrent", "hybrid", "lfm2")
 _ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+# Attention implementations that keep packed documents apart without any mask (`HFCausalLM._packing_route`).
+_FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
 
 
 def _transformers_major() -> int:
@@ -225,6 +227,8 @@ class HFCausalLM(nn.Module):
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5
         self._takes_positions = "position_ids" in params
+        # transformers' attention kwargs (cu_seq_lens_q, … for flash attention) travel through **kwargs
+        self._takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
     # -- construction --
     @classmethod
@@ -295,9 +299,10 @@ class HFCausalLM(nn.Module):
 
     @property
     def supports_packing(self) -> bool:
-        """Whether rows may pack several documents (`segment_ids`): the model must take a custom 4D attention mask
-        as is (models built on transformers 5's `create_causal_mask`, with eager or SDPA attention), accept
-        position ids, and have no recurrent layers (state would flow across documents whatever the mask says)."""
+        """Whether rows may pack several documents (`segment_ids`): the model must be built on transformers'
+        `create_causal_mask` (transformers 5), accept position ids, have no recurrent layers (state would flow across
+        documents whatever the mask says), and run an attention implementation that keeps documents apart
+        (`_packing_route`)."""
         return self.packing_problem() is None
 
     def packing_problem(self) -> str | None:
@@ -307,14 +312,43 @@ class HFCausalLM(nn.Module):
         module = sys.modules.get(type(self._base).__module__)
         if module is None or not hasattr(module, "create_causal_mask"):
             return "its attention does not take a custom 4D mask"
-        if impl not in ("eager", "sdpa"):
-            return f"attention implementation {impl!r} takes no 4D mask (use eager or sdpa)"
+        if self._packing_route() is None:
+            return (
+                f"attention implementation {impl!r} is not known to keep packed documents apart (eager and sdpa "
+                f"take a 4D mask; {', '.join(_FLASH_ATTENTION)} and flex_attention split rows at position resets)"
+            )
         if not self._takes_positions:
             return "it takes no position ids, so positions cannot restart at each document"
         model_type = str(getattr(cfg, "model_type", "")).lower()
         layer_types = set(getattr(cfg, "layer_types", None) or ())
         if any(h in model_type for h in _RECURRENT_HINTS) or layer_types - _ATTENTION_LAYERS:
             return "it has recurrent or convolutional layers that a mask cannot separate"
+        return None
+
+    def _packing_route(self) -> str | None:
+        """How packed rows reach this model's attention implementation, as read in transformers 5's masking_utils
+        and modeling_flash_attention_utils:
+
+        - "mask" (eager, sdpa): our (B, 1, T, T) mask, which `create_causal_mask` passes through as is. transformers
+          would build the same dense mask itself from the position resets, so ours costs nothing extra, and it holds
+          where a version does not detect packing.
+        - "flatten" (flash_attention_2/3/4): these kernels take no 4D mask at all, and `_flash_attention_forward`
+          treats position ids as packed only for a batch of one row. So the rows are joined into one sequence of
+          B*T tokens with per-document position ids and cu_seq_lens/max_length kwargs (transformers'
+          padding-free input, as its DataCollatorWithFlattening makes it): the varlen kernel attends within each
+          document, no mask and no wasted block anywhere.
+        - "positions" (flex_attention): no mask is passed; `create_causal_mask` finds the documents from the
+          position resets (`find_packed_sequence_indices`) and builds a block-sparse BlockMask.
+        - None: any other implementation (paged, hub kernels): not known to keep documents apart."""
+        impl = getattr(self.config.hf_config, "_attn_implementation", None) or "eager"
+        if impl in ("eager", "sdpa"):
+            return "mask"
+        if impl in _FLASH_ATTENTION:
+            return "flatten"
+        if impl == "flex_attention":
+            from transformers import masking_utils
+
+            return "positions" if hasattr(masking_utils, "find_packed_sequence_indices") else None
         return None
 
     def _sliding_window(self) -> int | None:
@@ -331,12 +365,6 @@ class HFCausalLM(nn.Module):
     def _segment_mask(self, segment_ids: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, T) mask, causal within each segment: boolean for SDPA, additive (0 / dtype min) for eager
         attention, which adds the mask to its scores."""
-        problem = self.packing_problem()
-        if problem is not None:
-            raise DanluError(
-                f"model path: transformers ({self.architecture}) cannot pack several documents in one row: "
-                f"{problem}; set sft.pack=false"
-            )
         t = segment_ids.size(1)
         window = self._sliding_window()
         if window is not None and t > window:
@@ -344,14 +372,36 @@ class HFCausalLM(nn.Module):
                 f"model path: transformers ({self.architecture}): packed rows of {t} tokens exceed the sliding "
                 f"window of {window}; set sft.pack=false or a shorter sequence length"
             )
-        same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
-        causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
-        allowed = (same & causal).unsqueeze(1)
+        allowed = dense_segment_mask(segment_ids)
         if getattr(self.config.hf_config, "_attn_implementation", "eager") == "sdpa":
             return allowed
         dtype = self._hf.get_input_embeddings().weight.dtype
         zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    def _packed_inputs(
+        self, input_ids: torch.Tensor, segment_ids: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and position ids for packed rows, adding what the route needs to `kwargs` (`_packing_route`)."""
+        problem = self.packing_problem()
+        if problem is not None:
+            raise DanluError(
+                f"model path: transformers ({self.architecture}) cannot pack several documents in one row: "
+                f"{problem}; set sft.pack=false"
+            )
+        positions = _segment_positions(segment_ids)
+        route = self._packing_route()
+        if route == "mask":
+            kwargs["attention_mask"] = self._segment_mask(segment_ids)
+        elif route == "flatten":
+            positions = positions.reshape(1, -1)
+            starts = (positions[0] == 0).nonzero().flatten()  # every document (and every row) starts at 0
+            cu = torch.cat([starts, starts.new_tensor([positions.size(1)])]).to(torch.int32)
+            if self._takes_kwargs:  # else each layer finds the same from the position ids (a sync per layer)
+                longest = int((cu[1:] - cu[:-1]).max())
+                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+            input_ids = input_ids.reshape(1, -1)
+        return input_ids, positions
 
     def hidden_states(
         self,
@@ -361,8 +411,9 @@ class HFCausalLM(nn.Module):
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, H), what the HF head takes. `segment_ids` (B, T) packs several documents
-        in a row: attention stays inside each segment and positions restart at each segment's start."""
-        t = input_ids.size(1)
+        in a row: attention stays inside each segment (by a mask or by position resets, `_packing_route`) and
+        positions restart at each segment's start."""
+        b, t = input_ids.shape
         device = input_ids.device
         limit = self.config.max_position_embeddings
         kwargs: dict[str, Any] = {"use_cache": cache is not None}
@@ -375,8 +426,7 @@ class HFCausalLM(nn.Module):
         elif segment_ids is not None:
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
-            kwargs["attention_mask"] = self._segment_mask(segment_ids)
-            positions = _segment_positions(segment_ids)
+            input_ids, positions = self._packed_inputs(input_ids, segment_ids, kwargs)
         else:
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
@@ -390,7 +440,7 @@ class HFCausalLM(nn.Module):
                 new = out.get("past_key_values") if hasattr(out, "get") else out[1]
             cache.hf = new
             cache.pos += t
-        return out[0]
+        return out[0].reshape(b, t, -1)  # packed rows may have run joined as one (flash attention)
 
     def forward(
         self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, cache: HFCache | None = None,

@@ -10,13 +10,17 @@ Llama-3's rope scaling. Anything outside the family runs through `danlu.hf_model
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from danlu import DanluError
 from danlu.losses_fused import IGNORE_INDEX, linear_cross_entropy, logits_cross_entropy
 
 __all__ = ["IGNORE_INDEX", "KVCache", "ModelConfig", "Transformer"]  # IGNORE_INDEX: its home is losses_fused
@@ -109,10 +113,47 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one kernel; decoding a token runs 2 norms a layer, so calls add up
+        if x.dtype == torch.float32:
+            training = torch.is_grad_enabled() and self.weight.dtype == torch.float32
+            if training and torch.compiler.is_compiling():
+                return _CompiledRMSNorm.apply(x, self.weight, self.eps)
+            # One kernel eager; decoding a token runs 2 norms a layer, so calls add up.
             return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
         # Normalize in fp32 as transformers does, so logits match it closely under bf16 autocast too.
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+class _CompiledRMSNorm(torch.autograd.Function):
+    """fp32 RMSNorm for training under torch.compile: `F.rms_norm`'s math, with a backward written out so that the
+    weight's gradient is a two-stage sum.
+
+    Autograd's own backward sums `grad · x̂` over all B·T rows in one reduction per feature. Inductor's CPU code for
+    that reduction loops over the features in groups of one vector and starts a parallel region per group (8 per
+    norm at width 256), each of which waits for both cores, so on a shared CPU these kernels took 11–17% of the
+    compiled tiny step. Summing blocks of rows first (a reduction parallel over blocks × features), then the few
+    block sums, is the same sum up to fp32 rounding (tests/test_model.py checks loss and gradients) and made the
+    whole step ~1.16× faster (interleaved side by side on the shared 2-core CPU, load ~10)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:  # noqa: ANN001
+        x, weight, rstd = ctx.saved_tensors
+        d = x.size(-1)
+        x_hat = (x * rstd).reshape(-1, d)
+        g = grad.float().reshape(-1, d)
+        rows = g.size(0)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # a frozen norm (adapter training) skips the sum
+            blocks = next(b for b in (64, 32, 16, 8, 4, 2, 1) if rows % b == 0)
+            grad_w = (g * x_hat).view(blocks, rows // blocks, d).sum(1).sum(0)
+        g_w = g * weight
+        grad_x = rstd.reshape(-1, 1) * (g_w - x_hat * (g_w * x_hat).mean(-1, keepdim=True))
+        return grad_x.view(x.shape), grad_w, None
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -269,14 +310,18 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
-    ) -> torch.Tensor:
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None,
+        causal: bool,
+    ) -> torch.Tensor:  # fmt: skip
         b, _, t, _ = q.shape
         # enable_gqa shares each K/V head across its query group without copying (torch >= 2.5): copies of the
         # cache with repeat_interleave cost more than the attention itself when decoding.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_head
-        )
+        if isinstance(mask, BlockMask):  # packed rows, block-diagonal (see `packed_attention`)
+            y = _flex_attention(q, k, v, mask, enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_head
+            )
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -317,6 +362,9 @@ class Decoder(nn.Module):
 class Transformer(nn.Module):
     supports_compiled_decode = True  # `decode_step` exists (the transformers-backed model has none)
     supports_packing = True  # `segment_ids` work
+    # How packed rows attend: "auto", "dense" or "flex" (`packed_attention` says what each is and why auto chooses
+    # as it does). A runtime choice, not part of the checkpoint: set it on the model, e.g. `model.attention = "dense"`.
+    attention: str = "auto"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -385,7 +433,8 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, H). `segment_ids` (B, T) packs several documents in a row: attention
-        stays inside each segment and positions restart at each segment's start. `inputs_embeds` (B, T, H) replace
+        stays inside each segment (a dense mask or a block-sparse one, as `self.attention` and `packed_attention`
+        choose) and positions restart at each segment's start. `inputs_embeds` (B, T, H) replace
         the token embeddings (soft prompts: virtual tokens that are vectors, not ids; danlu.adapters.prompts)."""
         b, t = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         device = (input_ids if inputs_embeds is None else inputs_embeds).device
@@ -403,8 +452,10 @@ class Transformer(nn.Module):
             if t > limit:
                 raise ValueError(f"sequence of {t} tokens exceeds the context of {limit}")
             positions = _segment_positions(segment_ids)
-            same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
-            mask = (same & torch.ones(t, t, dtype=torch.bool, device=device).tril()).unsqueeze(1)
+            if packed_attention(self.attention, device) == "flex":
+                mask = block_segment_mask(segment_ids)  # block-sparse, no (T, T) tensor
+            else:
+                mask = dense_segment_mask(segment_ids)
             cos, sin = self._rope(positions)
         else:
             if t > limit:
@@ -457,6 +508,42 @@ class Transformer(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x)[:, -1])
 
+    def decode_rows(
+        self,
+        token: torch.Tensor,
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits (B, V) of one more token per row (`token` (B, 1)), row b at its own position `positions[b]` (B,),
+        against a slot cache (`keys`/`values`: per layer (B, kv heads, L, D), e.g. `new_cache(B, L).k`) whose row b
+        holds that row's positions 0 … positions[b]-1. Each row's key/value is written at its own position; each
+        row attends to cache slots j <= positions[b] only.
+
+        This is `decode_step` for rows that are not in step: the batched decoder (danlu.generate.SlotBatch) keeps
+        many generations in one cache, rows joining and leaving between steps, so every shape stays fixed and
+        `torch.compile` traces one graph per (rows, length). The rows travel along the sequence axis, (1, B, H),
+        so each projection is one matrix product over the rows (and one row takes `Linear`'s compiled single-row
+        reduction, as in `decode_step`); only attention regroups them as (B, heads, 1, D)."""
+        b, length = token.size(0), keys[0].size(2)
+        cos = self.rope_cos.index_select(0, positions).view(1, 1, b, -1)
+        sin = self.rope_sin.index_select(0, positions).view(1, 1, b, -1)
+        visible = torch.arange(length, device=positions.device).view(1, length) <= positions.view(b, 1)
+        visible = visible.view(b, 1, 1, length)
+        where = positions.view(b, 1, 1, 1).expand(b, keys[0].size(1), 1, keys[0].size(3))
+        x = self.model.embed_tokens(token.view(1, b))
+        for layer, k_cache, v_cache in zip(self.model.layers, keys, values):
+            attn = layer.self_attn
+            q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # (1, heads, B, D)
+            k_cache.scatter_(2, where, k.transpose(0, 2).to(k_cache.dtype))
+            v_cache.scatter_(2, where, v.transpose(0, 2).to(v_cache.dtype))
+            y = F.scaled_dot_product_attention(
+                q.transpose(0, 2), k_cache, v_cache, attn_mask=visible, enable_gqa=attn.n_kv != attn.n_head
+            )  # (B, heads, 1, D)
+            x = x + attn.o_proj(y.transpose(1, 2).reshape(1, b, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x)[0])
+
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         p = self.lm_head.weight
         dtype = torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
@@ -473,3 +560,82 @@ def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start_idx
+
+
+PACKED_ATTENTION = ("auto", "dense", "flex")
+
+
+def packed_attention(setting: str, device: torch.device) -> str:
+    """How rows that pack several documents (`segment_ids`) attend on `device` under `setting`: "dense" or "flex".
+    Both compute the same thing, token i attending to token j <= i of its own segment (tests/test_packing.py).
+
+    - dense: a boolean (B, 1, T, T) mask for `scaled_dot_product_attention`. It costs T x T bytes per row, every
+      block is computed, across documents too, and on a GPU any mask rules out SDPA's flash kernel (it falls back to
+      the memory-efficient or math one). On a CPU it costs little: SDPA runs its fused CPU kernel
+      (`_scaled_dot_product_flash_attention_for_cpu`) with or without a mask.
+    - flex: `flex_attention` with a `BlockMask` built from the segment ids (`block_segment_mask`): block-sparse
+      (128 x 128 blocks that lie across documents are skipped, blocks inside one document and below the diagonal
+      run unmasked), one fused kernel that torch.compile generates (Triton on a GPU), and no T x T tensor. Its
+      backward exists on GPUs only: torch (2.13 included) refuses flex_attention on CPU or MPS tensors that need
+      gradients, so there it serves inference only.
+    - auto: flex on CUDA, dense elsewhere. On a CPU flex cannot train, and where it can run (no gradients, under
+      torch.compile) it was slower than the dense mask at the tiny shape: 0.74x its forward tokens/s at 256 tokens
+      a row, batch 16 (benchmarks/packed_attention.py). The GPU choice rests on the kernels, not on a timing here."""
+    if setting not in PACKED_ATTENTION:
+        raise DanluError(f"attention {setting!r} is not one of {', '.join(PACKED_ATTENTION)}")
+    if setting == "auto":
+        return "flex" if device.type == "cuda" else "dense"
+    return setting
+
+
+def dense_segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask of packed rows: token i sees token j when both are in one segment and j <= i."""
+    t = segment_ids.size(1)
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    return (same & torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()).unsqueeze(1)
+
+
+def block_segment_mask(segment_ids: torch.Tensor) -> BlockMask:
+    """The rule of `dense_segment_mask` as flex attention's BlockMask: per 128 x 128 block, empty, full or partial
+    (partial blocks apply the rule per element inside the kernel). Built from the rule itself by
+    `create_block_mask`, which evaluates it over all (i, j) pairs; eagerly that materializes the (B, T, T) booleans
+    for a moment, so on a GPU outside an outer torch.compile the builder runs compiled and fuses them away."""
+    eager = torch.compiler.is_compiling() or segment_ids.device.type != "cuda"
+    return (_block_segment_mask if eager else _compiled(_block_segment_mask))(segment_ids)
+
+
+def _block_segment_mask(segment_ids: torch.Tensor) -> BlockMask:
+    def same_segment_causal(
+        b: torch.Tensor, _h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return (segment_ids[b, q] == segment_ids[b, kv]) & (kv <= q)
+
+    b, t = segment_ids.shape
+    return create_block_mask(same_segment_causal, b, None, t, t, device=segment_ids.device)
+
+
+def _flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *, enable_gqa: bool
+) -> torch.Tensor:
+    """flex_attention over (B, heads, T, D) under `block_mask`. Outside torch.compile it runs compiled on a GPU (the
+    eager flex_attention is an unfused reference that materializes the scores); on a CPU it stays eager (inference
+    only, see `packed_attention`). q, k and v go in one dtype, autocast's when it is on, as SDPA takes them there
+    (flex_attention is no autocast op, and under bf16 autocast a q/k norm leaves q and k in fp32, v in bf16)."""
+    device = q.device.type
+    if q.requires_grad and device in ("cpu", "mps"):
+        raise DanluError(
+            f"attention 'flex' cannot train on {device}: torch {torch.__version__} has no flex_attention backward "
+            "there; use attention 'auto' or 'dense'"
+        )
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    eager = torch.compiler.is_compiling() or device != "cuda"
+    return (flex_attention if eager else _compiled(flex_attention))(
+        q, k, v, block_mask=block_mask, enable_gqa=enable_gqa
+    )
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """`fn` under torch.compile, wrapped once per process (a second row shape compiles it shape-generic)."""
+    return torch.compile(fn)

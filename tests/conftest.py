@@ -10,6 +10,30 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+class IdsTokenizer:
+    """Ids as text ("<5><17>"): the little of a tokenizer that `danlu.generate.Generator` needs, for tests of decoding
+    on random models without a trained tokenizer. `stop_ids` end a generation (id 0 by default; none with [])."""
+
+    def __init__(self, vocab_size: int = 300, stop_ids: tuple[int, ...] = (0,)) -> None:
+        self.vocab_size, self.stop_ids, self.pad_id = vocab_size, set(stop_ids), 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> _IdsStream:
+        return _IdsStream()
+
+
+class _IdsStream:
+    """`IdsTokenizer`'s streaming decoder: every id is whole text at once."""
+
+    def step(self, token: int) -> str:
+        return f"<{token}>"
+
+    def flush(self) -> str:
+        return ""
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data beside the project (development and CI only); skips where it is absent."""

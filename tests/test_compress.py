@@ -13,6 +13,7 @@ from danlu import DanluError
 from danlu.compress.importance import measure_importance
 from danlu.compress.prune import TargetShape, prune, shape_for_ratio, student_config
 from danlu.model import ModelConfig, Transformer
+from tests.conftest import IdsTokenizer
 
 
 def small_config(**kw) -> ModelConfig:
@@ -461,23 +462,12 @@ def test_factorized_model_tracks_the_dense_one_and_decodes_with_a_cache() -> Non
     assert count_params(model, embeddings=False) < model.config.num_params(embeddings=False) / 2
     prompt = ids[0, :6].tolist()
     greedy = SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[])
-    gen = Generator(model, _NoStop()).generate([prompt], greedy)[0].token_ids
+    gen = Generator(model, IdsTokenizer(vocab_size=448, stop_ids=())).generate([prompt], greedy)[0].token_ids
     with torch.no_grad():  # the cached decode picks what a full forward pass picks, token by token
         seq = list(prompt)
         for _ in range(5):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert gen == seq[6:]
-
-
-class _NoStop:
-    """The little of a tokenizer that Generator needs, with no stop tokens."""
-
-    eos_id = bos_id = pad_id = end_of_turn_id = 0
-    vocab_size = 448
-    stop_ids: list[int] = []
-
-    def decode(self, ids: list[int], **_: object) -> str:
-        return " ".join(map(str, ids))
 
 
 def test_shared_blocks_compute_with_one_set_of_weights_and_decode_with_a_cache() -> None:
@@ -506,8 +496,8 @@ def test_shared_blocks_compute_with_one_set_of_weights_and_decode_with_a_cache()
         assert torch.allclose(model(ids), reference(ids), atol=1e-6)
     prompt = ids[0, :6].tolist()
     greedy = SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[])
-    assert (Generator(model, _NoStop()).generate([prompt], greedy)[0].token_ids
-            == Generator(reference, _NoStop()).generate([prompt], greedy)[0].token_ids)  # fmt: skip
+    assert (Generator(model, IdsTokenizer(vocab_size=448, stop_ids=())).generate([prompt], greedy)[0].token_ids
+            == Generator(reference, IdsTokenizer(vocab_size=448, stop_ids=())).generate([prompt], greedy)[0].token_ids)  # fmt: skip
 
 
 def test_the_scratch_control_keeps_the_distillations_token_budget() -> None:

@@ -7,6 +7,7 @@ import torch
 
 from danlu.generate import Completion, Generator, SamplingParams, cache_length
 from danlu.model import ModelConfig, Transformer
+from tests.conftest import IdsTokenizer
 
 
 def _model(**kw) -> Transformer:
@@ -37,23 +38,11 @@ def test_cache_lengths_are_few() -> None:
     assert cache_length(100, 64) == 64
 
 
-class _Tokenizer:
-    """Ids as text: enough for Generator without a trained tokenizer."""
-
-    vocab_size, stop_ids, pad_id = 300, {0}, 0
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(f"<{i}>" for i in ids)
-
-    def stream_decoder(self, skip_special_tokens: bool = True):  # noqa: ANN201
-        return type("D", (), {"step": staticmethod(lambda t: f"<{t}>"), "flush": staticmethod(lambda: "")})()
-
-
 @pytest.mark.slow
 def test_compiled_generation_gives_the_eager_tokens() -> None:
     model = _model()
     prompt = torch.randint(1, 300, (12,)).tolist()
-    eager, compiled = Generator(model, _Tokenizer()), Generator(model, _Tokenizer(), compile=True)
+    eager, compiled = Generator(model, IdsTokenizer()), Generator(model, IdsTokenizer(), compile=True)
     for params in (
         SamplingParams(max_tokens=24, temperature=0.0),
         SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7),
@@ -72,7 +61,7 @@ def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[st
     model = _model()
     prompt = torch.randint(1, 300, (12,)).tolist()
     params = SamplingParams(max_tokens=8, temperature=0.0)
-    compiled = Generator(model, _Tokenizer(), compile=True)
+    compiled = Generator(model, IdsTokenizer(), compile=True)
 
     def broken(*args: object) -> torch.Tensor:
         raise CompileError("C++ compile error: cannot find a compiler")
@@ -80,7 +69,7 @@ def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[st
     compiled._decode = broken
     got = compiled.generate([prompt], params)[0]
     assert isinstance(got, Completion)
-    assert got.token_ids == Generator(model, _Tokenizer()).generate([prompt], params)[0].token_ids
+    assert got.token_ids == Generator(model, IdsTokenizer()).generate([prompt], params)[0].token_ids
     assert "torch.compile failed" in capsys.readouterr().err
     assert compiled._decode is None
 

@@ -272,17 +272,26 @@ def test_unknown_grpo_credit_is_named_before_anything_is_written(
 
 class ScriptedGenerator:
     """Stands in for danlu.generate.Generator where a test needs fixed model outputs: round k of generate answers
-    every prompt with the k-th list of texts (the tokens are the tokenizer's encoding of each text)."""
+    every prompt with the k-th list of texts (the tokens are the tokenizer's encoding of each text). A round may
+    come in several calls (run_episodes splits non-adjacent waiting episodes): they take the texts in turn, and
+    `prompts[k]` holds all of round k's prompts."""
 
     def __init__(self, tokenizer, rounds: list[list[str]], context: int = 512) -> None:
         self.tokenizer, self.rounds, self.context, self.prompts = tokenizer, list(rounds), context, []
+        self.used = 0  # texts of the current round already given
 
     def generate(self, prompts: list[list[int]], params) -> list:
         from danlu.generate import Completion
 
-        self.prompts.append([list(p) for p in prompts])
-        texts = self.rounds.pop(0)
+        if self.used == 0:
+            self.prompts.append([])
+        self.prompts[-1] += [list(p) for p in prompts]
+        texts = self.rounds[0][self.used : self.used + len(prompts)]
         assert len(texts) == len(prompts)
+        self.used += len(prompts)
+        if self.used == len(self.rounds[0]):
+            self.rounds.pop(0)
+            self.used = 0
         return [Completion(t, self.tokenizer.encode(t), "stop", len(p)) for t, p in zip(texts, prompts)]
 
 
@@ -399,3 +408,47 @@ def test_a_tool_result_that_echoes_control_tokens_is_defused(tiny_tokenizer) -> 
     assert (
         ep.calls[0][1].startswith("error:") and inserted.count(im_start) == 2
     )  # the tool turn and the answer's
+
+
+class SeedRecorder:
+    """Stands in for danlu.generate.Generator, keeping its seeding contract (row i of a call samples with seed + i):
+    records the seed each question got, call after call, and answers a question that starts with "calc" with a
+    calculator call the first time, by hand after the tool's result."""
+
+    def __init__(self, tokenizer, questions: list[str], context: int = 512) -> None:
+        self.tokenizer, self.questions, self.context = tokenizer, questions, context
+        self.seeds: dict[str, list[int]] = {q: [] for q in questions}
+
+    def generate(self, prompts: list[list[int]], params) -> list:
+        from danlu.generate import Completion
+
+        out = []
+        for i, p in enumerate(prompts):
+            question = next(q for q in self.questions if q in self.tokenizer.decode(p))
+            self.seeds[question].append(params.seed + i)
+            first = len(self.seeds[question]) == 1
+            text = (
+                _call("calculator", {"expression": "1+1"}) if first and question.startswith("calc") else "2"
+            )
+            out.append(Completion(text, self.tokenizer.encode(text), "stop", len(p)))
+        return out
+
+
+def test_an_episode_samples_with_its_own_seeds_whatever_shares_its_calls(tiny_tokenizer) -> None:
+    """Episode i of a call seeded s samples round k with s + k·ROUND_STRIDE + i, whichever episodes share its calls
+    and wait for a tool beside it: so episodes 2 and 3 of 4 sample what they sample as episodes 0 and 1 of a call
+    seeded s + 2 (the rollouts of 2 processes are those of 1). Round 1 runs the non-adjacent waiting episodes 0, 2,
+    3 in separate calls for that."""
+    from danlu.data.preference import RLPrompt
+    from danlu.generate import SamplingParams
+    from danlu.stages.episodes import ROUND_STRIDE, run_episodes
+
+    questions = ["calc 0", "hand 1", "calc 2", "calc 3"]
+    rows = [RLPrompt([{"role": "user", "content": q}], ["2"], None, "x", [], "calculator") for q in questions]
+    prompts = [tiny_tokenizer.render_chat(r.messages, add_generation_prompt=True)[0] for r in rows]
+    whole, half = SeedRecorder(tiny_tokenizer, questions), SeedRecorder(tiny_tokenizer, questions)
+    run_episodes(whole, rows, prompts, SamplingParams(max_tokens=16, seed=100), tools=True)
+    run_episodes(half, rows[2:], prompts[2:], SamplingParams(max_tokens=16, seed=102), tools=True)
+    assert whole.seeds["calc 0"] == [100, 100 + ROUND_STRIDE] and whole.seeds["hand 1"] == [101]
+    assert whole.seeds["calc 2"] == half.seeds["calc 2"] == [102, 102 + ROUND_STRIDE]
+    assert whole.seeds["calc 3"] == half.seeds["calc 3"] == [103, 103 + ROUND_STRIDE]

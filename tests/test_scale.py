@@ -1,11 +1,11 @@
 """Correct at scale (issue 19, training): each rank reads its own rows of the global batch, losses are normalized
-over the whole global batch, 2 processes give the losses of 1 with the same global batch (reward, DPO), PPO and
-GRPO train under torchrun with synced weights, a non-finite gradient is caught, one precedence rule for settings,
-and the final tokens/s is the stage's own.
+over the whole global batch, 2 processes give the losses and weights of 1 with the same global batch (reward, DPO,
+GRPO, PPO; the rollouts sample the same text), every one of these stages killed on 2 processes resumes exactly, a
+non-finite gradient is caught, one precedence rule for settings, and the final tokens/s is the stage's own.
 
-Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL`, under torchrun for two), this file is
-also the worker of the 2-process test: it trains reward, DPO (and, on two processes, GRPO and PPO) and writes, per
-rank, the hashes of the rows each step read, the logged losses and a hash of the final weights.
+Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL RM [ddp|fsdp] [KILLED]`, under torchrun for
+two), this file is also the worker of the 2-process test: it trains reward, DPO, GRPO and PPO and writes, per rank,
+the hashes of the rows each step read, the logged losses and a hash of the final weights (see `_worker`).
 """
 
 from __future__ import annotations
@@ -73,29 +73,86 @@ def _record_fits(record: dict[str, Any]) -> None:
     engine.Trainer.fit = fit
 
 
-def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, parallel: str = "ddp") -> None:
+class _Killed(Exception):
+    """A crash right after a checkpoint: the process stops with no final save, as after a kill."""
+
+
+def _crash_after(step: int) -> None:
+    """Makes Trainer crash at the boundary of `step`, after the checkpoint `save_every` writes there (every rank
+    leaves at the same point, so no rank waits in a collective for a dead one)."""
+    from danlu import engine
+
+    real = engine.Trainer._boundary
+
+    def boundary(self: Any) -> None:
+        real(self)
+        if self.step == step:
+            raise _Killed
+
+    engine.Trainer._boundary = boundary
+
+
+def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, mode: str, parallel: str,
+            resume: str, **extra: Any) -> None:  # fmt: skip
+    """Reward and DPO (3 steps), GRPO and PPO (2 steps, scored by the reward model `rm`) with the global batch of
+    4 pairs and 2 prompts, split over the ranks of `mode` two. A stage that refuses to run leaves its message in
+    `record`."""
+    from danlu import DanluError
     from danlu.stages.dpo import DPOConfig, train_dpo
     from danlu.stages.grpo import GRPOConfig, train_grpo
     from danlu.stages.ppo import PPOConfig, train_ppo
     from danlu.stages.reward import RewardConfig, train_reward
 
+    split = 2 if mode == "one" else 1  # the same global batch on 1 and on 2 processes
+    train = {**FAST, "steps": 3, "batch_size": 2 * split, "parallel": parallel, **extra}
+    rl_train = {
+        **FAST,
+        "steps": 2,
+        "lr": 0.01,
+        "parallel": parallel,
+        **extra,
+    }  # a KL to the reference at step 2
+    stages = {
+        "reward": lambda: train_reward(ckpt, pairs, out / "reward", recipe={},
+                                       cfg=RewardConfig(resume=resume, train=train)),
+        "dpo": lambda: train_dpo(ckpt, pairs, out / "dpo", recipe={}, cfg=DPOConfig(resume=resume, train=train)),
+        # A trained reward model scores every sample differently, so advantages and gradients are not 0.
+        "grpo": lambda: train_grpo(ckpt, rl, out / "grpo", recipe={}, cfg=GRPOConfig(
+            resume=resume, group_size=2, prompts_per_step=split, max_new_tokens=4, eval_rows=0, reward=rm, beta=1.0,
+            train=rl_train)),
+        "ppo": lambda: train_ppo(ckpt, rl, out / "ppo", recipe={}, reward=rm, cfg=PPOConfig(
+            resume=resume, prompts_per_step=split, max_new_tokens=4, eval_rows=0, train=rl_train)),
+    }  # fmt: skip
+    for name, run in stages.items():
+        try:
+            run()
+        except _Killed:
+            continue  # on to the next stage's crash
+        except DanluError as e:  # FSDP is refused for the stages that sample rollouts
+            if parallel != "fsdp":
+                raise
+            record[name] = {"refused": str(e)}
+
+
+def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, parallel: str = "ddp",
+            killed: str = "") -> None:  # fmt: skip
+    """Every stage straight into `out` (`mode` one: 1 process; two: 2, with `parallel`). Then, with DDP, every stage
+    again into out/killed, each crashing after its checkpoint of step 1; with `killed` (a folder an earlier launch
+    left so), every stage continued there to the end, as a rerun after a kill does (records in killed/../resume*)."""
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     record: dict[str, Any] = {}
     _record_fits(record)
-    batch = 2 if mode == "two" else 4  # the same global batch of 4 pairs
-    train = {**FAST, "steps": 3, "batch_size": batch, "parallel": parallel}
-    train_reward(ckpt, pairs, out / "reward", recipe={}, cfg=RewardConfig(resume="false", train=train))
-    train_dpo(ckpt, pairs, out / "dpo", recipe={}, cfg=DPOConfig(resume="false", train=train))
+    own_rm = rm if mode == "two" else str(out / "reward")
+    _stages(record, out, ckpt, pairs, rl, own_rm, mode, parallel, "false")
+    (out / f"{mode}{rank}.json").write_text(json.dumps(record))
+    if killed:
+        record.clear()
+        _stages(record, Path(killed), ckpt, pairs, rl, rm, mode, "ddp", "auto", save_every=1)
+        (Path(killed).parent / f"resume{rank}.json").write_text(json.dumps(record))
     if mode == "two" and parallel == "ddp":
-        # The reward model just trained scores every sample differently, so advantages and gradients are not 0.
-        rl_train, rm = {**FAST, "steps": 2}, str(out / "reward")
-        train_grpo(ckpt, rl, out / "grpo", recipe={}, cfg=GRPOConfig(
-            resume="false", group_size=2, prompts_per_step=1, max_new_tokens=4, eval_rows=0, reward=rm,
-            train=rl_train))  # fmt: skip
-        train_ppo(ckpt, rl, out / "ppo", recipe={}, reward=rm, cfg=PPOConfig(
-            resume="false", prompts_per_step=1, max_new_tokens=4, eval_rows=0, train=rl_train))  # fmt: skip
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
+        _crash_after(1)
+        _stages(record, out / "killed", ckpt, pairs, rl, rm, mode, parallel, "false", save_every=1)
 
 
 @pytest.fixture(scope="module")
@@ -111,40 +168,68 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl"}
 
 
-def test_two_processes_read_their_own_rows_and_match_one(tmp_path: Path, tiny_checkpoint: Path, data) -> None:
-    """torchrun, 2 CPU processes (gloo): reward and DPO with 2 pairs per rank give the losses of 1 process with 4
-    pairs (to 1e-5), each rank reading its own half of every global batch (hashed rows); GRPO and PPO (through the
-    DDP wrapper) train on different prompts per rank and end with the same weights on both ranks."""
+def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
+    tmp_path: Path, tiny_checkpoint: Path, data
+) -> None:
+    """torchrun, 2 CPU processes (gloo): reward, DPO (2 pairs per rank), GRPO and PPO (1 prompt per rank) give the
+    losses and final weights of 1 process with 4 pairs and 2 prompts (to 1e-5), DDP and FSDP2 alike, each rank
+    reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled rollouts, the same text
+    as one process samples). Each stage killed after step 1 on 2 processes continues, in a new launch, with the
+    losses and weights of the uninterrupted run (to 1e-6)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = [str(data["pairs"]), str(data["rl"])]
-    one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), str(tiny_checkpoint), *args],
+    args = [str(tiny_checkpoint), str(data["pairs"]), str(data["rl"]), str(tmp_path / "one" / "reward")]
+    one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-4000:]
-    ref = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    for parallel in ("fsdp", "ddp"):  # FSDP2: reward and DPO only (their losses against one process)
-        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              __file__, "two", str(tmp_path / parallel), str(tiny_checkpoint), *args, parallel],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)  # fmt: skip
-        assert two.returncode == 0, two.stderr[-8000:]
-        r0 = json.loads((tmp_path / parallel / "rank0.json").read_text())
-        for stage in ("reward", "dpo"):
+    ref = json.loads((tmp_path / "one" / "one0.json").read_text())
+
+    def torchrun(parallel: str, *killed: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               __file__, "two", str(tmp_path / parallel), *args, parallel, *killed],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)  # fmt: skip
+
+    stages = ("reward", "dpo", "grpo", "ppo")
+    # DDP, its stages killed after step 1 into ddp/killed; then FSDP2, which also continues ddp/killed (DDP): a new
+    # launch resumes them, as a rerun after a kill does
+    for parallel in ("ddp", "fsdp"):
+        two = torchrun(parallel, *([str(tmp_path / "ddp" / "killed")] if parallel == "fsdp" else []))
+        assert two.returncode == 0, two.stderr[-8000:]  # enough to hold the failing rank's own traceback
+        r0, r1 = (json.loads((tmp_path / parallel / f"two{r}.json").read_text()) for r in (0, 1))
+        for stage in stages:
+            if parallel == "fsdp" and stage in ("grpo", "ppo"):
+                assert "use train.parallel=ddp for " + stage in r0[stage]["refused"], stage
+                continue
+            assert len(ref[stage]["losses"]) == (2 if stage in ("grpo", "ppo") else 3), stage
             assert r0[stage]["losses"] == pytest.approx(ref[stage]["losses"], abs=1e-5), (parallel, stage)
-    r0, r1 = (json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1))
-    for stage in ("reward", "dpo"):
-        assert len(ref[stage]["losses"]) == 3
-        assert r0[stage]["losses"] == pytest.approx(ref[stage]["losses"], abs=1e-5), stage
-        for step, rows in enumerate(ref[stage]["rows"]):
-            mine, theirs = set(r0[stage]["rows"][step]), set(r1[stage]["rows"][step])
-            assert not mine & theirs, (stage, step)  # different pairs on each rank
-            assert sorted(mine | theirs) == sorted(set(rows)), (stage, step)  # together: the global batch
-        assert r0[stage]["weights"] == r1[stage]["weights"], stage
-    for stage in ("grpo", "ppo"):
-        seen0 = {h for step in r0[stage]["rows"] for h in step}
-        seen1 = {h for step in r1[stage]["rows"] for h in step}
-        assert seen0 and seen1 and not seen0 & seen1, stage  # 4 prompts, 2 steps × 2 ranks: all different
-        assert r0[stage]["losses"] == r1[stage]["losses"] and len(r0[stage]["losses"]) == 2, stage
-        assert r0[stage]["weights"] != r0[stage]["start"], stage  # it trained
-        assert r0[stage]["weights"] == r1[stage]["weights"], stage  # gradients synced through the wrapper
+            for step, rows in enumerate(ref[stage]["rows"]):
+                mine, theirs = set(r0[stage]["rows"][step]), set(r1[stage]["rows"][step])
+                assert not mine & theirs, (parallel, stage, step)  # different rows on each rank
+                assert sorted(mine | theirs) == sorted(set(rows)), (parallel, stage, step)  # together: one's
+            if parallel == "ddp":  # (FSDP2: each rank hashes its own shard)
+                assert r0[stage]["weights"] == r1[stage]["weights"] != r0[stage]["start"], stage
+            # The same update as one process: to 1e-3 of its size (Adam turns the float noise of a gradient near 0
+            # into a step of up to lr on a handful of weights; other samples or advantages would differ by ~1).
+            start, want = _final_weights(tiny_checkpoint), _final_weights(tmp_path / "one" / stage)
+            got = _final_weights(tmp_path / parallel / stage)
+            assert want.keys() == got.keys()
+            moved = torch.cat([(want[k] - start[k]).flatten() for k in start if k in want])
+            apart = torch.cat([(got[k] - want[k]).flatten() for k in start if k in want])
+            assert apart.norm() < 1e-3 * moved.norm(), (parallel, stage, float(apart.norm() / moved.norm()))
+
+    straight = json.loads((tmp_path / "ddp" / "two0.json").read_text())
+    again = json.loads((tmp_path / "ddp" / "resume0.json").read_text())
+    for stage in stages:
+        assert f"resumed {stage} from step 1 in {tmp_path / 'ddp' / 'killed'}" in two.stdout, (
+            stage
+        )  # not afresh
+        assert again[stage]["losses"] == pytest.approx(straight[stage]["losses"][1:], abs=1e-6), stage
+        assert again[stage]["weights"] == straight[stage]["weights"], stage
 
 
 def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) -> None:
@@ -183,6 +268,44 @@ def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) ->
         assert a + b == single._prompt_indices(position) and a != b
     with pytest.raises(DanluError, match="trained on 2 processes, this run has 1"):
         single.load_state_dict({**pair[1].state_dict(), "prompts": len(prompts)})
+
+
+def test_rollouts_sample_the_same_rows_whatever_the_world_size(tiny_checkpoint: Path, data) -> None:
+    """In process, the real generator: 2 ranks with 1 prompt each sample, together, the rows 1 process with 2
+    prompts per step samples (each row seeded by its index in the run); another run seed samples other rows. And
+    PPO's advantage whitening over the global batch is `losses.masked_whiten` on one process."""
+    import contextlib
+
+    from danlu.data.preference import read_rl_prompts
+    from danlu.io import load_checkpoint
+    from danlu.losses import masked_whiten
+    from danlu.stages.ppo import whiten_global
+    from danlu.stages.rollouts import Rollouts
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    prompts = read_rl_prompts(data["rl"])
+
+    def source(seed: int = 0, **kw: Any) -> Rollouts:
+        r = Rollouts(prompts, ckpt.tokenizer, ckpt.model, None, None, group_size=2, max_new_tokens=6,
+                     temperature=1.0, top_p=1.0, seed=seed, **kw)  # fmt: skip
+        r.autocast = contextlib.nullcontext
+        return r
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on 2 busy cores: 100× slower decode steps
+    try:
+        one = source(prompts_per_step=2)
+        ranks = [source(prompts_per_step=1, rank=r, world_size=2) for r in range(2)]
+        for position in range(2):
+            want = [e.ids for e in one.sample(position)[1]]
+            assert [e.ids for r in ranks for e in r.sample(position)[1]] == want
+            assert len({tuple(ids) for ids in want}) == 4  # a group's two samples differ
+        assert [e.ids for e in source(1, prompts_per_step=2).sample(1)[1]] != want
+    finally:
+        torch.set_num_threads(threads)
+
+    x, mask = torch.randn(4, 7), torch.rand(4, 7) > 0.3
+    torch.testing.assert_close(whiten_global(x, mask, 1) * mask, masked_whiten(x, mask) * mask)
 
 
 class _Fixed:

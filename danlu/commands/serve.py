@@ -83,6 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-tokens-limit", type=int, help="largest max_tokens a request may ask (default: context)"
     )
+    p.add_argument("--max-active", type=int, default=64, help="streams a model decodes at once, in one batch "
+                   "(default 64); more wait in its queue")  # fmt: skip
+    p.add_argument("--max-queued", type=int, default=256, help="streams that may wait beyond --max-active "
+                   "(default 256); past that a request gets HTTP 429 with a Retry-After header")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile each model's decode step at start-up: several times faster tokens after "
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from danlu import DanluError
     from danlu.generate import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.engine import ModelWorker
     from danlu.serve.feedback import FeedbackStore
     from danlu.serve.memory import CorrectionMemory
     from danlu.serve.routing import (
@@ -125,19 +130,27 @@ def run(args: argparse.Namespace) -> int:
     fallbacks = parse_fallbacks(args.fallback, served_names)
     if not 0 < args.port < 65536:
         raise DanluError(f"--port {args.port}: not a TCP port")
+    if args.max_active < 1 or args.max_queued < 0:
+        raise DanluError(f"--max-active {args.max_active} / --max-queued {args.max_queued}: at least 1 / 0")
     models = []
     for i, (name, path) in enumerate(specs):
         print(f"[danlu] loading {name} from {path}")
         if i == 0 and adapters:  # the base, loaded once, with every adapter attached to it
-            models.extend(load_base_with_adapters(name, path, adapters, device=args.device))
+            models.extend(
+                load_base_with_adapters(name, path, adapters, device=args.device, max_active=args.max_active)
+            )
             continue
-        m = load_served_model(
-            name, path, device=args.device, compile=resolve_compile(args.compile, args.device)
-        )
+        m = load_served_model(name, path, device=args.device, max_active=args.max_active,
+                              compile=resolve_compile(args.compile, args.device))  # fmt: skip
         models.append(m)
     for name, paths, weights in ensembles:
         print(f"[danlu] loading ensemble {name} of {', '.join(paths)}")
-        models.append(load_served_ensemble(name, paths, weights, device=args.device))
+        models.append(
+            load_served_ensemble(name, paths, weights, device=args.device, max_active=args.max_active)
+        )
+    for m in models:
+        if isinstance(m.worker, ModelWorker):
+            m.worker.max_queued = args.max_queued
     for m in models:
         if m.name in fallbacks:
             m.fallback, m.min_logprob = fallbacks[m.name], args.min_logprob

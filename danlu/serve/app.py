@@ -174,6 +174,25 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
             raise APIError(400, f"the prompt has {n} characters; model {model.name!r} has a context of "
                            f"{model.context_length} tokens", param="messages", code="context_length_exceeded")  # fmt: skip
 
+    def admit(model: ServedModel, streams: int) -> Any:
+        """Room for a request's `streams` on the model's worker (released when the request ends), or a 429 with
+        Retry-After when active + waiting streams would pass the worker's bound. A worker without a bound (the
+        adapters' shared lanes) admits everything: its queue grows."""
+        reserve = getattr(model.worker, "reserve", None)
+        if reserve is None:
+            return None
+        worker = model.worker
+        if streams > worker.max_active + worker.max_queued:  # would never fit: waiting cannot help
+            raise APIError(400, f"{streams} choices in one request; model {model.name!r} takes at most "
+                           f"{worker.max_active + worker.max_queued} streams at once", param="n")  # fmt: skip
+        ticket = reserve(streams)
+        if ticket is None:
+            wait = worker.retry_after()
+            raise APIError(429, f"model {model.name!r} is busy: {worker.max_active} streams running and "
+                           f"{worker.max_queued} waiting at most; retry in {wait} s", type_="requests",
+                           code="rate_limit_exceeded", headers={"Retry-After": str(wait)})  # fmt: skip
+        return ticket
+
     def check_prompt(model: ServedModel, n_prompt: int) -> None:
         if n_prompt >= model.context_length:
             raise APIError(400, f"the prompt is {n_prompt} tokens; model {model.name!r} has a context of "
@@ -242,6 +261,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=req.stop,
             ignore_eos=req.ignore_eos,
         )  # fmt: skip
+        ticket = admit(model, req.n)
         rid = "chatcmpl-" + secrets.token_hex(12)
         created = int(time.time())
 
@@ -266,7 +286,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse_chat(rid, created, model.name, req.n, choice_events, store, include_usage),
+                _holding(ticket, _sse_chat(rid, created, model.name, req.n, choice_events, store, include_usage)),
                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"},
             )  # fmt: skip
 
@@ -281,7 +301,10 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                     outcomes[i] = (ev[1], calls)
                     await store(i, ev[1])
 
-        await _unless_disconnected(request, asyncio.gather(*(run_choice(i) for i in range(req.n))))
+        try:
+            await _unless_disconnected(request, asyncio.gather(*(run_choice(i) for i in range(req.n))))
+        finally:
+            _release(ticket)
         choices = []
         for i, (out, calls) in enumerate(outcomes):
             msg: dict[str, Any] = {
@@ -331,6 +354,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         rid = "cmpl-" + secrets.token_hex(12)
         created = int(time.time())
         jobs = [(k * req.n + i, prompts[k], prompt_ids[k]) for k in range(len(prompts)) for i in range(req.n)]
+        ticket = admit(model, len(jobs))
 
         def echo_text(p: str | list[int]) -> str:
             return p if isinstance(p, str) else tok.decode(list(p))
@@ -338,7 +362,8 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _sse_text(rid, created, model, jobs, sampling, include_usage, echo_text if req.echo else None),
+                _holding(ticket, _sse_text(rid, created, model, jobs, sampling, include_usage,
+                                           echo_text if req.echo else None)),
                 media_type="text/event-stream", headers={"cache-control": "no-cache"},
             )  # fmt: skip
         outcomes: list[Outcome] = [None] * len(jobs)  # type: ignore[list-item]
@@ -348,7 +373,12 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                 if ev[0] == "done":
                     outcomes[idx] = ev[1]
 
-        await _unless_disconnected(request, asyncio.gather(*(run_choice(idx, ids) for idx, _, ids in jobs)))
+        try:
+            await _unless_disconnected(
+                request, asyncio.gather(*(run_choice(idx, ids) for idx, _, ids in jobs))
+            )
+        finally:
+            _release(ticket)
         choices = []
         for idx, p, _ in jobs:
             out = outcomes[idx]
@@ -559,6 +589,20 @@ def _text_logprobs(model: ServedModel, out: Outcome) -> dict[str, Any]:
         pos += len(s)
     return {"tokens": tokens, "token_logprobs": out.logprobs[: len(tokens)], "top_logprobs": None,
             "text_offset": offsets}  # fmt: skip
+
+
+def _release(ticket: Any) -> None:
+    if ticket is not None:
+        ticket.release()
+
+
+async def _holding(ticket: Any, body: AsyncIterator[str]) -> AsyncIterator[str]:
+    """A streaming body that keeps its request's room on the worker (`admit`) until it ends or is abandoned."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        _release(ticket)
 
 
 async def _unless_disconnected(request: Request, work: asyncio.Future) -> None:

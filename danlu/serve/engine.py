@@ -1,12 +1,17 @@
-"""The scheduler: runs generation on a worker thread, off the event loop, interleaving concurrent requests.
+"""The scheduler: runs generation on a worker thread, off the event loop, with continuous batching.
 
-A `danlu.generate.Generator` is not thread-safe and each of its streams owns its own KV cache, so one worker
-thread per model advances every active stream by one token in turn (round-robin). Concurrent requests thus all
-make progress together: a long answer never blocks another client's stream, and the event loop only moves
-bytes. Streams beyond `max_active` wait in a queue. A request whose client went away sets its `cancelled`
-event; the worker closes that stream before its next token, freeing its KV cache at once.
+One worker thread per model owns its `danlu.generate.Generator` (not thread-safe). For a model with a batched
+decode step (`Generator.batches`: danlu's own Transformer) the worker decodes every active stream together: one
+`SlotBatch` step per loop, one forward over all streams, each at its own position; streams join (their prompts
+prefilled) and leave (finished, or cancelled because the client went away: the slot is freed before the next
+step) between steps, so a new request waits at most one step, and with `Generator(compile=True)` every step runs
+a compiled graph. Other models (transformers-backed, ensembles, adapters switched per stream) keep the round
+robin: each stream has its own KV cache and advances one token in turn. Either way, concurrent requests all make
+progress together and the event loop only moves bytes.
 
-Results travel back to the event loop with `loop.call_soon_threadsafe` into an asyncio.Queue per job.
+Streams beyond `max_active` wait in a queue; the HTTP layer admits at most `max_active + max_queued` streams
+(`reserve`) and answers 429 with a `retry_after` estimate beyond that, so a burst cannot grow the queue without
+bound. Results travel back to the event loop with `loop.call_soon_threadsafe` into an asyncio.Queue per job.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from danlu.generate import Generator, Row, SlotBatch
 
 _END = object()
 
@@ -51,20 +59,68 @@ class _Running:
     stream: Iterator[Any]
 
 
-class ModelWorker:
-    """Owns one model's Generator and the thread that drives it."""
+class Reservation:
+    """Room for a request's streams on a worker (`ModelWorker.reserve`); `release` once, or on garbage collection."""
 
-    def __init__(self, stream_fn: Callable[..., Iterator[Any]], name: str = "model", max_active: int = 64):
-        self._stream_fn = stream_fn
+    def __init__(self, worker: ModelWorker, streams: int) -> None:
+        self._worker, self.streams, self._held = worker, streams, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._worker._release(self.streams)
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def batching_generator(source: Any) -> Generator | None:
+    """The Generator whose streams a worker may decode together: `source` itself, or the generator of a bound
+    `Generator.stream` (what `load_served_model` passes); None for any other stream function (round robin)."""
+    gen = source if isinstance(source, Generator) else getattr(source, "__self__", None)
+    if isinstance(gen, Generator) and (
+        source is gen or getattr(source, "__func__", None) is Generator.stream
+    ):
+        return gen if gen.batches else None
+    return None
+
+
+class ModelWorker:
+    """Owns one model's Generator and the thread that drives it.
+
+    `source` is a Generator (or its bound `stream`), whose streams are decoded together when the model allows it,
+    or any `stream_fn(prompt_ids, params, cancelled=...)` iterator factory, advanced round robin. `batched=False`
+    keeps the round robin for a Generator too (benchmarks/serve_load.py compares the two)."""
+
+    def __init__(
+        self, source: Generator | Callable[..., Iterator[Any]], name: str = "model", max_active: int = 64,
+        max_queued: int = 256, batched: bool = True,
+    ) -> None:  # fmt: skip
+        self._generator = batching_generator(source) if batched else None
+        self._stream_fn = source.stream if isinstance(source, Generator) else source
         self.name = name
         self.max_active = max_active
+        self.max_queued = max_queued
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[_Running] = []
-        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self._batch = SlotBatch(self._generator, most=max_active) if self._generator is not None else None
+        self._reserved = 0  # streams the HTTP layer admitted and has not released
+        self._lock = threading.Lock()
+        self._job_seconds = 0.0  # moving average of a stream's time from submission to its end
+        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"danlu-gen-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def batched(self) -> bool:
+        return self._batch is not None
+
+    @property
+    def generator(self) -> Generator | None:
+        """The Generator whose streams this worker decodes together (None for a round robin of stream functions)."""
+        return self._generator
 
     # ---- event-loop side -----------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: Any) -> Job:
@@ -85,9 +141,31 @@ class ModelWorker:
         finally:
             job.cancelled.set()
 
+    def reserve(self, streams: int) -> Reservation | None:
+        """Admits `streams` more concurrent streams (a request's choices) if active + waiting stays within
+        `max_active + max_queued`, else None (the HTTP layer's 429). The request releases its reservation when
+        it ends; a reservation dropped unreleased (a response never started) releases itself."""
+        with self._lock:
+            if self._reserved + streams > self.max_active + self.max_queued:
+                return None
+            self._reserved += streams
+        return Reservation(self, streams)
+
+    def _release(self, streams: int) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - streams)
+
+    def retry_after(self) -> int:
+        """Seconds until a full worker likely has room: the queue ahead, at the recent time per stream (1 when
+        nothing has finished yet)."""
+        if self._job_seconds <= 0:
+            return 1
+        waves = 1 + self.queued / max(1, self.max_active)
+        return max(1, math.ceil(self._job_seconds * waves))
+
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self._batch) if self._batch is not None else len(self._active)
 
     @property
     def queued(self) -> int:
@@ -110,25 +188,96 @@ class ModelWorker:
                 return
             self._waiting.append(job)
 
+    def _next_waiting(self) -> Job | None:
+        """The next queued job that still wants an answer (cancelled ones end here)."""
+        while self._waiting:
+            job = self._waiting.popleft()
+            if not job.cancelled.is_set():
+                return job
+            self.stats["cancelled"] += 1
+            job.post(_END)
+        return None
+
+    def _end(self, job: Job, outcome: str, error: BaseException | None = None) -> None:
+        self.stats[outcome] += 1
+        if error is not None:
+            job.post(error)
+        job.post(_END)
+        elapsed = time.perf_counter() - job.submitted
+        self._job_seconds = elapsed if self._job_seconds <= 0 else 0.8 * self._job_seconds + 0.2 * elapsed
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._admit(block=not self._active and not self._waiting)
-            while self._waiting and len(self._active) < self.max_active:
-                job = self._waiting.popleft()
-                if job.cancelled.is_set():
-                    self.stats["cancelled"] += 1
-                    job.post(_END)
-                    continue
+            busy = self._active or (self._batch is not None and len(self._batch))
+            self._admit(block=not busy and not self._waiting)
+            if self._batch is not None:
+                self._batch_step()
+                continue
+            while len(self._active) < self.max_active:
+                job = self._next_waiting()
+                if job is None:
+                    break
                 stream = self._stream_fn(job.prompt_ids, job.params, cancelled=job.cancelled.is_set)
                 self._active.append(_Running(job, stream))
                 self.stats["started"] += 1
+            self.stats["peak_active"] = max(self.stats["peak_active"], len(self._active))
             for running in list(self._active):
                 self._step(running)
         for running in self._active:
             with contextlib.suppress(Exception):
                 running.stream.close()  # type: ignore[attr-defined]
             running.job.post(_END)
+        for row in self._batch.active if self._batch is not None else []:
+            row.tag.post(_END)
 
+    # ---- continuous batching -----------------------------------------------------------------------------------
+    def _batch_step(self) -> None:
+        """Cancelled streams leave, waiting ones join (prefilled), then one decode step of them all."""
+        batch, gen = self._batch, self._generator
+        assert batch is not None and gen is not None
+        for row in batch.active:
+            if row.tag.cancelled.is_set():
+                batch.drop(row)
+                self._end(row.tag, "cancelled")
+        joining: list[Row] = []
+        while len(joining) < batch.room:
+            job = self._next_waiting()
+            if job is None:
+                break
+            try:
+                joining.append(gen.row(job.prompt_ids, job.params, tag=job))
+            except Exception as e:  # a bad prompt fails its own request only
+                self._end(job, "failed", e)
+            else:
+                self.stats["started"] += 1
+        events: list[tuple[Row, str]] = []
+        try:
+            if joining:
+                events += batch.admit(joining)
+            events += batch.advance()
+        except (
+            Exception
+        ) as e:  # reported to every stream of the step (4xx/5xx decided there); the worker lives on
+            for row in {id(r): r for r in batch.active + joining}.values():  # none has had this step's events
+                batch.drop(row)
+                self._end(row.tag, "failed", e)
+            return
+        self.stats["peak_active"] = max(
+            self.stats["peak_active"], len(batch) + sum(r.done for r, _ in events)
+        )
+        for row, delta in events:
+            job = row.tag
+            if delta:
+                job.post(delta)
+            if row.done:
+                tail, completion = row.close()
+                if tail:
+                    job.post(tail)
+                self.stats["tokens"] += len(completion.token_ids)
+                job.post(completion)
+                self._end(job, "finished")
+
+    # ---- round robin ---------------------------------------------------------------------------------------------
     def _step(self, running: _Running) -> None:
         job = running.job
         done = False
@@ -157,3 +306,5 @@ class ModelWorker:
                 running.stream.close()  # type: ignore[attr-defined]
             job.post(_END)
             self._active.remove(running)
+            elapsed = time.perf_counter() - job.submitted
+            self._job_seconds = elapsed if self._job_seconds <= 0 else 0.8 * self._job_seconds + 0.2 * elapsed

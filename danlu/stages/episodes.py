@@ -64,6 +64,22 @@ def tool_turn_tokens(
     return head[cut + 1 :] + full[len(head) :]
 
 
+# Seed distance between an episode's rounds: more episodes than a run samples (16.7M), and far below 2**32, since
+# a CPU torch.Generator keeps only the low 32 bits of its seed (seeds 2**32 apart draw the same numbers).
+ROUND_STRIDE = 1 << 24
+
+
+def _adjacent_runs(indices: list[int]) -> list[list[int]]:
+    """Ascending indices cut into runs of consecutive ones: [0, 1, 3, 4, 5] → [[0, 1], [3, 4, 5]]."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def run_episodes(
     generator: Any,
     rows: list[Any],
@@ -75,8 +91,12 @@ def run_episodes(
 ) -> list[Episode]:
     """Samples one episode per (row, prompt ids); with `tools`, executes calls for up to `tool_rounds` rounds.
 
-    Every round is one batched generate over the episodes still waiting for their answer; round k samples with
-    seed + k so a resumed run repeats its episodes exactly. A row's `today` (ISO date) is what get_date returns."""
+    Every round is one batched generate over the episodes still waiting for their answer (`Generator.generate`
+    seeds its row i with seed + i). Episode i samples round k with seed + k·ROUND_STRIDE + i whatever else shares
+    its calls, so a resumed run repeats its episodes exactly, and a caller that numbers its episodes globally
+    (seed = base + index of the first) samples each one as one process sampling them all would. Waiting episodes
+    that are not adjacent go in separate calls for that reason. A row's `today` (ISO date) is what get_date
+    returns."""
     from dataclasses import replace
 
     from danlu.tokenizer import TOOL_CALL_START
@@ -89,10 +109,11 @@ def run_episodes(
     for round_no in range((tool_rounds if tools else 0) + 1):
         if not waiting:
             break
-        round_params = params if params.seed is None else replace(params, seed=params.seed + round_no)
-        completions = generator.generate([episodes[i].ids for i in waiting], round_params)
-        for i, c in zip(waiting, completions):
-            _append_turn(episodes[i], c, tok.end_of_turn_id)
+        for run in _adjacent_runs(waiting) if params.seed is not None else [waiting]:
+            seed = None if params.seed is None else params.seed + round_no * ROUND_STRIDE + run[0]
+            completions = generator.generate([episodes[i].ids for i in run], replace(params, seed=seed))
+            for i, c in zip(run, completions):
+                _append_turn(episodes[i], c, tok.end_of_turn_id)
         if not tools:
             break
         still = []

@@ -4,7 +4,9 @@ The data source does the rollout: each `next_batch()` samples `group_size` compl
 `prompts_per_step` prompts with the CURRENT policy (batched KV-cache generation, no grad), scores them, and
 returns token tensors with advantages and reference log-probs; the loss is GRPO's clipped objective (+ β·KL).
 One optimizer step per rollout, so the "old" policy is the current one (ratio 1 at the sample; TRL's default).
-Rollouts are seeded by (seed, position), so a resumed run samples exactly what the uninterrupted one would.
+Each rollout row is seeded by its index in the run (danlu.stages.rollouts.rollout_seed), so a resumed run samples
+exactly what the uninterrupted one would, and N processes what one process with the same global batch would.
+Under torchrun, DDP only: every rank samples with the whole policy (FSDP is refused with the reason).
 With a `peft:` section the rollouts come from base + adapter, only the adapter trains and is saved, and the KL
 reference (β > 0) is the base with the adapter switched off (danlu.stages.dpo.attach_with_reference): no copy.
 """
@@ -28,7 +30,14 @@ from danlu.stages.common import (
     world_eval_folder,
     world_figures,
 )
-from danlu.stages.rollouts import Rollouts, answer_accuracy, make_scorer, prompt_kinds, read_prompts
+from danlu.stages.rollouts import (
+    Rollouts,
+    answer_accuracy,
+    check_rollout_parallel,
+    make_scorer,
+    prompt_kinds,
+    read_prompts,
+)
 
 
 @dataclass
@@ -85,6 +94,7 @@ def train_grpo(
         )
     tcfg = train_config(recipe, cfg.train, "grpo", TRAIN_DEFAULTS)
     d = init_distributed(tcfg.device)
+    check_rollout_parallel("grpo", tcfg.parallel, d.world_size)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer

@@ -3,6 +3,8 @@ reference folded into the per-token rewards, GAE, and clipped policy + value los
 
 The value head lives on the policy's backbone (`PolicyWithValue`); the saved model is the plain policy (an HF
 causal LM), and the value head's few weights travel in the data source's state so that resume is exact.
+Under torchrun (DDP; FSDP is refused: rollouts need the whole policy on every rank) the advantages are whitened
+over the global batch (`whiten_global`), so N processes train as one process with the same global batch.
 
 With a `peft:` section (LoRA family) the backbone is frozen under the adapter, the value head still trains in full
 (it starts at zero: there is nothing to adapt) and is not saved, as without an adapter; the output is the policy's
@@ -11,6 +13,7 @@ adapter folder, and the reference is the base with the adapter switched off (no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from danlu.config import from_dict
 from danlu.model import Transformer
 from danlu.pipeline import StageContext
 from danlu.stages.common import attach_with_reference
-from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy
+from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy, check_rollout_parallel
 
 
 @dataclass
@@ -96,6 +99,24 @@ class PolicyWithValue(Transformer):
         return result
 
 
+def whiten_global(x: torch.Tensor, mask: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`losses.masked_whiten` over the GLOBAL batch: (x - mean) / std with the mean and (unbiased) variance of the
+    masked entries of every rank's rollouts, summed in fp64 by one all-reduce. Per-rank statistics would whiten
+    each rank's half of the batch on its own, and N processes would train on other advantages than one process
+    with the same global batch."""
+    import torch.distributed as dist
+
+    m = mask.to(torch.float64)
+    xd = x.to(torch.float64) * m
+    sums = torch.stack([xd.sum(), (xd * xd).sum(), m.sum()])
+    if world_size > 1:
+        dist.all_reduce(sums)
+    total, squares, n = sums.tolist()
+    mean = total / max(n, 1.0)
+    var = max(squares - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+    return ((x.to(torch.float64) - mean) / math.sqrt(var + 1e-8)).to(x.dtype)
+
+
 class PPORollouts(Rollouts):
     """Rollouts plus old log-probs, values, KL-shaped rewards and GAE advantages."""
 
@@ -104,7 +125,7 @@ class PPORollouts(Rollouts):
         self.cfg = cfg
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        from danlu.losses import gae, kl_estimate, masked_whiten
+        from danlu.losses import gae, kl_estimate
 
         b = super().next_batch()
         device = self.policy.lm_head.weight.device
@@ -119,7 +140,7 @@ class PPORollouts(Rollouts):
         adv, returns = gae(rewards, values * mask, mask, self.cfg.gamma, self.cfg.lam)
         b.update(
             old_logps=old_logp.float().cpu(), old_values=(values * mask).cpu(), returns=returns.cpu(),
-            advantages=(masked_whiten(adv, mask) * mask).cpu(), kl_seq=kl.sum(1).cpu(),
+            advantages=(whiten_global(adv, mask, self.world_size) * mask).cpu(), kl_seq=kl.sum(1).cpu(),
         )  # fmt: skip
         return b
 
@@ -147,6 +168,7 @@ def train_ppo(
 
     tcfg = train_config(recipe, cfg.train, "ppo", TRAIN_DEFAULTS)
     d = init_distributed(tcfg.device)
+    check_rollout_parallel("ppo", tcfg.parallel, d.world_size)
     set_seed(tcfg.seed)
     ckpt = parent_checkpoint(parent)
     if ckpt.backend != "native":

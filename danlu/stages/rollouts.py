@@ -4,6 +4,7 @@ another stage."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from pathlib import Path
@@ -12,6 +13,25 @@ from typing import Any
 import torch
 
 from danlu import DanluError
+
+
+def rollout_seed(seed: int) -> int:
+    """The sampling seed of a run's first rollout row; row r of the run (counted over its global batches: draw × group
+    size + sample) samples with this + r, whatever the world size and whichever rows share its generate call."""
+    digest = hashlib.blake2b(f"danlu rollouts {seed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # 62 bits: rows and rounds add to it within a 64-bit seed
+
+
+def check_rollout_parallel(stage: str, parallel: str, world_size: int) -> None:
+    """Refuses FSDP for a stage that samples rollouts: each rank samples its own prompts with the whole policy for as
+    many decode steps as its samples need, while FSDP2 keeps the policy in shards that every rank must gather
+    together, step for step."""
+    if parallel == "fsdp" and world_size > 1:
+        raise DanluError(
+            f"{stage}: train.parallel=fsdp on {world_size} processes: {stage} samples rollouts with the whole policy "
+            f"on every rank, and FSDP2 keeps it in shards; use train.parallel=ddp for {stage} (each rank holds the "
+            "whole model; rewards, DPO, SFT and pretraining take fsdp)"
+        )
 
 
 class Rollouts:
@@ -43,27 +63,39 @@ class Rollouts:
         self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
 
-    def _prompt_indices(self, position: int) -> list[int]:
-        """This rank's prompts of rollout `position`: rank r takes the r-th `prompts_per_step` of the global
-        batch of prompts_per_step × world_size, so N processes roll out N times the prompts of one."""
-        n, out = len(self.prompts), []
+    def _draws(self, position: int) -> list[int]:
+        """This rank's draws of rollout `position`: indices into the run's sequence of prompts drawn, global batch
+        after global batch. Rank r takes the r-th `prompts_per_step` of the global batch of prompts_per_step ×
+        world_size, so N processes roll out N times the prompts of one, and together the draws one process with
+        N times the prompts per step makes."""
         start = (position * self.world_size + self.rank) * self.per_step
-        for k in range(start, start + self.per_step):
-            order = list(range(n))
-            random.Random(self.seed * 1_000_003 + k // n).shuffle(order)
-            out.append(order[k % n])
-        return out
+        return list(range(start, start + self.per_step))
+
+    def _prompt_of(self, draw: int) -> int:
+        """The prompt of a draw: a window of the epoch-shuffled order of all prompts."""
+        n = len(self.prompts)
+        order = list(range(n))
+        random.Random(self.seed * 1_000_003 + draw // n).shuffle(order)
+        return order[draw % n]
+
+    def _prompt_indices(self, position: int) -> list[int]:
+        """This rank's prompts of rollout `position` (see `_draws`)."""
+        return [self._prompt_of(k) for k in self._draws(position)]
 
     @torch.no_grad()
     def sample(self, position: int) -> tuple[list[int], list[Any]]:
-        """This rank's episodes of rollout `position` (danlu.stages.episodes): group_size per prompt."""
+        """This rank's episodes of rollout `position` (danlu.stages.episodes): group_size per prompt.
+
+        One batched generate, each row seeded by its index in the run (`rollout_seed`): its samples do not depend on
+        the rows beside it, so N processes sample what one process with the same global batch samples."""
         from danlu.generate import Generator, SamplingParams
         from danlu.stages.episodes import run_episodes
 
-        idx = [i for i in self._prompt_indices(position) for _ in range(self.group_size)]
+        draws = self._draws(position)
+        idx = [self._prompt_of(k) for k in draws for _ in range(self.group_size)]
         params = SamplingParams(
             max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-            seed=(self.seed * 7_919 + position) * self.world_size + self.rank,  # one process: as before
+            seed=rollout_seed(self.seed) + draws[0] * self.group_size,  # this rank's first row of the run
         )  # fmt: skip
         was_training = self.policy.training
         with self.autocast():

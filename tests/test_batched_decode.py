@@ -1,0 +1,228 @@
+"""The batched decode step (`Transformer.decode_rows`, `SlotBatch`) and continuous batching in the server: rows at
+different positions compute what each row computes alone, rows join and leave between steps, every request keeps
+its own sampling params and seed, and a full worker answers 429 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from danlu.compiler import compiler_available
+from danlu.generate import Generator, SamplingParams, SlotBatch, slot_count
+from danlu.model import ModelConfig, Transformer
+from tests.conftest import IdsTokenizer
+
+
+def _model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, depth=2, max_position_embeddings=64, **kw)
+    return Transformer(cfg).eval()
+
+
+def _prompts(lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 300, (n,), generator=g).tolist() for n in lengths]
+
+
+def _alone(gen: Generator, prompt: list[int], params: SamplingParams):  # noqa: ANN202
+    items = list(gen.stream(prompt, params))
+    return "".join(s for s in items if isinstance(s, str)), items[-1]
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": False, "qkv_bias": True, "qk_norm": True}])
+def test_rows_at_different_positions_get_their_single_row_logits(kw: dict) -> None:
+    model = _model(**kw)
+    lengths = [5, 17, 1, 30]
+    prompts = _prompts([n + 6 for n in lengths])
+    with torch.no_grad():
+        alone = []
+        for p, n in zip(prompts, lengths):  # each row alone through the plain cache path
+            cache = model.new_cache(1, 48)
+            model(torch.tensor([p[:n]]), cache=cache)
+            alone.append([model(torch.tensor([[t]]), cache=cache)[0, -1] for t in p[n:]])
+        slots = model.new_cache(4, 48)
+        for b, (p, n) in enumerate(zip(prompts, lengths)):
+            cache = model.new_cache(1, n)
+            model(torch.tensor([p[:n]]), cache=cache)
+            for layer in range(2):
+                slots.k[layer][b, :, :n] = cache.k[layer][0]
+                slots.v[layer][b, :, :n] = cache.v[layer][0]
+        for step in range(6):  # every row one token further per step, each at its own position
+            token = torch.tensor([[p[n + step]] for p, n in zip(prompts, lengths)])
+            got = model.decode_rows(token, torch.tensor(lengths) + step, slots.k, slots.v)
+            want = torch.stack([a[step] for a in alone])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_slot_counts_are_few() -> None:
+    assert [slot_count(n, 64) for n in (0, 1, 2, 4, 5, 16, 17, 64)] == [1, 1, 4, 4, 16, 16, 64, 64]
+    assert slot_count(5, 5) == 5 and slot_count(3, 2) == 3
+
+
+def test_rows_join_and_leave_between_steps() -> None:
+    """A row alone, then three join (one finishing at once, one with a stop string), one is dropped: every row
+    streams exactly what `Generator.stream` streams for it alone."""
+    model = _model()
+    gen = Generator(model, IdsTokenizer())
+    prompts = _prompts([4, 9, 2, 13])
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    _, first = _alone(gen, prompts[2], greedy)
+    stop_at = "".join(f"<{t}>" for t in first.token_ids[3:5])  # a stop string that the third row will meet
+    params = [greedy, SamplingParams(max_tokens=1, temperature=0.0), SamplingParams(max_tokens=12, temperature=0.0,
+              stop=[stop_at]), SamplingParams(max_tokens=20, temperature=0.9, top_k=40, seed=11)]  # fmt: skip
+    rows = [gen.row(p, sp) for p, sp in zip(prompts, params)]
+    streamed = {id(r): "" for r in rows}
+    batch = SlotBatch(gen, most=4)
+
+    def note(events: list) -> None:
+        for row, delta in events:
+            streamed[id(row)] = streamed.get(id(row), "") + delta
+
+    note(batch.admit(rows[:1]))
+    for _ in range(3):
+        note(batch.advance())
+    note(batch.admit(rows[1:]))
+    assert rows[1].done and len(batch) == 3  # max_tokens=1: finished at its prefill, never took a slot
+    dropped = gen.row(prompts[0], greedy)
+    note(batch.admit([dropped]))
+    note(batch.advance())
+    batch.drop(dropped)
+    while len(batch):
+        note(batch.advance())
+    assert len(dropped.token_ids) == 2  # its prefill token and one step, then it left
+    for row, prompt, sp in zip(rows, prompts, params):
+        text, want = _alone(gen, prompt, sp)
+        tail, got = row.close()
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert got.finish_reason == want.finish_reason
+        assert streamed[id(row)] + tail == text == got.text
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    assert rows[2].finish == "stop" and stop_at not in rows[2].text
+
+
+def test_generate_rows_are_the_prompts_alone_and_seeded_per_row() -> None:
+    model = _model()
+    gen = Generator(model, IdsTokenizer())
+    prompts = _prompts([3, 11, 7, 20, 5])
+    for params in (SamplingParams(max_tokens=15, temperature=0.0),
+                   SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=3)):  # fmt: skip
+        got = gen.generate(prompts, params)
+        for i, (p, c) in enumerate(zip(prompts, got)):
+            seeded = SamplingParams(
+                **{**params.__dict__, "seed": None if params.seed is None else params.seed + i}
+            )
+            assert c.token_ids == _alone(gen, p, seeded)[1].token_ids
+        legacy = Generator(model, IdsTokenizer())
+        legacy.batches = False  # the path of models without decode_rows: one shrinking left-padded cache
+        assert [c.token_ids for c in legacy.generate(prompts, params)] == [c.token_ids for c in got]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiler_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_compiled_batch_gives_the_eager_tokens() -> None:
+    model = _model()
+    prompts = _prompts([3, 11, 7])
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    eager = Generator(model, IdsTokenizer()).generate(prompts, params)
+    compiled = Generator(model, IdsTokenizer(), compile=True)
+    got = compiled.generate(prompts, params)
+    assert compiled._decode is not None  # it ran compiled, not through the eager fallback
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+
+
+# ---- the server: continuous batching ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint: Path):
+    from danlu.serve.routing import load_served_model
+
+    model = load_served_model("tiny", str(tiny_checkpoint), max_active=4)
+    yield model
+    model.worker.close()
+
+
+def _collect(worker, jobs: list) -> list:  # noqa: ANN001
+    async def one(job) -> tuple[str, object]:  # noqa: ANN001
+        items = [item async for item in worker.iterate(job)]
+        return "".join(s for s in items if isinstance(s, str)), items[-1]
+
+    return [one(j) for j in jobs]
+
+
+def test_concurrent_requests_get_what_each_gets_alone(served) -> None:
+    """Six requests (more than the 4 slots), different lengths and params, some joining while others run: the
+    greedy ones get exactly the tokens they get alone, the seeded sampled ones too (each its own generator)."""
+    worker, tok = served.worker, served.tokenizer
+    assert worker.batched
+    prompts = [
+        tok.encode(t)
+        for t in ("中国最高的山", "The capital of Japan is", "12 + 34", "你好", "Hello", "7 × 8")
+    ]
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[]) for m in (30, 9, 25, 3, 40, 17)
+    ]
+    params[1] = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.8, seed=123, stop_token_ids=[])
+    params[4] = SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=7, stop_token_ids=[])
+
+    async def run() -> list:
+        first = [worker.submit(p, sp) for p, sp in zip(prompts[:3], params[:3])]
+        while worker.active == 0:  # the first rows are decoding; the others join them mid-way
+            await asyncio.sleep(0.001)
+        later = [worker.submit(p, sp) for p, sp in zip(prompts[3:], params[3:])]
+        return await asyncio.gather(*_collect(worker, first), *_collect(worker, later))
+
+    got = asyncio.run(run())
+    alone = Generator(worker.generator.model, tok)
+    for (text, completion), p, sp in zip(got, prompts, params):
+        want_text, want = _alone(alone, p, sp)
+        assert completion.token_ids == want.token_ids
+        assert completion.text == want.text
+        assert text == completion.text  # the streamed deltas add up to the final text
+    assert worker.stats["peak_active"] >= 3
+
+
+def test_a_full_worker_answers_429_with_retry_after(tiny_checkpoint: Path) -> None:
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.engine import ModelWorker
+    from danlu.serve.routing import load_served_model
+    from danlu.serve.server import BackgroundServer
+
+    model = load_served_model("tiny", str(tiny_checkpoint), max_active=1)
+    worker = model.worker
+    assert isinstance(worker, ModelWorker)
+    worker.max_queued = 1
+    body = {"model": "tiny", "prompt": "中国", "max_tokens": 4}
+    try:
+        with BackgroundServer(create_app([model], ServeOptions())) as url:
+            assert httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60).status_code == 200
+            held = worker.reserve(2)  # two streams running or waiting: the bound of 1 + 1 is reached
+            assert held is not None and worker.reserve(1) is None
+            for path, extra in (("/v1/completions", {}), ("/v1/chat/completions", {"stream": True})):
+                payload = (
+                    {**body, **extra}
+                    if path == "/v1/completions"
+                    else {
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 4,
+                        **extra,
+                    }
+                )
+                r = httpx.post(url + path, json=payload, timeout=60)
+                assert r.status_code == 429
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            held.release()
+            r = httpx.post(url + "/v1/completions", json={**body, "n": 2, "stream": True}, timeout=60)
+            assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+            r = httpx.post(url + "/v1/completions", json={**body, "n": 3}, timeout=60)
+            assert r.status_code == 400  # more streams than can ever run: a retry would not help
+            assert r.json()["error"]["param"] == "n"
+    finally:
+        worker.close()
+    assert worker._reserved == 0  # every finished request gave its room back
