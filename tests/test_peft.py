@@ -283,6 +283,15 @@ def test_two_adapters_served_on_one_base_answer_differently(
                 r = httpx.post(url + "/v1/chat/completions", json={**body, "model": name}, timeout=60).json()
                 assert r["model"] == name
                 answers.setdefault(name, set()).add(r["choices"][0]["message"]["content"])
+            # one bound for the base and its adapters: room taken through one name is gone for the others
+            shared = models[0].worker._worker
+            held = models[1].worker.reserve(shared.max_active + shared.max_queued)
+            assert held is not None
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "model": "beta"}, timeout=60)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            held.release()
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "model": "beta"}, timeout=60)
+            assert r.status_code == 200
     finally:
         models[0].worker.close()
     assert all(len(v) == 1 for v in answers.values())

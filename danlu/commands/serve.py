@@ -148,9 +148,10 @@ def run(args: argparse.Namespace) -> int:
         models.append(
             load_served_ensemble(name, paths, weights, device=args.device, max_active=args.max_active)
         )
-    for m in models:
-        if isinstance(m.worker, ModelWorker):
-            m.worker.max_queued = args.max_queued
+    for m in models:  # the adapters' shared lanes reach their worker through `SharedLane`
+        worker = getattr(m.worker, "_worker", m.worker)
+        if isinstance(worker, ModelWorker):
+            worker.max_queued = args.max_queued
     for m in models:
         if m.name in fallbacks:
             m.fallback, m.min_logprob = fallbacks[m.name], args.min_logprob

@@ -51,6 +51,21 @@ class SharedLane:
     def iterate(self, job: Any) -> Any:
         return self._worker.iterate(job)
 
+    def reserve(self, streams: int) -> Any:
+        """Room on the shared worker: the base and its adapters draw on one bound (`ModelWorker.reserve`)."""
+        return self._worker.reserve(streams)
+
+    def retry_after(self) -> int:
+        return self._worker.retry_after()
+
+    @property
+    def max_active(self) -> int:
+        return self._worker.max_active
+
+    @property
+    def max_queued(self) -> int:
+        return self._worker.max_queued
+
     @property
     def active(self) -> int:
         return self._worker.active

@@ -176,8 +176,8 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
 
     def admit(model: ServedModel, streams: int) -> Any:
         """Room for a request's `streams` on the model's worker (released when the request ends), or a 429 with
-        Retry-After when active + waiting streams would pass the worker's bound. A worker without a bound (the
-        adapters' shared lanes) admits everything: its queue grows."""
+        Retry-After when active + waiting streams would pass the worker's bound (a base and its adapters share
+        one worker, so one bound). A worker without `reserve` admits everything."""
         reserve = getattr(model.worker, "reserve", None)
         if reserve is None:
             return None
