@@ -5,7 +5,9 @@ each call through a new `Generator` (as danlu.stages.rollouts builds one per rol
 tiny recipe's shape. Three paths, calls interleaved so that they share the machine's load:
   legacy   the old eager path: one left-padded cache that shrinks as rows finish (`cache.reorder`)
   slots    eager `SlotBatch` (danlu.generate): rows in fixed slots, attention up to the furthest row
-  compiled `SlotBatch` with `torch.compile` of `decode_rows`; its first call includes the compilation
+  compiled `SlotBatch` with `torch.compile` of `decode_rows` at every row count (`Generator.compiled_rows`
+           = None; a CPU generator compiles one-row steps only, because of what this benchmark measured); its
+           first call includes the compilation
 Also batch 1: the compiled single-row `decode_step` (`stream`) vs the compiled `decode_rows` with one slot.
 
     python benchmarks/rollout_generate.py                  # 16 rows × 48 tokens, 20 calls
@@ -19,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +44,11 @@ def main() -> None:
     ap.add_argument("--greedy", action="store_true", help="temperature 0 (evaluation) instead of 1.0 (GRPO)")
     args = ap.parse_args()
 
+    def compiled_batches(model: Transformer, tok: Any) -> Generator:
+        gen = Generator(model, tok, compile=True)
+        gen.compiled_rows = None  # compile batch steps of any row count, whatever the device's default
+        return gen
+
     cfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.context)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
@@ -60,7 +68,7 @@ def main() -> None:
     paths = {
         "legacy": legacy,
         "slots": lambda: Generator(model, tok).generate(prompts, params),
-        "compiled": lambda: Generator(model, tok, compile=True).generate(prompts, params),
+        "compiled": lambda: compiled_batches(model, tok).generate(prompts, params),
     }
     times: dict[str, list[float]] = {k: [] for k in paths}
     out: dict[str, list[list[int]]] = {}

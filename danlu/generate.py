@@ -319,6 +319,9 @@ class Generator:
     (cache length; for a batch also its slot count, `slot_count`) the first time a process meets it. That pays off
     in a server, a long chat or repeated batches of one shape (RL rollouts), not in a one-off command. If
     compilation fails (no C++ compiler, an unsupported op), the generator says so once and decodes eagerly.
+    On a CPU only a one-row batch step runs compiled (`compiled_rows`): with more rows the step is matrix products
+    that eager BLAS does as well or better — compiled `decode_rows` measured 1.00× eager at 4 rows, 0.76× at 16 and
+    0.52× at 128 (benchmarks/rollout_generate.py, quiet 2-core CPU, BENCHMARKS.md eighth session).
     Models without `decode_rows` (transformers-backed, ensembles, soft prompts) decode batches eagerly with a
     shrinking cache (`cache.reorder`)."""
 
@@ -329,6 +332,8 @@ class Generator:
         self.batches = bool(getattr(model, "supports_compiled_decode", False))  # has `decode_rows`
         self._decode = None
         self._decode_step = None
+        # the most rows a compiled batch step takes (more run eagerly); None: any number (see the class docstring)
+        self.compiled_rows: int | None = 1 if self.device.type == "cpu" else None
         if compile and not self.batches:
             print("[danlu] generate: this model has no static-shape decode step (transformers-backed, ensemble "
                   "or soft prompts); decoding without torch.compile", file=sys.stderr)  # fmt: skip
@@ -404,7 +409,12 @@ class Generator:
         cache up to the furthest row (a compiled step reads it all: its shapes are fixed)."""
         token = torch.tensor(tokens, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, device=self.device)
-        if self._decode is not None:
+        if len(tokens) == 1 and self._decode_step is not None:
+            try:  # one row: the single-row step `stream` uses (same graphs), 1.3× `decode_rows` with one slot
+                return self._mask_padding(self._decode_step(token, pos, keys, values))
+            except Exception as error:
+                self._compiler_failed(error)
+        if self._decode is not None and (self.compiled_rows is None or len(tokens) <= self.compiled_rows):
             try:  # one graph per (slots, length): more than dynamo's default of 8 per function
                 with torch._dynamo.config.patch(recompile_limit=64):
                     return self._mask_padding(self._decode(token, pos, keys, values))

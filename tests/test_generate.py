@@ -66,7 +66,7 @@ def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[st
     def broken(*args: object) -> torch.Tensor:
         raise CompileError("C++ compile error: cannot find a compiler")
 
-    compiled._decode = broken
+    compiled._decode = compiled._decode_step = broken  # no compiler: every compiled graph fails
     got = compiled.generate([prompt], params)[0]
     assert isinstance(got, Completion)
     assert got.token_ids == Generator(model, IdsTokenizer()).generate([prompt], params)[0].token_ids
