@@ -132,7 +132,8 @@ class _CompiledRMSNorm(torch.autograd.Function):
     norm at width 256), each of which waits for both cores, so on a shared CPU these kernels took 11–17% of the
     compiled tiny step. Summing blocks of rows first (a reduction parallel over blocks × features), then the few
     block sums, is the same sum up to fp32 rounding (tests/test_model.py checks loss and gradients) and made the
-    whole step ~1.16× faster (interleaved side by side on the shared 2-core CPU, load ~10)."""
+    whole step ~1.16× faster on a shared 2-core CPU at load ~10 (interleaved side by side); on a quiet machine
+    the two are equal within noise (BENCHMARKS.md, eighth session)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
