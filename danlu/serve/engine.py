@@ -75,14 +75,9 @@ class Reservation:
 
 
 def batching_generator(source: Any) -> Generator | None:
-    """The Generator whose streams a worker may decode together: `source` itself, or the generator of a bound
-    `Generator.stream` (what `load_served_model` passes); None for any other stream function (round robin)."""
-    gen = source if isinstance(source, Generator) else getattr(source, "__self__", None)
-    if isinstance(gen, Generator) and (
-        source is gen or getattr(source, "__func__", None) is Generator.stream
-    ):
-        return gen if gen.batches else None
-    return None
+    """The Generator whose streams a worker may decode together: `source` when it is a Generator of a model with a
+    batch step; None for a stream function (an adapter switch, an ensemble) or a model without one (round robin)."""
+    return source if isinstance(source, Generator) and source.batches else None
 
 
 class ModelWorker:

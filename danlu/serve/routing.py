@@ -119,7 +119,7 @@ def load_served_model(
             f"[danlu] compiling {name}'s decode step (once per process; --compile off skips it)", flush=True
         )
         gen.warm_up()
-    worker = ModelWorker(gen.stream, name=name, max_active=max_active)
+    worker = ModelWorker(gen, name=name, max_active=max_active)
     return ServedModel(
         name=name,
         path=str(path),
@@ -185,7 +185,7 @@ def load_served_ensemble(
     from danlu.serve.engine import ModelWorker
 
     ckpt = load_ensemble(paths, weights, device=device)
-    worker = ModelWorker(Generator(ckpt.model, ckpt.tokenizer).stream, name=name, max_active=max_active)
+    worker = ModelWorker(Generator(ckpt.model, ckpt.tokenizer), name=name, max_active=max_active)
     return ServedModel(name=name, path=",".join(paths), tokenizer=ckpt.tokenizer,
                        context_length=int(ckpt.config.max_position_embeddings), worker=worker, meta=ckpt.meta,
                        created=int(time.time()))  # fmt: skip
