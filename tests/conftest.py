@@ -10,6 +10,30 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def overfit_chat_model(tok, rows: list[list[int]], path: Path, steps: int = 80) -> Path:
+    """A 1-layer chat model trained on `rows` (token id lists, padded into one batch) until it repeats them — a
+    teacher that answers what the test needs in a few seconds. Saved as a chat checkpoint at `path`."""
+    import torch
+
+    from danlu.io import save_model_dir
+    from danlu.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=tok.padded_vocab_size(64), depth=1, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    width = max(map(len, rows))
+    x = torch.tensor([r[:-1] + [tok.pad_id] * (width - len(r)) for r in rows])
+    y = torch.tensor([r[1:] + [-100] * (width - len(r)) for r in rows])
+    for _ in range(steps):
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model_dir(path, model.state_dict(), cfg, tok, {"stage": "test"}, chat=True)
+    return path
+
+
 class IdsTokenizer:
     """Ids as text ("<5><17>"): the little of a tokenizer that `danlu.generate.Generator` needs, for tests of decoding
     on random models without a trained tokenizer. `stop_ids` end a generation (id 0 by default; none with [])."""

@@ -27,6 +27,7 @@ from danlu.synth.prompts import read_prompts
 from danlu.synth.rouge import RougeIndex, lcs_length, rouge_l, rouge_tokens
 from danlu.synth.store import SynthStore, log_path
 from danlu.synth.teacher import Reply, Sampling
+from tests.conftest import overfit_chat_model
 
 pytest.importorskip("openai")
 
@@ -309,10 +310,7 @@ def test_bad_teachers_and_seed_files_write_nothing_through_the_cli(tmp_path: Pat
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer chat model overfitted (a few seconds) to write QUESTIONS as user turns and LIST as answers."""
-    import torch
 
-    from danlu.io import save_model_dir
-    from danlu.model import ModelConfig, Transformer
     from danlu.tokenizer import Tokenizer
 
     cfg = InstructConfig(n=3, per_request=4, seed=0)
@@ -325,21 +323,7 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in dialogs:
         ids = tok.render_chat(d)[0]
         rows += [ids, [tok.bos_id, *ids]]  # /v1/completions prompts start with bos
-    cfg = ModelConfig(vocab_size=tok.padded_vocab_size(64), depth=1, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    width = max(map(len, rows))
-    x = torch.tensor([r[:-1] + [tok.pad_id] * (width - len(r)) for r in rows])
-    y = torch.tensor([r[1:] + [-100] * (width - len(r)) for r in rows])
-    for _ in range(80):
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("synth_teacher")
-    save_model_dir(path, model.state_dict(), cfg, tok, {"stage": "test"}, chat=True)
-    return path
+    return overfit_chat_model(tok, rows, tmp_path_factory.mktemp("synth_teacher"))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from danlu.runner import run_pipeline
 from danlu.synth.experiment import SynthExperimentConfig, check_config, prepare_data
 from danlu.synth.stats import paired_difference
 from danlu.synth.students import split_of
+from tests.conftest import overfit_chat_model
 
 pytest.importorskip("openai")
 
@@ -111,11 +112,8 @@ def _finished(run: Path, stage: str) -> None:
 def _teacher(path: Path, run: Path, scratch: Path) -> Path:
     """A 1-layer chat model that answers with LIST: to the stage's first Self-Instruct requests and to world
     prompts (a few seconds of overfitting)."""
-    import torch
 
     from danlu.files import read_records
-    from danlu.io import save_model_dir
-    from danlu.model import ModelConfig, Transformer
     from danlu.synth.instruct import InstructConfig, build_prompt
     from danlu.tokenizer import Tokenizer
 
@@ -128,20 +126,7 @@ def _teacher(path: Path, run: Path, scratch: Path) -> Path:
     tok = Tokenizer.train([LIST * 3] + asks * 10, vocab_size=800)
     rows = [tok.render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": LIST}])[0]
             for q in asks]  # fmt: skip
-    cfg = ModelConfig(vocab_size=tok.padded_vocab_size(64), depth=1, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    width = max(map(len, rows))
-    x = torch.tensor([r[:-1] + [tok.pad_id] * (width - len(r)) for r in rows])
-    y = torch.tensor([r[1:] + [-100] * (width - len(r)) for r in rows])
-    for _ in range(80):
-        loss = model(x, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_model_dir(path, model.state_dict(), cfg, tok, {"stage": "test"}, chat=True)
-    return path
+    return overfit_chat_model(tok, rows, path)
 
 
 SECTION = {"hand": 40, "seeds": 6, "n": 3, "answers": 4, "steps": 2, "eval_limit": 4,
