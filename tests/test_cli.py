@@ -34,3 +34,12 @@ def test_help_is_fast_and_light(argv: list[str]) -> None:
     code = "import sys; from danlu.cli import main\ntry:\n    main(%r)\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code % argv], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout[-500:]
+
+
+@pytest.mark.parametrize("flags", [["--max-active", "0"], ["--max-queued", "-1"]])
+def test_serve_refuses_queue_bounds_that_admit_nothing(flags: list[str], tmp_path, capsys) -> None:
+    """A server that could run no stream (or a negative queue) is refused before any model loads, naming both."""
+    from danlu.cli import main
+
+    assert main(["serve", str(tmp_path / "never-read"), *flags]) == 2
+    assert "--max-active" in capsys.readouterr().err
