@@ -10,6 +10,7 @@ every row alike.
     python benchmarks/train_throughput.py --shape tiny          # a short run
     python benchmarks/train_throughput.py --shape d12 --rounds 3 --no-eager
     python benchmarks/train_throughput.py --shape d12 --batch 8 --device cuda
+    python benchmarks/train_throughput.py --loss-curve 300      # bf16 compiled vs fp32 eager (and a 2nd seed of it)
     python benchmarks/train_throughput.py --loss-curve 300 --curves danlu,hf --compile   # same start, same data
 """
 
@@ -163,54 +164,111 @@ class _HFLoss(torch.nn.Module):
 CURVES = ("danlu", "plain", "hf")  # the chunked loss (the model as trained), whole-logits loss, transformers
 
 
+@dataclass
+class Curve:
+    """One run of a loss-curve comparison: which model code, in what precision, compiled or not, from which init."""
+
+    model: str
+    dtype: torch.dtype
+    compiled: bool
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The run spelled out in full (what a short spec left to the defaults included)."""
+        dtype = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        seed = f":seed{self.seed}" if self.seed else ""
+        return f"{self.model}:{dtype}:{'compiled' if self.compiled else 'eager'}{seed}"
+
+
+def parse_curve(spec: str, default_dtype: torch.dtype, default_compiled: bool) -> Curve:
+    """`model[:bf16|fp32][:compiled|eager][:seedN]`, e.g. `danlu:bf16:compiled` (the engine's fast path) or
+    `danlu:fp32:eager` (the plain step it must match); left-out parts come from --dtype and --compile."""
+    name, *parts = spec.split(":")
+    if name not in CURVES:
+        raise SystemExit(f"--curves: unknown model {name!r} in {spec!r} (choose from {', '.join(CURVES)})")
+    dtype, compiled, seed = default_dtype, default_compiled, 0
+    for part in parts:
+        if part in ("bf16", "fp32"):
+            dtype = torch.bfloat16 if part == "bf16" else torch.float32
+        elif part in ("compiled", "eager"):
+            compiled = part == "compiled"
+        elif part.startswith("seed") and part[4:].isdigit():
+            seed = int(part[4:])
+        else:
+            raise SystemExit(f"--curves: {part!r} in {spec!r} is none of bf16, fp32, compiled, eager, seedN")
+    return Curve(name, dtype, compiled, seed)
+
+
+def trailing_means(values: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each step (fewer at the start): the smoothed curve that is compared,
+    since single-batch losses jump by more than any difference between the code paths."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def loss_curve(args: argparse.Namespace, device: torch.device) -> None:
-    """Trains the models named by --curves from the same initial weights on the same batches, step by step (the
-    engine's optimizer, schedule and clipping; compiled with --compile), and prints their losses every 100 steps.
-    danlu vs plain isolates the chunked loss; danlu vs hf the rest of the model code."""
+    """Trains the runs named by --curves from the same initial weights (unless a run names another seed) on the
+    same batches, step by step (the engine's optimizer, schedule and clipping), prints their losses every --every
+    steps and the largest gap between each run's smoothed curve and the first run's. danlu vs plain isolates the
+    chunked loss, danlu vs hf the rest of the model code, bf16 compiled vs fp32 eager the fast path as a whole, and
+    a second seed of the reference the size of a difference that is only noise."""
     from danlu.engine import lr_factor
 
     shape = {**SHAPES["tiny"], **{k: v for k in ("batch", "seq") if (v := getattr(args, k)) is not None}}
     cfg = ModelConfig(vocab_size=args.vocab, depth=shape["depth"], max_position_embeddings=shape["seq"])
     tcfg = TrainConfig(steps=args.loss_curve, warmup_steps=20)
-    dtype = resolve_dtype(args.dtype, device)
-    names = [n.strip() for n in args.curves.split(",")]
-    if unknown := set(names) - set(CURVES):
-        raise SystemExit(f"--curves: unknown {sorted(unknown)} (choose from {', '.join(CURVES)})")
-    runs = {}
-    for name in names:
-        torch.manual_seed(0)
+    default_dtype = resolve_dtype(args.dtype, device)
+    window = min(args.smooth, tcfg.steps)
+    curves = [parse_curve(s.strip(), default_dtype, args.compile) for s in args.curves.split(",")]
+    runs = []
+    for c in curves:
+        torch.manual_seed(c.seed)
         start = Transformer(cfg)
-        if name == "hf":
+        if c.model == "hf":
             model: torch.nn.Module = _HFLoss(cfg, start)
-        elif name == "plain":
+        elif c.model == "plain":
             model = _PlainLoss(cfg)
             model.load_state_dict(start.state_dict())
         else:
             model = start
         model.to(device)
-        run = torch.compile(model) if args.compile else model
-        runs[name] = (run, build_optimizers(model, tcfg, device), [p for p in model.parameters()], [])
+        run = torch.compile(model) if c.compiled else model
+        runs.append((c, run, build_optimizers(model, tcfg, device), list(model.parameters()), []))
     draw = markov_batches(args.vocab, shape["batch"], shape["seq"])
-    mode = "compiled" if args.compile else "eager"
-    print(f"loss curve: depth {shape['depth']}, batch {shape['batch']} x {shape['seq']}, {dtype}, {mode}, "
-          f"lr {tcfg.lr} cosine, {tcfg.steps} steps, same initial weights and batches: {', '.join(names)}")  # fmt: skip
+    width = max(12, *(len(c.label) for c in curves))
+    print(f"loss curve: depth {shape['depth']}, batch {shape['batch']} x {shape['seq']}, lr {tcfg.lr} cosine, "
+          f"{tcfg.steps} steps, same batches; each column: loss at the step (mean of the last {window})")  # fmt: skip
+    print("  step " + "".join(f"  {c.label:>{width + 10}}" for c in curves), flush=True)
     for step in range(tcfg.steps):
         x, y = (t.to(device) for t in draw())
-        for run, opts, params, losses in runs.values():
+        for c, run, opts, params, losses in runs:
             for opt in opts:
                 for group in opt.param_groups:
                     group.setdefault("base_lr", group["lr"])
                     group["lr"] = group["base_lr"] * lr_factor(step, tcfg)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(device.type, dtype=c.dtype, enabled=c.dtype != torch.float32):
                 loss = run(x, y)
             loss.backward()
             optimizer_step(opts, params, tcfg.grad_clip)
             losses.append(loss.item())
-        if (step + 1) % 100 == 0 or step + 1 == tcfg.steps:
-            lo = max(0, step - 9)
-            now = "  ".join(f"{n} {r[3][step]:.4f}" for n, r in runs.items())
-            means = " / ".join(f"{sum(r[3][lo:]) / len(r[3][lo:]):.4f}" for r in runs.values())
-            print(f"  step {step + 1:>4}: {now}  (means of the last 10 steps {means})", flush=True)
+        if (step + 1) % args.every == 0 or step + 1 == tcfg.steps:
+            cells = []
+            for *_, losses in runs:
+                smooth = trailing_means(losses, window)[-1]
+                cells.append(f"  {losses[-1]:>{width + 1}.4f} ({smooth:.4f})")
+            print(f"  {step + 1:>4} " + "".join(cells), flush=True)
+    first = trailing_means(runs[0][4], window)
+    print(f"largest |difference| of the smoothed curves (trailing means of {window}) from {curves[0].label}, "
+          f"steps {window}-{tcfg.steps}:")  # fmt: skip
+    for c, *_, losses in runs[1:]:
+        gaps = [abs(a - b) for a, b in zip(trailing_means(losses, window), first)][window - 1 :]
+        at = max(range(len(gaps)), key=gaps.__getitem__)
+        final = abs(losses[-1] - runs[0][4][-1])
+        print(f"  {c.label:<{width}} {gaps[at]:.4f} (at step {at + window}); last step's raw gap {final:.4f}")
 
 
 def main() -> None:
@@ -228,9 +286,19 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the same-precision eager pair")
     ap.add_argument("--loss-curve", type=int, default=0, metavar="STEPS",
                     help="instead of timing: train the --curves models side by side for STEPS steps")  # fmt: skip
-    ap.add_argument("--curves", default="danlu,plain", help=f"--loss-curve models, from {', '.join(CURVES)}")
-    ap.add_argument("--compile", action="store_true", help="--loss-curve: train under torch.compile")
+    ap.add_argument("--curves", default="danlu:compiled,danlu:fp32:eager,danlu:fp32:eager:seed1",
+                    help=f"--loss-curve runs: model[:bf16|fp32][:compiled|eager][:seedN], model from "
+                         f"{', '.join(CURVES)}; the first is the one the others are compared with")  # fmt: skip
+    ap.add_argument(
+        "--compile", action="store_true", help="--loss-curve: runs that name no mode are compiled"
+    )
+    ap.add_argument("--every", type=int, default=25, help="--loss-curve: print every this many steps")
+    ap.add_argument(
+        "--smooth", type=int, default=25, help="--loss-curve: trailing-mean window of the comparison"
+    )
     args = ap.parse_args()
+    if min(args.every, args.smooth) < 1:
+        raise SystemExit("--every and --smooth must be at least 1")
     device = torch.device(args.device)
     print(f"machine: {machine()}")
     if args.loss_curve:

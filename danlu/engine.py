@@ -409,13 +409,7 @@ class Trainer:
         wrapped = model
         if self.dist.world_size > 1:
             if self.cfg.parallel == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for layer in _blocks(
-                    model
-                ):  # one FSDP unit per block: gathers overlap the previous block's work
-                    fully_shard(layer)
-                fully_shard(model)
+                shard_blocks(model)
             else:
                 from torch.nn.parallel import DistributedDataParallel
 
@@ -780,7 +774,13 @@ class Trainer:
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v)
                     tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
                 del batches
-                loss_value = self._global_sum([loss_sum])[0] / total if total > 0 else 0.0
+                # The loss and the stage's stats summed over the ranks in one all-reduce (per step, which the loss
+                # needs anyway): logged stats are then the mean over every rank's rows, not rank 0's alone. A loss
+                # function returns the same stat names on every rank (they follow its settings, not its rows).
+                sums = self._global_sum([loss_sum, *stats_sum.values()])
+                loss_value = sums[0] / total if total > 0 else 0.0
+                shares = cfg.grad_accum * self.dist.world_size  # micro-batches summed into each stat
+                stats_mean = {k: v / shares for k, v in zip(stats_sum, sums[1:])}
                 nonfinite += 1
                 if not math.isfinite(loss_value):
                     self._skip_step(nonfinite, f"loss is {loss_value}")
@@ -811,7 +811,7 @@ class Trainer:
                         "mfu": round(tps * self.flops_per_token / self.peak, 5)
                         if self.flops_per_token
                         else None,
-                        **{k: round(v / cfg.grad_accum, 5) for k, v in stats_sum.items()},
+                        **{k: round(v, 5) for k, v in stats_mean.items()},
                     }
                     self.log({"event": "train", **record})
                     if bar:
@@ -918,6 +918,19 @@ def _is_tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
+def shard_blocks(model: nn.Module, frozen: bool = False) -> nn.Module:
+    """FSDP2 over the process group: one unit per block (a block's gather overlaps the previous block's work), then
+    the rest of the model. Also how a `frozen` teacher is sharded: each rank keeps 1/N of its weights and gathers one
+    block at a time in the forward; its root (embeddings, head) is freed after the forward too, which FSDP skips for
+    a trained model's root because the backward would gather it again at once."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _blocks(model):
+        fully_shard(layer)
+    fully_shard(model, reshard_after_forward=True if frozen else None)
+    return model
+
+
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a decoder, whatever its attribute path (`model.layers` in Llama-family and danlu's
     own models, `transformer.h` in GPT-2, a PEFT wrapper's `base_model.model.…`): the first ModuleList whose
@@ -934,3 +947,18 @@ class _null:
 
     def __exit__(self, *a: Any) -> None:
         return None
+
+
+def resume_wanted(out: Path, mode: str | bool, train_cfg: TrainConfig, stage: str) -> bool:
+    """`resume: auto` continues an unfinished run of the same stage with the same settings; true insists on it."""
+    state_path = out / "trainer_state" / "state.json"
+    if mode is True or mode == "true":
+        return True
+    if mode in (False, "false", "off") or not state_path.exists():
+        return False
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError:
+        return False
+    same = state.get("config") == {**train_cfg.__dict__} and state.get("stage") == stage
+    return same and not state.get("finished")

@@ -243,3 +243,26 @@ def kd_loss(
     return temperature**2 * generalized_jsd(
         student_logits, teacher_logits, mask, beta=0.0, temperature=temperature
     )
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, teacher_tail: torch.Tensor,
+    mask: torch.Tensor | None = None, beta: float = 0.0, temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """`kd_loss` (β = 0) or T²·`generalized_jsd` against a sparse teacher: its K most likely tokens' log-probs
+    `teacher_logp` (B, T, K) at `teacher_ids`, and the log of the mass left to all other tokens `teacher_tail` (B, T).
+
+    Both distributions are coarsened to the same K + 1 bins (the K tokens, and one bucket for the rest of the
+    vocabulary), and the divergence is taken between the binned distributions. Unlike renormalizing the teacher's
+    top K, the tail bucket keeps the mass the teacher leaves outside them as a target, so the student is not pushed
+    to put all of its mass on K tokens; by the data-processing inequality the binned KL is a lower bound of the full
+    one and equals it when K covers the vocabulary (the tail bin is then empty and left out)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    ids = teacher_ids.long()
+    s_bins = s.gather(-1, ids)
+    t_bins = teacher_logp.float()
+    if ids.size(-1) < s.size(-1):
+        s_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+        s_bins = torch.cat([s_bins, s_tail], dim=-1)
+        t_bins = torch.cat([t_bins, teacher_tail.float().unsqueeze(-1)], dim=-1)
+    return temperature**2 * generalized_jsd(s_bins, t_bins, mask, beta=beta, temperature=1.0)

@@ -523,3 +523,338 @@ def test_the_compress_recipe_section_is_a_valid_config() -> None:
     )
     with pytest.raises(DanluError, match="energie"):
         from_dict(CompressConfig, {"factorize": {"energie": 0.9}}, "compress")
+
+
+# ── restoring chat behaviour after distillation ─────────────────────────────────────────────────────────────
+
+
+def _restore_world(tmp_path):  # noqa: ANN001, ANN202
+    """One dialog repeated as the fine-tuning data, and a world eval folder whose test split asks it back."""
+    question, answer = "中国最高的山是什么？", "珠穆朗玛峰"
+    dialogs = tmp_path / "dialogs.jsonl"
+    row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+    dialogs.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 48, encoding="utf-8")
+    world = tmp_path / "world" / "eval"
+    world.mkdir(parents=True)
+    (world / "facts_base.jsonl").write_text(json.dumps({"prompt": "中国最高的山是", "answer": answer}) + "\n")
+    facts = [{"messages": [{"role": "user", "content": question}], "answer": answer, "lang": "zh", "split": "test"},
+             {"messages": [{"role": "user", "content": "日本的首都是哪里？"}], "answer": "东京", "split": "dev"}]  # fmt: skip
+    (world / "facts_chat.jsonl").write_text("".join(json.dumps(f, ensure_ascii=False) + "\n" for f in facts))
+    return dialogs, tmp_path / "world"
+
+
+def test_restore_tunes_teacher_student_and_control_then_scores_chat_facts(tmp_path, tiny_tokenizer) -> None:
+    """compress.restore: `danlu sft` on the distilled student, on the from-scratch control and on the base teacher
+    (the same fine-tuning), each a chat checkpoint scored on the held-out chat facts of the test split (the dev row
+    never); the quantized rows are of the fine-tuned student. The fine-tuned student answers what it was tuned on."""
+    from conftest import make_checkpoint
+
+    from danlu.compress.pipeline import CompressConfig, run_compress
+    from danlu.config import from_dict
+    from danlu.io import load_checkpoint, read_meta
+
+    teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
+    dialogs, world = _restore_world(tmp_path)
+    texts = _texts_file(tmp_path)
+    cfg = from_dict(CompressConfig, {
+        "data": str(texts), "eval_data": str(texts), "eval_tokens": 500, "decode_tokens": 0,
+        "shape": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
+                  "num_key_value_heads": 1},
+        "subset": {"rows": 40}, "prune": {"calibration_rows": 4, "seq_len": 32}, "distill": {"seq_len": 32},
+        "quantize": {"bits": [8]},
+        "restore": {"enabled": True, "data": [str(dialogs)], "eval_data": str(world), "limit": 0,
+                    "sft": {"val_dialogs": 4, "train": {"steps": 60, "lr": 0.01, "warmup_steps": 0}}},
+    }, "compress")  # fmt: skip
+    engine = {"device": "cpu", "dtype": "fp32", "compile": "off", "progress": False, "batch_size": 4,
+              "save_minutes": 0, "eval_every": 0, "sample_every": 0, "threads": 1}  # fmt: skip
+    result = run_compress(teacher, tmp_path / "out", cfg, _train_config(2), {"seed": 0, "train": engine})
+    rows = {r["model"]: r for r in result["rows"]}
+    assert list(rows) == ["teacher", "pruned", "distilled", "scratch", "teacher + SFT", "distilled + SFT",
+                          "scratch + SFT", "int8"]  # fmt: skip
+    for name in ("teacher + SFT", "distilled + SFT", "scratch + SFT", "int8"):
+        assert rows[name]["chat_fact_rows"] == 1 and rows[name]["chat_fact_split"] == "test", name
+    assert "chat_fact_accuracy" not in rows["teacher"] and "chat_fact_accuracy" not in rows["distilled"]
+    assert rows["distilled + SFT"]["chat_fact_accuracy"] == 1.0  # tuned on that very question
+    out = tmp_path / "out"
+    for folder in ("teacher_sft", "distilled_sft", "scratch_sft"):
+        assert load_checkpoint(out / folder, quiet=True).is_chat, folder
+    assert read_meta(out / "int8")["parent"] == str(out / "distilled_sft")
+    assert "danlu sft --from " + str(out / "scratch") in (out / "restore.log").read_text()
+    assert "| distilled + SFT |" in (out / "report.md").read_text()
+
+
+def test_restore_without_dialogs_is_refused_before_any_step(tmp_path, tiny_tokenizer) -> None:
+    from conftest import make_checkpoint
+
+    from danlu import DanluError
+    from danlu.compress.pipeline import CompressConfig, run_compress
+
+    teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
+    cfg = CompressConfig(data=str(_texts_file(tmp_path)))
+    cfg.restore.enabled, cfg.restore.data = True, [str(tmp_path / "missing.jsonl")]
+    with pytest.raises(DanluError, match="compress.restore.data: .*missing.jsonl: no such file"):
+        run_compress(teacher, tmp_path / "out", cfg, _train_config(1))
+    assert not (tmp_path / "out").exists()
+
+
+# ── distillation options: cached top-k teacher, sequence-level KD, on-policy GKD ───────────────────────────────
+
+
+def _kd_setup(tok):  # noqa: ANN001, ANN202
+    """A random teacher with the tokenizer's vocabulary (no padding rows, which generation never samples), its pruned
+    student, 40 texts of distillation rows and held-out rows."""
+    from conftest import SAMPLE_TEXT
+
+    from danlu.compress.distill import PackedRows
+
+    torch.manual_seed(0)
+    teacher = Transformer(small_config(initializer_range=0.1, vocab_size=tok.vocab_size)).eval()
+    data = PackedRows.from_texts(tok, SAMPLE_TEXT[:40], 32, 4)
+    held = PackedRows.from_texts(tok, SAMPLE_TEXT[40:], 32, 1)
+    target = TargetShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    student, _ = prune(teacher, measure_importance(teacher, data.sequential()), target)
+    return teacher, student, data, held
+
+
+def _kd_train(steps: int, **kw):  # noqa: ANN202
+    from danlu.engine import TrainConfig
+
+    base = dict(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2, device="cpu", dtype="fp32", compile="off",
+                eval_every=0, save_minutes=0, progress=False, log_every=4)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _distill(student, teacher, data, out, tok, steps: int = 12, held=None, tcfg=None, **cfg):  # noqa: ANN001, ANN202
+    import copy
+
+    from danlu.compress.distill import DistillConfig, distill
+
+    return distill(copy.deepcopy(student), teacher, data, out, tcfg=tcfg or _kd_train(steps),
+                   cfg=DistillConfig(**cfg), tokenizer=tok, meta={"stage": "test"}, eval_rows=held)  # fmt: skip
+
+
+def _greedy(model: torch.nn.Module, prompts: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """n greedy tokens after each prompt, by a full forward per token (no cache), among the tokenizer's `vocab` ids
+    (the embedding's padding rows are never sampled): the reference for generation."""
+    seq = prompts.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1, :vocab].argmax(-1, keepdim=True)], dim=1)
+    return seq[:, prompts.size(1) :]
+
+
+def test_topk_loss_is_the_full_kd_loss_when_k_is_the_vocabulary_and_close_with_few(tiny_tokenizer) -> None:
+    from danlu.compress.teacher_topk import teacher_topk
+    from danlu.losses import generalized_jsd, kd_loss, topk_kd_loss
+    from danlu.model import IGNORE_INDEX
+
+    teacher, student, data, _ = _kd_setup(tiny_tokenizer)
+    x, y = data.x[:6], data.y[:6]
+    mask = y != IGNORE_INDEX
+    with torch.no_grad():
+        t_logits = teacher(x)
+    s_logits = student(x).detach().requires_grad_(True)
+    full = teacher_topk(teacher, x, 400, temperature=2.0)
+    assert full["logp"].dtype == torch.float16 and full["ids"].dtype == torch.int16
+    assert full["logp"].shape == (6, 32, 400) and full["tail"].shape == (6, 32)
+    ours = topk_kd_loss(s_logits, full["logp"], full["ids"], full["tail"], mask, 0.0, 2.0)
+    ref = kd_loss(s_logits, t_logits, mask, 2.0)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=2e-3)
+    (g_ours,) = torch.autograd.grad(ours, s_logits)
+    (g_ref,) = torch.autograd.grad(ref, s_logits)
+    assert torch.allclose(g_ours, g_ref, atol=2e-3 * float(g_ref.abs().max()))
+    gjsd = topk_kd_loss(s_logits, full["logp"], full["ids"], full["tail"], mask, 0.5, 2.0)
+    expected = 4 * float(generalized_jsd(s_logits.detach(), t_logits, mask, 0.5, 2.0))
+    assert float(gjsd.detach()) == pytest.approx(expected, rel=2e-3)
+    # a peaked teacher (a trained model's shape): its top 32 of 400 tokens and the tail bucket stay close
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(4)
+        t_logits = teacher(x)
+    few = teacher_topk(teacher, x, 32, temperature=1.0)
+    s_logits = s_logits.detach()
+    exact = float(kd_loss(s_logits, t_logits, mask))
+    approx = float(topk_kd_loss(s_logits, few["logp"], few["ids"], few["tail"], mask))
+    assert 0.9 * exact < approx <= exact * 1.001  # the binned KL is a lower bound of the full one
+
+
+def test_topk_distillation_lowers_heldout_kl_and_reuses_or_refuses_its_cache(tmp_path, tiny_tokenizer):
+    import copy
+
+    from danlu.compress.teacher_topk import cache_path
+
+    teacher, student, data, held = _kd_setup(tiny_tokenizer)
+    res = _distill(student, teacher, data, tmp_path / "d", tiny_tokenizer, held=held, topk=16)
+    assert res["heldout_kl_after"] < 0.9 * res["heldout_kl_before"]
+    cache = cache_path(tmp_path / "d", 16)
+    assert cache.parent == tmp_path and cache.exists()  # beside the model folder, which each save swaps whole
+    written = cache.stat().st_mtime_ns
+    calls = []
+    hook = teacher.register_forward_hook(lambda *a: calls.append(1))
+    again = _distill(student, teacher, data, tmp_path / "d", tiny_tokenizer, steps=3, topk=16)
+    hook.remove()
+    # reused: no teacher forward, nothing rewritten
+    assert calls == [] and cache.stat().st_mtime_ns == written
+    assert again["steps"] == 3
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight[0, 0] += 0.01
+    with pytest.raises(DanluError, match=r"top16.safetensors: .*from another teacher.*Delete the file"):
+        _distill(student, other, data, tmp_path / "d", tiny_tokenizer, steps=1, topk=16)
+    with pytest.raises(DanluError, match=r"made from temperature 1.0 \(now 2.0\)"):
+        _distill(student, teacher, data, tmp_path / "d", tiny_tokenizer, steps=1, topk=16, temperature=2.0)
+    with pytest.raises(DanluError, match="topk=500: more than the vocabulary's 400 tokens"):
+        _distill(student, teacher, data, tmp_path / "e", tiny_tokenizer, steps=1, topk=500)
+
+
+def test_sequence_kd_trains_on_the_teachers_continuations_and_lowers_heldout_kl(tmp_path, tiny_tokenizer):
+    import copy
+
+    from danlu.compress.distill import DistillConfig, _source
+    from danlu.engine import Dist
+    from danlu.model import IGNORE_INDEX
+
+    teacher, student, data, held = _kd_setup(tiny_tokenizer)
+    cfg = DistillConfig(mode="sequence", prompt_tokens=8, gen_temperature=0.0)
+    reference = copy.deepcopy(data)
+    source = _source(data, student, teacher, tiny_tokenizer, cfg, _kd_train(1), Dist())
+    batch, rows = source.next_batch(), reference.next_batch()
+    prompts = rows["input_ids"][:, :8]
+    # rows of 32 tokens: 8 of prompt, 24 of the 25 the teacher writes (the 25th is only a target)
+    continuation = _greedy(teacher, prompts, 25, tiny_tokenizer.vocab_size)
+    assert torch.equal(batch["input_ids"], torch.cat([prompts, continuation[:, :-1]], 1))
+    assert batch["input_ids"].shape == rows["input_ids"].shape  # as many tokens as a data row
+    assert torch.equal(batch["targets"][:, 7:], continuation)  # the generated tokens, and only those, count
+    assert bool((batch["targets"][:, :7] == IGNORE_INDEX).all())
+    res = _distill(student, teacher, data, tmp_path / "s", tiny_tokenizer, steps=20, held=held, mode="sequence",
+                   prompt_tokens=8)  # fmt: skip
+    assert res["generated_batches"] == res["batches"] == 20
+    # a random teacher writes gibberish, far from the held-out text's prefixes: KL there falls less than on logits
+    assert res["heldout_kl_after"] < 0.96 * res["heldout_kl_before"]
+
+
+def test_on_policy_kd_lambda_zero_is_the_data_loss_and_lambda_one_scores_the_students_samples(
+    tmp_path, tiny_tokenizer
+) -> None:
+    import copy
+
+    from danlu.compress.distill import DistillConfig, _source
+    from danlu.engine import Dist
+    from danlu.io import load_weights
+    from danlu.model import IGNORE_INDEX
+
+    teacher, student, data, held = _kd_setup(tiny_tokenizer)
+    _distill(student, teacher, copy.deepcopy(data), tmp_path / "logits", tiny_tokenizer, steps=3, beta=0.5)
+    off = _distill(student, teacher, copy.deepcopy(data), tmp_path / "lmbda0", tiny_tokenizer, steps=3, beta=0.5,
+                   mode="on_policy", lmbda=0.0)  # fmt: skip
+    assert off["generated_batches"] == 0
+    a, b = load_weights(tmp_path / "logits", torch.float32), load_weights(tmp_path / "lmbda0", torch.float32)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    cfg = DistillConfig(mode="on_policy", lmbda=1.0, prompt_tokens=4, new_tokens=12, gen_temperature=0.0)
+    reference = copy.deepcopy(data)
+    source = _source(data, student, teacher, tiny_tokenizer, cfg, _kd_train(1), Dist())
+    student.train()
+    batch, rows = source.next_batch(), reference.next_batch()
+    assert student.training  # sampling left the student in the mode the engine trains it in
+    prompts = rows["input_ids"][:, :4]
+    samples = _greedy(student, prompts, 12, tiny_tokenizer.vocab_size)
+    assert torch.equal(batch["input_ids"], torch.cat([prompts, samples[:, :-1]], 1))
+    assert torch.equal(batch["targets"][:, 3:], samples)
+    assert bool((batch["targets"][:, :3] == IGNORE_INDEX).all())
+    res = _distill(student, teacher, data, tmp_path / "gkd", tiny_tokenizer, held=held, mode="on_policy",
+                   lmbda=0.5, beta=0.5, prompt_tokens=8)  # fmt: skip
+    assert 0 < res["generated_batches"] < res["batches"] == 12
+    assert res["heldout_kl_after"] < 0.9 * res["heldout_kl_before"]
+
+
+def test_on_policy_kd_resumes_with_the_same_coins_and_samples(tmp_path, tiny_tokenizer) -> None:
+    import copy
+
+    from danlu.compress.distill import DistillConfig, distill
+    from danlu.io import load_weights
+
+    teacher, student, data, _ = _kd_setup(tiny_tokenizer)
+    cfg = DistillConfig(mode="on_policy", lmbda=0.5, prompt_tokens=8)
+
+    def run(out, steps: int, resume: bool = False):  # noqa: ANN001, ANN202
+        tcfg = _kd_train(steps, warmup_steps=0, schedule="constant")  # the same learning rate at every step
+        return distill(copy.deepcopy(student), teacher, copy.deepcopy(data), out, tcfg=tcfg, cfg=cfg,
+                       tokenizer=tiny_tokenizer, meta={"stage": "test"}, resume=resume)  # fmt: skip
+
+    straight = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    resumed = run(tmp_path / "b", 6, resume=True)
+    assert resumed["batches"] == straight["batches"] == 6
+    assert resumed["generated_batches"] == straight["generated_batches"]
+    assert 0 < straight["generated_batches"] < 6
+    a, b = load_weights(tmp_path / "a", torch.float32), load_weights(tmp_path / "b", torch.float32)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"topk": -1}, r"compress.distill.topk=-1: must be ≥ 0"),
+        ({"mode": "sequence", "topk": 8}, r"topk=8 with mode=sequence: the cache holds"),
+        ({"mode": "on_policy", "alpha": 0.5}, r"alpha=0.5 with mode=on_policy"),
+        ({"mode": "on_policy", "lmbda": 1.5}, r"lmbda=1.5: must be in \[0, 1\]"),
+        ({"beta": -0.1}, r"beta=-0.1: must be in \[0, 1\]"),
+        ({"mode": "sequence", "prompt_tokens": 66, "seq_len": 64}, r"prompt_tokens=66 \+ new_tokens=0"),
+        ({"mode": "off_policy"}, r"mode: 'off_policy' is not one of 'logits', 'sequence', 'on_policy'"),
+        ({"gen_temperature": -1}, r"gen_temperature=-1"),
+    ],
+)
+def test_bad_distillation_settings_are_refused_naming_the_key(values: dict, message: str) -> None:
+    from danlu.compress.distill import DistillConfig
+    from danlu.config import from_dict
+
+    with pytest.raises(DanluError, match=message):
+        from_dict(DistillConfig, values, "compress.distill")
+
+
+def test_on_policy_kd_refuses_fsdp_and_a_continuation_past_the_context() -> None:
+    from danlu.compress.kd_modes import check_parallel
+
+    check_parallel("on_policy", "ddp", 2)
+    check_parallel("sequence", "fsdp", 2)
+    with pytest.raises(DanluError, match="mode=on_policy with train.parallel=fsdp on 2 processes"):
+        check_parallel("on_policy", "fsdp", 2)
+
+
+def test_killed_compress_resumes_its_distillation(tmp_path, tiny_tokenizer, monkeypatch, capsys) -> None:
+    """A run that dies after the distillation's checkpoint of step 2 continues from there when started again with
+    the same settings (compress.resume: auto), and ends with the weights of a run that was never interrupted."""
+    import dataclasses
+
+    from conftest import make_checkpoint
+    from safetensors.torch import load_file
+
+    from danlu import engine
+    from danlu.compress.pipeline import CompressConfig, run_compress
+    from danlu.config import from_dict
+
+    teacher = make_checkpoint(tmp_path / "teacher", tiny_tokenizer, depth=2, chat=False)
+    section = {"data": str(_texts_file(tmp_path)), "decode_tokens": 0, "scratch": {"enabled": False},
+               "quantize": {"enabled": False}, "subset": {"rows": 40}, "prune": {"calibration_rows": 4, "seq_len": 32},
+               "distill": {"seq_len": 32}, "shape": {"hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1}}  # fmt: skip
+    tcfg = dataclasses.replace(_train_config(4), save_every=2)
+    run_compress(teacher, tmp_path / "straight", from_dict(CompressConfig, section, "compress"), tcfg)
+
+    real = engine.Trainer._boundary
+
+    def dies_after_step_2(self: engine.Trainer) -> None:
+        real(self)
+        if self.step == 2:
+            raise KeyboardInterrupt  # as a kill: no final save
+
+    monkeypatch.setattr(engine.Trainer, "_boundary", dies_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_compress(teacher, tmp_path / "killed", from_dict(CompressConfig, section, "compress"), tcfg)
+    monkeypatch.setattr(engine.Trainer, "_boundary", real)
+    capsys.readouterr()
+    run_compress(teacher, tmp_path / "killed", from_dict(CompressConfig, section, "compress"), tcfg)
+    assert f"resumed distill from step 2 in {tmp_path / 'killed' / 'distilled'}" in capsys.readouterr().out
+    want = load_file(str(tmp_path / "straight" / "distilled" / "model.safetensors"))
+    got = load_file(str(tmp_path / "killed" / "distilled" / "model.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -100,15 +100,21 @@ def test_compiled_rms_norm_matches_f_rms_norm_in_output_and_gradients(rows: int)
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_training_step_matches_eager_in_loss_and_every_gradient() -> None:
-    """What torch.compile trains (the compiled norm, fused projections, chunked loss) gives eager's loss and the
-    gradient of every parameter."""
+# Llama's layout, and Qwen2's q/k/v biases with Qwen3's q/k norm (the compiled norm then runs per head too).
+@pytest.mark.parametrize("extra", [{}, {"qkv_bias": True, "qk_norm": True}])
+def test_compiled_training_step_matches_eager_in_loss_and_every_gradient(extra: dict) -> None:
+    """What torch.compile trains (the compiled norm, the chunked loss) gives eager's loss and the gradient of every
+    parameter."""
     from danlu.compiler import compiler_available
 
     if not compiler_available(torch.device("cpu")):
         pytest.skip("no C++ compiler for inductor")
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=256, depth=2, max_position_embeddings=32))
+    model = Transformer(ModelConfig(vocab_size=256, depth=2, max_position_embeddings=32, **extra))
+    with torch.no_grad():  # biases start at zero, where a wrong bias gradient would not change the loss
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(std=0.1)
     ids = torch.randint(0, 256, (2, 32))
     targets = ids.roll(-1, 1)
     eager = model(ids, targets)

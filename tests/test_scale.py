@@ -1,11 +1,13 @@
 """Correct at scale (issue 19, training): each rank reads its own rows of the global batch, losses are normalized
-over the whole global batch, 2 processes give the losses and weights of 1 with the same global batch (reward, DPO,
-GRPO, PPO; the rollouts sample the same text), every one of these stages killed on 2 processes resumes exactly, a
-non-finite gradient is caught, one precedence rule for settings, and the final tokens/s is the stage's own.
+over the whole global batch, 2 processes give the losses, logged stats and weights of 1 with the same global batch
+(SFT, distillation, reward, DPO, GRPO, PPO; the rollouts sample the same text), every one of these stages killed on
+2 processes resumes exactly, a non-finite gradient is caught, one precedence rule for settings, and the final
+tokens/s is the stage's own.
 
 Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL RM [ddp|fsdp] [KILLED]`, under torchrun for
-two), this file is also the worker of the 2-process test: it trains reward, DPO, GRPO and PPO and writes, per rank,
-the hashes of the rows each step read, the logged losses and a hash of the final weights (see `_worker`).
+two), this file is also the worker of the 2-process test: it trains SFT, distillation, reward, DPO, GRPO and PPO and
+writes, per rank, the hashes of the rows each step read, the logged losses and stats and a hash of the final weights
+(see `_worker`). The SFT dialogs and the distillation's student checkpoint lie beside PAIRS.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "threads": 1}
+# Logged stats that are means over equal counts of rows (pairs, rollouts) on every rank, so their mean over the ranks
+# is one process's figure for the same global batch (a std or a per-token mean over the rank's own tokens is not).
+MEAN_STATS = {"reward": ("accuracy", "margin"), "dpo": ("accuracy", "margin", "rewards_chosen"),
+              "grpo": ("reward", "completion_tokens"), "ppo": ("reward", "kl")}  # fmt: skip
 
 
 def _row_hash(row: list[int], pad_id: int) -> str:
@@ -44,7 +50,7 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 def _record_fits(record: dict[str, Any]) -> None:
     """Wraps Trainer.fit to record, per stage, the row hashes of every batch this rank read, the logged (already
-    all-reduced) losses and a hash of the final weights."""
+    all-reduced) losses and `MEAN_STATS` and a hash of the final weights."""
     from danlu import engine
 
     real_fit = engine.Trainer.fit
@@ -52,7 +58,9 @@ def _record_fits(record: dict[str, Any]) -> None:
     def fit(self: Any) -> Any:
         rows: list[list[str]] = []
         real_next = self.data.next_batch
-        pad = self.data.pad_id if hasattr(self.data, "pad_id") else self.data.tok.pad_id
+        # (distillation's rows of packed text have no pad id: nothing is stripped)
+        pad = self.data.pad_id if hasattr(self.data, "pad_id") else getattr(getattr(self.data, "tok", None),
+                                                                            "pad_id", -1)  # fmt: skip
 
         def next_batch() -> dict[str, torch.Tensor]:
             b = real_next()
@@ -62,10 +70,12 @@ def _record_fits(record: dict[str, Any]) -> None:
         self.data.next_batch = next_batch
         start = _weights_hash(self.raw_model)
         out = real_fit(self)
+        logged = [h for h in self.history if h.get("event") == "train"]
         record[self.stage] = {
             "start": start,
             "rows": rows,
-            "losses": [h["loss"] for h in self.history if h.get("event") == "train"],
+            "losses": [h["loss"] for h in logged],
+            "stats": [{k: h[k] for k in MEAN_STATS.get(self.stage, ())} for h in logged],
             "weights": _weights_hash(self.raw_model),
         }
         return out
@@ -94,14 +104,18 @@ def _crash_after(step: int) -> None:
 
 def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, mode: str, parallel: str,
             resume: str, **extra: Any) -> None:  # fmt: skip
-    """Reward and DPO (3 steps), GRPO and PPO (2 steps, scored by the reward model `rm`) with the global batch of
-    4 pairs and 2 prompts, split over the ranks of `mode` two. A stage that refuses to run leaves its message in
-    `record`."""
+    """SFT, distillation, reward and DPO (3 steps), GRPO and PPO (2 steps, scored by the reward model `rm`) with the
+    global batch of 4 packed rows, 4 pairs and 2 prompts, split over the ranks of `mode` two. A stage that refuses to
+    run leaves its message in `record`."""
     from danlu import DanluError
+    from danlu.compress.distill import DistillConfig, PackedRows, distill
+    from danlu.engine import TrainConfig
+    from danlu.io import load_checkpoint
     from danlu.stages.dpo import DPOConfig, train_dpo
     from danlu.stages.grpo import GRPOConfig, train_grpo
     from danlu.stages.ppo import PPOConfig, train_ppo
     from danlu.stages.reward import RewardConfig, train_reward
+    from danlu.stages.sft import SFTConfig, sft
 
     split = 2 if mode == "one" else 1  # the same global batch on 1 and on 2 processes
     train = {**FAST, "steps": 3, "batch_size": 2 * split, "parallel": parallel, **extra}
@@ -112,7 +126,25 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
         "parallel": parallel,
         **extra,
     }  # a KL to the reference at step 2
+
+    def distill_rows() -> None:
+        """A random 1-layer student toward the random teacher `ckpt`: KD at T=2 plus cross-entropy, on ~11 rows of
+        32 tokens (step 3 starts a new epoch; the last row is padded, so ranks score different token counts)."""
+        teacher, student = load_checkpoint(ckpt), load_checkpoint(pairs.parent / "student")
+        texts = [f"第{a}行: {a} × 7 = {7 * a}。The capital of country {a} is city {a * 3}." for a in range(9)]
+        rows = PackedRows.from_texts(teacher.tokenizer, texts, 32, train["batch_size"])
+        distill(student.model, teacher.model, rows, out / "distill", tcfg=TrainConfig(**train, lr=0.01,
+                warmup_steps=0), cfg=DistillConfig(temperature=2.0, alpha=0.5), tokenizer=teacher.tokenizer,
+                meta={"stage": "test"}, resume=resume == "auto")  # fmt: skip
+        params = list(teacher.model.parameters())  # FSDP2 shards the frozen teacher too: DTensors, 1/N local
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+        record["teacher_share"] = local / sum(p.numel() for p in params)
+
     stages = {
+        # Dialogs packed 2–3 to a row of 64 tokens, answers of different lengths: rows score different token counts
+        "sft": lambda: sft(ckpt, [pairs.parent / "sft.jsonl"], out / "sft", recipe={}, cfg=SFTConfig(
+            seq_len=64, val_dialogs=0, replay=0.0, eval_limit=0, resume=resume, train=train)),
+        "distill": distill_rows,
         "reward": lambda: train_reward(ckpt, pairs, out / "reward", recipe={},
                                        cfg=RewardConfig(resume=resume, train=train)),
         "dpo": lambda: train_dpo(ckpt, pairs, out / "dpo", recipe={}, cfg=DPOConfig(resume=resume, train=train)),
@@ -156,16 +188,24 @@ def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, pa
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
+    from tests.conftest import make_checkpoint
+
     root = tmp_path_factory.mktemp("scale_data")
-    pairs, prompts = [], []
+    pairs, prompts, dialogs = [], [], []
     for a in range(2, 10):  # answers of different lengths, so rows differ in their token counts
         q = [{"role": "user", "content": f"{a} + 3 = ?"}]
         pairs.append({"prompt": q, "chosen": f"{a + 3}" + " 对" * (a % 3), "rejected": f"{a + 4} 不对"})
         prompts.append({"messages": q, "answer": str(a + 3)})
+    for a in range(16):
+        answer = f"{a + 3}" + " 对" * (a % 5) + " The capital of Japan is Tokyo." * (a % 3 == 0)
+        dialogs.append({"messages": [{"role": "user", "content": f"{a} + 3 = ?"},
+                                     {"role": "assistant", "content": answer}]})  # fmt: skip
     (root / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     (root / "rl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
-    return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl"}
+    (root / "sft.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogs))
+    make_checkpoint(root / "student", tiny_tokenizer, seed=1)  # distillation's student: other random weights
+    return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl", "student": root / "student"}
 
 
 def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -177,11 +217,12 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
     tmp_path: Path, tiny_checkpoint: Path, data
 ) -> None:
-    """torchrun, 2 CPU processes (gloo): reward, DPO (2 pairs per rank), GRPO and PPO (1 prompt per rank) give the
-    losses and final weights of 1 process with 4 pairs and 2 prompts (to 1e-5), DDP and FSDP2 alike, each rank
-    reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled rollouts, the same text
-    as one process samples). Each stage killed after step 1 on 2 processes continues, in a new launch, with the
-    losses and weights of the uninterrupted run (to 1e-6)."""
+    """torchrun, 2 CPU processes (gloo): SFT and distillation (2 packed rows per rank), reward, DPO (2 pairs per
+    rank), GRPO and PPO (1 prompt per rank) give the losses, logged mean stats (reward, accuracy, …: the mean over
+    the ranks, not rank 0's) and final weights of 1 process with 4 rows, 4 pairs and 2 prompts (to 1e-5), DDP and
+    FSDP2 alike, each rank reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled
+    rollouts, the same text as one process samples). Each stage killed after step 1 on 2 processes continues, in a
+    new launch, with the losses and weights of the uninterrupted run (to 1e-6)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = [str(tiny_checkpoint), str(data["pairs"]), str(data["rl"]), str(tmp_path / "one" / "reward")]
     one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), *args],
@@ -194,19 +235,27 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
                                __file__, "two", str(tmp_path / parallel), *args, parallel, *killed],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)  # fmt: skip
 
-    stages = ("reward", "dpo", "grpo", "ppo")
+    stages = ("sft", "distill", "reward", "dpo", "grpo", "ppo")
     # DDP, its stages killed after step 1 into ddp/killed; then FSDP2, which also continues ddp/killed (DDP): a new
     # launch resumes them, as a rerun after a kill does
     for parallel in ("ddp", "fsdp"):
         two = torchrun(parallel, *([str(tmp_path / "ddp" / "killed")] if parallel == "fsdp" else []))
         assert two.returncode == 0, two.stderr[-8000:]  # enough to hold the failing rank's own traceback
         r0, r1 = (json.loads((tmp_path / parallel / f"two{r}.json").read_text()) for r in (0, 1))
+        if parallel == "fsdp":  # the teacher split between the ranks (dim 0 of each tensor, so not evenly)
+            assert r0["teacher_share"] + r1["teacher_share"] == pytest.approx(1.0)
+            assert max(r0["teacher_share"], r1["teacher_share"]) < 0.75
+        else:
+            assert r0["teacher_share"] == r1["teacher_share"] == 1.0
         for stage in stages:
             if parallel == "fsdp" and stage in ("grpo", "ppo"):
                 assert "use train.parallel=ddp for " + stage in r0[stage]["refused"], stage
                 continue
             assert len(ref[stage]["losses"]) == (2 if stage in ("grpo", "ppo") else 3), stage
             assert r0[stage]["losses"] == pytest.approx(ref[stage]["losses"], abs=1e-5), (parallel, stage)
+            for step, want in enumerate(ref[stage]["stats"]):  # every rank logs the mean over the ranks
+                for got in (r0[stage]["stats"][step], r1[stage]["stats"][step]):
+                    assert got == pytest.approx(want, abs=1e-5), (parallel, stage, step)
             for step, rows in enumerate(ref[stage]["rows"]):
                 mine, theirs = set(r0[stage]["rows"][step]), set(r1[stage]["rows"][step])
                 assert not mine & theirs, (parallel, stage, step)  # different rows on each rank
@@ -215,7 +264,8 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
                 assert r0[stage]["weights"] == r1[stage]["weights"] != r0[stage]["start"], stage
             # The same update as one process: to 1e-3 of its size (Adam turns the float noise of a gradient near 0
             # into a step of up to lr on a handful of weights; other samples or advantages would differ by ~1).
-            start, want = _final_weights(tiny_checkpoint), _final_weights(tmp_path / "one" / stage)
+            start = _final_weights(data["student"] if stage == "distill" else tiny_checkpoint)
+            want = _final_weights(tmp_path / "one" / stage)
             got = _final_weights(tmp_path / parallel / stage)
             assert want.keys() == got.keys()
             moved = torch.cat([(want[k] - start[k]).flatten() for k in start if k in want])
@@ -268,6 +318,29 @@ def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) ->
         assert a + b == single._prompt_indices(position) and a != b
     with pytest.raises(DanluError, match="trained on 2 processes, this run has 1"):
         single.load_state_dict({**pair[1].state_dict(), "prompts": len(prompts)})
+
+
+def test_packed_text_rows_shard_the_global_batch(tiny_tokenizer) -> None:
+    """In process: distillation's rows follow pretraining's rule (RowOrder): rank r of 3 reads the r-th slice of the
+    global batch one process reads, across epochs, and continues from a saved position; too few rows for one global
+    batch is refused, naming both counts."""
+    from danlu import DanluError
+    from danlu.compress.distill import PackedRows
+
+    texts = [f"第{a}行: {a} × 7 = {7 * a}。The capital of country {a} is city {a * 3}." for a in range(9)]
+    one = PackedRows.from_texts(tiny_tokenizer, texts, 32, 6, seed=3)
+    ranks = [PackedRows.from_texts(tiny_tokenizer, texts, 32, 2, seed=3) for _ in range(3)]
+    for r, source in enumerate(ranks):
+        source.shard(r, 3)
+    for _ in range(4):  # 11 rows, 6 a global batch: a new epoch every batch
+        want = one.next_batch()["input_ids"]
+        assert torch.equal(torch.cat([r.next_batch()["input_ids"] for r in ranks]), want)
+    again = PackedRows.from_texts(tiny_tokenizer, texts, 32, 2, seed=3)
+    again.shard(1, 3)
+    again.load_state_dict(ranks[1].state_dict())
+    assert torch.equal(again.next_batch()["input_ids"], ranks[1].next_batch()["input_ids"])
+    with pytest.raises(DanluError, match="11 rows of text, fewer than one global batch of 12"):
+        ranks[0].shard(0, 6)
 
 
 def test_rollouts_sample_the_same_rows_whatever_the_world_size(tiny_checkpoint: Path, data) -> None:

@@ -1,7 +1,8 @@
 """`danlu compress --teacher CKPT --data TEXTS --out DIR compress.ratio=10`: subset, prune, distill, quantize.
 
 Writes DIR/pruned, DIR/distilled, DIR/scratch (the same shape trained from scratch on the same tokens), DIR/int8,
-DIR/int4 (each a checkpoint folder), DIR/gguf/ when compress.gguf lists quant types, and DIR/report.md with
+DIR/int4 (each a checkpoint folder), DIR/distilled_sft and DIR/scratch_sft with compress.restore.enabled=true
+compress.restore.data=DIALOGS (chat fine-tuning after distillation), DIR/gguf/ when compress.gguf lists quant types, and DIR/report.md with
 parameters, bytes, held-out bits-per-byte, held-out facts and decode tokens/s after each step. Steps switch off with
 compress.distill.enabled=false …; the options compress.factorize / compress.share switch on with enabled=true.
 """
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             section[key] = value
     cfg = from_dict(CompressConfig, section, "compress")
     tcfg = train_config(recipe, {**cfg.train, **cfg.distill.train}, "compress")
-    result = run_compress(args.teacher, Path(args.out), cfg, tcfg)
+    result = run_compress(args.teacher, Path(args.out), cfg, tcfg, recipe)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}")
     return 0 if result.get("rows") else 1

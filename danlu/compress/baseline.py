@@ -23,9 +23,11 @@ def train_from_scratch(
     tokenizer: Any,
     meta: dict[str, Any],
     chat: bool = False,
+    resume: bool = False,
 ) -> tuple[Transformer, dict[str, Any]]:
     """A model of shape `cfg` trained from random init with cross-entropy on `data` for `tcfg.steps` steps; saved to
-    `out`. Returns the model (eval mode) and {steps, train_loss, tokens}."""
+    `out` (`resume`: continued from the unfinished checkpoint there). Returns the model (eval mode) and {steps,
+    train_loss, tokens} (tokens over all processes)."""
     from danlu.engine import Hooks, Trainer, set_seed
     from danlu.io import save_model_dir
 
@@ -37,9 +39,14 @@ def train_from_scratch(
 
     trainer = Trainer(tcfg, model, data, lambda m, b: (m(b["input_ids"], b["targets"]), {}), out,
                       Hooks(save_model=save), stage="scratch")  # fmt: skip
+    world = trainer.dist.world_size
+    if hasattr(data, "shard"):  # under torchrun each rank reads its own slice, as the distillation's do
+        data.shard(trainer.dist.rank, world)
+    if resume:
+        trainer.resume()
     metrics = trainer.fit()
     seq_len = int(data.x.size(1)) if hasattr(data, "x") else 0
-    tokens = trainer.step * tcfg.batch_size * tcfg.grad_accum * seq_len
+    tokens = trainer.step * tcfg.batch_size * tcfg.grad_accum * world * seq_len
     return trainer.raw_model.float().eval(), {
         "steps": trainer.step,
         "train_loss": metrics.get("loss"),

@@ -56,10 +56,11 @@ def decode_speed(
 
 
 def measure(
-    name: str, model: torch.nn.Module, tokenizer: Any, folder: Path | None, cfg: Any
+    name: str, model: torch.nn.Module, tokenizer: Any, folder: Path | None, cfg: Any, chat: bool = False
 ) -> dict[str, Any]:
     """One report row for `model` (eval mode). `cfg` is the CompressConfig (eval_data, eval_tokens, facts, …);
-    `folder` the saved weights whose bytes are reported (None: the bytes the tensors take in memory)."""
+    `folder` the saved weights whose bytes are reported (None: the bytes the tensors take in memory); a `chat`
+    model also answers the held-out chat facts when `compress.restore.eval_data` names a world."""
     from danlu.compress.quantize import state_bytes
 
     quantized = getattr(model, "quantization", None) is not None
@@ -86,6 +87,10 @@ def measure(
             res = completion_accuracy(Generator(model, tokenizer), rows, max_tokens=16)
             row.update(fact_accuracy=res["accuracy"], fact_rows=len(rows), fact_split=split)
             prompt = [tokenizer.bos_id, *tokenizer.encode(str(rows[0]["prompt"]))]
+    if chat and cfg.restore.eval_data:
+        from danlu.compress.restore import chat_facts
+
+        row.update(chat_facts(model, tokenizer, cfg.restore))
     if cfg.decode_tokens:
         row["decode_tokens_per_s"] = decode_speed(model, tokenizer, prompt, cfg.decode_tokens)
     print("[danlu] compress: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -95,8 +100,8 @@ def measure(
 
 def report_table(rows: list[dict[str, Any]]) -> str:
     """The report as a Markdown table (one row per step)."""
-    head = ("| model | params | non-emb params | bytes | held-out bpb | held-out facts | decode tok/s |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
+    head = ("| model | params | non-emb params | bytes | held-out bpb | held-out facts | chat facts | decode tok/s |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|\n")  # fmt: skip
 
     def cell(v: Any, fmt: str) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
@@ -104,6 +109,7 @@ def report_table(rows: list[dict[str, Any]]) -> str:
     body = "".join(
         f"| {r['model']} | {cell(r.get('params'), ',')} | {cell(r.get('non_embedding_params'), ',')} | "
         f"{cell(r.get('bytes'), ',')} | {cell(r.get('val_bpb'), '.4f')} | {cell(r.get('fact_accuracy'), '.3f')} | "
+        f"{cell(r.get('chat_fact_accuracy'), '.3f')} | "
         f"{cell(r.get('decode_tokens_per_s'), ',.0f')} |\n"
         for r in rows
     )

@@ -18,6 +18,7 @@ from typing import Any
 from danlu import DanluError
 from danlu.compress.distill import DistillConfig
 from danlu.compress.lowrank import LowRankConfig
+from danlu.compress.restore import RestoreConfig
 from danlu.compress.share import ShareConfig
 from danlu.compress.subset import SubsetConfig
 
@@ -71,7 +72,9 @@ class CompressConfig:
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
     factorize: LowRankConfig = field(default_factory=LowRankConfig)
     share: ShareConfig = field(default_factory=ShareConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)  # SFT on dialogs after distillation (off)
     gguf: list[str] = field(default_factory=list)  # GGUF exports of the last float student (q8_0, q4_k_m, …)
+    resume: str = "auto"  # auto: go on with an unfinished distillation or control (same settings)
     train: dict[str, Any] = field(default_factory=dict)
 
 
@@ -118,14 +121,18 @@ def _read_texts(path: str, field_name: str) -> list[dict[str, Any]]:
     return list(read_records(p))
 
 
-def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg: Any) -> dict[str, Any]:
+def run_compress(
+    teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg: Any, recipe: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Runs the enabled steps and writes the report; returns {"rows": [...], step metrics…}. `tcfg` is the
-    engine's TrainConfig for distillation (the caller merges the recipe's `train:` sections)."""
+    engine's TrainConfig for distillation (the caller merges the recipe's `train:` sections); `recipe` the whole
+    recipe, whose `sft:` section the restore step fine-tunes with."""
     from danlu.compress.distill import PackedRows
     from danlu.compress.importance import require_native
     from danlu.compress.measure import measure, report_table
+    from danlu.compress.restore import check_restore, restore_chat
     from danlu.compress.subset import select_subset
-    from danlu.engine import set_seed
+    from danlu.engine import init_distributed, resume_wanted, set_seed
     from danlu.eval.bpb import text_batches
     from danlu.files import write_json_atomic, write_jsonl_atomic
     from danlu.io import load_checkpoint
@@ -141,13 +148,16 @@ def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg:
         raise DanluError(
             f"compress.multiple={cfg.multiple}: must be a multiple of 32 (GGUF quantizes in blocks of 32)"
         )
+    check_restore(cfg.restore)
+    if cfg.restore.enabled and not cfg.distill.enabled:
+        raise DanluError("compress.restore fine-tunes the distilled student: enable compress.distill too")
     out.mkdir(parents=True, exist_ok=True)
     teacher_memory(teacher_path)
     ckpt = load_checkpoint(teacher_path, quiet=True)
     teacher, tok = ckpt.model, ckpt.tokenizer
     require_native(teacher, "compress")
     set_seed(cfg.subset.seed)
-    rows = [measure("teacher", teacher, tok, teacher_path, cfg)]
+    rows = [measure("teacher", teacher, tok, teacher_path, cfg, chat=ckpt.is_chat)]
     result: dict[str, Any] = {"teacher": str(teacher_path)}
 
     records = _read_texts(cfg.data, cfg.subset.text_field)
@@ -170,14 +180,17 @@ def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg:
     )
     if student is not teacher:
         rows.append(measure("student" if cfg.student else "pruned", student, tok, student_dir, cfg))
+    final_dir, chat = (student_dir if student is not teacher else teacher_path), ckpt.is_chat
+    base = rows[-1]  # the row the options are judged against: the last float student's
 
     d_len = min(cfg.distill.seq_len, teacher.config.max_position_embeddings)
 
     def packed() -> PackedRows:  # the same rows in the same order for every run on them
         return PackedRows.from_texts(tok, texts, d_len, tcfg.batch_size, tcfg.seed)
 
+    world = init_distributed(tcfg.device).world_size  # the token budget is the global batch's
     if cfg.distill.tokens:
-        tcfg.steps = max(1, cfg.distill.tokens // (tcfg.batch_size * tcfg.grad_accum * d_len))
+        tcfg.steps = max(1, cfg.distill.tokens // (tcfg.batch_size * tcfg.grad_accum * world * d_len))
     held = None
     if cfg.eval_data:
         held_texts = [
@@ -192,24 +205,40 @@ def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg:
                 "compress.distill needs a smaller student: enable compress.prune or give compress.student"
             )
         meta = {"stage": "compress.distill", "parent": str(student_dir), "teacher": str(teacher_path)}
+        resume = resume_wanted(out / "distilled", cfg.resume, tcfg, "distill")
         result["distill"] = distill(student, teacher, packed(), out / "distilled", tcfg=tcfg, cfg=cfg.distill,
-                                    tokenizer=tok, meta=meta, eval_rows=held, chat=ckpt.is_chat)  # fmt: skip
-        result["distill"]["tokens"] = result["distill"]["steps"] * tcfg.batch_size * tcfg.grad_accum * d_len
+                                    tokenizer=tok, meta=meta, eval_rows=held, chat=ckpt.is_chat,
+                                    resume=resume)  # fmt: skip
+        global_rows = tcfg.batch_size * tcfg.grad_accum * world
+        result["distill"]["tokens"] = result["distill"]["steps"] * global_rows * d_len
         student, student_dir = student.float(), out / "distilled"
+        final_dir = student_dir
         rows.append(measure("distilled", student, tok, student_dir, cfg))
+        base = rows[-1]
+        # a base teacher gets the same fine-tuning too: the student's chat figures are then a share of its own
+        controls = {} if ckpt.is_chat else {"teacher + SFT": teacher_path}
+        controls["distilled + SFT"] = student_dir
         if cfg.scratch.enabled:
             from danlu.compress.baseline import train_from_scratch
 
             meta = {"stage": "compress.scratch", "parent": None, "control_of": str(student_dir)}
+            scratch_cfg = _scratch_train(tcfg, cfg.scratch.train)
             scratch, result["scratch"] = train_from_scratch(
-                student.config, packed(), out / "scratch", tcfg=_scratch_train(tcfg, cfg.scratch.train),
-                tokenizer=tok, meta=meta, chat=ckpt.is_chat,
+                student.config, packed(), out / "scratch", tcfg=scratch_cfg, tokenizer=tok, meta=meta,
+                chat=ckpt.is_chat, resume=resume_wanted(out / "scratch", cfg.resume, scratch_cfg, "scratch"),
             )  # fmt: skip
             rows.append(measure("scratch", scratch, tok, out / "scratch", cfg))
+            controls["scratch + SFT"] = out / "scratch"
             del scratch
+        if cfg.restore.enabled:  # the control gets the same fine-tuning, so its chat figures compare
+            for name, folder in controls.items():
+                into = out / (("teacher" if folder == teacher_path else folder.name) + "_sft")
+                restored = restore_chat(folder, into, cfg.restore, recipe or {}, out / "restore.log")
+                model = load_checkpoint(restored, quiet=True).model
+                rows.append(measure(name, model, tok, restored, cfg, chat=True))
+            final_dir, chat = out / "distilled_sft", True
 
     if student is not teacher:
-        base = rows[-1] if rows[-1]["model"] != "scratch" else rows[-2]
         for name, option in (("low-rank", cfg.factorize), ("shared", cfg.share)):
             if option.enabled:
                 row, result[name] = _option(name, option, student, teacher, tok, calibration, packed, held, base,
@@ -217,11 +246,9 @@ def run_compress(teacher_path: str | Path, out: Path, cfg: CompressConfig, tcfg:
                 rows.append(row)
 
     if cfg.quantize.enabled:
-        rows += _quantize(
-            student_dir if student is not teacher else teacher_path, tok, ckpt.is_chat, out, cfg
-        )
+        rows += _quantize(final_dir, tok, chat, out, cfg)
     if cfg.gguf:
-        rows += _gguf(student_dir if student is not teacher else teacher_path, out, cfg.gguf, result)
+        rows += _gguf(final_dir, out, cfg.gguf, result)
     result["rows"] = rows
     write_json_atomic(out / "report.json", result)
     (out / "report.md").write_text(report_table(rows), encoding="utf-8")
@@ -333,7 +360,7 @@ def _quantize(source: Path, tok: Any, chat: bool, out: Path, cfg: CompressConfig
         q = quantize_model(load_checkpoint(source, quiet=True).model, bits, cfg.quantize.group_size)
         with atomic_path(out / f"int{bits}") as tmp:
             save_quantized(q, tmp, tok, {"stage": f"compress.int{bits}", "parent": str(source)}, chat=chat)
-        rows.append(measure(f"int{bits}", q, tok, out / f"int{bits}", cfg))
+        rows.append(measure(f"int{bits}", q, tok, out / f"int{bits}", cfg, chat=chat))
     return rows
 
 

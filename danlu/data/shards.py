@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +176,52 @@ def load_index(shard_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@dataclass
-class LoaderState:
-    epoch: int = 0
-    pos: int = 0
+class RowOrder:
+    """Which rows each rank reads: a seeded permutation of the `rows` row indices per epoch (index order without
+    `shuffle`), walked one global batch of `batch_size × world_size` rows at a time, rank r taking the r-th slice of
+    each; an epoch's tail shorter than a global batch is skipped. So N processes with batch B read, together, exactly
+    the rows one process with batch N·B reads, and the position (epoch, rows of it consumed: the same on every rank)
+    resumes exactly. The one home of this rule for the row sources that index their rows (`TokenRows`, the
+    distillation's `PackedRows`)."""
+
+    def __init__(
+        self, rows: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ) -> None:  # fmt: skip
+        self.rows, self.batch_size, self.rank, self.world_size = rows, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation(0)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.rows)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's row indices of the next global batch."""
+        if self.pos + self.global_batch > self.rows:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        first = self.pos + self.rank * self.batch_size
+        self.pos += self.global_batch
+        return self._order[first : first + self.batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, int], what: str = "") -> None:
+        """Continues from a saved position; `what` prefixes the error when it belongs to other rows or another seed."""
+        if state.get("rows") != self.rows or state.get("seed") != self.seed:
+            raise DanluError(
+                f"{what}the checkpoint's data position belongs to other data "
+                f"({state.get('rows')} rows, seed {state.get('seed')}; now {self.rows} rows, seed {self.seed})"
+            )
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation(self.epoch)
 
 
 class TokenRows:
@@ -200,7 +241,6 @@ class TokenRows:
         self.index = index
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
-        self.state = LoaderState()
         self._arrays = []
         starts = []
         for shard in index["splits"][split]:
@@ -214,25 +254,15 @@ class TokenRows:
                 f"{shard_dir}: split {split!r} has {len(self._rows)} rows of {seq_len} tokens, fewer than one global "
                 f"batch of {batch_size * world_size}; use more data, a smaller batch_size or a shorter seq_len"
             )
-        self._order = self._permutation(0)
+        self.order = RowOrder(len(self._rows), batch_size, rank=rank, world_size=world_size, seed=seed,
+                              shuffle=shuffle)  # fmt: skip
 
     @property
     def num_rows(self) -> int:
         return len(self._rows)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(len(self._rows))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self._rows))
-
     def next_batch(self) -> dict[str, torch.Tensor]:
-        global_batch = self.batch_size * self.world_size
-        if self.state.pos + global_batch > len(self._order):
-            self.state = LoaderState(self.state.epoch + 1, 0)
-            self._order = self._permutation(self.state.epoch)
-        first = self.state.pos + self.rank * self.batch_size
-        picked = self._order[first : first + self.batch_size]
-        self.state.pos += global_batch
+        picked = self.order.next_indices()
         rows = np.stack([self._arrays[s][o : o + self.seq_len + 1] for s, o in self._rows[picked]]).astype(
             np.int64
         )
@@ -253,16 +283,10 @@ class TokenRows:
             yield {"input_ids": t[:, :-1], "targets": t[:, 1:]}
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.state.epoch, "pos": self.state.pos, "seed": self.seed, "rows": len(self._rows)}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("rows") != len(self._rows) or state.get("seed") != self.seed:
-            raise DanluError(
-                "the checkpoint's data position belongs to other data "
-                f"({state.get('rows')} rows, seed {state.get('seed')}; now {len(self._rows)} rows, seed {self.seed})"
-            )
-        self.state = LoaderState(int(state["epoch"]), int(state["pos"]))
-        self._order = self._permutation(self.state.epoch)
+        self.order.load_state_dict(state)
 
 
 def tokenize_command(args: argparse.Namespace) -> int:

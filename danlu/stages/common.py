@@ -8,7 +8,6 @@ a stage's own `train:` overrides them; top-level `seed`, `device`, `dtype` and `
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -77,21 +76,6 @@ def attach_peft(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: s
                          "to its base (that changes the embedding every other adapter of the base relies on); "
                          f"fine-tune it fully first (without {stage}.peft) or start from a base with a template")  # fmt: skip
     return attach(ckpt, spec, parent, f"{stage}.peft", quiet=os.environ.get("RANK", "0") != "0")
-
-
-def resume_wanted(out: Path, mode: str | bool, train_cfg: TrainConfig, stage: str) -> bool:
-    """`resume: auto` continues an unfinished run of the same stage with the same settings; true insists on it."""
-    state_path = out / "trainer_state" / "state.json"
-    if mode is True or mode == "true":
-        return True
-    if mode in (False, "false", "off") or not state_path.exists():
-        return False
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    same = state.get("config") == {**train_cfg.__dict__} and state.get("stage") == stage
-    return same and not state.get("finished")
 
 
 def parent_checkpoint(path: str | Path, device: str = "cpu") -> Any:

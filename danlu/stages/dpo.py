@@ -107,9 +107,9 @@ def train_dpo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_pairs
-    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, resume_wanted, set_seed
     from danlu.losses import dpo_loss
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import make_saver, parent_checkpoint, train_config
 
     if cfg.reference_mode not in ("cached", "online"):
         raise DanluError(f"dpo.reference_mode: {cfg.reference_mode!r} is not one of cached, online")

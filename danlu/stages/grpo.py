@@ -84,9 +84,17 @@ def train_grpo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_rl_prompts
-    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed, target_tokens
+    from danlu.engine import (
+        Hooks,
+        Trainer,
+        init_distributed,
+        per_batch,
+        resume_wanted,
+        set_seed,
+        target_tokens,
+    )
     from danlu.losses import grpo_loss
-    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, train_config
 
     if cfg.group_size < 2:
         raise DanluError(

@@ -162,9 +162,9 @@ def train_ppo(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_rl_prompts
-    from danlu.engine import Hooks, Trainer, init_distributed, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
     from danlu.losses import ppo_policy_loss, ppo_value_loss
-    from danlu.stages.common import make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import make_saver, parent_checkpoint, train_config
 
     tcfg = train_config(recipe, cfg.train, "ppo", TRAIN_DEFAULTS)
     d = init_distributed(tcfg.device)

@@ -42,8 +42,8 @@ def pretrain(
     facts_path: Path | None = None, parent: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
-    from danlu.engine import Hooks, Trainer, init_distributed, set_seed
-    from danlu.stages.common import make_saver, resume_wanted, train_config
+    from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
+    from danlu.stages.common import make_saver, train_config
     from danlu.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)

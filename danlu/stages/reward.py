@@ -68,10 +68,10 @@ def train_reward(
     eval_data: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     from danlu.data.preference import read_pairs
-    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, per_batch, resume_wanted, set_seed
     from danlu.losses import bradley_terry_loss
     from danlu.rewards import RewardModel, save_reward_model
-    from danlu.stages.common import parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import parent_checkpoint, train_config
 
     tcfg = train_config(recipe, cfg.train, "reward", TRAIN_DEFAULTS)
     d = init_distributed(tcfg.device)

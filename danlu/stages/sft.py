@@ -520,9 +520,9 @@ def sft(
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tunes the checkpoint `parent` on conversation files into the chat checkpoint `out`; returns metrics."""
     from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
-    from danlu.engine import Hooks, Trainer, init_distributed, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
     from danlu.eval.bpb import bits_per_byte, token_bytes
-    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, resume_wanted, train_config
+    from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, train_config
 
     ckpt = parent_checkpoint(parent)
     adapter = attach_peft(ckpt, cfg.peft, "sft", parent)

@@ -33,7 +33,8 @@ from typing import Any
 
 from danlu import DanluError
 from danlu.files import read_records, write_json_atomic, write_jsonl_atomic, write_text_atomic
-from danlu.synth.students import cached_score, eval_rows, first_user, train_student
+from danlu.sft_process import sft_in_child
+from danlu.synth.students import cached_score, eval_rows, first_user
 
 # Held-out chat sets scored by greedy generation (danlu/eval/world.py defines them and their generation length).
 EVAL_SETS = ("facts_chat", "arithmetic_chat", "translation", "summary")
@@ -310,7 +311,7 @@ def run_experiment(
             continue  # a generator that kept nothing: no student
         folder = out / "students" / name.replace("+", "_")
         t = time.time()
-        train_student(student, data, folder, recipe_file, log, cfg.synth_timeout)
+        sft_in_child(student, data, folder, recipe_file, log, cfg.synth_timeout, "synth")
         train_seconds[name] = round(time.time() - t, 1)
         scores[name] = cached_score(folder, folder / "scores.json", rows_by_set)
 

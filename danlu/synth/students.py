@@ -9,51 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from danlu import DanluError
 from danlu.files import read_records, write_json_atomic
+from danlu.sft_process import inputs_signature
 
 
 def first_user(row: dict[str, Any]) -> str:
     """The first user turn's text of a dialog or held-out row ("" when there is none)."""
     return next((str(m["content"]) for m in row["messages"] if m["role"] == "user"), "")
-
-
-def _signature(paths: list[Path], extra: dict[str, Any]) -> str:
-    h = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
-    for p in paths:
-        h.update(str(p).encode() + p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def train_student(
-    base: Path, data: list[Path], out: Path, recipe_file: Path, log: Path, timeout: float
-) -> bool:
-    """`danlu sft --from BASE --data … --out OUT --recipe RECIPE`, unless OUT's marker says it was done with the same
-    inputs. Returns whether it trained."""
-    marker = out / "student.json"
-    sig = _signature([*data, recipe_file], {"base": str(base)})
-    if marker.is_file() and json.loads(marker.read_text()).get("signature") == sig:
-        return False
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "danlu", "sft", "--from", str(base), "--data", *map(str, data), "--out", str(out),
-           "--recipe", str(recipe_file)]  # fmt: skip
-    with open(log, "a", encoding="utf-8") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        try:
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = 124
-    if code != 0:
-        raise DanluError(f"synth: training the student {out.name} failed (exit {code}); see {log}")
-    write_json_atomic(marker, {"signature": sig, "data": [str(p) for p in data]})
-    return True
 
 
 def split_of(row: dict[str, Any]) -> str:
@@ -117,7 +83,7 @@ def cached_score(
 ) -> dict[str, Any]:
     """`score`, read back from `cache` when it was computed on the same rows for the same weights."""
     weights = checkpoint / "model.safetensors"
-    key = {"rows": _signature([], rows_by_set),
+    key = {"rows": inputs_signature([], rows_by_set),
            "weights": [weights.stat().st_size, weights.stat().st_mtime_ns] if weights.is_file() else None}  # fmt: skip
     if cache.is_file():
         saved = json.loads(cache.read_text(encoding="utf-8"))
