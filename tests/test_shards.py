@@ -77,3 +77,20 @@ def test_bad_inputs_are_named(tmp_path: Path, corpus, capsys: pytest.CaptureFixt
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     with pytest.raises(DanluError, match="not a token shard folder"):
         TokenRows(tmp_path, "train", 16, 2)
+
+
+def test_shards_of_another_tokenizer_are_refused_before_training(tmp_path: Path, corpus) -> None:
+    """`tokenized_with` is the one check that shards hold this tokenizer's ids: pretraining refuses others."""
+    from danlu.data.shards import tokenized_with
+    from danlu.stages.pretrain import PretrainConfig, pretrain
+    from danlu.tokenizer import Tokenizer
+
+    base, tok = corpus
+    tokenize_corpus({"train": [base / "docs.jsonl"]}, tok, tmp_path / "s", workers=1, progress=False)
+    other = tmp_path / "other"
+    Tokenizer.train([t[::-1] for t in SAMPLE_TEXT], vocab_size=300).save(other)
+    index = load_index(tmp_path / "s")
+    assert tokenized_with(index, tok) and not tokenized_with(index, other)
+    with pytest.raises(DanluError, match="tokenized with a different tokenizer than .*other"):
+        pretrain(tmp_path / "s", other, tmp_path / "out", recipe={}, cfg=PretrainConfig())
+    assert not (tmp_path / "out").exists()

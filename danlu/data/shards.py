@@ -42,6 +42,12 @@ def tokenizer_sha256(tokenizer_dir: str | Path) -> str:
     return hashlib.sha256(Tokenizer.load(tokenizer_dir).backend.to_str().encode("utf-8")).hexdigest()
 
 
+def tokenized_with(index: dict[str, Any], tokenizer_dir: str | Path) -> bool:
+    """Whether the shards of `index` (their index.json) were made with the tokenizer in `tokenizer_dir`: ids of
+    another vocabulary would train a model on the wrong tokens."""
+    return index.get("tokenizer_sha256") == tokenizer_sha256(tokenizer_dir)
+
+
 def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenizer
     from danlu.tokenizer import Tokenizer

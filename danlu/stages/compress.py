@@ -18,12 +18,12 @@ from danlu.pipeline import StageContext
 
 def _replay_tokens(ctx: StageContext, teacher: str | Path) -> str | None:
     """The run's token shards, for the restore step's replay, when they were made with the teacher's tokenizer."""
-    from danlu.data.shards import load_index, tokenizer_sha256
+    from danlu.data.shards import load_index, tokenized_with
 
     if not ctx.has("tokens"):
         return None
     folder = ctx.run_dir / "tokens"
-    same = load_index(folder).get("tokenizer_sha256") == tokenizer_sha256(teacher)
+    same = tokenized_with(load_index(folder), teacher)
     if not same:
         print(f"[danlu] compress.restore: {folder} has another tokenizer than the teacher's: no replay")
     return str(folder) if same else None

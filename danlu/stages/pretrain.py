@@ -41,14 +41,14 @@ def pretrain(
     shard_dir: Path, tokenizer_dir: Path, out: Path, *, recipe: dict[str, Any], cfg: PretrainConfig,
     facts_path: Path | None = None, parent: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
+    from danlu.data.shards import TokenRows, load_index, tokenized_with
     from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
     from danlu.stages.common import make_saver, train_config
     from danlu.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir)
     index = load_index(shard_dir)
-    if index.get("tokenizer_sha256") != tokenizer_sha256(tokenizer_dir):
+    if not tokenized_with(index, tokenizer_dir):
         raise DanluError(
             f"{shard_dir} was tokenized with a different tokenizer than {tokenizer_dir}; "
             "re-tokenize the data with this tokenizer (danlu data tokenize)"

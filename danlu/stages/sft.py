@@ -519,7 +519,7 @@ def sft(
     tokens_dir: Path | None = None, eval_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fine-tunes the checkpoint `parent` on conversation files into the chat checkpoint `out`; returns metrics."""
-    from danlu.data.shards import TokenRows, load_index, tokenizer_sha256
+    from danlu.data.shards import TokenRows, load_index, tokenized_with
     from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
     from danlu.eval.bpb import bits_per_byte, token_bytes
     from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, train_config
@@ -552,7 +552,7 @@ def sft(
     replay = val_tokens = None
     if tokens_dir is not None and (cfg.replay > 0 or cfg.bpb_rows):
         index = load_index(tokens_dir)
-        if index.get("tokenizer_sha256") != tokenizer_sha256(parent):
+        if not tokenized_with(index, parent):
             raise DanluError(f"{tokens_dir} was tokenized with another tokenizer than {parent}'s")
         if cfg.replay > 0:
             replay = TokenRows(tokens_dir, "train", seq_len, 1, seed=tcfg.seed + 1)
