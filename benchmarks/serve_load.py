@@ -10,6 +10,10 @@ token and of the gaps between a stream's chunks.
 
     python benchmarks/serve_load.py                      # a random-init depth-4 model (shape of the tiny recipe)
     python benchmarks/serve_load.py --checkpoint runs/tiny/sft/model --clients 1,4,16
+    python benchmarks/serve_load.py --clients-apart      # the clients in a process of their own, as real users are
+
+By default the clients run in the server's process (a third thread beside uvicorn's loop and the worker), so their
+HTTP parsing takes the same interpreter lock as the server; `--clients-apart` measures the server alone.
 """
 
 from __future__ import annotations
@@ -111,6 +115,20 @@ async def run_clients(url: str, model: str, clients: int, requests: int, max_tok
     }  # fmt: skip
 
 
+async def client_runs(url: str, counts: list[int], requests: int, max_tokens: int, apart: bool) -> list[dict]:
+    """One `run_clients` per client count, in order: here, or in a child process of their own (`apart`)."""
+    if not apart:
+        return [await run_clients(url, "bench", n, requests, max_tokens) for n in counts]
+    import subprocess
+
+    command = [sys.executable, __file__, "--as-clients", url, "--clients", ",".join(map(str, counts)),
+               "--requests", str(requests), "--max-tokens", str(max_tokens)]  # fmt: skip
+    done = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the client process failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint folder (default: a random-init model, see --depth)")
@@ -130,15 +148,22 @@ def main() -> int:
         "--compile", default="auto", choices=["auto", "on", "off"], help="as `danlu serve --compile`"
     )
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--clients-apart", action="store_true", help="run the clients in a process of their own")
+    # the child process of --clients-apart
+    p.add_argument("--as-clients", metavar="URL", help=argparse.SUPPRESS)
     args = p.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    if args.as_clients:
+        runs = asyncio.run(client_runs(args.as_clients, counts, args.requests, args.max_tokens, False))
+        print(json.dumps(runs))
+        return 0
     modes = args.modes.split(",")
 
     import datetime as dt
 
     import torch
 
-    from danlu.generate import resolve_compile, slot_count
+    from danlu.generate import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import ModelWorker
     from danlu.serve.routing import load_served_model
@@ -157,20 +182,18 @@ def main() -> int:
         for mode in modes:
             served.worker = ModelWorker(gen, name="bench", max_active=max(counts), batched=mode == "batched")
             t0 = time.perf_counter()
-            if mode == "batched":  # every slot count the runs meet, compiled before timing (as warm_up does)
-                gen.warm_up(tuple(sorted({slot_count(n, max(counts)) for n in range(1, max(counts) + 1)})))
+            if mode == "batched":  # the batch graph too (load_served_model's warm_up compiled it already)
+                gen.warm_up()
             app = create_app([served], ServeOptions(now=lambda: dt.datetime(2026, 11, 21, 14, 5)))
             try:
                 with BackgroundServer(app) as url:  # 127.0.0.1, a free port
 
                     async def warm_up(url: str = url) -> None:  # compiles decode_step (round robin), prefills
-                        for n in counts:
-                            await run_clients(url, "bench", n, 1, 8)
+                        await client_runs(url, counts, 1, 8, args.clients_apart)
 
                     async def measured(url: str = url) -> list[dict]:
-                        return [
-                            await run_clients(url, "bench", n, args.requests, args.max_tokens) for n in counts
-                        ]
+                        apart = args.clients_apart
+                        return await client_runs(url, counts, args.requests, args.max_tokens, apart)
 
                     asyncio.run(asyncio.wait_for(warm_up(), args.time_limit))
                     warm_s[mode] = round(time.perf_counter() - t0, 1)
@@ -187,7 +210,8 @@ def main() -> int:
             "compiled decode": compiled, "warm_up_s": warm_s, "same_greedy_texts": same,
             "load": os.getloadavg()}  # fmt: skip
     print(f"# serve load · {info['machine']} · {info['model']} · {args.max_tokens} tokens per answer · "
-          f"{'compiled' if compiled else 'eager'} decode · {args.requests} requests per client · "
+          f"{'compiled' if compiled else 'eager'} decode · {args.requests} requests per client · clients "
+          f"{'in a process of their own' if args.clients_apart else 'in the server process'} · "
           f"load average {' '.join(f'{x:.2f}' for x in info['load'])}")  # fmt: skip
     keys = ["clients", "streams", "aggregate_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "gap_p50_ms",
             "gap_p90_ms", "gap_p99_ms"]  # fmt: skip

@@ -52,12 +52,15 @@ def sample_next(
     """logits (B, V) → (token ids (B,), their log-probabilities under the unmodified model distribution)."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
-    ids = logits.argmax(dim=-1) if params.temperature <= 0 else _draw(logits, params, gen)
+    ids = logits.argmax(dim=-1) if params.temperature <= 0 else _draw(logits, params, [gen] * logits.size(0))
     return ids, logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
-    """Token ids (B,) drawn from fp32 logits (B, V) under temperature, top-k and top-p; `gen` gives the randomness."""
+def _draw(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator | None]) -> torch.Tensor:
+    """Token ids (B,) drawn from fp32 logits (B, V) under temperature, top-k and top-p, row b with one uniform number
+    from `gens[b]`: inverse-CDF sampling, all rows in one cumulative sum and one search. A row's draw depends on its
+    logits and its own generator only, never on the rows beside it; `torch.multinomial` per row, the way before,
+    took ~0.1 ms a row at a 4k vocabulary, as long as the model's whole step for 128 rollout rows."""
     scaled = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(scaled, min(params.top_k, scaled.size(-1)), dim=-1).values[:, -1:]
@@ -68,7 +71,12 @@ def _draw(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | N
         cut = probs.cumsum(-1) - probs > params.top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-    return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen).squeeze(-1)
+    cdf = torch.softmax(scaled, dim=-1).cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in gens])
+    # the first token whose cumulative probability exceeds u; tokens of probability 0 (cut by top-k/top-p) add an
+    # empty interval, so they are never drawn; the clamp only guards against u × total rounding up to the total
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp_(max=cdf.size(-1) - 1)
 
 
 class _StopStrings:
@@ -104,9 +112,9 @@ def cache_length(tokens: int, context: int) -> int:
 
 def slot_count(rows: int, most: int) -> int:
     """The slots a batch of `rows` generations gets: the next power of 4 (1, 4, 16, 64 …), at most `most` (but at
-    least `rows`). Each count is one compiled graph per cache length, so counts are few; a padded slot costs some
-    compute, but a step's time grows slowly with its rows (16 rows took ~3× one row's step time eagerly on 2 CPU
-    cores: benchmarks/serve_load.py)."""
+    least `rows`). Few counts mean few re-layouts of the cache as rows join (the batch graph's shapes are dynamic,
+    so a count costs no compilation); an idle slot costs some compute, and a batch sheds them when half its slots
+    are idle (`SlotBatch.advance`)."""
     slots = 1
     while slots < rows:
         slots *= 4
@@ -271,8 +279,8 @@ class SlotBatch:
         """One decode step of every row: feeds each row's last token at its position, samples the next. Returns
         (row, text delta) per row; finished rows leave their slots."""
         g = self.generator
-        if g._decode is None:  # eagerly every slot costs time, and a new shape costs nothing: shed idle slots
-            self._fit([], shrink=2)
+        # every slot costs time, and a new shape costs nothing (the batch graph is dynamic)
+        self._fit([], shrink=2)
         live = [(i, r) for i, r in enumerate(self.rows) if r is not None]
         if not live:
             return []
@@ -299,13 +307,19 @@ class SlotBatch:
 
 def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[tuple[int, float]]:
     """(token, log-probability) per row of `logits` (rows × V), each row with its own params and generator: greedy
-    rows in one argmax, each sampled row drawn from its own generator, as it would be alone."""
+    rows in one argmax, sampled rows drawn together per sampling setting, each from its own generator, as it would
+    be alone."""
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     ids = logits.argmax(dim=-1)
+    settings: dict[tuple[float, int, float], list[int]] = {}
     for i, row in enumerate(rows):
         if row.params.temperature > 0:
-            ids[i] = _draw(logits[i : i + 1], row.params, row.gen)[0]
+            settings.setdefault((row.params.temperature, row.params.top_k, row.params.top_p), []).append(i)
+    for members in settings.values():
+        index = torch.tensor(members, device=logits.device)
+        drawn = _draw(logits.index_select(0, index), rows[members[0]].params, [rows[i].gen for i in members])
+        ids.index_copy_(0, index, drawn)
     lps = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return list(zip(ids.tolist(), lps.tolist()))
 
@@ -313,15 +327,15 @@ def _sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[tuple[int, float
 class Generator:
     """Drives one model; not thread-safe (a server runs it from one worker thread).
 
-    `compile=True` decodes with `torch.compile` of the model's static-shape decode steps: `decode_step` for one
-    prompt (`stream`), `decode_rows` for a `SlotBatch` (`generate`, the server): ~3× faster per token than eager at
-    the tiny shape on a CPU, ~2× at 26–81M parameters (BENCHMARKS.md), after a compilation of 10–20 s per shape
-    (cache length; for a batch also its slot count, `slot_count`) the first time a process meets it. That pays off
-    in a server, a long chat or repeated batches of one shape (RL rollouts), not in a one-off command. If
-    compilation fails (no C++ compiler, an unsupported op), the generator says so once and decodes eagerly.
-    On a CPU only a one-row batch step runs compiled (`compiled_rows`): with more rows the step is matrix products
-    that eager BLAS does as well or better — compiled `decode_rows` measured 1.00× eager at 4 rows, 0.76× at 16 and
-    0.52× at 128 (benchmarks/rollout_generate.py, quiet 2-core CPU, BENCHMARKS.md eighth session).
+    `compile=True` decodes with `torch.compile` of the model's decode steps: `decode_step` for one row (`stream`,
+    and a batch of one), static-shape, one graph per cache length (`cache_length`), ~3× faster per token than eager
+    at the tiny shape on a CPU; and `decode_rows` for a `SlotBatch` of several rows (`generate`, the server), one
+    graph with dynamic shapes that serves every slot count and cache length (as fast as a graph per shape, measured
+    at 4–128 rows, BENCHMARKS.md tenth session) and, at 128 rows in bf16, 3.3× eager (7.9 against 26 ms a step,
+    2 CPU cores). Each graph compiles the first
+    time a process meets it (10–20 s on a 2-core CPU, seconds when inductor's on-disk cache has it). That pays off
+    in a server, a long chat or many batches (RL rollouts), not in a one-off command. If compilation fails (no C++
+    compiler, an unsupported op), the generator says so once and decodes eagerly.
     Models without `decode_rows` (transformers-backed, ensembles, soft prompts) decode batches eagerly with a
     shrinking cache (`cache.reorder`)."""
 
@@ -332,15 +346,13 @@ class Generator:
         self.batches = bool(getattr(model, "supports_compiled_decode", False))  # has `decode_rows`
         self._decode = None
         self._decode_step = None
-        # the most rows a compiled batch step takes (more run eagerly); None: any number (see the class docstring)
-        self.compiled_rows: int | None = 1 if self.device.type == "cpu" else None
         if compile and not self.batches:
             print("[danlu] generate: this model has no static-shape decode step (transformers-backed, ensemble "
                   "or soft prompts); decoding without torch.compile", file=sys.stderr)  # fmt: skip
             compile = False
         if compile:  # on a CPU the C++ wrapper drops the Python call per kernel: another ~15% per token
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            self._decode = torch.compile(model.decode_rows, fullgraph=True, dynamic=False, options=options)
+            self._decode = torch.compile(model.decode_rows, fullgraph=True, dynamic=True, options=options)
             self._decode_step = torch.compile(
                 model.decode_step, fullgraph=True, dynamic=False, options=options
             )
@@ -350,18 +362,18 @@ class Generator:
         return self.model.lm_head.weight.device
 
     @torch.inference_mode()
-    def warm_up(self, slots: tuple[int, ...] = (1,)) -> None:
-        """Compiles the batched decode step for every cache length this model's context allows (`cache_length`) and
-        each slot count in `slots`, so that no request of a server waits for the compiler (other slot counts
-        compile when a batch first grows to them)."""
-        for length in sorted(
-            {cache_length(1 << k, self.context) for k in range(self.context.bit_length() + 1)}
-        ):
-            for rows in slots:
-                if self._decode is None:  # not asked for, or the compiler failed
-                    return
-                cache = self.model.new_cache(rows, length)  # position 0 of empty rows: real steps
-                self._decode_rows([0] * rows, [0] * rows, cache.k, cache.v)
+    def warm_up(self) -> None:
+        """Compiles the one-row decode step for every cache length this model's context allows (`cache_length`)
+        and the batch step (one graph for all shapes), so that no request of a server waits for the compiler."""
+        lengths = sorted({cache_length(1 << k, self.context) for k in range(self.context.bit_length() + 1)})
+        for length in lengths:
+            if self._decode_step is None:  # not asked for, or the compiler failed
+                return
+            cache = self.model.new_cache(1, length)  # position 0 of an empty row: a real step
+            self._decode_rows([0], [0], cache.k, cache.v)
+        rows, at = 4, 8  # no size of 0 or 1, and none equal to another: dynamo keeps every size symbolic
+        cache = self.model.new_cache(rows, lengths[0])
+        self._decode_rows([0] * rows, [at] * rows, cache.k, cache.v)
 
     def _check(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -405,8 +417,8 @@ class Generator:
     def _decode_rows(
         self, tokens: list[int], positions: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Logits (rows, V) of a slot batch's step; compiled where asked for. Eagerly, attention reads only the
-        cache up to the furthest row (a compiled step reads it all: its shapes are fixed)."""
+        """Logits (rows, V) of a slot batch's step; compiled where asked for. Attention reads the cache only up to
+        the furthest row (the batch graph's shapes are dynamic, so this costs no compilation)."""
         token = torch.tensor(tokens, device=self.device).view(-1, 1)
         pos = torch.tensor(positions, device=self.device)
         if len(tokens) == 1 and self._decode_step is not None:
@@ -414,14 +426,14 @@ class Generator:
                 return self._mask_padding(self._decode_step(token, pos, keys, values))
             except Exception as error:
                 self._compiler_failed(error)
-        if self._decode is not None and (self.compiled_rows is None or len(tokens) <= self.compiled_rows):
-            try:  # one graph per (slots, length): more than dynamo's default of 8 per function
+        end = max(positions) + 1
+        keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
+        if self._decode is not None:
+            try:  # a few graphs at most (a size of 1 is specialized, autocast on or off): more than dynamo's 8
                 with torch._dynamo.config.patch(recompile_limit=64):
                     return self._mask_padding(self._decode(token, pos, keys, values))
             except Exception as error:
                 self._compiler_failed(error)
-        end = max(positions) + 1
-        keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
         return self._mask_padding(self.model.decode_rows(token, pos, keys, values))
 
     def _step(self, token: int, cache: Any) -> torch.Tensor:

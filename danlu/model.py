@@ -525,23 +525,32 @@ class Transformer(nn.Module):
         many generations in one cache, rows joining and leaving between steps, so every shape stays fixed and
         `torch.compile` traces one graph per (rows, length). The rows travel along the sequence axis, (1, B, H),
         so each projection is one matrix product over the rows (and one row takes `Linear`'s compiled single-row
-        reduction, as in `decode_step`); only attention regroups them as (B, heads, 1, D)."""
+        reduction, as in `decode_step`); only attention regroups them, as (B, kv heads, query group, D).
+
+        Two choices make the compiled step fast on a CPU (benchmarks/rollout_generate.py): the cache write is an
+        `index_put_`, which inductor does in place (a `scatter_` was copied whole, cache and all, every step), and
+        attention is written out as two matrix products over each kv head's query group with a softmax between
+        (SDPA's CPU kernel with a mask is built for many queries: at one query a row it took most of the step)."""
         b, length = token.size(0), keys[0].size(2)
         cos = self.rope_cos.index_select(0, positions).view(1, 1, b, -1)
         sin = self.rope_sin.index_select(0, positions).view(1, 1, b, -1)
-        visible = torch.arange(length, device=positions.device).view(1, length) <= positions.view(b, 1)
-        visible = visible.view(b, 1, 1, length)
-        where = positions.view(b, 1, 1, 1).expand(b, keys[0].size(1), 1, keys[0].size(3))
+        hidden = torch.arange(length, device=positions.device).view(1, length) > positions.view(b, 1)
+        hidden = hidden.view(b, 1, 1, length)
+        rows = torch.arange(b, device=positions.device).view(b, 1)
+        heads = torch.arange(keys[0].size(1), device=positions.device).view(1, -1)
+        at = positions.view(b, 1)
         x = self.model.embed_tokens(token.view(1, b))
         for layer, k_cache, v_cache in zip(self.model.layers, keys, values):
             attn = layer.self_attn
             q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # (1, heads, B, D)
-            k_cache.scatter_(2, where, k.transpose(0, 2).to(k_cache.dtype))
-            v_cache.scatter_(2, where, v.transpose(0, 2).to(v_cache.dtype))
-            y = F.scaled_dot_product_attention(
-                q.transpose(0, 2), k_cache, v_cache, attn_mask=visible, enable_gqa=attn.n_kv != attn.n_head
-            )  # (B, heads, 1, D)
-            x = x + attn.o_proj(y.transpose(1, 2).reshape(1, b, -1))
+            k_cache.index_put_((rows, heads, at), k[0].transpose(0, 1).to(k_cache.dtype))
+            v_cache.index_put_((rows, heads, at), v[0].transpose(0, 1).to(v_cache.dtype))
+            # the query heads grouped by the kv head they share: (B, kv heads, group, D)
+            q = q[0].transpose(0, 1).reshape(b, attn.n_kv, -1, attn.head_dim)
+            scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * attn.head_dim**-0.5
+            weights = scores.masked_fill(hidden, float("-inf")).softmax(-1)
+            y = torch.matmul(weights.to(v_cache.dtype), v_cache)  # (B, kv heads, group, D)
+            x = x + attn.o_proj(y.reshape(1, b, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x)[0])
 

@@ -124,15 +124,24 @@ def test_generate_rows_are_the_prompts_alone_and_seeded_per_row() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not compiler_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
 def test_compiled_batch_gives_the_eager_tokens() -> None:
+    """One dynamic batch graph: batches of other sizes and lengths, rows leaving, and weights changed in place (a
+    policy between RL steps) all give the eager tokens, without compiling again."""
+    from torch._dynamo.utils import counters
+
     model = _model()
-    prompts = _prompts([3, 11, 7])
-    params = SamplingParams(max_tokens=10, temperature=0.0)
-    eager = Generator(model, IdsTokenizer()).generate(prompts, params)
     compiled = Generator(model, IdsTokenizer(), compile=True)
-    compiled.compiled_rows = None  # a CPU compiles one-row steps only; this test is of the compiled batch step
-    got = compiled.generate(prompts, params)
-    assert compiled._decode is not None  # it ran compiled, not through the eager fallback
-    assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+    frames = counters["stats"]["unique_graphs"]
+    for lengths, tokens in (([3, 11, 7], 10), ([5, 9, 2, 14, 6, 8], 18), ([4, 12, 3, 10, 7], 12)):
+        prompts = _prompts(lengths)
+        params = SamplingParams(max_tokens=tokens, temperature=0.0)
+        eager = Generator(model, IdsTokenizer()).generate(prompts, params)
+        got = compiled.generate(prompts, params)
+        assert compiled._decode is not None  # it ran compiled, not through the eager fallback
+        assert [c.token_ids for c in got] == [c.token_ids for c in eager]
+        with torch.no_grad():  # an optimizer step: the next batch must see the new weights
+            model.lm_head.weight.mul_(1.5).add_(0.01)
+    # the batch graph, its specialization for a batch of one... and the one-row step per cache length: a handful
+    assert counters["stats"]["unique_graphs"] - frames <= 4
 
 
 # ---- the server: continuous batching ---------------------------------------------------------------------------

@@ -725,10 +725,11 @@ def test_sequence_kd_trains_on_the_teachers_continuations_and_lowers_heldout_kl(
     assert batch["input_ids"].shape == rows["input_ids"].shape  # as many tokens as a data row
     assert torch.equal(batch["targets"][:, 7:], continuation)  # the generated tokens, and only those, count
     assert bool((batch["targets"][:, :7] == IGNORE_INDEX).all())
-    res = _distill(student, teacher, data, tmp_path / "s", tiny_tokenizer, steps=20, held=held, mode="sequence",
+    res = _distill(student, teacher, data, tmp_path / "s", tiny_tokenizer, steps=30, held=held, mode="sequence",
                    prompt_tokens=8)  # fmt: skip
-    assert res["generated_batches"] == res["batches"] == 20
+    assert res["generated_batches"] == res["batches"] == 30
     # a random teacher writes gibberish, far from the held-out text's prefixes: KL there falls less than on logits
+    # (30 steps: 0.88–0.91 of the start over five training seeds; 20 steps left 0.91–0.97, too close to call)
     assert res["heldout_kl_after"] < 0.96 * res["heldout_kl_before"]
 
 

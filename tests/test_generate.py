@@ -81,3 +81,33 @@ def test_compile_modes_are_checked() -> None:
     assert resolve_compile("on", "cpu") and not resolve_compile("off", "cuda")
     with pytest.raises(DanluError, match="compile must be auto, on or off, not 'yes'"):
         resolve_compile("yes", "cpu")
+
+
+def test_sampling_follows_the_distribution_and_its_cuts() -> None:
+    """Inverse-CDF sampling, rows drawn together: each row's frequencies match its softmax, tokens cut by top-k or
+    top-p never come, and a row's draw depends on its own generator only (alone or beside other rows)."""
+    from danlu.generate import _draw
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    n = 20_000
+    counts = torch.zeros(2, 5)
+    plain = SamplingParams(temperature=1.0)
+    # n draws of one row in one call: the same generator n times gives n independent draws
+    for row in range(2):
+        g = torch.Generator().manual_seed(row + 1)
+        counts[row] = torch.bincount(_draw(logits[row : row + 1].expand(n, 5), plain, [g] * n), minlength=5)
+    expected = torch.softmax(logits, -1) * n
+    # within 5 standard deviations of a binomial count, for every token of both rows
+    tolerance = 5 * (expected * (1 - expected / n)).sqrt() + 1
+    assert ((counts - expected).abs() <= tolerance).all(), (counts, expected)
+
+    topk = SamplingParams(temperature=1.0, top_k=2)
+    topp = SamplingParams(temperature=1.0, top_p=0.7)  # token 0 holds 0.64: tokens 0 and 1 reach 0.7
+    g = torch.Generator().manual_seed(3)
+    seen_k = {int(_draw(logits[:1], topk, [g])[0]) for _ in range(500)}
+    seen_p = {int(_draw(logits[:1], topp, [g])[0]) for _ in range(500)}
+    assert seen_k == {0, 1} and seen_p == {0, 1}
+
+    alone = _draw(logits[1:], plain, [torch.Generator().manual_seed(9)])
+    beside = _draw(logits, plain, [torch.Generator().manual_seed(4), torch.Generator().manual_seed(9)])
+    assert int(alone[0]) == int(beside[1])

@@ -452,3 +452,36 @@ def test_an_episode_samples_with_its_own_seeds_whatever_shares_its_calls(tiny_to
     assert whole.seeds["calc 0"] == [100, 100 + ROUND_STRIDE] and whole.seeds["hand 1"] == [101]
     assert whole.seeds["calc 2"] == half.seeds["calc 2"] == [102, 102 + ROUND_STRIDE]
     assert whole.seeds["calc 3"] == half.seeds["calc 3"] == [103, 103 + ROUND_STRIDE]
+
+
+def test_packed_rows_give_the_padded_rows_logps_and_gradients() -> None:
+    """RL rollouts go through the model packed several to a row (`token_logps(pack=True)`): every position's
+    log-prob and every weight's gradient equal the padded rows' ones."""
+    import torch
+
+    from danlu.model import IGNORE_INDEX, ModelConfig, Transformer
+    from danlu.stages.common import RowPacking, token_logps
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, depth=2, max_position_embeddings=64))
+    lengths, prompt = [30, 7, 12, 25, 3, 18, 9, 1], 4  # tokens up to each row's last scored target
+    ids = torch.randint(0, 97, (len(lengths), 30))
+    targets = torch.randint(0, 97, (len(lengths), 30))
+    for i, n in enumerate(lengths):
+        targets[i, :prompt] = IGNORE_INDEX  # the prompt scores nothing
+        targets[i, n:] = IGNORE_INDEX  # nor the padding after the row (its ids stay: they must not matter)
+    targets[7] = IGNORE_INDEX  # a row with nothing scored
+    layout = RowPacking(targets)
+    assert layout.rows < len(lengths)  # it did pack: 105 positions fit 4 rows of 30
+    grads = []
+    for pack in (False, True):
+        model.zero_grad()
+        logp = token_logps(model, ids, targets, pack=pack)
+        logp.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if not pack:
+            want = logp.detach()
+    torch.testing.assert_close(logp.detach(), want, atol=1e-5, rtol=1e-5)
+    assert (logp.detach()[targets == IGNORE_INDEX] == 0).all()
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -18,7 +18,7 @@ from danlu import DanluError
 from danlu.config import deep_merge, from_dict
 from danlu.engine import TrainConfig
 from danlu.io import save_model_dir
-from danlu.model import ModelConfig
+from danlu.model import IGNORE_INDEX, ModelConfig
 
 GLOBAL_ENGINE_KEYS = ("seed", "device", "dtype", "compile")
 
@@ -107,9 +107,64 @@ def rl_stage_inputs(ctx: Any, cfg: Any, data_name: str, eval_name: str) -> tuple
     return parent, data, cfg.eval_data or world_file(eval_name)
 
 
-def token_logps(model: Any, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position (B, T), 0 where the target is IGNORE_INDEX (the model's own fused CE)."""
-    return -model(input_ids, targets, reduction="none")
+def token_logps(
+    model: Any, input_ids: torch.Tensor, targets: torch.Tensor, pack: bool = False
+) -> torch.Tensor:
+    """log p(target) per position (B, T), 0 where the target is IGNORE_INDEX (the model's own fused CE).
+
+    `pack`: the rows go through the model packed (`RowPacking`), several to a row, and come back in their own
+    places, the same numbers: for right-padded rows of very different lengths (RL rollouts, about half of whose
+    positions are padding), that halves the forward and backward. Only for a model with `segment_ids`
+    (`supports_packing`)."""
+    if not pack:
+        return -model(input_ids, targets, reduction="none")
+    layout = RowPacking(targets)
+    ids, tgt = layout.pack(input_ids, 0), layout.pack(targets, IGNORE_INDEX)
+    return layout.unpack(-model(ids, tgt, segment_ids=layout.segment_ids, reduction="none"))
+
+
+class RowPacking:
+    """Right-padded rows (B, T) laid out several to a row of T positions, longest first, each into the first row
+    with room (first-fit decreasing), each its own segment; `unpack` puts per-position values back where they were.
+    A row's length is up to its last scored target: positions after it score nothing and, attention being causal,
+    change nothing before it."""
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        b, t = targets.shape
+        scored = targets != IGNORE_INDEX
+        last = torch.where(scored, torch.arange(t, device=targets.device), -1).max(dim=1).values
+        lengths = (last + 1).clamp(min=1).tolist()
+        fill: list[int] = []  # positions taken in each packed row
+        members: list[int] = []  # sequences in each packed row (the next one's segment id)
+        src, dst, seg_at = [], [], []
+        for i in sorted(range(b), key=lambda i: (-lengths[i], i)):
+            n = lengths[i]
+            row = next((r for r, used in enumerate(fill) if used + n <= t), len(fill))
+            if row == len(fill):
+                fill.append(0)
+                members.append(0)
+            src.append(torch.arange(n) + i * t)
+            dst.append(torch.arange(n) + row * t + fill[row])
+            seg_at.append(torch.full((n,), members[row]))
+            fill[row] += n
+            members[row] += 1
+        device = targets.device
+        self.shape, self.rows = (b, t), len(fill)
+        self.src, self.dst = torch.cat(src).to(device), torch.cat(dst).to(device)
+        # a row's tail (no sequence there) is a segment of its own, never scored
+        segments = torch.tensor(members).repeat_interleave(t)
+        segments[self.dst.cpu()] = torch.cat(seg_at)
+        self.segment_ids = segments.view(self.rows, t).to(device)
+
+    def pack(self, x: torch.Tensor, fill: int) -> torch.Tensor:
+        """(B, T) → (rows, T), the positions of no row holding `fill`."""
+        out = x.new_full((self.rows * self.shape[1],), fill)
+        return out.index_copy(0, self.dst, x.reshape(-1).index_select(0, self.src)).view(self.rows, -1)
+
+    def unpack(self, y: torch.Tensor) -> torch.Tensor:
+        """(rows, T) → (B, T), zero at the positions no row held; differentiable."""
+        out = y.new_zeros(self.shape[0] * self.shape[1])
+        return out.index_copy(0, self.src, y.reshape(-1).index_select(0, self.dst)).view(self.shape)
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -141,6 +196,10 @@ class AdapterOff:
     @property
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
+
+    @property
+    def supports_packing(self) -> bool:
+        return bool(getattr(self.model, "supports_packing", False))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         from danlu.adapters.lora import select_adapter

@@ -37,6 +37,7 @@ from danlu.stages.rollouts import (
     make_scorer,
     prompt_kinds,
     read_prompts,
+    rollouts_compiled,
 )
 
 
@@ -117,11 +118,13 @@ def train_grpo(
         prompts, tok, ckpt.model, ref, reward, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=tcfg.seed,
         step_reward=cfg.step_reward, credit=cfg.credit, rank=d.rank, world_size=d.world_size, tools=cfg.tools,
-        tool_rounds=cfg.tool_rounds,
+        tool_rounds=cfg.tool_rounds, compile=rollouts_compiled(tcfg.compile, tcfg.steps, tcfg.device),
     )  # fmt: skip
 
+    pack = bool(getattr(ckpt.model, "supports_packing", False))  # rollouts are half padding: pack them
+
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = token_logps(m, b["input_ids"], b["targets"]).float()
+        logp = token_logps(m, b["input_ids"], b["targets"], pack=pack).float()
         mask = b["targets"] != -100
         loss, st = grpo_loss(
             logp, logp.detach(), b["advantages"], mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,

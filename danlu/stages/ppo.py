@@ -26,7 +26,7 @@ from danlu.config import from_dict
 from danlu.model import Transformer
 from danlu.pipeline import StageContext
 from danlu.stages.common import attach_with_reference
-from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy, check_rollout_parallel
+from danlu.stages.rollouts import Rollouts, Scorer, answer_accuracy, check_rollout_parallel, rollouts_compiled
 
 
 @dataclass
@@ -192,6 +192,7 @@ def train_ppo(
         prompts, tok, policy, ref, scorer, group_size=1, prompts_per_step=cfg.prompts_per_step,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, seed=tcfg.seed, cfg=cfg,
         rank=d.rank, world_size=d.world_size, tools=cfg.tools, tool_rounds=cfg.tool_rounds,
+        compile=rollouts_compiled(tcfg.compile, tcfg.steps, tcfg.device),
     )  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -22,6 +22,19 @@ def rollout_seed(seed: int) -> int:
     return int.from_bytes(digest, "little") >> 2  # 62 bits: rows and rounds add to it within a 64-bit seed
 
 
+def rollouts_compiled(compile: str, steps: int, device: str) -> bool:
+    """Whether a stage's rollouts decode with compiled steps (`train.compile`: on, off, or auto). Auto: where a
+    compiler works and the stage has 20 steps or more: the batch graph compiles once (10–20 s on a 2-core CPU) and
+    then takes about half the eager decode time of GRPO's 128 rows in bf16, ~1 s a step at the tiny shape
+    (benchmarks/rollout_generate.py, BENCHMARKS.md tenth session); a short run would not earn its compilation back."""
+    from danlu.compiler import compiler_available
+    from danlu.engine import resolve_device
+
+    if compile != "auto":
+        return compile == "on"
+    return compiler_available(resolve_device(device)) and steps >= 20
+
+
 def check_rollout_parallel(stage: str, parallel: str, world_size: int) -> None:
     """Refuses FSDP for a stage that samples rollouts: each rank samples its own prompts with the whole policy for as
     many decode steps as its samples need, while FSDP2 keeps the policy in shards that every rank must gather
@@ -41,7 +54,7 @@ class Rollouts:
         self, prompts: list[Any], tokenizer: Any, policy: Any, ref: Any | None, reward: Any, *, group_size: int,
         prompts_per_step: int, max_new_tokens: int, temperature: float, top_p: float, seed: int,
         step_reward: float = 0.0, credit: str = "answer", rank: int = 0, world_size: int = 1, tools: bool = False,
-        tool_rounds: int = 1,
+        tool_rounds: int = 1, compile: bool = False,
     ) -> None:  # fmt: skip
         self.prompts, self.tok, self.policy, self.ref, self.reward = prompts, tokenizer, policy, ref, reward
         self.rank, self.world_size = (
@@ -61,6 +74,11 @@ class Rollouts:
         self.tools, self.tool_rounds = tools, tool_rounds  # execute the completions' tool calls (episodes.py)
         self.position = 0
         self.autocast: Any = None  # set to the trainer's autocast once the trainer exists
+        # decode with compiled steps (`rollouts_compiled`), where the policy has them (not a transformers-backed one)
+        self.compile = compile and bool(getattr(policy, "supports_compiled_decode", False))
+        self._generator: Any = (
+            None  # one Generator for the whole stage: its compiled graphs serve every rollout
+        )
         self.encoded = [tokenizer.render_chat(p.messages, add_generation_prompt=True)[0] for p in prompts]
 
     def _draws(self, position: int) -> list[int]:
@@ -98,9 +116,12 @@ class Rollouts:
             seed=rollout_seed(self.seed) + draws[0] * self.group_size,  # this rank's first row of the run
         )  # fmt: skip
         was_training = self.policy.training
+        if self._generator is None:
+            self._generator = Generator(self.policy, self.tok, compile=self.compile)
+        self.policy.eval()
         with self.autocast():
             episodes = run_episodes(
-                Generator(self.policy, self.tok), [self.prompts[i] for i in idx], [self.encoded[i] for i in idx],
+                self._generator, [self.prompts[i] for i in idx], [self.encoded[i] for i in idx],
                 params, tools=self.tools, tool_rounds=self.tool_rounds,
             )  # fmt: skip
         self.policy.train(was_training)
@@ -142,12 +163,10 @@ class Rollouts:
             from danlu.stages.common import token_logps
 
             device = self.ref.lm_head.weight.device
+            x, y = batch["input_ids"].to(device), batch["targets"].to(device)
+            pack = bool(getattr(self.ref, "supports_packing", False))  # rollouts are half padding: pack them
             with torch.no_grad(), self.autocast():
-                batch["ref_logps"] = (
-                    token_logps(self.ref, batch["input_ids"].to(device), batch["targets"].to(device))
-                    .float()
-                    .cpu()
-                )
+                batch["ref_logps"] = token_logps(self.ref, x, y, pack=pack).float().cpu()
         return batch
 
     def _step_advantages(self, idx: list[int], episodes: list[Any], scores: torch.Tensor, length: int) -> Any:
