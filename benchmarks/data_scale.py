@@ -8,6 +8,10 @@ answers on a third of the questions. Each measurement runs in a fresh process, s
 own; `base` is the process's RSS after imports, before reading.
 
     nice python benchmarks/data_scale.py --sizes 50,100,200 --pipeline-sizes 20,80
+    nice -n 19 python benchmarks/data_scale.py --sizes "" --pipeline-sizes "" --posts /tmp/big/Posts.xml
+
+The pipeline's rows also give each stage's own peak (`stages`: datatrove's executor folder, e.g. 1_filter,
+3_plan → MiB above the RSS after imports), so a peak that grows with the document count is placed in a stage.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import types
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +231,39 @@ def _old_reader(kind: str) -> type:
     return mod.StackExchangeReader if kind == "stackexchange" else mod.WikipediaReader
 
 
+def _stage_peaks() -> dict[str, float]:
+    """Records each datatrove stage's own peak RSS (MiB) into the dict returned, as the pipeline runs.
+
+    With one worker every task runs in this process, one after another: before each task the kernel's peak
+    (VmHWM) is read and reset (`/proc/self/clear_refs` 5), and after it VmHWM is that task's peak. The whole run's
+    peak is then the largest of them (`_peak_kib`)."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    peaks: dict[str, float] = {}
+    launch = LocalPipelineExecutor._launch_run_for_rank
+
+    def measured(self: Any, rank: int, *args: Any, **kwargs: Any) -> Any:
+        global _PEAK_BEFORE
+        _PEAK_BEFORE = max(_PEAK_BEFORE, _status_kib("VmHWM"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        try:
+            return launch(self, rank, *args, **kwargs)
+        finally:
+            stage = Path(str(self.logging_dir.path)).name
+            peaks[stage] = max(peaks.get(stage, 0.0), _status_kib("VmHWM") / 1024)
+
+    LocalPipelineExecutor._launch_run_for_rank = measured  # type: ignore[method-assign]
+    return peaks
+
+
+_PEAK_BEFORE = 0  # KiB: the largest VmHWM seen before a reset by _stage_peaks
+
+
+def _peak_kib() -> int:
+    return max(_PEAK_BEFORE, _status_kib("VmHWM"))
+
+
 def child(mode: str, path: str, work: str) -> None:
     """One measurement in this (fresh) process; prints JSON. Modes: se-reader, se-reader-before, wiki-reader,
     wiki-reader-before, pipeline (the whole data pipeline on one Stack Exchange input, local executor, 1 worker)."""
@@ -233,6 +272,7 @@ def child(mode: str, path: str, work: str) -> None:
 
     kind = "wikipedia" if mode.startswith("wiki") else "stackexchange"
     cls = _old_reader(kind) if mode.endswith("-before") else READERS[kind][0]
+    stages = _stage_peaks() if mode == "pipeline" else {}
     base = _rss_kib()
     t0 = time.perf_counter()
     if "reader" in mode:
@@ -243,8 +283,11 @@ def child(mode: str, path: str, work: str) -> None:
     secs = time.perf_counter() - t0
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would include the parent's RSS at the fork
     # (the generator's). workers=1 runs every task in this process.
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"docs": docs, "seconds": secs, "base_mib": base / 1024, "peak_mib": peak / 1024}))
+    peak = _peak_kib()
+    row = {"docs": docs, "seconds": secs, "base_mib": base / 1024, "peak_mib": peak / 1024}
+    if stages:
+        row["stages"] = {k: round(v - base / 1024, 1) for k, v in stages.items()}
+    print(json.dumps(row))
 
 
 def measure(mode: str, path: Path, work: Path) -> dict[str, float]:
@@ -265,6 +308,12 @@ def main() -> None:
     ap.add_argument("--pipeline-sizes", default="20,80", help="MB of Posts.xml for the whole pipeline")
     ap.add_argument("--wiki-sizes", default="", help="MB of a MediaWiki dump for the Wikipedia reader")
     ap.add_argument("--no-before", action="store_true", help="skip the readers of commit " + BEFORE)
+    ap.add_argument(
+        "--posts", action="append", default=[], help="an existing Posts.xml: the whole pipeline on it"
+    )
+    ap.add_argument(
+        "--tmp", default=None, help="folder for generated dumps and outputs (default: the system's)"
+    )
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -281,24 +330,34 @@ def main() -> None:
     for mb in _sizes(args.wiki_sizes):
         jobs.setdefault(("wiki", mb), []).extend(["wiki-reader"] + [f"wiki-reader{b}" for b in before])
     rows = []
-    with tempfile.TemporaryDirectory(prefix="danlu-data-scale-") as tmp:
+
+    def run(modes: list[str], path: Path, records: int | None, out: Path) -> None:
+        real_mb = path.stat().st_size / 1e6
+        for mode in modes:
+            load0 = os.getloadavg()[0]
+            r = measure(mode, path, out / f"out-{mode}")
+            row = {"mode": mode, "mb": round(real_mb, 1), "records": records, **r,
+                   "mb_per_s": real_mb / r["seconds"], "load_start": load0, "load": os.getloadavg()[0]}  # fmt: skip
+            rows.append(row)
+            shutil.rmtree(out / f"out-{mode}", ignore_errors=True)
+            stages = "  stages " + ", ".join(f"{k} +{v:.0f}" for k, v in r.get("stages", {}).items()) if r.get("stages") else ""  # fmt: skip
+            print(
+                f"{mode:18s} {real_mb:7.1f} MB  {r['docs']:8d} docs  {r['seconds']:7.1f} s  "
+                f"{row['mb_per_s']:6.2f} MB/s  RSS after imports {r['base_mib']:4.0f} MiB, "
+                f"peak {r['peak_mib']:5.0f} MiB (+{r['peak_mib'] - r['base_mib']:.0f})  load {load0:.1f}→{row['load']:.1f}"
+                + stages,
+                flush=True,
+            )
+
+    with tempfile.TemporaryDirectory(prefix="danlu-data-scale-", dir=args.tmp) as tmp:
         for (kind, mb), modes in sorted(jobs.items()):
             path = Path(tmp) / f"{kind}{mb:g}" / ("Posts.xml" if kind == "posts" else "enwiki.xml")
             path.parent.mkdir()
             records = (generate_posts if kind == "posts" else generate_wiki)(path, mb)
-            real_mb = path.stat().st_size / 1e6
-            for mode in modes:
-                r = measure(mode, path, Path(tmp) / f"out-{mode}-{mb:g}")
-                row = {"mode": mode, "mb": round(real_mb, 1), "records": records, **r,
-                       "mb_per_s": real_mb / r["seconds"], "load": os.getloadavg()[0]}  # fmt: skip
-                rows.append(row)
-                print(
-                    f"{mode:18s} {real_mb:7.1f} MB  {r['docs']:8d} docs  {r['seconds']:7.1f} s  "
-                    f"{row['mb_per_s']:6.2f} MB/s  RSS after imports {r['base_mib']:4.0f} MiB, "
-                    f"peak {r['peak_mib']:5.0f} MiB (+{r['peak_mib'] - r['base_mib']:.0f})  load {row['load']:.1f}",
-                    flush=True,
-                )
+            run(modes, path, records, path.parent)
             path.unlink()
+        for i, posts in enumerate(args.posts):
+            run(["pipeline"], Path(posts), None, Path(tmp) / f"given{i}")
     print(json.dumps(rows))
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+import numpy as np
 import pytest
 from fixtures_data import (
     reddit_records,
@@ -22,6 +23,7 @@ from fixtures_data import (
 )
 
 from danlu import DanluError
+from danlu.data.dedup import sort_records
 from danlu.data.pipeline import run_data
 from danlu.data.sources import READERS
 from danlu.data.sources.reddit import RedditPartition, RedditReader
@@ -324,6 +326,128 @@ def test_several_tasks_write_what_one_task_writes(tmp_path):
     assert sorted(p.name for p in (work / "minhash" / "remove").iterdir()) == [
         f"{r:06d}.remove" for r in range(4)
     ]
+
+
+# -- memory that does not grow with the document count --------------------------------------------------------
+
+
+def test_minhash_buckets_are_sorted_as_datatrove_sorts_them_in_bounded_memory(tmp_path):
+    """Stage 1 sorts each MinHash bucket file by every field in order, as datatrove does, but from runs of a chunk
+    each: the same bytes, in the memory of about one chunk (datatrove's sort read the whole file)."""
+    dtype = np.dtype([(f"field{i + 1}", "<u8") for i in range(8)] + [("field9", "<u4")])
+    rng = np.random.default_rng(0)
+    rows = np.zeros(100_000, dtype=dtype)
+    for i in range(8):  # few values in the first fields: runs of equal prefixes that span chunks
+        rows[f"field{i + 1}"] = rng.integers(0, 3 if i < 2 else 2**63, len(rows), dtype=np.uint64)
+    rows["field9"] = rng.permutation(len(rows))
+    path = tmp_path / "00000.minhash.sig"
+    rows.tofile(path)
+    tracemalloc.start()
+    try:
+        sort_records(str(path), dtype, chunk=16384)  # 7 runs
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.fromfile(path, dtype=dtype).tobytes() == np.sort(rows, order=dtype.names).tobytes()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the runs are gone
+    assert peak < 1.5 * 16384 * dtype.itemsize < rows.nbytes / 4, (peak, rows.nbytes)  # about one chunk
+
+
+def test_pipeline_minhash_files_do_not_depend_on_the_sort_chunk(tmp_path, monkeypatch):
+    """A run whose bucket files are merged from many sorted runs writes the files an in-memory sort writes."""
+    import danlu.data.dedup as dedup
+
+    cfg = {
+        "inputs": [{"path": str(write_posts(tmp_path / "in" / "Posts.xml", 300)), "type": "stackexchange"}]
+    }
+
+    def minhash_files(out: Path) -> dict[str, bytes]:
+        run_data({**cfg, "keep_work": True}, out)
+        found = (out / ".work" / "minhash").rglob("*")
+        return {
+            str(f.relative_to(out)): f.read_bytes() for f in found if f.suffix in (".sig", ".dups", ".remove")
+        }
+
+    whole = minhash_files(tmp_path / "whole")
+    monkeypatch.setattr(dedup, "SORT_CHUNK", 16)
+    merged = minhash_files(tmp_path / "merged")
+    assert len(whole) > 14 and whole == merged
+    buckets = (tmp_path / "merged" / ".work" / "minhash" / "sigs").glob("bucket_*/*")
+    assert {f.name for f in buckets} == {"00000.minhash.sig"}  # the next stage reads every file there
+
+
+def write_meta(folder: Path, rank: int, rows: list[tuple], vocab: dict[str, list[str]]) -> None:
+    """A rank's DedupSignatures output: rows of (exact, url, tokens, order, domain, lang) with names, as codes."""
+    from danlu.data.dedup import META_DTYPE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = np.zeros(len(rows), dtype=META_DTYPE)
+    for k, (exact, url, tokens, order, domain, lang) in enumerate(rows):
+        d, lg = vocab["domain"].index(domain), vocab["lang"].index(lang)
+        meta[k] = (exact, url, tokens, 4 * tokens, k % 7, order, d, lg)
+    meta.tofile(folder / f"{rank:05d}.meta")
+    (folder / f"{rank:05d}.vocab.json").write_text(json.dumps(vocab))
+
+
+def test_dedup_plan_keeps_the_first_twin_in_reading_order_in_few_bytes_per_document(tmp_path):
+    """DedupPlan, the one task that sees every document, on 200,000 documents in two ranks whose vocabularies
+    differ: the twins it drops are those a dict-based union-find drops, the per-domain tokens are right, and its
+    peak Python memory is a few dozen bytes per document (a row, strings and sort copies per document before)."""
+    from danlu.data.dedup import DedupConfig, DedupPlan
+    from danlu.data.mix import MixConfig
+
+    rng = np.random.default_rng(1)
+    n = 200_000
+    exact = rng.integers(1 << 20, 2**63, n, dtype=np.uint64)
+    twins = rng.random(n) < 0.02
+    exact[twins] = rng.integers(1, 500, int(twins.sum()))  # 2% share 499 texts
+    exact[rng.random(n) < 0.01] = 0  # no text hash: never an exact twin
+    url = np.where(rng.random(n) < 0.02, rng.integers(1, 800, n), 0).astype(np.uint64)
+    tokens = rng.integers(1, 500, n)
+    order = rng.permutation(n).astype(np.uint64)  # reading order is not the ranks' order
+    domains, langs = ["encyclopedia", "news", "qa"], ["en", "zh"]
+    dom, lang = rng.integers(0, 3, n), rng.integers(0, 2, n)
+    half = n // 2
+    vocabs = ({"domain": ["qa", "encyclopedia", "news"], "lang": ["zh", "en"]}, {"domain": ["news", "encyclopedia", "qa"], "lang": ["en", "zh"]})  # fmt: skip
+    for rank, docs in enumerate((range(half), range(half, n))):
+        rows = [(exact[i], url[i], tokens[i], order[i], domains[dom[i]], langs[lang[i]]) for i in docs]
+        write_meta(tmp_path / "meta", rank, rows, vocabs[rank])
+    plan = DedupPlan(str(tmp_path / "meta"), None, str(tmp_path / "plan"), str(tmp_path / "remove"), DedupConfig(), MixConfig())  # fmt: skip
+    tracemalloc.start()
+    try:
+        for _ in plan.run():
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # the reference: a dict union-find over reading order, the earliest document of each group kept
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    first: dict[tuple[str, int], int] = {}
+    repeats = np.zeros((n, 2), dtype=bool)  # the document's text hash / URL hash was seen earlier
+    for i in np.argsort(order, kind="stable").tolist():
+        for j, key in enumerate((("exact", int(exact[i])), ("url", int(url[i])))):
+            if key[1]:
+                repeats[i, j] = key in first
+                r, i_root = find(first.setdefault(key, i)), find(i)
+                if r != i_root:
+                    parent[max(r, i_root, key=lambda d: order[d])] = min(r, i_root, key=lambda d: order[d])
+    removed = np.array([find(i) != i for i in range(n)])
+    # a removed document that repeats neither hash was joined through others (A ~text~ B ~url~ C): "near"
+    want = np.where(repeats[:, 0], 1, np.where(repeats[:, 1], 2, 3)).astype(np.uint8) * removed
+    got = np.concatenate([np.load(tmp_path / "plan" / f"{r:05d}.npz")["reason"] for r in (0, 1)])
+    assert (got == 1).sum() > 1000 and (got == 2).sum() > 1000
+    np.testing.assert_array_equal(got, want)
+    summary = json.loads((tmp_path / "plan" / "summary.json").read_text())
+    kept = want == 0
+    for d, name in enumerate(domains):
+        assert summary["mix"]["domains"][name]["tokens_in"] == int(tokens[kept & (dom == d)].sum())
+    assert peak / n < 80, f"{peak / n:.0f} bytes per document"
 
 
 # -- bad input -----------------------------------------------------------------------------------------------

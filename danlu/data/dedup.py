@@ -8,7 +8,8 @@ signature — the work scales out over datatrove's executors (local tasks, Slurm
    `MinhashDedupSignature` writes the MinHash signatures beside it, shingling with `MixedWordTokenizer` so
    Chinese is shingled by characters (datatrove's `language="zh"`/"cmn" needs spaCy and jieba, and plain
    whitespace splitting would make each Chinese sentence one "word"); it also writes each document's full
-   signature to `full/<rank>.sig` for step 3.
+   signature to `full/<rank>.sig` for step 3, and sorts each bucket file from sorted runs (`sort_records`), where
+   datatrove's own step sorted the whole file in memory (68 bytes per document of the task).
 2. (num_buckets tasks) datatrove's `MinhashDedupBuckets` finds candidate pairs per LSH bucket.
 3. (num_buckets tasks) `VerifyPairs` keeps the candidates whose full signatures agree on ≥ `threshold` of their
    hashes, reading only the two rows of each pair from the memory-mapped `full/` files.
@@ -17,7 +18,8 @@ signature — the work scales out over datatrove's executors (local tasks, Slurm
 5. (one task) `DedupPlan` joins those clusters, equal text hashes and equal URLs in one union-find whose root is
    the document first in reading order, so every cluster keeps exactly one document whatever mix of rules joined
    it (separate passes could each remove a different twin) and the same one on any number of tasks; writes
-   datatrove `.remove` files and the mixing plan. It holds ~100 bytes per document, no signature.
+   datatrove `.remove` files and the mixing plan. The one step whose memory grows with the corpus: ~60 bytes
+   per document at its peak (positions, the union-find, one column at a time), no signature, no string.
 6. (all tasks) `ApplyPlan("dedup")` labels each document's reason and datatrove's `MinhashDedupFilter` drops
    the ones in `.remove` (reason exact_duplicate / url_duplicate / near_duplicate) into `rejected/`;
    `ApplyPlan("mix")` applies the mix (copies per document).
@@ -25,6 +27,8 @@ signature — the work scales out over datatrove's executors (local tasks, Slurm
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import json
 import os
 import re
@@ -208,6 +212,78 @@ def full_signature_path(folder: str, rank: int) -> str:
     return os.path.join(folder, f"{rank:05d}.sig")
 
 
+SORT_CHUNK = 1 << 16  # records sorted at once by sort_records: 4.5 MB of 68-byte MinHash bucket records
+
+
+def _sorted_rows(rows: np.ndarray) -> np.ndarray:
+    """Structured rows sorted in place by all their fields in order (datatrove's own call): no copy."""
+    rows.sort(order=rows.dtype.names)
+    return rows
+
+
+def sort_records(path: str, dtype: np.dtype, chunk: int = SORT_CHUNK, tmp_dir: str | None = None) -> None:
+    """Sorts the fixed-size records of `path` in place by all their fields in order (what datatrove's
+    MinhashDedupSignature does with `records.sort(order=dtype.names)`), in memory that does not grow with the file.
+
+    Runs of `chunk` records are sorted into temporary files, then merged: each run is read a block at a time, and
+    every round writes, sorted, all buffered records up to the smallest of the blocks' last records (nothing
+    unread can come before it). A file of at most one chunk is sorted in memory, as datatrove does.
+
+    Memory: one chunk of records (a run being sorted; or the runs' blocks, half a chunk, and a round's records, at
+    most as many). A block holds at least 1,024 records, so past 32 runs (2 M records in one task) the blocks
+    grow by about one byte per record, two with the round's. Temporary files go to `tmp_dir` (default: beside
+    `path`; datatrove's bucket stage reads every file of a bucket's folder, so the pipeline passes another).
+    """
+    size = os.path.getsize(path) // dtype.itemsize
+    tmp = os.path.join(tmp_dir or os.path.dirname(path), os.path.basename(path))
+    if tmp_dir:
+        os.makedirs(tmp_dir, exist_ok=True)
+    if size <= chunk:
+        _sorted_rows(np.fromfile(path, dtype=dtype)).tofile(tmp + ".tmp")
+        os.replace(tmp + ".tmp", path)
+        return
+    runs = []
+    try:
+        for lo in range(0, size, chunk):
+            rows = np.fromfile(path, dtype=dtype, count=min(chunk, size - lo), offset=lo * dtype.itemsize)
+            runs.append(f"{tmp}.run{len(runs)}")
+            _sorted_rows(rows).tofile(runs[-1])
+            del rows
+        block = max(chunk // (2 * len(runs)), 1024)
+        sources = [open(run, "rb") for run in runs]  # noqa: SIM115 - closed below
+
+        def read(i: int) -> np.ndarray:
+            return np.frombuffer(sources[i].read(block * dtype.itemsize), dtype=dtype)
+
+        try:
+            heads = [read(i) for i in range(len(runs))]
+            written = 0
+            with open(tmp + ".tmp", "wb") as out:
+                while True:
+                    live = [i for i, h in enumerate(heads) if len(h)]
+                    if not live:
+                        break
+                    cutoff = _sorted_rows(np.array([heads[i][-1] for i in live], dtype=dtype))[:1]
+                    parts = []
+                    for i in live:
+                        k = int(np.searchsorted(heads[i], cutoff, side="right")[0])
+                        parts.append(heads[i][:k])
+                        heads[i] = heads[i][k:] if k < len(heads[i]) else read(i)
+                    merged = _sorted_rows(np.concatenate(parts))
+                    merged.tofile(out)
+                    written += len(merged)
+        finally:
+            for f in sources:
+                f.close()
+        if written != size:  # as datatrove checks its own sort: unsorted or lost records ruin the dedup
+            raise RuntimeError(f"{path}: sorting wrote {written} of {size} MinHash records")
+        os.replace(tmp + ".tmp", path)
+    finally:
+        for run in runs:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(run)
+
+
 def minhash_signature_step(folder: str, config: Any, full_folder: str | None = None) -> PipelineStep:
     """datatrove's MinhashDedupSignature, shingling with MixedWordTokenizer, vectorized.
 
@@ -218,25 +294,39 @@ def minhash_signature_step(folder: str, config: Any, full_folder: str | None = N
     (`full_signature_path`) for VerifyPairs.
     """
     from datatrove.pipeline.dedup.minhash import MinhashDedupSignature
+    from datatrove.utils.typeshelper import StatHints
 
     class _Signature(MinhashDedupSignature):
         _full: Any = None
         _doc = -1
 
         def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
-            if full_folder is None:
-                return super().run(data, rank, world_size)
-            os.makedirs(full_folder, exist_ok=True)
-            self._doc = -1
-
-            def counted(docs: DocumentsPipeline) -> DocumentsPipeline:
-                for doc in docs:
-                    self._doc += 1  # datatrove's doc index: every document, with or without shingles
-                    yield doc
-
-            with open(full_signature_path(full_folder, rank), "wb") as self._full:
-                super().run(counted(data), rank, world_size)
-            self._full = None
+            """datatrove's signature files, written as its `run` writes them, then each bucket's file sorted by
+            `sort_records` in bounded memory: datatrove's `run` reads a whole bucket file into memory to sort it
+            (68 bytes per document of the task, the one stage-1 memory that grew with the document count)."""
+            c = self.config
+            fmt = f"<{c.hashes_per_bucket}{c.hash_config.struct_format}I"
+            paths = [os.path.join(folder, f"bucket_{bi:03d}", f"{rank:05d}.minhash.sig") for bi in range(c.num_buckets)]  # fmt: skip
+            with self.track_time(), contextlib.ExitStack() as files:
+                for path in paths:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                buckets = [files.enter_context(open(path, "wb")) for path in paths]  # noqa: SIM115
+                if full_folder is not None:
+                    os.makedirs(full_folder, exist_ok=True)
+                    self._full = files.enter_context(open(full_signature_path(full_folder, rank), "wb"))  # noqa: SIM115
+                try:
+                    for self._doc, doc in enumerate(data):  # datatrove's doc index: every document
+                        self.stat_update(StatHints.total)
+                        shingles = self.get_shingles(doc.text)
+                        if shingles.size != 0:
+                            for bucket, part in zip(buckets, self.get_signature(shingles)):
+                                bucket.write(struct.pack(fmt, *part, self._doc))
+                finally:
+                    self._full = None
+            with self.track_time():
+                dtype = np.dtype([(f"field{i + 1}", f"<{c.hash_config.struct_format}") for i in range(c.hashes_per_bucket)] + [(f"field{c.hashes_per_bucket + 1}", "<I")])  # fmt: skip
+                for path in paths:  # temporaries outside the bucket folders, which the next stage reads whole
+                    sort_records(path, dtype, SORT_CHUNK, os.path.join(folder, "sorting", f"{rank:05d}"))
 
         def get_shingles(self, text: str) -> np.ndarray:
             words = word_hashes(text, self.config.norm_config)
@@ -415,36 +505,69 @@ class DedupSignatures(PipelineStep):
         os.replace(path + ".tmp", path)
 
 
-def read_meta(folder: str | Path) -> list[tuple[int, dict[str, np.ndarray]]]:
-    """(rank, columns) for each rank's DedupSignatures file, domain and language as strings again."""
-    out = []
-    for f in sorted(Path(folder).glob("*.meta")):
-        rec = np.fromfile(f, dtype=META_DTYPE)
-        names = json.loads((f.parent / f"{f.name.split('.')[0]}.vocab.json").read_text(encoding="utf-8"))
-        cols = {k: rec[k] for k in ("exact", "url", "tokens", "chars", "topic", "order")}
-        for k in ("domain", "lang"):
-            cols[k] = np.array(names[k] or [""], dtype=str)[rec[k]]
-        out.append((int(f.name.split(".")[0]), cols))
-    return out
+class _Meta:
+    """Every rank's DedupSignatures rows, read back a chunk at a time and one field at a time, so that DedupPlan
+    holds the few columns it is working on, not every field of every document at once.
+
+    Domain and language come back as codes into one vocabulary over all ranks (`names`), numbered in the sorted
+    order of the names, so codes sort, group and compare as the names would."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.files = sorted(Path(folder).glob("*.meta"))
+        self.ranks = [int(f.name.split(".")[0]) for f in self.files]
+        self.sizes = [f.stat().st_size // META_DTYPE.itemsize for f in self.files]
+        self.offsets = np.cumsum([0] + self.sizes[:-1]).tolist() if self.files else []  # first docs
+        self.n = int(sum(self.sizes))
+        vocabs = [
+            json.loads((f.parent / f"{f.name.split('.')[0]}.vocab.json").read_text(encoding="utf-8"))
+            for f in self.files
+        ]
+        self.names = {c: sorted({x for v in vocabs for x in v[c]}) or [""] for c in ("domain", "lang")}
+        code = {c: {x: i for i, x in enumerate(self.names[c])} for c in self.names}
+        self._recode = [  # per rank: its own code → the shared one
+            {c: np.array([code[c][x] for x in v[c]] or [0], dtype=np.uint16) for c in self.names}
+            for v in vocabs
+        ]
+
+    def column(self, name: str, pos: np.ndarray | None = None) -> np.ndarray:
+        """Field `name` of every document, ranks concatenated; with `pos`, document i's value goes to pos[i] (its
+        place in reading order) instead."""
+        out = np.empty(self.n, dtype=np.uint16 if name in self.names else META_DTYPE[name])
+        for i, (f, first, size) in enumerate(zip(self.files, self.offsets, self.sizes)):
+            for lo in range(0, size, META_CHUNK):
+                rows = np.fromfile(f, dtype=META_DTYPE, count=min(META_CHUNK, size - lo), offset=lo * META_DTYPE.itemsize)  # fmt: skip
+                vals = self._recode[i][name][rows[name]] if name in self.names else rows[name]
+                at = slice(first + lo, first + lo + len(rows))
+                if pos is None:
+                    out[at] = vals
+                else:
+                    out[pos[at]] = vals
+        return out
 
 
-def _first_of_equal(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For keys (0 = none): (is a repeat of an earlier key, index of the first document with that key)."""
-    n = len(keys)
-    first = np.arange(n)
-    repeat = np.zeros(n, dtype=bool)
-    has = np.flatnonzero(keys != 0)
-    if len(has) == 0:
-        return repeat, first
-    _, idx_first, inv = np.unique(keys[has], return_index=True, return_inverse=True)
-    first[has] = has[idx_first[inv]]
-    repeat[has] = first[has] != has
-    return repeat, first
+def _repeats(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(i, first) for every index i whose key (0 = none) an earlier index has too, `first` the earliest of them.
+
+    A stable sort puts equal keys side by side in index order, so each run's first member is the earliest; the
+    memory is the sort's indices and one sorted copy of the keys, and the answer is as long as the repeats."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    dup = ordered[1:] == ordered[:-1]  # sorted index k + 1 repeats sorted index k
+    dup &= ordered[1:] != 0
+    del ordered
+    k = np.flatnonzero(dup)
+    del dup
+    if len(k) == 0:
+        return k, k
+    opens = np.ones(len(k), dtype=bool)  # a run of repeats opens: its first member is sorted index k
+    opens[1:] = k[1:] != k[:-1] + 1
+    first = k[np.maximum.accumulate(np.where(opens, np.arange(len(k)), 0))]
+    return order[k + 1], order[first]
 
 
 class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n)
+    def __init__(self, n: int, dtype: Any = np.int64) -> None:
+        self.parent = np.arange(n, dtype=dtype)
 
     def find(self, x: int) -> int:
         p = self.parent
@@ -530,27 +653,22 @@ class DedupPlan(PipelineStep):
         yield  # a generator that yields nothing: datatrove pipes steps as generators
 
     def _run(self) -> None:
-        loaded = read_meta(self.meta_folder)
-        ranks = [r for r, _ in loaded]
-        metas = [m for _, m in loaded]
-        sizes = [len(m["tokens"]) for m in metas]
-        offsets = dict(zip(ranks, np.cumsum([0] + sizes[:-1]).tolist()))
-        keys = ("exact", "url", "domain", "lang", "tokens", "topic", "order")
-        cat = {k: np.concatenate([m[k] for m in metas]) if metas else np.array([]) for k in keys}
-        n = int(sum(sizes))
-        # position in reading order: p = pos[i] for document i (concatenated ranks), perm[p] = i
-        perm = (
-            np.lexsort((np.arange(n), cat["order"].astype(np.uint64))) if n else np.zeros(0, dtype=np.int64)
-        )
-        pos = np.empty(n, dtype=np.int64)
-        pos[perm] = np.arange(n)
-        uf = _UnionFind(n)  # over positions: the smaller position (read first) stays the root
+        # The one place that sees every document: ~60 bytes per document at the peak (positions, the union-find,
+        # one column at a time, the plan), never a whole row or a string per document.
+        meta = _Meta(self.meta_folder)
+        ranks, sizes, offsets, n = meta.ranks, meta.sizes, meta.offsets, meta.n
+        start = dict(zip(ranks, offsets))
+        index = np.int32 if n < 2**31 else np.int64
+        # position in reading order: pos[i] for document i (ranks concatenated); ties keep that order
+        order = meta.column("order")
+        pos = np.empty(n, dtype=index)
+        pos[np.argsort(order, kind="stable")] = np.arange(n, dtype=index)
+        del order
+        uf = _UnionFind(n, index)  # over positions: the smaller position (read first) stays the root
         if self.clusters_folder and Path(self.clusters_folder).is_dir():
             c_rank, c_doc, c_id = read_clusters(self.clusters_folder)
             known = np.isin(c_rank, ranks)
-            members = pos[
-                np.array([offsets[r] for r in c_rank[known].tolist()], dtype=np.int64) + c_doc[known]
-            ]
+            members = pos[np.array([start[r] for r in c_rank[known].tolist()], dtype=np.int64) + c_doc[known]]
             order = np.argsort(c_id[known], kind="stable")
             cid, mem = c_id[known][order], members[order]
             starts = (
@@ -559,58 +677,67 @@ class DedupPlan(PipelineStep):
             first = np.repeat(mem[starts], np.diff(np.r_[starts, len(mem)])) if len(mem) else mem
             for a, b in zip(mem.tolist(), first.tolist()):
                 uf.union(a, b)
-        exact_rep = url_rep = np.zeros(n, dtype=bool)
-        if self.cfg.exact and n:
-            exact_rep, first_p = _first_of_equal(cat["exact"].astype(np.uint64)[perm])
-            for p in np.flatnonzero(exact_rep).tolist():
-                uf.union(p, int(first_p[p]))
-        if self.cfg.url and n:
-            url_rep, first_p = _first_of_equal(cat["url"].astype(np.uint64)[perm])
-            for p in np.flatnonzero(url_rep).tolist():
-                uf.union(p, int(first_p[p]))
-        roots = uf.roots().astype(np.int64)
-        removed = roots != np.arange(n)
+
+        def join_equal(field: str, uf: _UnionFind) -> np.ndarray:
+            """Joins documents of equal `field` hashes; returns which positions repeat an earlier one."""
+            repeat = np.zeros(n, dtype=bool)
+            later, first = _repeats(meta.column(field, pos))
+            for a, b in zip(later.tolist(), first.tolist()):
+                uf.union(a, b)
+            repeat[later] = True
+            return repeat
+
+        no = np.zeros(n, dtype=bool)
+        exact_rep = join_equal("exact", uf) if self.cfg.exact and n else no
+        url_rep = join_equal("url", uf) if self.cfg.url and n else no
+        roots = uf.roots()
+        del uf
+        keep = roots == np.arange(n, dtype=roots.dtype)
         reason_p = np.zeros(n, dtype=np.uint8)
-        reason_p[removed] = 3
-        reason_p[removed & url_rep] = 2
-        reason_p[removed & exact_rep] = 1
-        size_p = np.bincount(roots, minlength=n) if n else np.zeros(0, dtype=np.int64)
-        keep = ~removed
+        reason_p[~keep] = 3
+        reason_p[~keep & url_rep] = 2
+        reason_p[~keep & exact_rep] = 1
+        del exact_rep, url_rep, no
         copies_p, mix_report = plan_mix(
-            cat["domain"][perm], cat["lang"][perm], cat["tokens"][perm], cat["topic"][perm], keep, self.mix
+            meta.column("domain", pos),
+            meta.column("lang", pos),
+            meta.column("tokens", pos),
+            meta.column("topic", pos),
+            keep,
+            self.mix,
+            meta.names["domain"],
         )
         reason_p[keep & (copies_p == 0)] = 4
-        reason, copies, cluster_size = reason_p[pos], copies_p[pos], size_p[pos]  # back to document order
-        rank_of = np.repeat(ranks, sizes) if n else np.zeros(0, dtype=np.int64)
+        del keep
+        # each root's cluster size (0 for the documents removed)
+        size_p = np.bincount(roots, minlength=n) if n else np.zeros(0, dtype=np.int64)
         clusters = []
-        for r in np.argsort(-size_p, kind="stable")[: self.cfg.top_clusters] if n else []:
-            size = int(size_p[r])
-            if size < 2:
-                break
+        top = np.flatnonzero(size_p > 1)  # the roots of clusters, largest first, ties in reading order
+        for r in top[np.argsort(-size_p[top], kind="stable")][: self.cfg.top_clusters].tolist():
             in_cluster = reason_p[roots == r]
             by = {REASONS[k]: int((in_cluster == k).sum()) for k in (1, 2, 3) if (in_cluster == k).any()}
-            doc = int(perm[r])
-            clusters.append({"size": size, "rank": int(rank_of[doc]), "index": int(doc - offsets[int(rank_of[doc])]), "removed_by": by})  # fmt: skip
+            doc = int(np.flatnonzero(pos == r)[0])
+            i = bisect.bisect_right(offsets, doc) - 1  # the rank holding concatenated document `doc`
+            clusters.append({"size": int(size_p[r]), "rank": ranks[i], "index": doc - offsets[i], "removed_by": by})  # fmt: skip
         os.makedirs(self.plan_folder, exist_ok=True)
         os.makedirs(self.remove_folder, exist_ok=True)
-        for rk, size in zip(ranks, sizes):
-            o = offsets[rk]
+        for rk, o, size in zip(ranks, offsets, sizes):
+            p = pos[o : o + size]  # this rank's documents, in its own order again
+            reason = reason_p[p]
             np.savez(
                 os.path.join(self.plan_folder, f"{rk:05d}.npz"),
-                reason=reason[o : o + size],
-                copies=copies[o : o + size],
-                cluster_size=cluster_size[o : o + size],
+                reason=reason,
+                copies=copies_p[p],
+                cluster_size=size_p[p],
             )
-            gone = np.flatnonzero((reason[o : o + size] >= 1) & (reason[o : o + size] <= 3))
-            gone.astype("<u4").tofile(
-                os.path.join(self.remove_folder, f"{rk:06d}.remove")
-            )  # MinhashDedupFilter's
+            gone = np.flatnonzero((reason >= 1) & (reason <= 3))  # MinhashDedupFilter's `.remove` format
+            gone.astype("<u4").tofile(os.path.join(self.remove_folder, f"{rk:06d}.remove"))
         candidates, verified = (_pair_count(f) for f in (self.pairs_folders or (None, None)))
         summary = {
             "documents": n,
             "minhash_pairs": verified,
             "minhash_pairs_below_threshold": candidates - verified,
-            "removed": {REASONS[k]: int((reason == k).sum()) for k in range(1, len(REASONS))},
+            "removed": {REASONS[k]: int((reason_p == k).sum()) for k in range(1, len(REASONS))},
             "largest_clusters": clusters,
             "mix": mix_report,
         }

@@ -10,6 +10,7 @@ proportional to size, 0 = equal shares), and inside a stratum documents are take
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,22 +103,30 @@ def plan_mix(
     topic: np.ndarray,
     keep: np.ndarray,
     cfg: MixConfig,
+    domain_names: Sequence[str],
 ) -> tuple[np.ndarray, dict]:
-    """Copies per document (0 for dropped or already removed) and a report per domain."""
+    """Copies per document (0 for dropped or already removed) and a report per domain.
+
+    Domains and languages come as integer codes numbered in the sorted order of their names (`domain_names[c]`
+    is domain code c's name): the plan sees every document of the corpus, and a string per document would cost
+    tens of bytes each (danlu.data.dedup.DedupPlan)."""
     n = len(tokens)
     copies = keep.astype(np.int32)
     report: dict = {"domains": {}, "token_budget": cfg.token_budget}
     kept = np.flatnonzero(keep)
     if n == 0 or (not cfg.weights and cfg.token_budget is None):
-        for d in np.unique(domain[kept]) if len(kept) else []:
+        for d in np.unique(domain[kept]).tolist() if len(kept) else []:
             t = int(tokens[kept][domain[kept] == d].sum())
-            report["domains"][str(d)] = {"tokens_in": t, "tokens_out": t, "rate": 1.0}
+            report["domains"][domain_names[d]] = {"tokens_in": t, "tokens_out": t, "rate": 1.0}
         return copies, report
     length_bucket = np.searchsorted(np.array(LENGTH_BUCKETS), tokens, side="right")
     # language × length stratum as one integer (ordered as the "lang|bucket" strings were): no string per document
     lang_code = np.unique(lang, return_inverse=True)[1].reshape(-1).astype(np.int64)
     strata = lang_code * (len(LENGTH_BUCKETS) + 1) + length_bucket
-    present = {str(d): int(tokens[kept][domain[kept] == d].sum()) for d in np.unique(domain[kept])}
+    present = {
+        domain_names[d]: int(tokens[kept][domain[kept] == d].sum()) for d in np.unique(domain[kept]).tolist()
+    }
+    code = {name: c for c, name in enumerate(domain_names)}
     total = sum(present.values())
     weights = (
         {d: float(w) for d, w in cfg.weights.items()}
@@ -130,7 +139,7 @@ def plan_mix(
     wsum = sum(w for d, w in weights.items() if d in present)
     budget = float(cfg.token_budget if cfg.token_budget is not None else total)
     for d, t_in in sorted(present.items()):
-        members = kept[domain[kept] == d]
+        members = kept[domain[kept] == code[d]]
         target = budget * weights[d] / wsum if wsum > 0 else 0.0
         rate = target / t_in if t_in else 0.0
         if rate >= 1.0:
