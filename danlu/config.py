@@ -115,6 +115,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 continue
         raise DanluError(f"{where}: {value!r} is not a valid {_name(hint)}")
     if origin is typing.Literal:
+        # YAML 1.1 reads on/off as booleans: `train.compile=off` means "off"
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(hint)):
+            value = "on" if value else "off"
         if value not in typing.get_args(hint):
             raise DanluError(
                 f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(hint)))}"

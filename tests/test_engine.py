@@ -182,6 +182,12 @@ def test_recipe_errors_name_the_key() -> None:
     with pytest.raises(DanluError, match="key=value"):
         apply_overrides({}, ["pretrain.steps"])
     assert apply_overrides({}, ["pretrain.train.steps=5"]) == {"pretrain": {"train": {"steps": 5}}}
+    # YAML reads on/off as booleans: the values the docs and messages name (train.compile=off) still work
+    for word, value in (("on", "on"), ("off", "off"), ("auto", "auto")):
+        section = apply_overrides({}, [f"pretrain.train.compile={word}"])["pretrain"]["train"]
+        assert from_dict(TrainConfig, section, "pretrain.train").compile == value
+    with pytest.raises(DanluError, match="'sometimes' is not one of 'auto', 'on', 'off'"):
+        from_dict(TrainConfig, {"compile": "sometimes"}, "pretrain.train")
 
 
 def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards) -> None:
