@@ -28,6 +28,7 @@ from danlu.compress.kd_modes import GeneratedRows, check_parallel
 from danlu.compress.teacher_topk import TopKRows, cache_path, load_or_build
 from danlu.data.shards import RowOrder
 from danlu.losses import generalized_jsd, kd_loss, topk_kd_loss
+from danlu.losses_fused import logits_cross_entropy
 from danlu.model import IGNORE_INDEX
 
 
@@ -192,9 +193,7 @@ def _with_ce(
     loss = cfg.alpha * kd
     stats = {"kd": float(kd.detach())}
     if cfg.alpha < 1:
-        ce = torch.nn.functional.cross_entropy(
-            s_logits.float().flatten(0, 1), y.reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        ce = logits_cross_entropy(s_logits, y)
         loss = loss + (1 - cfg.alpha) * ce
         stats["ce"] = float(ce.detach())
     return loss, stats
