@@ -202,10 +202,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
-def _zeropower_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalizes g (the Muon update) with a quintic Newton–Schulz iteration in bf16."""
+def _zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalizes g (the Muon update) with a quintic Newton–Schulz iteration in `dtype`. Under
+    FSDP g is a DTensor: its matrix products act on the whole matrix (DTensor gathers what it needs), not a slice."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
@@ -217,10 +218,18 @@ def _zeropower_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + orthogonalized updates for 2-D weight matrices (Keller Jordan's Muon, nanochat's choice)."""
+    """Momentum + orthogonalized updates for 2-D weight matrices (Keller Jordan's Muon, nanochat's choice).
 
-    def __init__(self, params: list[nn.Parameter], lr: float = 0.02, momentum: float = 0.95) -> None:
+    The iteration runs in the precision training computes in (`dtype`): bf16 where the hardware has it, as Muon's
+    authors run it; fp32 elsewhere, where bf16 products are emulated and slow — and where runs on 1 and on 2
+    processes must agree to 1e-5, which bf16 rounding of all-reduced gradients does not give."""
+
+    def __init__(
+        self, params: list[nn.Parameter], lr: float = 0.02, momentum: float = 0.95,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:  # fmt: skip
         super().__init__(params, {"lr": lr, "momentum": momentum})
+        self.dtype = dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -234,7 +243,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov
-                update = _zeropower_newton_schulz(update)
+                update = _zeropower_newton_schulz(update, dtype=self.dtype)
                 scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
                 p.add_(update, alpha=-group["lr"] * scale)
 
@@ -257,7 +266,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": 0.0},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
         adam = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused)
-        return [Muon(hidden, lr=cfg.muon_lr), adam]
+        return [Muon(hidden, lr=cfg.muon_lr, dtype=resolve_dtype(cfg.dtype, device)), adam]
     decay = [p for _, p in unique if p.dim() >= 2]
     no_decay = [p for _, p in unique if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -48,11 +48,12 @@ def _trainer(shards: tuple[Path, Path], out: Path, tokenizer, steps: int = 12, *
                    Hooks(save_model=save), stage="pretrain")  # fmt: skip
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) -> None:
-    straight = _trainer(shards, tmp_path / "a", tiny_tokenizer)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # Muon: its momentum buffers must be saved and restored
+def test_resume_continues_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer, optimizer: str) -> None:
+    straight = _trainer(shards, tmp_path / "a", tiny_tokenizer, optimizer=optimizer)
     straight.fit()
 
-    interrupted = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5)
+    interrupted = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5, optimizer=optimizer)
     real_loss = interrupted.loss_fn
 
     def crash_at_step_7(m, b):
@@ -63,7 +64,7 @@ def test_resume_continues_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) ->
     interrupted.loss_fn = crash_at_step_7
     with pytest.raises(KeyboardInterrupt):
         interrupted.fit()
-    resumed = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5)
+    resumed = _trainer(shards, tmp_path / "b", tiny_tokenizer, save_every=5, optimizer=optimizer)
     resumed.resume()
     assert resumed.step == 5
     resumed.fit()
@@ -190,14 +191,16 @@ def test_recipe_errors_name_the_key() -> None:
         from_dict(TrainConfig, {"compile": "sometimes"}, "pretrain.train")
 
 
-def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards) -> None:
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards, optimizer: str) -> None:
     """torchrun with 2 CPU processes (gloo), batch B each, gives the losses of 1 process with batch 2B — with DDP
-    and with FSDP2 (fully_shard), through the same code path."""
+    and with FSDP2 (fully_shard), through the same code path. Muon too: under FSDP each rank holds a slice of a
+    matrix, and the update must orthogonalize the whole matrix, not the slice."""
     shard_dir, tok = shards
     common = [f"--data={shard_dir}", f"--tokenizer={tok}", "--recipe=smoke", "dtype=fp32", "device=cpu",
               "model.depth=1", "pretrain.seq_len=32", "pretrain.eval_facts=0", "pretrain.train.steps=6",
               "pretrain.train.eval_every=0", "pretrain.train.sample_every=0", "pretrain.train.log_every=1",
-              "pretrain.train.warmup_steps=2", "train.threads=1"]  # fmt: skip
+              "pretrain.train.warmup_steps=2", "train.threads=1", f"train.optimizer={optimizer}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def losses(p: Path) -> list[float]:
