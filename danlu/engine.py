@@ -75,6 +75,11 @@ class TrainConfig:
     overfit_warning_gap: float = 0.5  # warn when val loss exceeds train loss by this many nats
     max_nonfinite_steps: int = 3
     seed: int = 0
+    # Same seed, same run, bit for bit (same machine and software): torch's deterministic algorithms. Without it
+    # compiled CPU kernels give slightly different sums from run to run, so same-seed runs drift apart; with it
+    # they do not, at 0–6% more time a step on the tiny recipe (BENCHMARKS.md). Ops with no deterministic version
+    # warn instead of failing.
+    deterministic: bool = False
     threads: int = 0  # CPU threads; 0 = the cores other processes leave free (danlu.cpu_threads)
     peak_flops: float = 0.0  # for MFU; 0 = estimate from the device
     progress: bool = True
@@ -328,6 +333,14 @@ def per_batch(batch: dict[str, torch.Tensor]) -> float:
 # ───────────────────────── the trainer ─────────────────────────
 
 
+def use_deterministic(on: bool, device: torch.device) -> None:
+    """Turns torch's deterministic algorithms on or off for this process (`TrainConfig.deterministic`). cuBLAS
+    needs its workspace fixed for that, before its first use in the process."""
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -383,6 +396,7 @@ class Trainer:
                 print(threads.message())
         elif cfg.threads:
             torch.set_num_threads(cfg.threads)
+        use_deterministic(cfg.deterministic, self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.dtype == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
             _say_training_runs_in_fp32()

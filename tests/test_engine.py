@@ -175,6 +175,28 @@ def test_muon_option_trains(tmp_path: Path, shards, tiny_tokenizer) -> None:
     assert losses[-1] < losses[0]
 
 
+def test_deterministic_compiled_training_repeats_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) -> None:
+    """train.deterministic: two compiled runs from the same seed give the same losses and weights, bit for bit.
+    Without it, compiled CPU kernels on 2 threads may sum in another order from one run to the next (BENCHMARKS.md,
+    eleventh session), so same-seed runs of the default recipe drifted apart."""
+    try:
+        runs = []
+        for name in ("a", "b"):
+            torch._dynamo.reset()  # the second run compiles afresh, as a new process would
+            t = _trainer(shards, tmp_path / name, tiny_tokenizer, steps=8, compile="on", deterministic=True,
+                         threads=2)  # fmt: skip
+            t.fit()
+            assert torch.are_deterministic_algorithms_enabled()
+            runs.append(t)
+        losses = [[r["loss"] for r in t.history if r.get("event") == "train"] for t in runs]
+        assert len(losses[0]) == 8 and losses[0] == losses[1]
+        for k, v in runs[0].raw_model.state_dict().items():
+            assert torch.equal(v, runs[1].raw_model.state_dict()[k]), k
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch._dynamo.reset()
+
+
 def test_recipe_errors_name_the_key() -> None:
     with pytest.raises(DanluError, match="unknown key 'stpes'.*valid keys: .*steps"):
         from_dict(TrainConfig, {"stpes": 3}, "pretrain.train")
