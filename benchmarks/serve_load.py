@@ -163,7 +163,7 @@ def main() -> int:
 
     import torch
 
-    from danlu.generate import resolve_compile
+    from danlu.compiler import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import ModelWorker
     from danlu.serve.routing import load_served_model

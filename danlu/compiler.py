@@ -7,6 +7,17 @@ import shutil
 
 import torch
 
+from danlu import DanluError
+
+
+def resolve_compile(mode: str, device: torch.device | str, pays: bool = True) -> bool:
+    """A `compile` setting (auto, on or off) as a decision: `auto` compiles where a compiler can work
+    (`compiler_available`) and the caller says the compilation `pays` for itself (a run long enough to earn its
+    10–30 s back); on and off decide alone."""
+    if mode not in ("auto", "on", "off"):
+        raise DanluError(f"compile must be auto, on or off, not {mode!r}")
+    return mode == "on" or (mode == "auto" and pays and compiler_available(torch.device(device)))
+
 
 def compiler_available(device: torch.device) -> bool:
     """On a GPU, or on a CPU with a C++ compiler on PATH (inductor writes C++ for CPU kernels)."""

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from danlu import DanluError
-from danlu.compiler import compiler_available, is_compiler_error
+from danlu.compiler import is_compiler_error, resolve_compile
 from danlu.files import atomic_path, recover_swapped, write_jsonl_atomic
 
 
@@ -459,9 +459,7 @@ class Trainer:
         """`auto`: on GPUs; on CPUs only for runs of 500+ steps with a C++ compiler at hand. Measured on the tiny
         shape (BENCHMARKS.md): compiling costs ~30 s and makes each CPU step ~25% faster, so it pays off from a
         couple of minutes of training on, and short runs (tests, smoke) stay eager."""
-        if self.cfg.compile != "auto":
-            return self.cfg.compile == "on"
-        return compiler_available(self.device) and (self.device.type == "cuda" or self.cfg.steps >= 500)
+        return resolve_compile(self.cfg.compile, self.device, pays=self.device.type == "cuda" or self.cfg.steps >= 500)
 
     def _forward_backward(self, batch: dict[str, torch.Tensor], ctx: Any, scale: float) -> tuple[Any, Any]:
         """Forward and backward of one micro-batch, its mean loss scaled by its share of the global batch."""

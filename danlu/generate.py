@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from danlu import DanluError
-from danlu.compiler import compiler_available, is_compiler_error
+from danlu.compiler import is_compiler_error
 from danlu.model import Transformer
 
 
@@ -94,13 +94,6 @@ class _StopStrings:
             if i >= 0 and (best < 0 or i < best):
                 best = i
         return best
-
-
-def resolve_compile(mode: str, device: torch.device | str) -> bool:
-    """`auto`: compile where it can work (`compiler.compiler_available`)."""
-    if mode not in ("auto", "on", "off"):
-        raise DanluError(f"compile must be auto, on or off, not {mode!r}")
-    return mode == "on" or (mode == "auto" and compiler_available(torch.device(device)))
 
 
 def cache_length(tokens: int, context: int) -> int:

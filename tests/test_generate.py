@@ -76,7 +76,7 @@ def test_a_failing_compiler_falls_back_to_eager(capsys: pytest.CaptureFixture[st
 
 def test_compile_modes_are_checked() -> None:
     from danlu import DanluError
-    from danlu.generate import resolve_compile
+    from danlu.compiler import resolve_compile
 
     assert resolve_compile("on", "cpu") and not resolve_compile("off", "cuda")
     with pytest.raises(DanluError, match="compile must be auto, on or off, not 'yes'"):

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from danlu import DanluError
-    from danlu.generate import resolve_compile
+    from danlu.compiler import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import ModelWorker
     from danlu.serve.feedback import FeedbackStore

@@ -150,10 +150,11 @@ class RowPacking:
             members[row] += 1
         device = targets.device
         self.shape, self.rows = (b, t), len(fill)
-        self.src, self.dst = torch.cat(src).to(device), torch.cat(dst).to(device)
+        src_at, dst_at = torch.cat(src), torch.cat(dst)  # built on the CPU: no copy back from the device
         # a row's tail (no sequence there) is a segment of its own, never scored
         segments = torch.tensor(members).repeat_interleave(t)
-        segments[self.dst.cpu()] = torch.cat(seg_at)
+        segments[dst_at] = torch.cat(seg_at)
+        self.src, self.dst = src_at.to(device), dst_at.to(device)
         self.segment_ids = segments.view(self.rows, t).to(device)
 
     def pack(self, x: torch.Tensor, fill: int) -> torch.Tensor:

@@ -27,12 +27,10 @@ def rollouts_compiled(compile: str, steps: int, device: str) -> bool:
     compiler works and the stage has 20 steps or more: the batch graph compiles once (10–20 s on a 2-core CPU) and
     then takes about half the eager decode time of GRPO's 128 rows in bf16, ~1 s a step at the tiny shape
     (benchmarks/rollout_generate.py, BENCHMARKS.md tenth session); a short run would not earn its compilation back."""
-    from danlu.compiler import compiler_available
+    from danlu.compiler import resolve_compile
     from danlu.engine import resolve_device
 
-    if compile != "auto":
-        return compile == "on"
-    return compiler_available(resolve_device(device)) and steps >= 20
+    return resolve_compile(compile, resolve_device(device), pays=steps >= 20)
 
 
 def check_rollout_parallel(stage: str, parallel: str, world_size: int) -> None:
