@@ -7,6 +7,8 @@ one), on a random-init model of the tiny recipe's shape (`--bf16`: under bf16 au
   slots    eager `SlotBatch` (danlu.generate): rows in fixed slots, attention up to the furthest row
   compiled `SlotBatch` with `torch.compile` of `decode_rows` (one graph with dynamic shapes); its first call
            includes the compilation
+  frozen   compiled, with the weights as constants of the graph (`frozen_weights=True`, what `danlu serve` uses:
+           on a CPU each weight is packed once for the matrix kernels)
 
     python benchmarks/rollout_generate.py                  # 16 rows × 48 tokens, 20 calls
     python benchmarks/rollout_generate.py --rows 32 --new 24 --greedy   # an evaluation-like batch
@@ -60,10 +62,12 @@ def main() -> None:
 
     # one generator for all calls, as a stage's rollouts keep one
     compiled = Generator(model, tok, compile=True)
+    frozen = Generator(model, tok, compile=True, frozen_weights=True)
     paths = {
         "legacy": legacy,
         "slots": lambda: Generator(model, tok).generate(prompts, params),
         "compiled": lambda: compiled.generate(prompts, params),
+        "frozen": lambda: frozen.generate(prompts, params),
     }
     times: dict[str, list[float]] = {k: [] for k in paths}
     out: dict[str, list[list[int]]] = {}
@@ -92,7 +96,8 @@ def main() -> None:
             f"| {name} | {ts[0]:.2f} | {med:.3f} | {tokens / med:,.0f} | {sum(ts):.1f} | {base / sum(ts):.2f} |"
         )
     print(
-        f"same tokens, all three paths (each row seeded alike): {out['slots'] == out['compiled'] == out['legacy']}"
+        "same tokens, all four paths (each row seeded alike): "
+        f"{out['slots'] == out['compiled'] == out['legacy'] == out['frozen']}"
     )
 
 

@@ -27,3 +27,21 @@ def compiler_available(device: torch.device) -> bool:
 def is_compiler_error(error: BaseException) -> bool:
     """An error raised by dynamo or inductor (a failed C++ build, an unsupported op), not by the model's own code."""
     return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+# generations of one call (a held-out set, a probe of RL prompts) that earn a compile of the batch graph
+DECODE_ROWS_THAT_PAY = 100
+
+
+def compile_decoding(mode: str, model: torch.nn.Module, rows: int) -> bool:
+    """Whether one call's batched decoding of `rows` generations (danlu.generate.Generator) runs compiled: on and
+    off decide alone; auto where a compiler works, for DECODE_ROWS_THAT_PAY rows or more, and not for parameters
+    sharded by FSDP (the batch graph reads whole weights). The batch graph compiles once per process (10–20 s cold
+    on 2 cores, seconds from inductor's on-disk cache, about a second for each further checkpoint of the same
+    shape): the default run's evaluation of 4 checkpoints × 12 held-out sets took 22 s compiled against 59 s
+    eagerly, with the same 44 figures (BENCHMARKS.md, twelfth session)."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return False
+    sharded = type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor"
+    return resolve_compile(mode, param.device, pays=rows >= DECODE_ROWS_THAT_PAY and not sharded)

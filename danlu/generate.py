@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 
 from danlu import DanluError
 from danlu.compiler import is_compiler_error
@@ -330,22 +331,40 @@ class Generator:
     in a server, a long chat or many batches (RL rollouts), not in a one-off command. If compilation fails (no C++
     compiler, an unsupported op), the generator says so once and decodes eagerly.
     Models without `decode_rows` (transformers-backed, ensembles, soft prompts) decode batches eagerly with a
-    shrinking cache (`cache.reorder`)."""
+    shrinking cache (`cache.reorder`).
 
-    def __init__(self, model: Transformer, tokenizer: Any, compile: bool = False) -> None:
+    `frozen_weights=True` promises that the weights stay as they are while the generator lives (a server): the
+    batch graph then takes them as constants (inductor's freezing), which on a CPU packs each weight once for the
+    matrix kernels instead of at every product. Small products are where that packing weighed: a 16-row step of the
+    tiny model 1.7× faster at 1 thread, 1.3× at depth 12, no more memory (BENCHMARKS.md, twelfth session). A policy
+    trained between calls (RL rollouts) must not set it: its graph would go on decoding with the old weights."""
+
+    def __init__(
+        self, model: Transformer, tokenizer: Any, compile: bool = False, frozen_weights: bool = False
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         self.batches = bool(getattr(model, "supports_compiled_decode", False))  # has `decode_rows`
         self._decode = None
         self._decode_step = None
+        self._freeze = frozen_weights and self.device.type == "cpu"  # measured on a CPU only
         if compile and not self.batches:
             print("[danlu] generate: this model has no static-shape decode step (transformers-backed, ensemble "
                   "or soft prompts); decoding without torch.compile", file=sys.stderr)  # fmt: skip
             compile = False
         if compile:  # on a CPU the C++ wrapper drops the Python call per kernel: another ~15% per token
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
-            self._decode = torch.compile(model.decode_rows, fullgraph=True, dynamic=True, options=options)
+            rows = model.decode_rows
+            if self._freeze:
+
+                def rows(*args: Any) -> torch.Tensor:
+                    return model.decode_rows(*args)
+
+                # a code object of this generator's own: dynamo keeps its graphs per code object, so a plain graph
+                # compiled earlier would serve this generator, and this frozen one a later model at the same address
+                rows.__code__ = rows.__code__.replace(co_name=f"frozen_decode_rows_{id(self)}")
+            self._decode = torch.compile(rows, fullgraph=True, dynamic=True, options=options)
             self._decode_step = torch.compile(
                 model.decode_step, fullgraph=True, dynamic=False, options=options
             )
@@ -423,7 +442,11 @@ class Generator:
         keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
         if self._decode is not None:
             try:  # a few graphs at most (a size of 1 is specialized, autocast on or off): more than dynamo's 8
-                with torch._dynamo.config.patch(recompile_limit=64):
+                # freezing is read while dynamo traces (it makes the parameters constants), not from compile options
+                with (
+                    torch._dynamo.config.patch(recompile_limit=64),
+                    inductor_config.patch(freezing=self._freeze),
+                ):
                     return self._mask_padding(self._decode(token, pos, keys, values))
             except Exception as error:
                 self._compiler_failed(error)

@@ -144,6 +144,38 @@ def test_compiled_batch_gives_the_eager_tokens() -> None:
     assert counters["stats"]["unique_graphs"] - frames <= 4
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not compiler_available(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_frozen_batch_graph_gives_the_eager_tokens_and_keeps_to_its_model() -> None:
+    """A server's batch graph holds its weights as constants (`frozen_weights`): it gives the eager tokens, and a
+    plain compiled generator of another model in the same process decodes with that model's own weights. Plain
+    batch graphs compiled by the tests before this one must not stand in for the frozen graph: after a's weights
+    change, its decode steps still use the old ones."""
+    a = _model()
+    b = _model()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(1.3).add_(0.02)
+    prompts = _prompts([3, 11, 7, 9, 5])
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+
+    def eager(model: Transformer) -> list[list[int]]:
+        return [c.token_ids for c in Generator(model, IdsTokenizer()).generate(prompts, params)]
+
+    want_a, want_b = eager(a), eager(b)
+    assert want_a != want_b
+    frozen_a = Generator(a, IdsTokenizer(), compile=True, frozen_weights=True)
+    assert [c.token_ids for c in frozen_a.generate(prompts, params)] == want_a
+    assert frozen_a._decode is not None  # compiled, not the eager fallback
+    with torch.no_grad():  # the frozen graph keeps a's weights as they were: why only a server may freeze
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    # the prompts' pass is eager (new weights), the decode steps are not
+    assert [c.token_ids for c in frozen_a.generate(prompts, params)] != eager(a)
+    plain_b = Generator(b, IdsTokenizer(), compile=True)
+    assert [c.token_ids for c in plain_b.generate(prompts, params)] == want_b
+
+
 # ---- the server: continuous batching ---------------------------------------------------------------------------
 
 

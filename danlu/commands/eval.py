@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=256, help="generation length for gsm8k")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="decode the world sets' answers with torch.compile (auto: sets of 100 rows or more, where a "
+                   "C++ compiler or a GPU is present)")  # fmt: skip
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument(
         "--examples", type=int, default=3, help="examples kept per task in the results (default 3)"
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     opts = EvalOptions(data=args.data, world=args.world, dev=args.dev, shots=args.shots, limit=args.limit,
                        batch_size=args.batch_size, max_tokens=args.max_tokens, examples=args.examples,
                        encoding=args.encoding, split=args.split, dtype=resolve_dtype(args.dtype, device),
-                       store=store)  # fmt: skip
+                       store=store, compile=args.compile)  # fmt: skip
     t0 = time.time()
     results = run_tasks(ckpt, args.task, opts)
     print(format_table(table_rows(results)))

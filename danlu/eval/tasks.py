@@ -35,6 +35,7 @@ class EvalOptions:
     split: str = "dev"  # world tasks: held-out rows scored, dev (tune on it) or test (report it)
     dtype: Any = None  # world tasks: autocast dtype (the precision the checkpoint trained at); None: float32
     store: Any = None  # world tasks: the checkpoint's FigureStore, so a quantity already computed is reused
+    compile: str = "auto"  # world tasks: decode compiled (auto, on, off; danlu.compiler.compile_decoding)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _world(sets: list[str] | None) -> Callable[[Any, EvalOptions], dict[str, dic
             )  # a checkpoint inside a run folder: that run's world
         res = evaluate_world(ckpt.model, ckpt.tokenizer, chosen, data=world, split=opts.split, limit=opts.limit,
                              batch_size=max(opts.batch_size, 1), seed=opts.seed, dtype=opts.dtype,
-                             store=opts.store)  # fmt: skip
+                             store=opts.store, compile=opts.compile)  # fmt: skip
         return {f"world/{k}": v for k, v in res.items()}
 
     return run

@@ -283,9 +283,12 @@ def _examples(
 
 
 def score_set(
-    name: str, model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, split: str, batch_size: int = 32
-) -> dict[str, dict[str, Any]]:
-    """{quantity: figure} of one held-out set on the given rows (already the split's)."""
+    name: str, model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, split: str, batch_size: int = 32,
+    compile: str = "auto",
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """{quantity: figure} of one held-out set on the given rows (already the split's); `compile` as
+    danlu.compiler.compile_decoding decides it for the set's rows."""
+    from danlu.compiler import compile_decoding
     from danlu.eval.generative import completion_flags, contains_answer, final_number_matches
     from danlu.generate import Generator
 
@@ -299,7 +302,7 @@ def score_set(
                "completion": r["chosen"] if ok else r["rejected"], "answer": r["chosen"], "correct": ok}
               for r, ok in list(zip(rows, flags))[:EXAMPLES]]  # fmt: skip
         return {name: _figure(flags, rows, spec.counts, split, ex, ("kind", "lang"), random=0.5)}
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, compile=compile_decoding(compile, model, len(rows)))
     if spec.how == "tool_call":
         calls, answers, ex = tool_flags(gen, rows, max_tokens=spec.max_tokens, batch_size=batch_size)
         return {f"{name}_{part}": _figure(flags, rows, f"{spec.counts} {TOOL_PARTS[part]}", split, ex, ("tool",))
@@ -332,13 +335,14 @@ def rows_digest(rows: list[dict[str, Any]]) -> str:
 
 def evaluate_quantities(
     model: Any, tokenizer: Any, quantities: list[str], *, data: str | Path | None = None, split: str = "dev",
-    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: Any = None, store: Any = None,
+    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: Any = None, store: Any = None, compile: str = "auto",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """{quantity: figure} for the named quantities (see QUANTITIES) on `split` — the one entry point.
 
     `limit` caps the rows per set (0: the whole split); `dtype` is the autocast the checkpoint is run under (the
     recipe's training precision, so that a stage's figure and the eval stage's agree); `store` (a
-    danlu.eval.store.FigureStore of the checkpoint) returns figures already computed on the same rows and weights.
+    danlu.eval.store.FigureStore of the checkpoint) returns figures already computed on the same rows and weights;
+    `compile` (auto, on, off) is whether generations decode compiled (danlu.compiler.compile_decoding).
     """
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown:
@@ -356,7 +360,9 @@ def evaluate_quantities(
         was_training = model.training
         model.eval()
         with precision(model, dtype):
-            figures = score_set(name, model, tokenizer, rows, split=split, batch_size=batch_size)
+            figures = score_set(
+                name, model, tokenizer, rows, split=split, batch_size=batch_size, compile=compile
+            )
         model.train(was_training)
         if store is not None:
             for q, fig in figures.items():
@@ -367,11 +373,12 @@ def evaluate_quantities(
 
 def evaluate_world(
     model: Any, tokenizer: Any, sets: list[str], *, data: str | Path | None = None, split: str = "dev",
-    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: Any = None, store: Any = None,
+    limit: int = 0, batch_size: int = 32, seed: int = 0, dtype: Any = None, store: Any = None, compile: str = "auto",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """{quantity: figure} for every quantity of the named held-out sets (WORLD_SETS) on `split`."""
     unknown = [s for s in sets if s not in WORLD_SETS]
     if unknown:
         raise DanluError(f"unknown world set {', '.join(unknown)}; valid: {', '.join(WORLD_SETS)}")
     return evaluate_quantities(model, tokenizer, [q for s in sets for q in quantities_of(s)], data=data, split=split,
-                               limit=limit, batch_size=batch_size, seed=seed, dtype=dtype, store=store)  # fmt: skip
+                               limit=limit, batch_size=batch_size, seed=seed, dtype=dtype, store=store,
+                               compile=compile)  # fmt: skip

@@ -113,7 +113,8 @@ def load_served_model(
     from danlu.serve.engine import ModelWorker
 
     ckpt = load_checkpoint(path, device=device)
-    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile)
+    # a server never trains its model: the batch graph may hold the weights as constants
+    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile, frozen_weights=True)
     if compile:
         print(
             f"[danlu] compiling {name}'s decode step (once per process; --compile off skips it)", flush=True

@@ -283,17 +283,18 @@ def world_eval_folder(eval_data: str | Path | None) -> Path | None:
 
 def world_figures(
     model: Any, tokenizer: Any, folder: Path, quantities: list[str], checkpoint: Path, *, limit: int | None,
-    dtype: Any,
+    dtype: Any, compile: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     """Dev-split figures of `quantities` for the weights in `checkpoint` (stored in its heldout.json, so the eval
-    stage reads them instead of computing them again); {} when `limit` is None (held-out scoring off)."""
+    stage reads them instead of computing them again); {} when `limit` is None (held-out scoring off). `compile` is
+    the stage's `train.compile` (danlu.compiler.compile_decoding)."""
     from danlu.eval.store import FigureStore
     from danlu.eval.world import evaluate_quantities
 
     if limit is None:
         return {}
     return evaluate_quantities(model, tokenizer, quantities, data=folder, split="dev", limit=limit, dtype=dtype,
-                               store=FigureStore(checkpoint))  # fmt: skip
+                               store=FigureStore(checkpoint), compile=compile)  # fmt: skip
 
 
 def before_after_line(stage: str, before: dict[str, Any], after: dict[str, Any]) -> str:

@@ -155,7 +155,7 @@ def train_dpo(
         }
 
     trainer: Any = None
-    judged = JudgedSets(cfg, tok, context, tcfg.seed) if cfg.sample_prompts else None
+    judged = JudgedSets(cfg, tok, context, tcfg.seed, tcfg.compile) if cfg.sample_prompts else None
 
     def evaluate(m: Any) -> dict[str, float]:
         out = preference_eval(m, ref, held_batches, cfg.beta, trainer.autocast) if held_batches else {}
@@ -190,7 +190,7 @@ def train_dpo(
         source.extra["ref_logps"] = cached_logps(ref, PairBatches(train, 1, tok.pad_id, 0), trainer.autocast)
     world, limit = world_eval_folder(eval_data), heldout_limit(recipe, cfg.eval_pairs)
     before = (world_figures(trainer.raw_model, tok, world, ["preference_chat"], parent, limit=limit,
-                            dtype=trainer.dtype) if world is not None and d.main else {})  # fmt: skip
+                            dtype=trainer.dtype, compile=tcfg.compile) if world is not None and d.main else {})  # fmt: skip
     if resume_wanted(out, cfg.resume, tcfg, "dpo"):
         trainer.resume()
     if d.main:
@@ -213,9 +213,8 @@ def train_dpo(
         result["heldout_dpo_loss"] = round(evals[-1]["val_loss"], 4)
         result["heldout_pairs"] = len(held)
     if world is not None and d.main:
-        after = world_figures(
-            trainer.raw_model, tok, world, ["preference_chat"], out, limit=limit, dtype=trainer.dtype
-        )
+        after = world_figures(trainer.raw_model, tok, world, ["preference_chat"], out, limit=limit,
+                              dtype=trainer.dtype, compile=tcfg.compile)  # fmt: skip
         result["heldout"] = {"before": before, "after": after}
         print(before_after_line("dpo", before, after))
     if judged is not None:
@@ -228,7 +227,9 @@ class JudgedSets:
     """DPO's pairs judged from the starting model's own samples: training pairs, held-out pairs, and the held-out
     prompts' greedy answer accuracy before and after (does preferring right answers make the model give them?)."""
 
-    def __init__(self, cfg: DPOConfig, tokenizer: Any, context: int, seed: int) -> None:
+    def __init__(
+        self, cfg: DPOConfig, tokenizer: Any, context: int, seed: int, compile: str = "auto"
+    ) -> None:
         from danlu.data.preference import read_rl_prompts
 
         if not cfg.prompts:
@@ -236,6 +237,7 @@ class JudgedSets:
                 "dpo.sample_prompts needs dpo.prompts: RL prompts with answers (messages + answer)"
             )
         self.cfg, self.tok, self.context, self.seed = cfg, tokenizer, context, seed
+        self.compile = compile  # train.compile, for the sampled and greedy generations
         self.judge = make_scorer(cfg.judge, tokenizer)
         self.prompts = read_prompts(cfg.prompts, cfg.prompt_kinds, cfg.sample_prompts)
         self.held_prompts = (
@@ -250,7 +252,7 @@ class JudgedSets:
         from danlu.stages.judged_pairs import judged_pairs
 
         return judged_pairs(model, self.tok, prompts, self.judge, samples=self.cfg.samples,
-                            max_tokens=self.cfg.sample_tokens, seed=seed)  # fmt: skip
+                            max_tokens=self.cfg.sample_tokens, seed=seed, compile=self.compile)  # fmt: skip
 
     def sample(self, model: Any) -> None:
 
@@ -266,7 +268,7 @@ class JudgedSets:
             self.held_batches = PairBatches(held, 16, self.tok.pad_id, 0) if held else None
             self.stats["heldout_judged_pairs"] = len(held)
             self.stats["heldout_answer_accuracy_before"] = answer_accuracy(
-                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens
+                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens, compile=self.compile
             )["accuracy"]
 
     def report(self, model: Any, history: list[dict[str, Any]], out: Path) -> dict[str, Any]:
@@ -281,7 +283,7 @@ class JudgedSets:
             result["heldout_judged_pref_accuracy"] = round(evals[-1]["val_judged_pref_accuracy"], 4)
         if self.held_prompts:
             result["heldout_answer_accuracy"] = answer_accuracy(
-                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens
+                model, self.tok, self.held_prompts, self.judge, self.cfg.sample_tokens, compile=self.compile
             )["accuracy"]
         return result
 

@@ -28,6 +28,9 @@ class EvalStageConfig:
     batch_size: int = 32
     bpb: bool = True  # bits-per-byte on the world's pretrain_val.jsonl
     device: str = "auto"
+    compile: str = (
+        "auto"  # decode the held-out sets compiled (danlu.compiler.compile_decoding): auto, on, off
+    )
 
 
 def evaluate_run(ctx: StageContext, cfg: EvalStageConfig) -> dict[str, dict[str, dict[str, Any]]]:
@@ -66,7 +69,7 @@ def evaluate_run(ctx: StageContext, cfg: EvalStageConfig) -> dict[str, dict[str,
         ckpt = load_checkpoint(ctx.run_dir / stage, device=device)
         opts = EvalOptions(world=str(world) if ctx.has("world") else None, limit=cfg.limit, batch_size=cfg.batch_size,
                            seed=int(ctx.recipe.get("seed", 0) or 0), split=cfg.split, dtype=dtype,
-                           store=FigureStore(ctx.run_dir / stage))  # fmt: skip
+                           store=FigureStore(ctx.run_dir / stage), compile=cfg.compile)  # fmt: skip
         res = run_tasks(ckpt, cfg.tasks, opts)
         val = world / "pretrain_val.jsonl"
         if cfg.bpb and val.is_file():

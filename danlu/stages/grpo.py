@@ -166,12 +166,13 @@ def train_grpo(
 
     def accuracies(suffix: str) -> dict[str, Any]:
         with trainer.autocast():
-            return {name + suffix: answer_accuracy(trainer.raw_model, tok, rows, reward, cfg.max_new_tokens)
+            return {name + suffix: answer_accuracy(trainer.raw_model, tok, rows, reward, cfg.max_new_tokens,
+                                                     compile=tcfg.compile)
                     for name, rows in sets.items() if rows}  # fmt: skip
 
     def figures(checkpoint: Path) -> dict[str, Any]:
         return world_figures(trainer.raw_model, tok, world, RL_QUANTITIES, checkpoint, limit=limit,
-                             dtype=trainer.dtype) if world is not None else {}  # fmt: skip
+                             dtype=trainer.dtype, compile=tcfg.compile) if world is not None else {}  # fmt: skip
 
     result: dict[str, Any] = {k: v["accuracy"] for k, v in accuracies("_before").items()}
     before = figures(parent)

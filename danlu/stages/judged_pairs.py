@@ -21,12 +21,14 @@ from danlu.data.preference import PreferencePair, RLPrompt
 @torch.no_grad()
 def judged_pairs(
     model: Any, tokenizer: Any, prompts: list[RLPrompt], judge: Any, *, samples: int, max_tokens: int, seed: int,
-    prompts_per_batch: int = 32,
+    prompts_per_batch: int = 32, compile: str = "auto",
 ) -> tuple[list[PreferencePair], dict[str, float]]:  # fmt: skip
-    """(pairs, stats): `samples` answers per prompt at temperature 1; a pair where the prompt's rewards differ."""
+    """(pairs, stats): `samples` answers per prompt at temperature 1; a pair where the prompt's rewards differ.
+    `compile`: DPO's `train.compile` (danlu.compiler.compile_decoding)."""
+    from danlu.compiler import compile_decoding
     from danlu.generate import Generator, SamplingParams
 
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, compile=compile_decoding(compile, model, len(prompts) * samples))
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
     rewards: list[float] = []

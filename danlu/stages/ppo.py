@@ -220,9 +220,9 @@ def train_ppo(
     result: dict[str, Any] = {}
     if held:
         with trainer.autocast():
-            result["heldout_reward_before"] = answer_accuracy(policy, tok, held, scorer, cfg.max_new_tokens)[
-                "accuracy"
-            ]
+            result["heldout_reward_before"] = answer_accuracy(
+                policy, tok, held, scorer, cfg.max_new_tokens, compile=tcfg.compile
+            )["accuracy"]
     if resume_wanted(out, cfg.resume, tcfg, "ppo"):
         trainer.resume()
     if d.main:
@@ -238,9 +238,9 @@ def train_ppo(
         result["kl_max"] = round(max(h["kl"] for h in trains), 4)
     if held:
         with trainer.autocast():
-            result["heldout_reward"] = answer_accuracy(policy, tok, held, scorer, cfg.max_new_tokens)[
-                "accuracy"
-            ]
+            result["heldout_reward"] = answer_accuracy(
+                policy, tok, held, scorer, cfg.max_new_tokens, compile=tcfg.compile
+            )["accuracy"]
     return result
 
 

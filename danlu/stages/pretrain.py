@@ -123,7 +123,7 @@ def pretrain(
     if d.main and world is not None and limit is not None:
         # held-out factual completions by the run's one evaluator, kept in out/heldout.json (summary: evaluation)
         facts = world_figures(trainer.raw_model, tokenizer, world, ["facts_base"], out, limit=limit,
-                              dtype=trainer.dtype)  # fmt: skip
+                              dtype=trainer.dtype, compile=tcfg.compile)  # fmt: skip
         result["heldout"] = {"after": facts}
         fig = facts["facts_base"]
         print(f"[danlu] pretrain: held-out dev factual completions {fig['value']:.3f} (n={fig['n']})")

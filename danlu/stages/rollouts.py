@@ -201,12 +201,15 @@ class Rollouts:
 
 @torch.no_grad()
 def answer_accuracy(
-    model: Any, tokenizer: Any, prompts: list[Any], reward: Any, max_tokens: int, batch_size: int = 64
-) -> dict[str, Any]:
-    """Greedy answers to held-out prompts, scored by the checking reward: the before/after number of RL."""
+    model: Any, tokenizer: Any, prompts: list[Any], reward: Any, max_tokens: int, batch_size: int = 64,
+    compile: str = "auto",
+) -> dict[str, Any]:  # fmt: skip
+    """Greedy answers to held-out prompts, scored by the checking reward: the before/after number of RL. `compile`:
+    the stage's `train.compile` (danlu.compiler.compile_decoding)."""
+    from danlu.compiler import compile_decoding
     from danlu.generate import Generator, SamplingParams
 
-    gen = Generator(model, tokenizer)
+    gen = Generator(model, tokenizer, compile=compile_decoding(compile, model, len(prompts)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     scores, examples = [], []
     for start in range(0, len(prompts), batch_size):

@@ -445,8 +445,9 @@ def dialog_loss(model: Any, rows: SFTRows, batch_size: int = 16) -> float:
 
 
 def heldout_evals(
-    model: Any, tokenizer: Any, eval_dir: Path, out: Path, *, limit: int, dtype: Any, split: str = "dev"
-) -> dict[str, dict[str, Any]]:
+    model: Any, tokenizer: Any, eval_dir: Path, out: Path, *, limit: int, dtype: Any, split: str = "dev",
+    compile: str = "auto",
+) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The chat checkpoint's held-out figures from the one evaluator (danlu.eval.world), kept in its store
     (`out/heldout.json`) so that the eval stage reads them instead of computing them again."""
     from danlu.eval.results import without_examples
@@ -454,7 +455,7 @@ def heldout_evals(
     from danlu.eval.world import evaluate_world
 
     figures = evaluate_world(model, tokenizer, list(CHAT_EVALS), data=eval_dir, split=split, limit=limit,
-                             dtype=dtype, store=FigureStore(out))  # fmt: skip
+                             dtype=dtype, store=FigureStore(out), compile=compile)  # fmt: skip
     for name, f in figures.items():
         print(f"[danlu] sft: held-out {name} ({split}) {f['value']:.3f} (95% CI {f['ci95'][0]:.3f}–"
               f"{f['ci95'][1]:.3f}, n {f['n']})")  # fmt: skip
@@ -657,7 +658,7 @@ def sft(
         update_meta_metrics(out, result)
         if eval_dir is not None and eval_dir.is_dir() and cfg.eval_limit:
             result["heldout"] = heldout_evals(m, tokenizer, eval_dir, out, limit=max(0, cfg.eval_limit),
-                                              dtype=trainer.dtype)  # fmt: skip
+                                              dtype=trainer.dtype, compile=tcfg.compile)  # fmt: skip
     return result
 
 
