@@ -83,6 +83,17 @@ def test_compile_modes_are_checked() -> None:
         resolve_compile("yes", "cpu")
 
 
+def test_decoding_compiles_for_many_rows_only() -> None:
+    """Evaluation and RL probes compile their batch graph for a call of many generations (auto), never for a few
+    (tests, small sets: the compilation would cost more than it saves); on and off decide alone."""
+    from danlu.compiler import DECODE_ROWS_THAT_PAY, compile_decoding, compiler_available
+
+    model = _model()
+    assert compile_decoding("on", model, 1) and not compile_decoding("off", model, 10 * DECODE_ROWS_THAT_PAY)
+    assert not compile_decoding("auto", model, DECODE_ROWS_THAT_PAY - 1)
+    assert compile_decoding("auto", model, DECODE_ROWS_THAT_PAY) == compiler_available(torch.device("cpu"))
+
+
 def test_sampling_follows_the_distribution_and_its_cuts() -> None:
     """Inverse-CDF sampling, rows drawn together: each row's frequencies match its softmax, tokens cut by top-k or
     top-p never come, and a row's draw depends on its own generator only (alone or beside other rows)."""

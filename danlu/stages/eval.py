@@ -12,7 +12,7 @@ the test split's (`eval.split=test`), which nothing is tuned on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from danlu import DanluError
 from danlu.config import from_dict
@@ -28,9 +28,8 @@ class EvalStageConfig:
     batch_size: int = 32
     bpb: bool = True  # bits-per-byte on the world's pretrain_val.jsonl
     device: str = "auto"
-    compile: str = (
-        "auto"  # decode the held-out sets compiled (danlu.compiler.compile_decoding): auto, on, off
-    )
+    # decode the held-out sets compiled (danlu.compiler.compile_decoding)
+    compile: Literal["auto", "on", "off"] = "auto"
 
 
 def evaluate_run(ctx: StageContext, cfg: EvalStageConfig) -> dict[str, dict[str, dict[str, Any]]]:
