@@ -107,6 +107,12 @@ def rl_stage_inputs(ctx: Any, cfg: Any, data_name: str, eval_name: str) -> tuple
     return parent, data, cfg.eval_data or world_file(eval_name)
 
 
+def packs_rows(model: Any) -> bool:
+    """Whether `model` (or the one a DDP wrapper holds) takes rows packed several to a row (`segment_ids`), as
+    `token_logps(pack=True)` sends them."""
+    return bool(getattr(getattr(model, "module", model), "supports_packing", False))
+
+
 def token_logps(
     model: Any, input_ids: torch.Tensor, targets: torch.Tensor, pack: bool = False
 ) -> torch.Tensor:
@@ -115,7 +121,7 @@ def token_logps(
     `pack`: the rows go through the model packed (`RowPacking`), several to a row, and come back in their own
     places, the same numbers: for right-padded rows of very different lengths (RL rollouts, about half of whose
     positions are padding), that halves the forward and backward. Only for a model with `segment_ids`
-    (`supports_packing`)."""
+    (`packs_rows`)."""
     if not pack:
         return -model(input_ids, targets, reduction="none")
     layout = RowPacking(targets)

@@ -26,6 +26,7 @@ from danlu.pipeline import StageContext, heldout_limit
 from danlu.stages.common import (
     attach_with_reference,
     before_after_line,
+    packs_rows,
     token_logps,
     world_eval_folder,
     world_figures,
@@ -121,7 +122,7 @@ def train_grpo(
         tool_rounds=cfg.tool_rounds, compile=rollouts_compiled(tcfg.compile, tcfg.steps, tcfg.device),
     )  # fmt: skip
 
-    pack = bool(getattr(ckpt.model, "supports_packing", False))  # rollouts are half padding: pack them
+    pack = packs_rows(ckpt.model)  # rollouts are half padding: pack them
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logp = token_logps(m, b["input_ids"], b["targets"], pack=pack).float()

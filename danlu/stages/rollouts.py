@@ -158,13 +158,12 @@ class Rollouts:
         batch["completion_tokens"] = torch.tensor([float(e.sampled) for e in episodes])
         batch["tool_calls"] = torch.tensor([float(len(e.calls)) for e in episodes])
         if self.ref is not None:
-            from danlu.stages.common import token_logps
+            from danlu.stages.common import packs_rows, token_logps
 
             device = self.ref.lm_head.weight.device
             x, y = batch["input_ids"].to(device), batch["targets"].to(device)
-            pack = bool(getattr(self.ref, "supports_packing", False))  # rollouts are half padding: pack them
-            with torch.no_grad(), self.autocast():
-                batch["ref_logps"] = token_logps(self.ref, x, y, pack=pack).float().cpu()
+            with torch.no_grad(), self.autocast():  # rollouts are half padding: pack them
+                batch["ref_logps"] = token_logps(self.ref, x, y, pack=packs_rows(self.ref)).float().cpu()
         return batch
 
     def _step_advantages(self, idx: list[int], episodes: list[Any], scores: torch.Tensor, length: int) -> Any:
