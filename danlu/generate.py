@@ -335,9 +335,10 @@ class Generator:
 
     `frozen_weights=True` promises that the weights stay as they are while the generator lives (a server): the
     batch graph then takes them as constants (inductor's freezing), which on a CPU packs each weight once for the
-    matrix kernels instead of at every product. Small products are where that packing weighed: a 16-row step of the
-    tiny model 1.7× faster at 1 thread, 1.3× at depth 12, no more memory (BENCHMARKS.md, twelfth session). A policy
-    trained between calls (RL rollouts) must not set it: its graph would go on decoding with the old weights."""
+    matrix kernels instead of at every product. Small products are where that packing weighed: batched calls of 16
+    rows 1.26× (1 thread) to 1.50× (2 threads) faster at the tiny shape, 1.19× at depth 12, for a packed copy of the
+    weights in memory (BENCHMARKS.md, twelfth session). A policy trained between calls (RL rollouts) must not set it:
+    its graph would go on decoding with the old weights."""
 
     def __init__(
         self, model: Transformer, tokenizer: Any, compile: bool = False, frozen_weights: bool = False
