@@ -443,7 +443,8 @@ class Generator:
         keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
         if self._decode is not None:
             try:  # a few graphs at most (a size of 1 is specialized, autocast on or off): more than dynamo's 8
-                # freezing is read while dynamo traces (it makes the parameters constants), not from compile options
+                # freezing is read while dynamo traces (it makes the parameters constants), not from compile options;
+                # set off for the others too, so a global TORCHINDUCTOR_FREEZING never freezes a policy in training
                 with (
                     torch._dynamo.config.patch(recompile_limit=64),
                     inductor_config.patch(freezing=self._freeze),

@@ -176,6 +176,19 @@ def test_frozen_batch_graph_gives_the_eager_tokens_and_keeps_to_its_model() -> N
     assert [c.token_ids for c in plain_b.generate(prompts, params)] == want_b
 
 
+def test_a_server_freezes_only_where_a_copy_of_the_weights_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freezing packs a copy of the weights: the server takes it while the memory available holds the weights
+    twice, and not where the memory cannot be told (0)."""
+    import danlu.machine
+    from danlu.serve.routing import _room_for_a_copy
+
+    model = _model()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for available, fits in ((0, False), (2 * weights - 1, False), (2 * weights, True)):
+        monkeypatch.setattr(danlu.machine, "available_memory", lambda n=available: n)
+        assert _room_for_a_copy(model) is fits
+
+
 # ---- the server: continuous batching ---------------------------------------------------------------------------
 
 

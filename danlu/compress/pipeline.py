@@ -21,6 +21,7 @@ from danlu.compress.lowrank import LowRankConfig
 from danlu.compress.restore import RestoreConfig
 from danlu.compress.share import ShareConfig
 from danlu.compress.subset import SubsetConfig
+from danlu.machine import available_memory
 
 
 @dataclass
@@ -89,7 +90,7 @@ def teacher_memory(path: Path, dtype_bytes: int = 4, available: int | None = Non
     )
     params = sum(f.stat().st_size for f in weight_files(path)) / stored
     need = int(params * dtype_bytes * 1.25)
-    available = _available_memory() if available is None else available
+    available = available_memory() if available is None else available
     if available and need > available:
         raise DanluError(
             f"--teacher {path}: needs about {need / 2**30:.1f} GiB ({params / 1e9:.2f}B parameters × {dtype_bytes} "
@@ -97,17 +98,6 @@ def teacher_memory(path: Path, dtype_bytes: int = 4, available: int | None = Non
             "machine with more memory, or run under torchrun with the teacher sharded by FSDP"
         )
     return need
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _read_texts(path: str, field_name: str) -> list[dict[str, Any]]:

@@ -103,17 +103,13 @@ def confident(model: ServedModel, completion: Any) -> bool:
 
 
 def _room_for_a_copy(model: Any) -> bool:
-    """Whether the memory free now holds the model's weights twice over: a frozen batch graph packs a copy of them
-    (a depth-12 model's 309 MB of weights: 1.25 GB resident frozen against 0.96 GB plain). False where it cannot
-    be told."""
-    import os
+    """Whether the memory available now holds the model's weights twice over: a frozen batch graph packs a copy of
+    them (a depth-12 model's 309 MB of weights: 1.25 GB resident frozen against 0.96 GB plain). False where it
+    cannot be told."""
+    from danlu.machine import available_memory
 
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return False
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * weights <= free
+    return 2 * weights <= available_memory()
 
 
 def load_served_model(
