@@ -21,6 +21,7 @@ import torch._inductor.config as inductor_config
 from danlu import DanluError
 from danlu.compiler import is_compiler_error
 from danlu.model import Transformer
+from danlu.prefix_cache import BLOCK, PrefixCache
 
 
 @dataclass
@@ -95,6 +96,9 @@ class _StopStrings:
             if i >= 0 and (best < 0 or i < best):
                 best = i
         return best
+
+
+PREFILL_CHUNK = 512  # prompt positions a batch prefill takes at a time: its attention scores are rows × heads × 512²
 
 
 def cache_length(tokens: int, context: int) -> int:
@@ -193,8 +197,8 @@ class Row:
 class SlotBatch:
     """Generations decoded together, one token each per `advance`, in one KV cache of `slots` rows × `length`
     positions. Each row sits at its own position; a free slot computes garbage at position 0 that nothing reads.
-    Rows join with `admit` (their prompts prefilled together, left-padded, then copied into free slots) and leave
-    when they finish or are `drop`ped, between steps, so the shapes of a step change only when the cache is re-laid:
+    Rows join with `admit` (their prompts prefilled together by the batch graph, then copied into free slots) and
+    leave when they finish or are `drop`ped, between steps, so the shapes of a step change only when the cache is re-laid:
     when the rows or a row's length outgrow it, or the rows fall to a quarter of the slots (`slot_count`,
     `cache_length`). Not thread-safe: one thread drives it (a server's worker, a `generate` call)."""
 
@@ -240,8 +244,8 @@ class SlotBatch:
 
     @torch.inference_mode()
     def admit(self, rows: list[Row]) -> list[tuple[Row, str]]:
-        """Prefills the rows' prompts (together, left-padded), samples each row's first token and gives each
-        unfinished row a slot. Returns (row, text delta) per row; more rows than `room` is a caller's error."""
+        """Prefills the rows' prompts (together, through the batch graph: `Generator._prefill`), samples each row's
+        first token and gives each unfinished row a slot. Returns (row, text delta) per row; more rows than `room` is a caller's error."""
         rows = [r for r in rows if not r.done]
         if not rows:
             return []
@@ -249,23 +253,17 @@ class SlotBatch:
             raise DanluError(f"SlotBatch: {len(rows)} rows joining, room for {self.room}")
         g = self.generator
         self._fit(rows)
-        lengths = [len(r.prompt_ids) for r in rows]
-        longest = max(lengths)
-        pad = torch.tensor([longest - n for n in lengths], device=g.device)
-        ids = torch.tensor([[g.tokenizer.pad_id] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in rows],
-                           device=g.device)  # fmt: skip
-        prefill = g.model.new_cache(len(rows), longest, pad=pad)
-        logits = g._logits(ids, prefill)
+        logits, prefill = g._prefill([r.prompt_ids for r in rows])
         free = [i for i, r in enumerate(self.rows) if r is None]
         out = []
         for i, (row, (token, logprob)) in enumerate(zip(rows, _sample_rows(logits, rows))):
             out.append((row, row.push(token, logprob)))
             if row.done:
                 continue
-            slot, n = free.pop(0), lengths[i]
+            slot, n = free.pop(0), len(row.prompt_ids)
             self.rows[slot] = row
             for new, old in zip(self.keys + self.values, prefill.k + prefill.v):
-                new[slot, :, :n] = old[i, :, longest - n :]
+                new[slot, :, :n] = old[i, :, :n]
         return out
 
     @torch.inference_mode()
@@ -338,12 +336,16 @@ class Generator:
     matrix kernels instead of at every product. Small products are where that packing weighed: batched calls of 16
     rows 1.26× (1 thread) to 1.50× (2 threads) faster at the tiny shape, 1.19× at depth 12, for a packed copy of the
     weights in memory (BENCHMARKS.md, twelfth session). A policy trained between calls (RL rollouts) must not set it:
-    its graph would go on decoding with the old weights."""
+    its graph would go on decoding with the old weights. A `prefix_cache` (danlu.prefix_cache) rests on the same
+    promise: prompts that start like an earlier one (a server's system prompt, a conversation's earlier turns)
+    prefill only the rest."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Any, compile: bool = False, frozen_weights: bool = False
-    ) -> None:
+        self, model: Transformer, tokenizer: Any, compile: bool = False, frozen_weights: bool = False,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:  # fmt: skip
         self.model = model.eval()
+        self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
         self.context = model.config.max_position_embeddings
         self.batches = bool(getattr(model, "supports_compiled_decode", False))  # has `decode_rows`
@@ -376,8 +378,9 @@ class Generator:
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compiles the one-row decode step for every cache length this model's context allows (`cache_length`)
-        and the batch step (one graph for all shapes), so that no request of a server waits for the compiler."""
+        """Compiles the one-row decode step for every cache length this model's context allows (`cache_length`),
+        the batch step (one graph for all shapes) and the prefill of one and of several prompts, so that no request
+        of a server waits for the compiler."""
         lengths = sorted({cache_length(1 << k, self.context) for k in range(self.context.bit_length() + 1)})
         for length in lengths:
             if self._decode_step is None:  # not asked for, or the compiler failed
@@ -387,6 +390,13 @@ class Generator:
         rows, at = 4, 8  # no size of 0 or 1, and none equal to another: dynamo keeps every size symbolic
         cache = self.model.new_cache(rows, lengths[0])
         self._decode_rows([0] * rows, [at] * rows, cache.k, cache.v)
+        self._prefill([[0] * 5])  # a request joining alone
+        self._prefill([[0] * 6, [0] * 3, [0] * 2])  # several at once, of different lengths
+        if self.prefix_cache is not None:  # and after a cached prefix (the cache then longer than the rest)
+            self._prefill([[1] * (2 * BLOCK + 3)])
+            self._prefill([[1] * (2 * BLOCK + 7)])
+            self._prefill([[1] * (2 * BLOCK + 7), [1] * (BLOCK + 5)])
+            self.prefix_cache.clear()
 
     def _check(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -441,18 +451,75 @@ class Generator:
                 self._compiler_failed(error)
         end = max(positions) + 1
         keys, values = [k.narrow(2, 0, end) for k in keys], [v.narrow(2, 0, end) for v in values]
+        return self._rows(token, pos, keys, values)
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
+        """Logits (rows, V) after each prompt and the cache holding them, prompt i in row i from position 0
+        (left-aligned). Identical prompts (a GRPO group's) are computed once; with a `prefix_cache` (a server), a
+        prompt's cached leading blocks are copied in and only the rest is computed."""
+        unique: dict[tuple[int, ...], int] = {}
+        which = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        logits, cache = self._prefill_unique([list(p) for p in unique])
+        if len(unique) < len(prompts):
+            index = torch.tensor(which, device=self.device)
+            logits = logits.index_select(0, index)
+            cache.k = [k.index_select(0, index) for k in cache.k]
+            cache.v = [v.index_select(0, index) for v in cache.v]
+        return logits, cache
+
+    def _prefill_unique(self, prompts: list[list[int]]) -> tuple[torch.Tensor, Any]:
+        """`_prefill` of distinct prompts: through the batch graph (`decode_rows` with several tokens a row, compiled
+        where asked for), each row from the end of its cached prefix, `PREFILL_CHUNK` positions at a time so that
+        attention's scores stay small."""
+        dtype = self.model.new_cache(1, 1).k[0].dtype
+        found = [self.prefix_cache.match(p, dtype) if self.prefix_cache is not None else [] for p in prompts]
+        starts = [len(blocks) * BLOCK for blocks in found]
+        while True:  # a row's tokens sit at start + 0 … width-1: within the context, else that row starts at 0
+            width = max(len(p) - s for p, s in zip(prompts, starts))
+            over = [i for i, s in enumerate(starts) if s and s + width > self.context]
+            if not over:
+                break
+            for i in over:
+                starts[i], found[i] = 0, []
+        cache = self.model.new_cache(len(prompts), max(s + width for s in starts))
+        for i, blocks in enumerate(found):
+            for b, (keys, values) in enumerate(blocks):
+                for new, old in zip(cache.k + cache.v, keys + values):
+                    new[i, :, b * BLOCK : (b + 1) * BLOCK] = old
+        rest = [p[s:] for p, s in zip(prompts, starts)]
+        ids = torch.tensor([r + [self.tokenizer.pad_id] * (width - len(r)) for r in rest], device=self.device)
+        lengths = torch.tensor([len(r) for r in rest], device=self.device)
+        begin = torch.tensor(starts, device=self.device)
+        logits: torch.Tensor | None = None
+        for start in range(0, width, PREFILL_CHUNK):
+            chunk = ids[:, start : start + PREFILL_CHUNK]
+            ends = lengths - 1 - start  # each prompt's last token within this chunk, if it falls there
+            out = self._rows(chunk, begin + start, cache.k, cache.v, last=ends.clamp(0, chunk.size(1) - 1))
+            here = (ends >= 0) & (ends < chunk.size(1))
+            logits = out if logits is None else torch.where(here.view(-1, 1), out, logits)
+        if self.prefix_cache is not None:
+            for i, (p, s) in enumerate(zip(prompts, starts)):
+                self.prefix_cache.add(p, cache.k, cache.v, i, s)
+        assert logits is not None
+        return logits, cache
+
+    def _rows(
+        self, tokens: torch.Tensor, pos: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+        last: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """`decode_rows` through the batch graph where compiled (eagerly otherwise), padded logits masked."""
         if self._decode is not None:
-            try:  # a few graphs at most (a size of 1 is specialized, autocast on or off): more than dynamo's 8
+            try:  # a few graphs at most (sizes of 1 are specialized, prefill or step, autocast on or off)
                 # freezing is read while dynamo traces (it makes the parameters constants), not from compile options;
                 # set off for the others too, so a global TORCHINDUCTOR_FREEZING never freezes a policy in training
                 with (
                     torch._dynamo.config.patch(recompile_limit=64),
                     inductor_config.patch(freezing=self._freeze),
                 ):
-                    return self._mask_padding(self._decode(token, pos, keys, values))
+                    return self._mask_padding(self._decode(tokens, pos, keys, values, last))
             except Exception as error:
                 self._compiler_failed(error)
-        return self._mask_padding(self.model.decode_rows(token, pos, keys, values))
+        return self._mask_padding(self.model.decode_rows(tokens, pos, keys, values, last))
 
     def _step(self, token: int, cache: Any) -> torch.Tensor:
         """Logits after one more token of a single-row generation; compiled where asked for."""

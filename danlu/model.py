@@ -511,48 +511,58 @@ class Transformer(nn.Module):
 
     def decode_rows(
         self,
-        token: torch.Tensor,
+        tokens: torch.Tensor,
         positions: torch.Tensor,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, V) of one more token per row (`token` (B, 1)), row b at its own position `positions[b]` (B,),
+        """Logits (B, V) after `tokens` (B, T) per row, row b's tokens at positions `positions[b]` … `positions[b]`+T-1,
         against a slot cache (`keys`/`values`: per layer (B, kv heads, L, D), e.g. `new_cache(B, L).k`) whose row b
-        holds that row's positions 0 … positions[b]-1. Each row's key/value is written at its own position; each
-        row attends to cache slots j <= positions[b] only.
+        holds that row's earlier positions. Each token's key/value is written at its own position and attends to
+        cache slots up to it; the logits are those of token `last[b]` of row b (default: the last, T-1).
 
-        This is `decode_step` for rows that are not in step: the batched decoder (danlu.generate.SlotBatch) keeps
-        many generations in one cache, rows joining and leaving between steps, so every shape stays fixed and
-        `torch.compile` traces one graph per (rows, length). The rows travel along the sequence axis, (1, B, H),
-        so each projection is one matrix product over the rows (and one row takes `Linear`'s compiled single-row
-        reduction, as in `decode_step`); only attention regroups them, as (B, kv heads, query group, D).
+        With T = 1 this is `decode_step` for rows that are not in step: the batched decoder (danlu.generate.SlotBatch)
+        keeps many generations in one cache, rows joining and leaving between steps. With T > 1 it prefills prompts
+        (left-aligned, each from position 0; what follows a shorter prompt is written past its end, where its later
+        tokens overwrite it), so one `torch.compile` of this method serves both a prefill and a step. The tokens
+        travel along the sequence axis, (1, B·T, H), so each projection is one matrix product over all of them;
+        only attention regroups them, as (B, kv heads, query group × T, D).
 
         Two choices make the compiled step fast on a CPU (benchmarks/rollout_generate.py): the cache write is an
         `index_put_`, which inductor does in place (a `scatter_` was copied whole, cache and all, every step), and
         attention is written out as two matrix products over each kv head's query group with a softmax between
         (SDPA's CPU kernel with a mask is built for many queries: at one query a row it took most of the step)."""
-        b, length = token.size(0), keys[0].size(2)
-        cos = self.rope_cos.index_select(0, positions).view(1, 1, b, -1)
-        sin = self.rope_sin.index_select(0, positions).view(1, 1, b, -1)
-        hidden = torch.arange(length, device=positions.device).view(1, length) > positions.view(b, 1)
-        hidden = hidden.view(b, 1, 1, length)
-        rows = torch.arange(b, device=positions.device).view(b, 1)
+        b, t, length = tokens.size(0), tokens.size(1), keys[0].size(2)
+        at = positions.view(b, 1) + torch.arange(t, device=positions.device).view(1, t)  # (B, T)
+        flat = at.reshape(-1)
+        cos = self.rope_cos.index_select(0, flat).view(1, 1, b * t, -1)
+        sin = self.rope_sin.index_select(0, flat).view(1, 1, b * t, -1)
+        hidden = torch.arange(length, device=positions.device).view(1, 1, length) > at.view(b, t, 1)
+        hidden = hidden.view(b, 1, 1, t, length)
+        rows = torch.arange(b, device=positions.device).view(b, 1).expand(b, t).reshape(b * t, 1)
         heads = torch.arange(keys[0].size(1), device=positions.device).view(1, -1)
-        at = positions.view(b, 1)
-        x = self.model.embed_tokens(token.view(1, b))
+        where = flat.view(b * t, 1)
+        x = self.model.embed_tokens(tokens.reshape(1, b * t))
         for layer, k_cache, v_cache in zip(self.model.layers, keys, values):
             attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # (1, heads, B, D)
-            k_cache.index_put_((rows, heads, at), k[0].transpose(0, 1).to(k_cache.dtype))
-            v_cache.index_put_((rows, heads, at), v[0].transpose(0, 1).to(v_cache.dtype))
-            # the query heads grouped by the kv head they share: (B, kv heads, group, D)
-            q = q[0].transpose(0, 1).reshape(b, attn.n_kv, -1, attn.head_dim)
+            q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)  # (1, heads, B·T, D)
+            k_cache.index_put_((rows, heads, where), k[0].transpose(0, 1).to(k_cache.dtype))
+            v_cache.index_put_((rows, heads, where), v[0].transpose(0, 1).to(v_cache.dtype))
+            # the query heads grouped by the kv head they share: (B, kv heads, group × T, D)
+            group = attn.n_head // attn.n_kv
+            q = q[0].view(attn.n_head, b, t, attn.head_dim).permute(1, 0, 2, 3)  # (B, heads, T, D)
+            q = q.reshape(b, attn.n_kv, group * t, attn.head_dim)
             scores = torch.matmul(q, k_cache.transpose(-1, -2)).float() * attn.head_dim**-0.5
-            weights = scores.masked_fill(hidden, float("-inf")).softmax(-1)
-            y = torch.matmul(weights.to(v_cache.dtype), v_cache)  # (B, kv heads, group, D)
-            x = x + attn.o_proj(y.reshape(1, b, -1))
+            scores = scores.view(b, attn.n_kv, group, t, length).masked_fill(hidden, float("-inf"))
+            weights = scores.softmax(-1).view(b, attn.n_kv, group * t, length)
+            y = torch.matmul(weights.to(v_cache.dtype), v_cache)  # (B, kv heads, group × T, D)
+            y = y.view(b, attn.n_head, t, attn.head_dim).transpose(1, 2).reshape(1, b * t, -1)
+            x = x + attn.o_proj(y)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.model.norm(x)[0])
+        x = x.view(b, t, -1)
+        x = x[:, -1] if last is None else x.gather(1, last.view(b, 1, 1).expand(b, 1, x.size(-1))).squeeze(1)
+        return self.lm_head(self.model.norm(x))
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         p = self.lm_head.weight

@@ -58,6 +58,70 @@ def test_rows_at_different_positions_get_their_single_row_logits(kw: dict) -> No
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_through_the_batch_graph_is_the_models_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts prefilled by `decode_rows` with several tokens a row (left-aligned, in chunks) give the logits and the
+    keys/values of the model's plain forward, one prompt at a time; identical prompts are computed once."""
+    import danlu.generate
+
+    model = _model()
+    gen = Generator(model, IdsTokenizer())
+    prompts = _prompts([7, 30, 1, 12])
+    prompts.append(list(prompts[1]))  # a GRPO group's copy
+    with torch.no_grad():
+        want, caches = [], []
+        for p in prompts:
+            cache = model.new_cache(1, len(p))
+            want.append(model(torch.tensor([p]), cache=cache)[0, -1])
+            caches.append(cache)
+        calls: list[torch.Size] = []
+        rows = gen._rows
+        monkeypatch.setattr(gen, "_rows", lambda *a, **k: calls.append(a[0].shape) or rows(*a, **k))
+        for chunk in (512, 8):  # one pass, and chunks of 8 positions (prompts end in different chunks)
+            monkeypatch.setattr(danlu.generate, "PREFILL_CHUNK", chunk)
+            calls.clear()
+            logits, cache = gen._prefill(prompts)
+            torch.testing.assert_close(logits, torch.stack(want), atol=1e-5, rtol=1e-5)
+            for i, (p, alone) in enumerate(zip(prompts, caches)):
+                for layer in range(2):
+                    torch.testing.assert_close(cache.k[layer][i, :, : len(p)], alone.k[layer][0], atol=1e-5, rtol=0)
+                    torch.testing.assert_close(cache.v[layer][i, :, : len(p)], alone.v[layer][0], atol=1e-5, rtol=0)
+            assert all(shape[0] == 4 for shape in calls)  # five prompts, four distinct
+            assert len(calls) == (1 if chunk == 512 else 4)
+
+
+def test_a_prefix_cache_prefills_only_what_it_has_not_seen() -> None:
+    """A server's prompts share a system prompt: later prompts reuse its blocks' keys/values (the same logits and
+    tokens as prefilling all of it), a prompt is never taken whole (its last token's logits are needed), prompts
+    near the context start from 0, and the cache keeps to its budget, oldest blocks out first."""
+    from danlu.prefix_cache import BLOCK, PrefixCache
+
+    model = _model()
+    plain, cached = Generator(model, IdsTokenizer()), Generator(model, IdsTokenizer(), prefix_cache=PrefixCache())
+    system = _prompts([2 * BLOCK + 5], seed=4)[0]
+    prompts = [system + tail for tail in _prompts([3, 9, 1], seed=5)]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(cached._prefill(prompts)[0], plain._prefill(prompts)[0], atol=1e-5, rtol=1e-5)
+        assert cached.prefix_cache.tokens_reused == 3 * 2 * BLOCK  # the second call: two blocks of each prompt
+        exact = prompts[0][: 2 * BLOCK]  # exactly two cached blocks: the second is computed again, not reused
+        assert len(cached.prefix_cache.match(exact, torch.float32)) == 1
+        near = [prompts[1] + [7] * 12, [5] * 40]  # the first near the context (64), the second's rest is long
+        torch.testing.assert_close(cached._prefill(near)[0], plain._prefill(near)[0], atol=1e-5, rtol=1e-5)
+        assert [c.token_ids for c in cached.generate(prompts, params)] == [
+            c.token_ids for c in plain.generate(prompts, params)
+        ]
+    keys = model.new_cache(1, 5 * BLOCK)
+    block_bytes = sum(t[0, :, :BLOCK].nbytes for t in keys.k + keys.v)
+    small = PrefixCache(budget_bytes=3 * block_bytes)
+    ids = list(range(1, 5 * BLOCK + 1))
+    small.add(ids, keys.k, keys.v, 0, 0)
+    assert len(small) == 3 and not small.match(ids, torch.float32)  # the first blocks went first
+    small.add(ids[: 2 * BLOCK], keys.k, keys.v, 0, 0)
+    assert len(small.match(ids[: 2 * BLOCK + 1], torch.float32)) == 2
+    assert not small.match(ids[: 2 * BLOCK + 1], torch.bfloat16) and len(small) == 0  # another dtype: dropped
+
+
 def test_slot_counts_are_few() -> None:
     assert [slot_count(n, 64) for n in (0, 1, 2, 4, 5, 16, 17, 64)] == [1, 1, 4, 4, 16, 16, 64, 64]
     assert slot_count(5, 5) == 5 and slot_count(3, 2) == 3

@@ -168,6 +168,24 @@ def test_schedules() -> None:
     assert lr_factor(50, wsd) == 1.0 and lr_factor(90, wsd) == pytest.approx(0.5)
 
 
+def test_cpu_peak_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MFU's denominator: AMX tiles for bf16 where the CPU has them, vector widths otherwise."""
+    import danlu.engine as engine
+
+    def cpu(flags: str) -> None:
+        monkeypatch.setattr(engine, "_cpuinfo", lambda: f"cpu MHz\t\t: 2000.000\nflags\t\t: {flags}\n")
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu("fma avx2 avx512f avx512_bf16")
+    assert engine.peak_flops(torch.device("cpu"), torch.bfloat16) == 2 * 2e9 * 2 * 16 * 2 * 2
+    assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 16 * 2
+    cpu("fma avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert engine.peak_flops(torch.device("cpu"), torch.bfloat16) == 2 * 2e9 * 1024
+    assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 16 * 2
+    cpu("fma avx2")
+    assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 8 * 2
+
+
 def test_muon_option_trains(tmp_path: Path, shards, tiny_tokenizer) -> None:
     t = _trainer(shards, tmp_path / "m", tiny_tokenizer, steps=8, optimizer="muon")
     t.fit()

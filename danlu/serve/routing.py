@@ -120,11 +120,14 @@ def load_served_model(
 
     from danlu.generate import Generator
     from danlu.io import load_checkpoint
+    from danlu.prefix_cache import PrefixCache
     from danlu.serve.engine import ModelWorker
 
     ckpt = load_checkpoint(path, device=device)
-    # a server never trains its model: the batch graph may hold the weights as constants, if their copy fits
-    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile, frozen_weights=_room_for_a_copy(ckpt.model))
+    # a server never trains its model: the batch graph may hold the weights as constants, if their copy fits, and
+    # prompts may reuse the keys/values of the prefixes they share with earlier ones (the system prompt)
+    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile, frozen_weights=_room_for_a_copy(ckpt.model),
+                    prefix_cache=PrefixCache())  # fmt: skip
     if compile:
         print(
             f"[danlu] compiling {name}'s decode step (once per process; --compile off skips it)", flush=True
