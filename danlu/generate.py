@@ -476,6 +476,8 @@ class Generator:
         starts = [len(blocks) * BLOCK for blocks in found]
         while True:  # a row's tokens sit at start + 0 … width-1: within the context, else that row starts at 0
             width = max(len(p) - s for p, s in zip(prompts, starts))
+            # no chunk one position wide: that is the step's shape, and a prefill of it would compile another graph
+            width += 1 if width % PREFILL_CHUNK == 1 else 0
             over = [i for i, s in enumerate(starts) if s and s + width > self.context]
             if not over:
                 break

@@ -87,6 +87,13 @@ def test_prefill_through_the_batch_graph_is_the_models_forward(monkeypatch: pyte
                     torch.testing.assert_close(cache.v[layer][i, :, : len(p)], alone.v[layer][0], atol=1e-5, rtol=0)
             assert all(shape[0] == 4 for shape in calls)  # five prompts, four distinct
             assert len(calls) == (1 if chunk == 512 else 4)
+        calls.clear()  # one token alone, or one past a chunk: still prefilled two positions wide (the step is one)
+        for chunk, prompt in ((512, prompts[2]), (8, prompts[0][:1] + prompts[3][:8])):
+            monkeypatch.setattr(danlu.generate, "PREFILL_CHUNK", chunk)
+            cache = model.new_cache(1, len(prompt))
+            want = model(torch.tensor([prompt]), cache=cache)[0, -1]
+            torch.testing.assert_close(gen._prefill([prompt])[0][0], want, atol=1e-5, rtol=1e-5)
+        assert [shape[1] for shape in calls] == [2, 8, 2]
 
 
 def test_a_prefix_cache_prefills_only_what_it_has_not_seen() -> None:
@@ -106,6 +113,8 @@ def test_a_prefix_cache_prefills_only_what_it_has_not_seen() -> None:
         assert cached.prefix_cache.tokens_reused == 3 * 2 * BLOCK  # the second call: two blocks of each prompt
         exact = prompts[0][: 2 * BLOCK]  # exactly two cached blocks: the second is computed again, not reused
         assert len(cached.prefix_cache.match(exact, torch.float32)) == 1
+        one_past = [prompts[0][: 2 * BLOCK + 1]]  # two blocks cached, one token to compute
+        torch.testing.assert_close(cached._prefill(one_past)[0], plain._prefill(one_past)[0], atol=1e-5, rtol=1e-5)
         near = [prompts[1] + [7] * 12, [5] * 40]  # the first near the context (64), the second's rest is long
         torch.testing.assert_close(cached._prefill(near)[0], plain._prefill(near)[0], atol=1e-5, rtol=1e-5)
         assert [c.token_ids for c in cached.generate(prompts, params)] == [
