@@ -247,6 +247,9 @@ def test_bad_input_is_4xx_in_openai_shape(server, client):
         assert r.status_code == status, (body[:80], r.text)
         err = r.json()["error"]
         assert err["code"] == code and err["message"] and set(err) == {"message", "type", "param", "code"}
+    r = httpx.post(server[0] + "/v1/completions", json={"model": "tiny", "prompt": "山 " * 2000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt"  # the field to shorten, as the request named it
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=ok_msg)
     with pytest.raises(openai.BadRequestError, match="context"):

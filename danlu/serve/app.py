@@ -167,12 +167,12 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
             raise APIError(400, f"{param} = {max_tokens} is over this server's limit of {limit}", param=param,
                            code="max_tokens_exceeded")  # fmt: skip
 
-    def check_chars(model: ServedModel, *parts: Any) -> None:
+    def check_chars(model: ServedModel, *parts: Any, param: str = "messages") -> None:
         """Refuses a prompt that cannot fit the context, by its character count alone, before tokenizing it."""
         n, limit = sum(text_chars(p) for p in parts), model.context_length * opts.max_chars_per_token
         if n > limit:
             raise APIError(400, f"the prompt has {n} characters; model {model.name!r} has a context of "
-                           f"{model.context_length} tokens", param="messages", code="context_length_exceeded")  # fmt: skip
+                           f"{model.context_length} tokens", param=param, code="context_length_exceeded")  # fmt: skip
 
     def admit(model: ServedModel, streams: int) -> Any:
         """Room for a request's `streams` on the model's worker (released when the request ends), or a 429 with
@@ -193,10 +193,10 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                            code="rate_limit_exceeded", headers={"Retry-After": str(wait)})  # fmt: skip
         return ticket
 
-    def check_prompt(model: ServedModel, n_prompt: int) -> None:
+    def check_prompt(model: ServedModel, n_prompt: int, param: str = "messages") -> None:
         if n_prompt >= model.context_length:
             raise APIError(400, f"the prompt is {n_prompt} tokens; model {model.name!r} has a context of "
-                           f"{model.context_length} tokens", param="messages", code="context_length_exceeded")  # fmt: skip
+                           f"{model.context_length} tokens", param=param, code="context_length_exceeded")  # fmt: skip
 
     # ---- meta routes -------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -337,7 +337,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
         prompt_ids = []
         for p in prompts:
             if isinstance(p, str):
-                check_chars(model, p)
+                check_chars(model, p, param="prompt")
             ids = await asyncio.to_thread(tok.encode, p) if isinstance(p, str) else list(p)
             if any(not 0 <= t < tok.vocab_size for t in ids):
                 raise APIError(400, f"token ids must be in [0, {tok.vocab_size})", param="prompt")
@@ -345,7 +345,7 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
                 ids = [bos, *ids]
             if not ids:
                 raise APIError(400, "empty prompt", param="prompt")
-            check_prompt(model, len(ids))
+            check_prompt(model, len(ids), param="prompt")
             prompt_ids.append(ids)
         if len(prompts) * req.n > 64:
             raise APIError(400, "at most 64 choices (prompts × n) per request", param="n")
