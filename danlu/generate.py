@@ -198,8 +198,8 @@ class SlotBatch:
     """Generations decoded together, one token each per `advance`, in one KV cache of `slots` rows × `length`
     positions. Each row sits at its own position; a free slot computes garbage at position 0 that nothing reads.
     Rows join with `admit` (their prompts prefilled together by the batch graph, then copied into free slots) and
-    leave when they finish or are `drop`ped, between steps, so the shapes of a step change only when the cache is re-laid:
-    when the rows or a row's length outgrow it, or the rows fall to a quarter of the slots (`slot_count`,
+    leave when they finish or are `drop`ped, between steps, so the shapes of a step change only when the cache is
+    re-laid: when the rows or a row's length outgrow it, or the rows fall to a quarter of the slots (`slot_count`,
     `cache_length`). Not thread-safe: one thread drives it (a server's worker, a `generate` call)."""
 
     def __init__(self, generator: Generator, most: int = 64) -> None:
@@ -245,7 +245,8 @@ class SlotBatch:
     @torch.inference_mode()
     def admit(self, rows: list[Row]) -> list[tuple[Row, str]]:
         """Prefills the rows' prompts (together, through the batch graph: `Generator._prefill`), samples each row's
-        first token and gives each unfinished row a slot. Returns (row, text delta) per row; more rows than `room` is a caller's error."""
+        first token and gives each unfinished row a slot. Returns (row, text delta) per row; more rows than `room`
+        is a caller's error."""
         rows = [r for r in rows if not r.done]
         if not rows:
             return []

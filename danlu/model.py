@@ -517,7 +517,7 @@ class Transformer(nn.Module):
         values: list[torch.Tensor],
         last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, V) after `tokens` (B, T) per row, row b's tokens at positions `positions[b]` … `positions[b]`+T-1,
+        """Logits (B, V) after `tokens` (B, T) per row, row b's at positions `positions[b]` … `positions[b]`+T-1,
         against a slot cache (`keys`/`values`: per layer (B, kv heads, L, D), e.g. `new_cache(B, L).k`) whose row b
         holds that row's earlier positions. Each token's key/value is written at its own position and attends to
         cache slots up to it; the logits are those of token `last[b]` of row b (default: the last, T-1).

@@ -213,7 +213,7 @@ def test_compiled_batch_gives_the_eager_tokens() -> None:
         assert [c.token_ids for c in got] == [c.token_ids for c in eager]
         with torch.no_grad():  # an optimizer step: the next batch must see the new weights
             model.lm_head.weight.mul_(1.5).add_(0.01)
-    # the batch graph, its specialization for a batch of one... and the one-row step per cache length: a handful
+    # the batch graph (steps and prompts) with its specializations, and the one-row step per cache length: a handful
     assert counters["stats"]["unique_graphs"] - frames <= 4
 
 
@@ -243,7 +243,7 @@ def test_frozen_batch_graph_gives_the_eager_tokens_and_keeps_to_its_model() -> N
     with torch.no_grad():  # the frozen graph keeps a's weights as they were: why only a server may freeze
         for p in a.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
-    # the prompts' pass is eager (new weights), the decode steps are not
+    # prompts and steps both run the frozen graph, which keeps the old weights
     assert [c.token_ids for c in frozen_a.generate(prompts, params)] != eager(a)
     plain_b = Generator(b, IdsTokenizer(), compile=True)
     assert [c.token_ids for c in plain_b.generate(prompts, params)] == want_b
