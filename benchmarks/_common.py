@@ -23,6 +23,15 @@ def machine() -> str:
     return desc
 
 
+def random_model(vocab: int, depth: int, context: int):  # noqa: ANN201
+    """danlu's Transformer of the recipes' shape (one knob: depth) with random weights from seed 0, in eval mode:
+    decoding benchmarks need its speed, not its answers."""
+    from danlu.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=vocab, depth=depth, max_position_embeddings=context)).eval()
+
+
 def hf_twin(cfg):  # noqa: ANN001, ANN201 — transformers is optional
     """transformers' LlamaConfig with exactly our model's shape."""
     from transformers import LlamaConfig

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, random_model  # noqa: E402
 from generate_throughput import _NoStopTokenizer  # noqa: E402
 
 from danlu.generate import Generator  # noqa: E402
-from danlu.model import ModelConfig, Transformer  # noqa: E402
 
 SETTINGS = [(1, 24), (1, 84), (1, 200), (16, 24), (32, 60), (128, 40)]  # (rows, longest prompt)
 
@@ -43,9 +42,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast, as a training stage's rollouts run")
     args = ap.parse_args()
 
-    cfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.context)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = random_model(args.vocab, args.depth, args.context)
     tok = _NoStopTokenizer(args.vocab)
     eager, compiled = Generator(model, tok), Generator(model, tok, compile=True)
     frozen = Generator(model, tok, compile=True, frozen_weights=True)

@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, timed_side_by_side  # noqa: E402
+from _common import machine, random_model, timed_side_by_side  # noqa: E402
 from generate_throughput import _NoStopTokenizer  # noqa: E402
 
 from danlu.compress.quantize import quantize_model, state_bytes  # noqa: E402
 from danlu.generate import Generator, SamplingParams  # noqa: E402
-from danlu.model import ModelConfig, Transformer  # noqa: E402
 
 
 def main() -> None:
@@ -38,11 +37,8 @@ def main() -> None:
     ap.add_argument("--no-int4", action="store_true")
     args = ap.parse_args()
 
-    cfg = ModelConfig(
-        vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.prompt + args.new + 8
-    )
-    torch.manual_seed(0)
-    fp32 = Transformer(cfg).eval()
+    fp32 = random_model(args.vocab, args.depth, args.prompt + args.new + 8)
+    cfg = fp32.config
     models = {"fp32": fp32, "int8": quantize_model(copy.deepcopy(fp32), 8)}
     if not args.no_int4:
         models["int4"] = quantize_model(copy.deepcopy(fp32), 4, args.group_size)

@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, random_model  # noqa: E402
 from generate_throughput import _NoStopTokenizer  # noqa: E402
 
 from danlu.generate import Completion, Generator, SamplingParams  # noqa: E402
-from danlu.model import ModelConfig, Transformer  # noqa: E402
 
 
 def main() -> None:
@@ -44,9 +43,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast, as a training stage's rollouts run")
     args = ap.parse_args()
 
-    cfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.context)
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
+    model = random_model(args.vocab, args.depth, args.context)
+    cfg = model.config
     tok = _NoStopTokenizer(args.vocab)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, args.vocab, (int(n),), generator=g).tolist()

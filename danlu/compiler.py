@@ -37,8 +37,8 @@ def compile_decoding(mode: str, model: torch.nn.Module, rows: int) -> bool:
     """Whether one call's batched decoding of `rows` generations (danlu.generate.Generator) runs compiled: on and
     off decide alone; auto where a compiler works, for DECODE_ROWS_THAT_PAY rows or more, and not for parameters
     sharded by FSDP (the batch graph reads whole weights). The batch graph compiles once per process (10–20 s cold
-    on 2 cores, seconds from inductor's on-disk cache): the default run's evaluation of 4 checkpoints × 12 held-out sets took 22 s compiled against 59 s
-    eagerly, with the same 44 figures (BENCHMARKS.md, twelfth session)."""
+    on 2 cores, seconds from inductor's on-disk cache): the default run's evaluation of 4 checkpoints × 12 held-out
+    sets took 22 s compiled against 59 s eagerly, with the same 44 figures (BENCHMARKS.md, twelfth session)."""
     param = next(model.parameters(), None)
     if param is None:
         return False

@@ -472,7 +472,7 @@ class Generator:
         """`_prefill` of distinct prompts: through the batch graph (`decode_rows` with several tokens a row, compiled
         where asked for), each row from the end of its cached prefix, `PREFILL_CHUNK` positions at a time so that
         attention's scores stay small."""
-        dtype = self.model.new_cache(1, 1).k[0].dtype
+        dtype = self.model.cache_dtype()
         found = [self.prefix_cache.match(p, dtype) if self.prefix_cache is not None else [] for p in prompts]
         starts = [len(blocks) * BLOCK for blocks in found]
         while True:  # a row's tokens sit at start + 0 … width-1: within the context, else that row starts at 0

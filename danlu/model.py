@@ -564,12 +564,17 @@ class Transformer(nn.Module):
         x = x[:, -1] if last is None else x.gather(1, last.view(b, 1, 1).expand(b, 1, x.size(-1))).squeeze(1)
         return self.lm_head(self.model.norm(x))
 
-    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+    def cache_dtype(self) -> torch.dtype:
+        """What keys and values are kept in: bf16 under autocast (what attention then computes in), else the
+        weights' dtype."""
         p = self.lm_head.weight
-        dtype = torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
+
+    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         return KVCache(
-            self.config, batch, max_len or self.config.max_position_embeddings, p.device, dtype, pad
-        )
+            self.config, batch, max_len or self.config.max_position_embeddings, self.lm_head.weight.device,
+            self.cache_dtype(), pad,
+        )  # fmt: skip
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
