@@ -1,10 +1,11 @@
 """Load test of `danlu serve`: 1, 4 and 16 concurrent streaming clients, continuous batching vs round robin.
 
-The same model behind two workers, one after the other, on loopback only: `batched` (danlu.serve.engine's
-continuous batching: all streams in one decode step) and `round robin` (the worker before it: each stream its own
-cache, one token in turn; `ModelWorker(..., batched=False)`). Greedy requests, so the batched answers must equal
-the round robin's, which are unbatched greedy decoding (`Generator.stream` per request): checked, the run fails
-otherwise. Bounded in count (clients × requests) and time (--time-limit); every stream must end with its finish
+The same model behind three workers, one after the other, on loopback only: `process` (what `danlu serve` runs:
+the model in an engine process of its own, danlu.serve.engine_process, decoding all streams in one step), `thread`
+(the same continuous batching in a thread of the server's process, sharing its GIL with the event loop) and
+`round-robin` (the worker before batching: each stream its own cache, one token in turn; `ModelWorker(...,
+batched=False)`). Greedy requests, so the batched answers must equal the round robin's, which are unbatched greedy
+decoding (`Generator.stream` per request): checked, the run fails otherwise. Bounded in count (clients × requests) and time (--time-limit); every stream must end with its finish
 chunk and `data: [DONE]`. Reports aggregate tokens/s, its ratio to one client, and p50/p90/p99 of the time to first
 token and of the gaps between a stream's chunks.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -139,7 +141,12 @@ def main() -> int:
     )
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--modes", default="batched,round-robin", help="workers to compare, comma-separated")
+    p.add_argument(
+        "--modes",
+        default="process,thread,round-robin",
+        help="workers to compare, comma-separated: process (danlu serve's: the model in an engine "
+        "process, batched), thread (batched in a thread of the server), round-robin (in a thread)",
+    )
     p.add_argument(
         "--time-limit", type=float, default=1800, help="give up (and fail) after this many seconds"
     )
@@ -174,13 +181,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or str(random_checkpoint(Path(tmp) / "ckpt", args.depth, args.context))
         compiled = resolve_compile(args.compile, args.device)
-        served = load_served_model(
-            "bench", path, device=args.device, compile=compiled, max_active=max(counts)
-        )
-        gen = served.worker.generator
-        served.worker.close()
+        here = None  # the model loaded in this process, for the thread and round-robin workers
         for mode in modes:
-            served.worker = ModelWorker(gen, name="bench", max_active=max(counts), batched=mode == "batched")
+            if mode == "process":
+                served = load_served_model("bench", path, device=args.device, compile=compiled,
+                                           max_active=max(counts), engine="process")  # fmt: skip
+            else:
+                if here is None:
+                    here = load_served_model("bench", path, device=args.device, compile=compiled,
+                                             max_active=max(counts))  # fmt: skip
+                    gen = here.worker.generator
+                    here.worker.close()
+                served = dataclasses.replace(here, worker=ModelWorker(
+                    gen, name="bench", max_active=max(counts), batched=mode == "thread"))  # fmt: skip
             t0 = time.perf_counter()  # load_served_model's warm_up compiled the decode steps already
             app = create_app([served], ServeOptions(now=lambda: dt.datetime(2026, 11, 21, 14, 5)))
             try:
@@ -217,13 +230,16 @@ def main() -> int:
     print("|---|" + "---|" * (len(keys) + 2))
     for mode, rows in results.items():
         for k, row in enumerate(rows):
-            other = results.get("round-robin", rows)[k]["aggregate_tokens_per_s"]
+            other = results.get("round-robin", rows)[k]["aggregate_tokens_per_s"]  # fmt: skip
             print(f"| {mode} | " + " | ".join(str(row[key]) for key in keys) +
                   f" | ×{row['aggregate_tokens_per_s'] / rows[0]['aggregate_tokens_per_s']:.2f}"
                   f" | ×{row['aggregate_tokens_per_s'] / other:.2f} |")  # fmt: skip
     print(f"warm-up (compile + first requests), s: {warm_s}")
     if same is not None:
-        print(f"batched greedy texts equal the round robin's (unbatched Generator.stream): {same}")
+        print(
+            f"greedy texts equal across the workers ({', '.join(results)}; round robin = unbatched "
+            f"Generator.stream): {same}"
+        )
     if args.json:
         for rows in results.values():
             for row in rows:

@@ -253,7 +253,7 @@ def test_a_server_freezes_only_where_a_copy_of_the_weights_fits(monkeypatch: pyt
     """Freezing packs a copy of the weights: the server takes it while the memory available holds the weights
     twice, and not where the memory cannot be told (0)."""
     import danlu.machine
-    from danlu.serve.routing import _room_for_a_copy
+    from danlu.serve.engine_process import _room_for_a_copy
 
     model = _model()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,7 +1,9 @@
-"""The scheduler: runs generation on a worker thread, off the event loop, with continuous batching.
+"""The scheduler: runs generation off the event loop, with continuous batching.
 
-One worker thread per model owns its `danlu.generate.Generator` (not thread-safe). For a model with a batched
-decode step (`Generator.batches`: danlu's own Transformer) the worker decodes every active stream together: one
+`danlu serve` runs this loop in an engine process per checkpoint (danlu.serve.engine_process), so that the decode
+loop does not share the event loop's GIL; adapters, ensembles and `load_served_model(engine="thread")` run it in
+a worker thread of the server. One worker per model owns its `danlu.generate.Generator` (not thread-safe). For a
+model with a batched decode step (`Generator.batches`: danlu's own Transformer) the worker decodes every active stream together: one
 `SlotBatch` step per loop, one forward over all streams, each at its own position; streams join (their prompts
 prefilled) and leave (finished, or cancelled because the client went away: the slot is freed before the next
 step) between steps, so a new request waits at most one step, and with `Generator(compile=True)` every step runs
@@ -11,7 +13,8 @@ progress together and the event loop only moves bytes.
 
 Streams beyond `max_active` wait in a queue; the HTTP layer admits at most `max_active + max_queued` streams
 (`reserve`) and answers 429 with a `retry_after` estimate beyond that, so a burst cannot grow the queue without
-bound. Results travel back to the event loop with `loop.call_soon_threadsafe` into an asyncio.Queue per job.
+bound. Results travel back to the event loop with `loop.call_soon_threadsafe` into an asyncio.Queue per job
+(`Job.deliver`; the engine process sends each round's items over its pipe instead).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import math
 import queue
 import threading
@@ -34,23 +38,36 @@ _END = object()
 
 @dataclass
 class Job:
-    """One generation stream: prompt ids + sampling params in, text deltas and a final Completion out."""
+    """One generation stream: prompt ids + sampling params in, text deltas and a final Completion out.
+
+    `deliver` hands one item to whoever reads the job (the event loop's `out` queue, or the pipe back to the server
+    when the model runs in a process of its own) and raises RuntimeError once that reader is gone."""
 
     prompt_ids: list[int]
     params: Any
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    deliver: Callable[[Any], Any]
+    out: asyncio.Queue | None = None  # the event loop's end of the job, where `iterate` reads
+    loop: asyncio.AbstractEventLoop | None = None  # the loop `out` belongs to
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    ticket: int = 0  # the job's number on a ProcessWorker's pipe
 
     def post(self, item: Any) -> bool:
-        """Hands an item to the event loop; False when the loop is gone (the job is then cancelled)."""
+        """Hands an item over; False when its reader is gone (the job is then cancelled)."""
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            self.deliver(item)
             return True
         except RuntimeError:
             self.cancelled.set()
             return False
+
+
+def job_on_this_loop(prompt_ids: list[int], params: Any) -> Job:
+    """A job whose items arrive in an asyncio.Queue of the running event loop, from any thread."""
+    loop, out = asyncio.get_running_loop(), asyncio.Queue()
+    return Job(
+        list(prompt_ids), params, functools.partial(loop.call_soon_threadsafe, out.put_nowait), out, loop
+    )
 
 
 @dataclass
@@ -60,9 +77,9 @@ class _Running:
 
 
 class Reservation:
-    """Room for a request's streams on a worker (`ModelWorker.reserve`); `release` once, or on garbage collection."""
+    """Room for a request's streams on a worker (`Admission.reserve`); `release` once, or on garbage collection."""
 
-    def __init__(self, worker: ModelWorker, streams: int) -> None:
+    def __init__(self, worker: Admission, streams: int) -> None:
         self._worker, self.streams, self._held = worker, streams, True
 
     def release(self) -> None:
@@ -80,51 +97,30 @@ def batching_generator(source: Any) -> Generator | None:
     return source if isinstance(source, Generator) and source.batches else None
 
 
-class ModelWorker:
-    """Owns one model's Generator and the thread that drives it.
+class Admission:
+    """What the HTTP layer sees of a worker, wherever its model runs: a bound on streams (`reserve`, the 429 with
+    `retry_after`) and the job's items as an async iterator. `ModelWorker` (a thread of this process) and
+    `danlu.serve.engine_process.ProcessWorker` (a process of its own) fill in the rest."""
 
-    `source` is a Generator (or its bound `stream`), whose streams are decoded together when the model allows it,
-    or any `stream_fn(prompt_ids, params, cancelled=...)` iterator factory, advanced round robin. `batched=False`
-    keeps the round robin for a Generator too (benchmarks/serve_load.py compares the two)."""
+    max_active: int
+    max_queued: int
 
-    def __init__(
-        self, source: Generator | Callable[..., Iterator[Any]], name: str = "model", max_active: int = 64,
-        max_queued: int = 256, batched: bool = True,
-    ) -> None:  # fmt: skip
-        self._generator = batching_generator(source) if batched else None
-        self._stream_fn = source.stream if isinstance(source, Generator) else source
-        self.name = name
-        self.max_active = max_active
-        self.max_queued = max_queued
-        self._inbox: queue.Queue[Job | None] = queue.Queue()
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._active: list[_Running] = []
-        self._batch = SlotBatch(self._generator, most=max_active) if self._generator is not None else None
+    def __init__(self) -> None:
         self._reserved = 0  # streams the HTTP layer admitted and has not released
         self._lock = threading.Lock()
         self._job_seconds = 0.0  # moving average of a stream's time from submission to its end
-        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"danlu-gen-{name}", daemon=True)
-        self._thread.start()
 
     @property
-    def batched(self) -> bool:
-        return self._batch is not None
+    def queued(self) -> int:
+        raise NotImplementedError
 
-    @property
-    def generator(self) -> Generator | None:
-        """The Generator whose streams this worker decodes together (None for a round robin of stream functions)."""
-        return self._generator
-
-    # ---- event-loop side -----------------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: Any) -> Job:
-        job = Job(list(prompt_ids), params, asyncio.get_running_loop())
-        self._inbox.put(job)
-        return job
+    def _cancel(self, job: Job) -> None:
+        """Tells the generating side that nobody reads the job any more."""
+        job.cancelled.set()
 
     async def iterate(self, job: Job) -> AsyncIterator[Any]:
         """Yields the job's items (str deltas, then the Completion); cancels the job if the consumer stops."""
+        assert job.out is not None, "a job submitted from an event loop"
         try:
             while True:
                 item = await job.out.get()
@@ -134,7 +130,7 @@ class ModelWorker:
                     raise item
                 yield item
         finally:
-            job.cancelled.set()
+            self._cancel(job)
 
     def reserve(self, streams: int) -> Reservation | None:
         """Admits `streams` more concurrent streams (a request's choices) if active + waiting stays within
@@ -158,6 +154,50 @@ class ModelWorker:
         waves = 1 + self.queued / max(1, self.max_active)
         return max(1, math.ceil(self._job_seconds * waves))
 
+
+class ModelWorker(Admission):
+    """Owns one model's Generator and the thread that drives it.
+
+    `source` is a Generator (or its bound `stream`), whose streams are decoded together when the model allows it,
+    or any `stream_fn(prompt_ids, params, cancelled=...)` iterator factory, advanced round robin. `batched=False`
+    keeps the round robin for a Generator too (benchmarks/serve_load.py compares the two). `thread=False` starts
+    no thread: the caller runs `_run` itself (the engine process does, in its main thread)."""
+
+    def __init__(
+        self, source: Generator | Callable[..., Iterator[Any]], name: str = "model", max_active: int = 64,
+        max_queued: int = 256, batched: bool = True, thread: bool = True,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self._generator = batching_generator(source) if batched else None
+        self._stream_fn = source.stream if isinstance(source, Generator) else source
+        self.name = name
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self._inbox: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[_Running] = []
+        self._batch = SlotBatch(self._generator, most=max_active) if self._generator is not None else None
+        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"danlu-gen-{name}", daemon=True)
+        if thread:
+            self._thread.start()
+
+    @property
+    def batched(self) -> bool:
+        return self._batch is not None
+
+    @property
+    def generator(self) -> Generator | None:
+        """The Generator whose streams this worker decodes together (None for a round robin of stream functions)."""
+        return self._generator
+
+    # ---- event-loop side -----------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: Any) -> Job:
+        job = job_on_this_loop(prompt_ids, params)
+        self._inbox.put(job)
+        return job
+
     @property
     def active(self) -> int:
         return len(self._batch) if self._batch is not None else len(self._active)
@@ -169,7 +209,8 @@ class ModelWorker:
     def close(self) -> None:
         self._stop.set()
         self._inbox.put(None)
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     # ---- worker-thread side --------------------------------------------------------------------------------
     def _admit(self, block: bool) -> None:
@@ -207,6 +248,7 @@ class ModelWorker:
             self._admit(block=not busy and not self._waiting)
             if self._batch is not None:
                 self._batch_step()
+                self._round_done()
                 continue
             while len(self._active) < self.max_active:
                 job = self._next_waiting()
@@ -218,12 +260,18 @@ class ModelWorker:
             self.stats["peak_active"] = max(self.stats["peak_active"], len(self._active))
             for running in list(self._active):
                 self._step(running)
+            self._round_done()
         for running in self._active:
             with contextlib.suppress(Exception):
                 running.stream.close()  # type: ignore[attr-defined]
             running.job.post(_END)
         for row in self._batch.active if self._batch is not None else []:
             row.tag.post(_END)
+        self._round_done()
+
+    def _round_done(self) -> None:
+        """After each round of steps (a batch step, or one token of each round-robin stream): nothing here; the
+        engine process sends the round's items to the server in one message."""
 
     # ---- continuous batching -----------------------------------------------------------------------------------
     def _batch_step(self) -> None:

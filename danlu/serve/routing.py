@@ -102,47 +102,35 @@ def confident(model: ServedModel, completion: Any) -> bool:
     return m is None or m >= model.min_logprob
 
 
-def _room_for_a_copy(model: Any) -> bool:
-    """Whether the memory available now holds the model's weights twice over: a frozen batch graph packs a copy of
-    them (a depth-12 model's 309 MB of weights: 1.25 GB resident frozen against 0.96 GB plain). False where it
-    cannot be told."""
-    from danlu.machine import available_memory
-
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 2 * weights <= available_memory()
-
-
 def load_served_model(
-    name: str, path: str, *, device: str = "cpu", max_active: int = 64, compile: bool = False
-) -> ServedModel:
-    """Loads a checkpoint (danlu.io) and starts its generation worker; `compile` compiles its decode step now."""
+    name: str, path: str, *, device: str = "cpu", max_active: int = 64, compile: bool = False,
+    engine: str = "thread", threads: int | None = None,
+) -> ServedModel:  # fmt: skip
+    """Loads a checkpoint (danlu.io) and starts its generation worker; `compile` compiles its decode step now.
+    `engine="process"` runs the model in a process of its own (danlu.serve.engine_process: what `danlu serve`
+    does, so that the event loop and the decode loop do not share one GIL; `threads` its CPU threads, see
+    `engine_threads`); "thread" in a thread of this one."""
     import time
 
-    from danlu.generate import Generator
-    from danlu.io import load_checkpoint
-    from danlu.prefix_cache import PrefixCache
     from danlu.serve.engine import ModelWorker
+    from danlu.serve.engine_process import EngineSpec, ProcessWorker, served_generator
 
-    ckpt = load_checkpoint(path, device=device)
-    # a server never trains its model: the batch graph may hold the weights as constants, if their copy fits, and
-    # prompts may reuse the keys/values of the prefixes they share with earlier ones (the system prompt)
-    gen = Generator(ckpt.model, ckpt.tokenizer, compile=compile, frozen_weights=_room_for_a_copy(ckpt.model),
-                    prefix_cache=PrefixCache())  # fmt: skip
-    if compile:
-        print(
-            f"[danlu] compiling {name}'s decode step (once per process; --compile off skips it)", flush=True
+    if engine == "process":
+        worker = ProcessWorker(EngineSpec(name, str(path), str(device), compile, max_active, threads))
+        tokenizer, context, meta = (
+            worker.info["tokenizer"],
+            worker.info["context_length"],
+            worker.info["meta"],
         )
-        gen.warm_up()
-    worker = ModelWorker(gen, name=name, max_active=max_active)
-    return ServedModel(
-        name=name,
-        path=str(path),
-        tokenizer=ckpt.tokenizer,
-        context_length=int(ckpt.config.max_position_embeddings),
-        worker=worker,
-        meta=dict(ckpt.meta or {}),
-        created=int(time.time()),
-    )
+    elif engine == "thread":
+        gen, ckpt = served_generator(name, str(path), str(device), compile)
+        worker = ModelWorker(gen, name=name, max_active=max_active)
+        tokenizer, context = ckpt.tokenizer, int(ckpt.config.max_position_embeddings)
+        meta = dict(ckpt.meta or {})
+    else:
+        raise DanluError(f"engine must be process or thread, not {engine!r}")
+    return ServedModel(name=name, path=str(path), tokenizer=tokenizer, context_length=context, worker=worker,
+                       meta=meta, created=int(time.time()))  # fmt: skip
 
 
 def parse_ensembles(

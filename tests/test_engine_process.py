@@ -1,0 +1,180 @@
+"""The served model in an engine process of its own (danlu.serve.engine_process): same answers as the worker thread,
+errors and cancellations crossing the pipe, a failed load or a dead engine reported, not hung on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from danlu import DanluError
+from danlu.generate import SamplingParams
+from danlu.serve.engine_process import ProcessWorker, engine_threads
+from danlu.serve.routing import load_served_model
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint: Path):
+    """The tiny checkpoint twice: in an engine process (what `danlu serve` runs) and in a thread of this one."""
+    process = load_served_model("tiny", str(tiny_checkpoint), max_active=4, engine="process", threads=1)
+    thread = load_served_model("tiny", str(tiny_checkpoint), max_active=4, engine="thread")
+    yield process, thread
+    process.worker.close()
+    thread.worker.close()
+
+
+async def _answer(worker, job) -> tuple[str, object]:  # noqa: ANN001
+    items = [item async for item in worker.iterate(job)]
+    return "".join(s for s in items if isinstance(s, str)), items[-1]
+
+
+def _requests(tok) -> list[tuple[list[int], SamplingParams]]:  # noqa: ANN001
+    prompts = [
+        tok.encode(t)
+        for t in ("中国最高的山", "The capital of Japan is", "12 + 34", "你好", "Hello", "7 × 8")
+    ]
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[]) for m in (30, 9, 25, 3, 40, 17)
+    ]
+    params[1] = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.8, seed=123, stop_token_ids=[])
+    params[4] = SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=7, stop_token_ids=[])
+    return list(zip(prompts, params))
+
+
+def _run_all(worker, requests) -> list:  # noqa: ANN001
+    async def run() -> list:
+        first = [worker.submit(p, sp) for p, sp in requests[:3]]
+        while worker.active == 0 and worker.stats["finished"] == 0:  # the others join mid-way
+            await asyncio.sleep(0.001)
+        later = [worker.submit(p, sp) for p, sp in requests[3:]]
+        return await asyncio.gather(*(_answer(worker, j) for j in first + later))
+
+    return asyncio.run(run())
+
+
+def test_the_engine_process_answers_what_the_worker_thread_answers(engines) -> None:
+    """Six requests over 4 slots, greedy and seeded sampling, some joining while others run: the same tokens and
+    texts from the engine process as from the thread (whose answers equal unbatched decoding,
+    test_batched_decode), the streamed deltas adding up to each text; the engine's counters reach the server."""
+    process, thread = engines
+    assert isinstance(process.worker, ProcessWorker) and process.worker.batched
+    assert process.tokenizer.encode("你好") == thread.tokenizer.encode("你好")
+    assert process.context_length == thread.context_length and process.meta == thread.meta
+    requests = _requests(process.tokenizer)
+    before = process.worker.stats["finished"]
+    got, want = _run_all(process.worker, requests), _run_all(thread.worker, requests)
+    for (text, completion), (want_text, want_completion) in zip(got, want):
+        assert completion.token_ids == want_completion.token_ids
+        assert completion.text == want_completion.text == text == want_text
+        assert completion.logprobs == pytest.approx(want_completion.logprobs, abs=1e-5)
+    assert process.worker.stats["finished"] - before == len(requests)
+    assert process.worker.stats["tokens"] >= sum(len(c.token_ids) for _, c in got)
+
+
+def test_a_bad_prompt_fails_its_own_request_and_a_cancelled_one_leaves(engines) -> None:
+    """An empty prompt raises the engine's DanluError in its own request only; a client that stops reading a
+    long stream frees its slot in the engine (counted as cancelled there)."""
+    worker = engines[0].worker
+    ok = SamplingParams(max_tokens=5, temperature=0.0, stop_token_ids=[])
+
+    async def run() -> tuple:
+        bad, good = worker.submit([], ok), worker.submit([5, 6, 7], ok)
+        outcomes = await asyncio.gather(_answer(worker, bad), _answer(worker, good), return_exceptions=True)
+        long = worker.submit([5, 6], SamplingParams(max_tokens=200, temperature=0.0, stop_token_ids=[]))
+        stream = worker.iterate(long)
+        first = await stream.__anext__()
+        await stream.aclose()  # the client went away
+        return outcomes, first
+
+    cancelled = worker.stats["cancelled"]
+    (bad, good), first = asyncio.run(run())
+    assert isinstance(bad, DanluError) and "empty prompt" in str(bad)
+    assert len(good[1].token_ids) == 5 and isinstance(first, str)
+    deadline = time.monotonic() + 30
+    while worker.stats["cancelled"] == cancelled and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.stats["cancelled"] == cancelled + 1
+    assert worker.active == 0
+
+
+def test_the_server_serves_through_the_engine_process(engines) -> None:
+    """The HTTP layer over a ProcessWorker: a streamed chat answer and a completion, the bound on streams (429)."""
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.server import BackgroundServer
+
+    served = engines[0]
+    with BackgroundServer(create_app([served], ServeOptions())) as url:
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 6,
+                "temperature": 0.0, "stream": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/chat/completions", json=chat, timeout=60) as r:
+            lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+        done = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "中国", "max_tokens": 4,
+                                                        "temperature": 0.0}, timeout=60)  # fmt: skip
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 4
+        held = served.worker.reserve(served.worker.max_active + served.worker.max_queued)
+        try:
+            full = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "中国"}, timeout=60)
+            assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        finally:
+            held.release()
+
+
+def test_a_checkpoint_that_does_not_load_is_reported_by_the_server(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(DanluError, match="config.json"):
+        load_served_model("broken", str(tmp_path), engine="process")
+    with pytest.raises(DanluError, match="engine must be process or thread"):
+        load_served_model("broken", str(tmp_path), engine="fiber")
+
+
+def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Path) -> None:
+    """An engine killed mid-stream: its open request ends with an error naming the engine, not a hang, and the
+    next request is refused with the same reason."""
+    served = load_served_model("doomed", str(tiny_checkpoint), engine="process", threads=1)
+    worker = served.worker
+    long = SamplingParams(max_tokens=100_000, temperature=0.0, stop_token_ids=[])
+
+    async def run() -> tuple[list, BaseException, BaseException]:
+        job = worker.submit([5, 6], long)
+        stream, seen = worker.iterate(job), []
+        try:
+            async for item in stream:
+                seen.append(item)
+                if len(seen) == 3:
+                    worker._process.kill()
+        except RuntimeError as e:
+            during = e
+        await asyncio.sleep(0.2)
+        try:
+            await _answer(worker, worker.submit([5], long))
+        except DanluError as e:
+            after = e
+        return seen, during, after
+
+    try:
+        seen, during, after = asyncio.run(asyncio.wait_for(run(), 60))
+    finally:
+        worker.close()
+    assert len(seen) >= 3
+    assert "engine process of model 'doomed' exited" in str(during)
+    assert "engine process of model 'doomed' exited" in str(after)
+
+
+def test_an_engine_leaves_one_core_to_the_http_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import danlu.cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(danlu.cpu_threads, "usable_cores", lambda: 8)
+    assert engine_threads(None, "cpu")[0] == 7
+    assert engine_threads(3, "cpu")[0] == 3
+    assert engine_threads(None, "cuda")[0] is None
+    monkeypatch.setattr(danlu.cpu_threads, "usable_cores", lambda: 1)
+    assert engine_threads(None, "cpu")[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert engine_threads(None, "cpu")[0] is None
+    with pytest.raises(DanluError, match="--threads 0"):
+        engine_threads(0, "cpu")
