@@ -173,6 +173,7 @@ def main() -> int:
     from danlu.compiler import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import ModelWorker
+    from danlu.serve.engine_process import freeze_heap
     from danlu.serve.routing import load_served_model
     from danlu.serve.server import BackgroundServer
 
@@ -196,6 +197,7 @@ def main() -> int:
                     gen, name="bench", max_active=max(counts), batched=mode == "thread"))  # fmt: skip
             t0 = time.perf_counter()  # load_served_model's warm_up compiled the decode steps already
             app = create_app([served], ServeOptions(now=lambda: dt.datetime(2026, 11, 21, 14, 5)))
+            freeze_heap()  # as `danlu serve` does once its models are loaded
             try:
                 with BackgroundServer(app) as url:  # 127.0.0.1, a free port
 

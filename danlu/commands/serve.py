@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     from danlu.compiler import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import Admission
+    from danlu.serve.engine_process import freeze_heap
     from danlu.serve.feedback import FeedbackStore
     from danlu.serve.memory import CorrectionMemory
     from danlu.serve.routing import (
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
         options.detector = Detector.load(args.detector, args.device)
     app = create_app(models, options)
+    freeze_heap()  # what is loaded stays: no full collection walks it again mid-request
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         print(
             f"[danlu] warning: listening on {args.host} without --api-key: anyone who can reach it can use it"
