@@ -132,8 +132,8 @@ def test_a_checkpoint_that_does_not_load_is_reported_by_the_server(tmp_path: Pat
 
 
 def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Path) -> None:
-    """An engine killed mid-stream: its open request ends with an error naming the engine, not a hang, and the
-    next request is refused with the same reason."""
+    """An engine killed mid-stream: its open request ends with an error naming the engine, not a hang, the next
+    request is refused with the same reason, and /health answers 503."""
     served = load_served_model("doomed", str(tiny_checkpoint), engine="process", threads=1)
     worker = served.worker
     long = SamplingParams(max_tokens=100_000, temperature=0.0, stop_token_ids=[])
@@ -155,13 +155,21 @@ def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Pat
             after = e
         return seen, during, after
 
+    from danlu.serve.app import ServeOptions, create_app
+    from danlu.serve.server import BackgroundServer
+
     try:
-        seen, during, after = asyncio.run(asyncio.wait_for(run(), 60))
+        with BackgroundServer(create_app([served], ServeOptions())) as url:
+            assert httpx.get(url + "/health").json()["models"]["doomed"]["engine"] == "running"
+            seen, during, after = asyncio.run(asyncio.wait_for(run(), 60))
+            health = httpx.get(url + "/health")
     finally:
         worker.close()
     assert len(seen) >= 3
     assert "engine process of model 'doomed' exited" in str(during)
     assert "engine process of model 'doomed' exited" in str(after)
+    assert health.status_code == 503 and health.json()["status"] == "error"
+    assert health.json()["models"]["doomed"]["engine"] == "exited"
 
 
 def test_an_engine_leaves_one_core_to_the_http_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -200,14 +200,18 @@ def create_app(models: list[ServedModel], options: ServeOptions | None = None) -
 
     # ---- meta routes -------------------------------------------------------------------------------------------
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "models": {
-                m.name: {"active": m.worker.active, "queued": m.worker.queued, **m.worker.stats}
-                for m in registry.values()
-            },
-        }
+    async def health() -> JSONResponse:
+        """Each model's streams and counters; 503 with status "error" once a model's engine process has exited (a
+        load balancer or orchestrator then restarts the server)."""
+        models = {
+            m.name: {"active": m.worker.active, "queued": m.worker.queued, **m.worker.stats,
+                     "engine": "exited" if getattr(m.worker, "gone", None) else "running"}
+            for m in registry.values()
+        }  # fmt: skip
+        down = [name for name, info in models.items() if info["engine"] == "exited"]
+        return JSONResponse(
+            {"status": "error" if down else "ok", "models": models}, status_code=503 if down else 200
+        )
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:

@@ -253,6 +253,11 @@ class ProcessWorker(Admission):
         return bool(self.info["batched"])
 
     @property
+    def gone(self) -> str | None:
+        """Why the engine process is no longer there (None while it runs)."""
+        return self._gone
+
+    @property
     def generator(self) -> None:
         """None: the Generator lives in the engine process."""
         return None
