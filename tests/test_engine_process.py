@@ -146,7 +146,7 @@ def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Pat
                 seen.append(item)
                 if len(seen) == 3:
                     worker._process.kill()
-        except RuntimeError as e:
+        except DanluError as e:
             during = e
         await asyncio.sleep(0.2)
         try:

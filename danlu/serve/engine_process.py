@@ -211,9 +211,8 @@ class ProcessWorker(Admission):
         self._tickets = itertools.count(1)
         self._send_lock = threading.Lock()
         self._gone: str | None = None
-        context = multiprocessing.get_context(
-            "spawn"
-        )  # no fork of a process with threads and a torch runtime
+        # spawned, not forked: a fork of a process with threads (uvicorn's, torch's pools) can deadlock in the child
+        context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(
             target=_engine_main, args=(spec, child), name=f"danlu-engine-{spec.name}"
@@ -327,7 +326,7 @@ class ProcessWorker(Admission):
         for ticket in list(self._jobs):
             job = self._jobs.pop(ticket, None)
             if job is not None:
-                job.post(RuntimeError(self._gone))
+                job.post(DanluError(self._gone))
                 job.post(_END)
 
     def close(self) -> None:
