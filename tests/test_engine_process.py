@@ -127,6 +127,8 @@ def test_a_checkpoint_that_does_not_load_is_reported_by_the_server(tmp_path: Pat
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(DanluError, match="config.json"):
         load_served_model("broken", str(tmp_path), engine="process")
+    with pytest.raises(DanluError, match="no such checkpoint folder"):
+        load_served_model("missing", str(tmp_path / "missing"), engine="process")
     with pytest.raises(DanluError, match="engine must be process or thread"):
         load_served_model("broken", str(tmp_path), engine="fiber")
 

@@ -112,11 +112,15 @@ def load_served_model(
     `engine_threads`); "thread" in a thread of this one."""
     import time
 
+    from danlu.io import resolve_checkpoint
     from danlu.serve.engine import ModelWorker
     from danlu.serve.engine_process import EngineSpec, ProcessWorker, served_generator
 
     if engine == "process":
-        worker = ProcessWorker(EngineSpec(name, str(path), str(device), compile, max_active, threads))
+        folder = resolve_checkpoint(path)  # a hub id downloads here, once, its messages in the server's terminal
+        if not folder.is_dir():  # said before an engine process starts for nothing
+            raise DanluError(f"{path}: no such checkpoint folder")
+        worker = ProcessWorker(EngineSpec(name, str(folder), str(device), compile, max_active, threads))
         tokenizer, context, meta = (
             worker.info["tokenizer"],
             worker.info["context_length"],
