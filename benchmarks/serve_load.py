@@ -5,9 +5,10 @@ the model in an engine process of its own, danlu.serve.engine_process, decoding 
 (the same continuous batching in a thread of the server's process, sharing its GIL with the event loop) and
 `round-robin` (the worker before batching: each stream its own cache, one token in turn; `ModelWorker(...,
 batched=False)`). Greedy requests, so the batched answers must equal the round robin's, which are unbatched greedy
-decoding (`Generator.stream` per request): checked, the run fails otherwise. Bounded in count (clients × requests) and time (--time-limit); every stream must end with its finish
-chunk and `data: [DONE]`. Reports aggregate tokens/s, its ratio to one client, and p50/p90/p99 of the time to first
-token and of the gaps between a stream's chunks.
+decoding (`Generator.stream` per request): checked, the run fails otherwise. Bounded in count (clients × requests)
+and time (--time-limit); every stream must end with its finish chunk and `data: [DONE]`. Reports aggregate
+tokens/s, its ratio to one client, and p50/p90/p99 of the time to first token and of the gaps between a stream's
+chunks.
 
     python benchmarks/serve_load.py                      # a random-init depth-4 model (shape of the tiny recipe)
     python benchmarks/serve_load.py --checkpoint runs/tiny/sft/model --clients 1,4,16
@@ -232,7 +233,7 @@ def main() -> int:
     print("|---|" + "---|" * (len(keys) + 2))
     for mode, rows in results.items():
         for k, row in enumerate(rows):
-            other = results.get("round-robin", rows)[k]["aggregate_tokens_per_s"]  # fmt: skip
+            other = results.get("round-robin", rows)[k]["aggregate_tokens_per_s"]
             print(f"| {mode} | " + " | ".join(str(row[key]) for key in keys) +
                   f" | ×{row['aggregate_tokens_per_s'] / rows[0]['aggregate_tokens_per_s']:.2f}"
                   f" | ×{row['aggregate_tokens_per_s'] / other:.2f} |")  # fmt: skip

@@ -1,15 +1,15 @@
 """The scheduler: runs generation off the event loop, with continuous batching.
 
 `danlu serve` runs this loop in an engine process per checkpoint (danlu.serve.engine_process), so that the decode
-loop does not share the event loop's GIL; adapters, ensembles and `load_served_model(engine="thread")` run it in
-a worker thread of the server. One worker per model owns its `danlu.generate.Generator` (not thread-safe). For a
-model with a batched decode step (`Generator.batches`: danlu's own Transformer) the worker decodes every active stream together: one
-`SlotBatch` step per loop, one forward over all streams, each at its own position; streams join (their prompts
-prefilled) and leave (finished, or cancelled because the client went away: the slot is freed before the next
-step) between steps, so a new request waits at most one step, and with `Generator(compile=True)` every step runs
-a compiled graph. Other models (transformers-backed, ensembles, adapters switched per stream) keep the round
-robin: each stream has its own KV cache and advances one token in turn. Either way, concurrent requests all make
-progress together and the event loop only moves bytes.
+loop does not share the event loop's GIL; adapters, ensembles and `load_served_model(engine="thread")` run it in a
+worker thread of the server. One worker per model owns its `danlu.generate.Generator` (not thread-safe). For a
+model with a batched decode step (`Generator.batches`: danlu's own Transformer) the worker decodes every active
+stream together: one `SlotBatch` step per loop, one forward over all streams, each at its own position; streams
+join (their prompts prefilled) and leave (finished, or cancelled because the client went away: the slot is freed
+before the next step) between steps, so a new request waits at most one step, and with `Generator(compile=True)`
+every step runs a compiled graph. Other models (transformers-backed, ensembles, adapters switched per stream) keep
+the round robin: each stream has its own KV cache and advances one token in turn. Either way, concurrent requests
+all make progress together and the event loop only moves bytes.
 
 Streams beyond `max_active` wait in a queue; the HTTP layer admits at most `max_active + max_queued` streams
 (`reserve`) and answers 429 with a `retry_after` estimate beyond that, so a burst cannot grow the queue without

@@ -104,7 +104,7 @@ def engine_threads(asked: int | None, device: str) -> tuple[int | None, str]:
     return threads, f"{threads} of {cores} cores, one left to the HTTP server"
 
 
-# ---- the engine process ------------------------------------------------------------------------------------------
+# ---- the engine process ------------------------------------------------------------------------------------
 def _sendable(item: Any) -> Any:
     """The item as it can cross the pipe: the end marker as None (never an item otherwise), an exception that does
     not pickle as a RuntimeError with its message."""
@@ -192,7 +192,7 @@ def _engine_main(spec: EngineSpec, conn: Connection) -> None:
     _EngineLoop(gen, conn, spec)._run()
 
 
-# ---- the server's side ---------------------------------------------------------------------------------------------
+# ---- the server's side -------------------------------------------------------------------------------------
 def _hand_over(batch: list[tuple[asyncio.Queue, Any]]) -> None:
     for out, item in batch:
         out.put_nowait(item)
