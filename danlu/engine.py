@@ -89,13 +89,25 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """A `device` setting as a torch device: `auto` picks CUDA (this rank's GPU), then MPS, then the CPU; a named
+    device that this torch cannot reach stops here with one line, not deep in a model's first `.to()`."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DanluError(f"device {name!r}: not a device (cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DanluError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA GPU")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DanluError(f"device {name!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DanluError(f"device {name!r}: this torch sees no Apple GPU (MPS)")
+    return device
 
 
 @functools.cache

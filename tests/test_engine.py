@@ -274,3 +274,24 @@ def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path, shards, 
     small.fit()
     for k, v in big.raw_model.state_dict().items():
         torch.testing.assert_close(v, small.raw_model.state_dict()[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_device_this_torch_cannot_reach_stops_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device` settings are checked where they are read: a typo, a GPU this torch does not see, an index past the
+    GPUs there are; `auto` and `cpu` always resolve."""
+    from danlu.engine import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(DanluError, match="'gpu': not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DanluError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DanluError, match="only 1 CUDA GPU"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(DanluError, match="no Apple GPU"):
+        resolve_device("mps")

@@ -87,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 64); more wait in its queue")  # fmt: skip
     p.add_argument("--max-queued", type=int, default=256, help="streams that may wait beyond --max-active "
                    "(default 256); past that a request gets HTTP 429 with a Retry-After header")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
     p.add_argument(
         "--engine",
         default="process",
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     from danlu import DanluError
     from danlu.compiler import resolve_compile
+    from danlu.engine import resolve_device
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import Admission
     from danlu.serve.engine_process import freeze_heap
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         raise DanluError(f"--max-active {args.max_active} / --max-queued {args.max_queued}: at least 1 / 0")
     if args.threads is not None and args.threads < 1:
         raise DanluError(f"--threads {args.threads}: at least 1")
+    args.device = str(resolve_device(args.device))  # a device this torch cannot reach stops here, in one line
     models = []
     for i, (name, path) in enumerate(specs):
         print(f"[danlu] loading {name} from {path}")
