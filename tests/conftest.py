@@ -110,3 +110,39 @@ def make_checkpoint(
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     """A chat checkpoint folder with a random-init 1-layer model: loads and generates in milliseconds."""
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"), tiny_tokenizer)
+
+
+# ---- a server's worker under concurrent requests (test_batched_decode, test_engine_process) -------------------------
+def mixed_requests(tok) -> list:  # noqa: ANN001
+    """Six (prompt ids, SamplingParams) of different lengths, greedy and seeded sampling (top-p, top-k): more than
+    a 4-slot worker holds at once."""
+    from danlu.generate import SamplingParams
+
+    texts = ("中国最高的山", "The capital of Japan is", "12 + 34", "你好", "Hello", "7 × 8")
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[]) for m in (30, 9, 25, 3, 40, 17)
+    ]
+    params[1] = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.8, seed=123, stop_token_ids=[])
+    params[4] = SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=7, stop_token_ids=[])
+    return [(tok.encode(t), p) for t, p in zip(texts, params)]
+
+
+async def answer(worker, job) -> tuple:  # noqa: ANN001
+    """(the streamed text deltas joined, the last item: the Completion) of a submitted job."""
+    items = [item async for item in worker.iterate(job)]
+    return "".join(s for s in items if isinstance(s, str)), items[-1]
+
+
+def answers_joining_midway(worker, requests: list) -> list:  # noqa: ANN001
+    """`answer` of each request, the first three submitted together and the rest once the worker is decoding
+    them (or has finished one), so that they join mid-way."""
+    import asyncio
+
+    async def run() -> list:
+        first = [worker.submit(p, sp) for p, sp in requests[:3]]
+        while worker.active == 0 and worker.stats["finished"] == 0:
+            await asyncio.sleep(0.001)
+        later = [worker.submit(p, sp) for p, sp in requests[3:]]
+        return await asyncio.gather(*(answer(worker, j) for j in first + later))
+
+    return asyncio.run(run())

@@ -4,7 +4,6 @@ its own sampling params and seed, and a full worker answers 429 with Retry-After
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -14,7 +13,7 @@ import torch
 from danlu.compiler import compiler_available
 from danlu.generate import Generator, SamplingParams, SlotBatch, slot_count
 from danlu.model import ModelConfig, Transformer
-from tests.conftest import IdsTokenizer
+from tests.conftest import IdsTokenizer, answers_joining_midway, mixed_requests
 
 
 def _model(**kw) -> Transformer:
@@ -274,39 +273,15 @@ def served(tiny_checkpoint: Path):
     model.worker.close()
 
 
-def _collect(worker, jobs: list) -> list:  # noqa: ANN001
-    async def one(job) -> tuple[str, object]:  # noqa: ANN001
-        items = [item async for item in worker.iterate(job)]
-        return "".join(s for s in items if isinstance(s, str)), items[-1]
-
-    return [one(j) for j in jobs]
-
-
 def test_concurrent_requests_get_what_each_gets_alone(served) -> None:
     """Six requests (more than the 4 slots), different lengths and params, some joining while others run: the
     greedy ones get exactly the tokens they get alone, the seeded sampled ones too (each its own generator)."""
     worker, tok = served.worker, served.tokenizer
     assert worker.batched
-    prompts = [
-        tok.encode(t)
-        for t in ("中国最高的山", "The capital of Japan is", "12 + 34", "你好", "Hello", "7 × 8")
-    ]
-    params = [
-        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[]) for m in (30, 9, 25, 3, 40, 17)
-    ]
-    params[1] = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.8, seed=123, stop_token_ids=[])
-    params[4] = SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=7, stop_token_ids=[])
-
-    async def run() -> list:
-        first = [worker.submit(p, sp) for p, sp in zip(prompts[:3], params[:3])]
-        while worker.active == 0:  # the first rows are decoding; the others join them mid-way
-            await asyncio.sleep(0.001)
-        later = [worker.submit(p, sp) for p, sp in zip(prompts[3:], params[3:])]
-        return await asyncio.gather(*_collect(worker, first), *_collect(worker, later))
-
-    got = asyncio.run(run())
+    requests = mixed_requests(tok)
+    got = answers_joining_midway(worker, requests)
     alone = Generator(worker.generator.model, tok)
-    for (text, completion), p, sp in zip(got, prompts, params):
+    for (text, completion), (p, sp) in zip(got, requests):
         want_text, want = _alone(alone, p, sp)
         assert completion.token_ids == want.token_ids
         assert completion.text == want.text

@@ -14,6 +14,7 @@ from danlu import DanluError
 from danlu.generate import SamplingParams
 from danlu.serve.engine_process import ProcessWorker, engine_threads
 from danlu.serve.routing import load_served_model
+from tests.conftest import answer, answers_joining_midway, mixed_requests
 
 
 @pytest.fixture(scope="module")
@@ -26,35 +27,6 @@ def engines(tiny_checkpoint: Path):
     thread.worker.close()
 
 
-async def _answer(worker, job) -> tuple[str, object]:  # noqa: ANN001
-    items = [item async for item in worker.iterate(job)]
-    return "".join(s for s in items if isinstance(s, str)), items[-1]
-
-
-def _requests(tok) -> list[tuple[list[int], SamplingParams]]:  # noqa: ANN001
-    prompts = [
-        tok.encode(t)
-        for t in ("中国最高的山", "The capital of Japan is", "12 + 34", "你好", "Hello", "7 × 8")
-    ]
-    params = [
-        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[]) for m in (30, 9, 25, 3, 40, 17)
-    ]
-    params[1] = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.8, seed=123, stop_token_ids=[])
-    params[4] = SamplingParams(max_tokens=30, temperature=0.7, top_k=20, seed=7, stop_token_ids=[])
-    return list(zip(prompts, params))
-
-
-def _run_all(worker, requests) -> list:  # noqa: ANN001
-    async def run() -> list:
-        first = [worker.submit(p, sp) for p, sp in requests[:3]]
-        while worker.active == 0 and worker.stats["finished"] == 0:  # the others join mid-way
-            await asyncio.sleep(0.001)
-        later = [worker.submit(p, sp) for p, sp in requests[3:]]
-        return await asyncio.gather(*(_answer(worker, j) for j in first + later))
-
-    return asyncio.run(run())
-
-
 def test_the_engine_process_answers_what_the_worker_thread_answers(engines) -> None:
     """Six requests over 4 slots, greedy and seeded sampling, some joining while others run: the same tokens and
     texts from the engine process as from the thread (whose answers equal unbatched decoding,
@@ -63,9 +35,12 @@ def test_the_engine_process_answers_what_the_worker_thread_answers(engines) -> N
     assert isinstance(process.worker, ProcessWorker) and process.worker.batched
     assert process.tokenizer.encode("你好") == thread.tokenizer.encode("你好")
     assert process.context_length == thread.context_length and process.meta == thread.meta
-    requests = _requests(process.tokenizer)
+    requests = mixed_requests(process.tokenizer)
     before = process.worker.stats["finished"]
-    got, want = _run_all(process.worker, requests), _run_all(thread.worker, requests)
+    got, want = (
+        answers_joining_midway(process.worker, requests),
+        answers_joining_midway(thread.worker, requests),
+    )
     for (text, completion), (want_text, want_completion) in zip(got, want):
         assert completion.token_ids == want_completion.token_ids
         assert completion.text == want_completion.text == text == want_text
@@ -82,7 +57,7 @@ def test_a_bad_prompt_fails_its_own_request_and_a_cancelled_one_leaves(engines) 
 
     async def run() -> tuple:
         bad, good = worker.submit([], ok), worker.submit([5, 6, 7], ok)
-        outcomes = await asyncio.gather(_answer(worker, bad), _answer(worker, good), return_exceptions=True)
+        outcomes = await asyncio.gather(answer(worker, bad), answer(worker, good), return_exceptions=True)
         long = worker.submit([5, 6], SamplingParams(max_tokens=200, temperature=0.0, stop_token_ids=[]))
         stream = worker.iterate(long)
         first = await stream.__anext__()
@@ -152,7 +127,7 @@ def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Pat
             during = e
         await asyncio.sleep(0.2)
         try:
-            await _answer(worker, worker.submit([5], long))
+            await answer(worker, worker.submit([5], long))
         except DanluError as e:
             after = e
         return seen, during, after

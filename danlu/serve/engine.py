@@ -109,6 +109,7 @@ class Admission:
         self._reserved = 0  # streams the HTTP layer admitted and has not released
         self._lock = threading.Lock()
         self._job_seconds = 0.0  # moving average of a stream's time from submission to its end
+        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
 
     @property
     def queued(self) -> int:
@@ -177,7 +178,6 @@ class ModelWorker(Admission):
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[_Running] = []
         self._batch = SlotBatch(self._generator, most=max_active) if self._generator is not None else None
-        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"danlu-gen-{name}", daemon=True)
         if thread:
@@ -323,20 +323,16 @@ class ModelWorker(Admission):
     # ---- round robin ---------------------------------------------------------------------------------------------
     def _step(self, running: _Running) -> None:
         job = running.job
-        done = False
+        outcome, error = None, None
         if job.cancelled.is_set():
-            self.stats["cancelled"] += 1
-            done = True
+            outcome = "cancelled"
         else:
             try:
                 item = next(running.stream)
             except StopIteration:
-                self.stats["finished"] += 1
-                done = True
+                outcome = "finished"
             except Exception as e:  # reported to the request (4xx/5xx decided there); the worker lives on
-                self.stats["failed"] += 1
-                job.post(e)
-                done = True
+                outcome, error = "failed", e
             else:
                 if isinstance(item, str):
                     if item:
@@ -344,10 +340,8 @@ class ModelWorker(Admission):
                 else:
                     self.stats["tokens"] += len(getattr(item, "token_ids", ()) or ())
                     job.post(item)
-        if done:
+        if outcome is not None:
             with contextlib.suppress(Exception):
                 running.stream.close()  # type: ignore[attr-defined]
-            job.post(_END)
             self._active.remove(running)
-            elapsed = time.perf_counter() - job.submitted
-            self._job_seconds = elapsed if self._job_seconds <= 0 else 0.8 * self._job_seconds + 0.2 * elapsed
+            self._end(job, outcome, error)

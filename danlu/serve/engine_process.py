@@ -200,12 +200,11 @@ def _hand_over(batch: list[tuple[asyncio.Queue, Any]]) -> None:
 
 class ProcessWorker(Admission):
     """A `ModelWorker` whose model runs in an engine process; `info` holds what the engine reported when ready
-    (tokenizer, context_length, meta, batched)."""
+    (tokenizer, context_length, meta, batched), `stats` the engine's counters as of its last message."""
 
     def __init__(self, spec: EngineSpec, max_queued: int = 256) -> None:
         super().__init__()
         self.name, self.max_active, self.max_queued = spec.name, spec.max_active, max_queued
-        self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
         self._active = self._queued = 0
         self._jobs: dict[int, Job] = {}
         self._tickets = itertools.count(1)
