@@ -43,3 +43,18 @@ def test_serve_refuses_queue_bounds_that_admit_nothing(flags: list[str], tmp_pat
 
     assert main(["serve", str(tmp_path / "never-read"), *flags]) == 2
     assert "--max-active" in capsys.readouterr().err
+
+
+def test_every_device_option_is_checked_when_read(capsys) -> None:
+    """Each command that loads a model names a device this torch cannot reach in one line, before it loads
+    anything (`danlu generate CKPT --device gpu` used to fail deep in load_checkpoint's first `.to()`)."""
+    with_device = [path for path, parser in _parsers(build_parser())
+                   if any("--device" in a.option_strings for a in parser._actions)]  # fmt: skip
+    assert {("generate",), ("chat",), ("serve",), ("eval",), ("synth", "instruct"), ("detect", "score")} <= set(
+        with_device
+    )
+    for path in with_device:
+        with pytest.raises(SystemExit) as stopped:
+            build_parser().parse_args([*path, "--device", "gpu"])
+        assert stopped.value.code == 2
+        assert "argument --device: device 'gpu': not a device" in capsys.readouterr().err, path

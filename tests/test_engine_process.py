@@ -149,6 +149,42 @@ def test_requests_fail_with_the_reason_when_the_engine_dies(tiny_checkpoint: Pat
     assert health.json()["models"]["doomed"]["engine"] == "exited"
 
 
+def test_an_engine_that_does_not_read_holds_up_no_event_loop(tiny_checkpoint: Path) -> None:
+    """Jobs far bigger than the pipe holds, sent while the engine is stopped (as in a long prefill): every submit
+    returns at once, and once the engine runs again it gets them all, intact and in order (each prompt is longer
+    than the context: the engine's own refusal names its length), then answers a normal request."""
+    import os
+    import signal
+    import threading
+
+    served = load_served_model("stalled", str(tiny_checkpoint), engine="process", threads=1)
+    worker, ok = served.worker, SamplingParams(max_tokens=3, temperature=0.0, stop_token_ids=[])
+    sizes = [300_000 + i for i in range(8)]  # ~600 KB each on the pipe, ~5 MB in all
+    submitted, outcomes = threading.Event(), []
+
+    async def run() -> None:
+        jobs = [worker.submit([5] * size, ok) for size in sizes]
+        submitted.set()
+        outcomes.extend(await asyncio.gather(*(answer(worker, j) for j in jobs), return_exceptions=True))
+        outcomes.append(await answer(worker, worker.submit([5, 6, 7], ok)))
+
+    os.kill(worker._process.pid, signal.SIGSTOP)
+    client = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    try:
+        client.start()
+        all_sent = submitted.wait(timeout=60)  # before the engine runs again
+        os.kill(worker._process.pid, signal.SIGCONT)
+        client.join(timeout=120)
+    finally:
+        os.kill(worker._process.pid, signal.SIGCONT)
+        worker.close()
+    assert all_sent, "a submit waited for the stopped engine"
+    assert not client.is_alive() and len(outcomes) == len(sizes) + 1
+    for size, outcome in zip(sizes, outcomes):
+        assert isinstance(outcome, DanluError) and str(size) in str(outcome)
+    assert len(outcomes[-1][1].token_ids) == 3
+
+
 def test_an_engine_leaves_one_core_to_the_http_server(monkeypatch: pytest.MonkeyPatch) -> None:
     import danlu.cpu_threads
 

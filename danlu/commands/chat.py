@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from danlu.commands._device import add_device_argument
+
 HELP = "chat with a checkpoint in the terminal (streaming; /reset, /system TEXT, /temp X; date and calculator tools)"
 
 
@@ -15,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--no-date", action="store_true", help="do not put today's date in the system prompt")
     p.add_argument("--no-tools", action="store_true", help="do not execute get_date / calculator tool calls")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step first (10-20 s): faster answers in a long chat")  # fmt: skip
 

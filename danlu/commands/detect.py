@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from danlu.commands._device import add_device_argument
+
 HELP = "AI-text detector: train a classifier, score texts (also zero-shot), evaluate AUROC / TPR@1%%FPR"
 
 
@@ -52,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             "--max-tokens", type=int, default=256, help="--zero-shot: texts keep their first N tokens"
         )
         s.add_argument("--text-field", default="text", help="field of the records that holds the text")
-        s.add_argument("--device", default="cpu")
+        add_device_argument(s)
         if name == "score":
             s.add_argument(
                 "inputs", nargs="+", help="DIR (without --zero-shot), then texts or files of texts"

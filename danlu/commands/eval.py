@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from danlu.commands._device import add_device_argument
+
 HELP = "evaluate a checkpoint: bpb, multiple choice (C-Eval/CMMLU/MMLU), GSM8K, the world held-out sets"
 
 
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=256, help="generation length for gsm8k")
-    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    add_device_argument(p, default="auto")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="decode the world sets' answers with torch.compile (auto: sets of 100 rows or more, where a "
                    "C++ compiler or a GPU is present)")  # fmt: skip

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from danlu import DanluError
+from danlu.commands._device import add_device_argument
 
 HELP = "stream a completion from a checkpoint (temperature, top-k, top-p, max tokens, seed, stop)"
 
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step first: pays off for long outputs (compiling takes 10-20 s)")  # fmt: skip
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from danlu.commands._device import add_device_argument
+
 HELP = "serve models over an OpenAI-compatible API with a web chat page and a feedback store"
 DEFAULT_RUN = "runs/tiny"  # where `danlu run` puts the default recipe's run
 
@@ -87,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default 64); more wait in its queue")  # fmt: skip
     p.add_argument("--max-queued", type=int, default=256, help="streams that may wait beyond --max-active "
                    "(default 256); past that a request gets HTTP 429 with a Retry-After header")  # fmt: skip
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps or auto")
+    add_device_argument(p)
     p.add_argument(
         "--engine",
         default="process",
@@ -111,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
 
     from danlu import DanluError
     from danlu.compiler import resolve_compile
-    from danlu.engine import resolve_device
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import Admission
     from danlu.serve.engine_process import freeze_heap
@@ -146,7 +147,6 @@ def run(args: argparse.Namespace) -> int:
         raise DanluError(f"--max-active {args.max_active} / --max-queued {args.max_queued}: at least 1 / 0")
     if args.threads is not None and args.threads < 1:
         raise DanluError(f"--threads {args.threads}: at least 1")
-    args.device = str(resolve_device(args.device))  # a device this torch cannot reach stops here, in one line
     models = []
     for i, (name, path) in enumerate(specs):
         print(f"[danlu] loading {name} from {path}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from danlu.commands._device import add_device_argument
+
 HELP = "make SFT data with a teacher model: self-instruct, answers to prompts (distillation), Magpie"
 
 
@@ -31,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rps", type=float, help="at most this many requests per second (default: no limit)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per round (a local teacher's batch)")
-    p.add_argument("--device", default="cpu", help="device of a local teacher")
+    add_device_argument(p, what="device of a local teacher: ")
     p.add_argument("--max-tokens", type=int, default=512, help="token limit of an answer")
     p.add_argument("--temperature", type=float, default=0.7, help="answer temperature")
     p.add_argument("--random-seed", type=int, default=0, help="seed of example sampling and of the teacher")

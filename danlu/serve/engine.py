@@ -19,6 +19,7 @@ bound. Results travel back to the event loop with `loop.call_soon_threadsafe` in
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -97,7 +98,7 @@ def batching_generator(source: Any) -> Generator | None:
     return source if isinstance(source, Generator) and source.batches else None
 
 
-class Admission:
+class Admission(abc.ABC):
     """What the HTTP layer sees of a worker, wherever its model runs: a bound on streams (`reserve`, the 429 with
     `retry_after`) and the job's items as an async iterator. `ModelWorker` (a thread of this process) and
     `danlu.serve.engine_process.ProcessWorker` (a process of its own) fill in the rest."""
@@ -112,8 +113,9 @@ class Admission:
         self.stats = {"started": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "peak_active": 0}
 
     @property
+    @abc.abstractmethod
     def queued(self) -> int:
-        raise NotImplementedError
+        """Streams waiting for a slot."""
 
     def _cancel(self, job: Job) -> None:
         """Tells the generating side that nobody reads the job any more."""

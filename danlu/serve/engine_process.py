@@ -6,9 +6,10 @@ same 16-row step took 5.6 ms in the server against 2.6 ms alone (BENCHMARKS.md, 
 `danlu serve` starts one engine process per checkpoint (vLLM's engine core does the same): it loads the model,
 builds the Generator (`served_generator`) and runs `ModelWorker`'s loop in its main thread, reading jobs and
 cancellations from a pipe between steps and sending each round's items back in one message. The server keeps a
-`ProcessWorker`: the same surface as a `ModelWorker` (submit, iterate, reserve, stats), a reader thread that hands
-each message's items to the event loop in one call, and the tokenizer and context the engine reported when it was
-ready. If the engine dies, every open request fails with a message saying so, and new ones are refused.
+`ProcessWorker`: the same surface as a `ModelWorker` (submit, iterate, reserve, stats), a sender thread that writes
+jobs and cancellations to the pipe (so a busy engine with a full pipe never holds up the event loop), a reader
+thread that hands each message's items to the event loop in one call, and the tokenizer and context the engine
+reported when it was ready. If the engine dies, every open request fails with a message saying so, and new ones are refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import gc
 import itertools
 import multiprocessing
 import pickle
+import queue
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -208,7 +210,7 @@ class ProcessWorker(Admission):
         self._active = self._queued = 0
         self._jobs: dict[int, Job] = {}
         self._tickets = itertools.count(1)
-        self._send_lock = threading.Lock()
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()  # to the engine, via the sender
         self._gone: str | None = None
         # spawned, not forked: a fork of a process with threads (uvicorn's, torch's pools) can deadlock in the child
         context = multiprocessing.get_context("spawn")
@@ -229,6 +231,10 @@ class ProcessWorker(Admission):
             target=self._read, name=f"danlu-engine-reader-{spec.name}", daemon=True
         )
         self._reader.start()
+        self._sender = threading.Thread(
+            target=self._write, name=f"danlu-engine-sender-{spec.name}", daemon=True
+        )
+        self._sender.start()
         atexit.register(self.close)
 
     def _wait_ready(self) -> dict[str, Any]:
@@ -272,28 +278,31 @@ class ProcessWorker(Admission):
     def submit(self, prompt_ids: list[int], params: Any) -> Job:
         job = job_on_this_loop(prompt_ids, params)
         job.ticket = next(self._tickets)
+        self._jobs[job.ticket] = job
+        # the reader sets _gone before it fails the jobs it holds: a job added after that is failed here
         if self._gone is None:
-            self._jobs[job.ticket] = job
-            if self._send(("job", job.ticket, job.prompt_ids, params)):
-                self._queued += 1  # until the engine's next report
-                return job
-            self._jobs.pop(job.ticket, None)
-        job.post(DanluError(self._gone or f"the engine process of model {self.name!r} is gone"))
-        job.post(_END)
+            self._outbox.put(("job", job.ticket, job.prompt_ids, params))
+            self._queued += 1  # until the engine's next report
+        elif self._jobs.pop(job.ticket, None) is not None:
+            job.post(DanluError(self._gone))
+            job.post(_END)
         return job
 
     def _cancel(self, job: Job) -> None:
         job.cancelled.set()
         if self._jobs.pop(job.ticket, None) is not None:
-            self._send(("cancel", job.ticket))
+            self._outbox.put(("cancel", job.ticket))
 
-    def _send(self, message: tuple) -> bool:
-        with self._send_lock:
+    # ---- sender thread ---------------------------------------------------------------------------------------
+    def _write(self) -> None:
+        """Writes the outbox to the pipe in order. A send blocks while the pipe is full (the engine reads between
+        steps, and a long prefill of many big prompts fills it); here that holds up nobody. A pipe that breaks
+        means the engine is gone: the reader sees it too and fails the open jobs."""
+        while (message := self._outbox.get()) is not None:
             try:
                 self._conn.send(message)
-                return True
             except (BrokenPipeError, EOFError, OSError):
-                return False
+                return
 
     # ---- reader thread ---------------------------------------------------------------------------------------
     def _read(self) -> None:
@@ -331,11 +340,13 @@ class ProcessWorker(Admission):
     def close(self) -> None:
         """Stops the engine (it finishes the step it is in) and waits for it; idempotent."""
         if self._process.is_alive():
-            self._send(("stop",))
+            self._outbox.put(("stop",))
             self._process.join(timeout=10)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join(timeout=5)
+        self._outbox.put(None)
         self._conn.close()
-        if self._reader is not threading.current_thread():
-            self._reader.join(timeout=5)
+        for thread in (self._reader, self._sender):
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
