@@ -514,9 +514,11 @@ class Generator:
         if self._decode is not None:
             try:  # a few graphs at most (sizes of 1 are specialized, prefill or step, autocast on or off)
                 # freezing is read while dynamo traces (it makes the parameters constants), not from compile options;
-                # set off for the others too, so a global TORCHINDUCTOR_FREEZING never freezes a policy in training
+                # set off for the others too, so a global TORCHINDUCTOR_FREEZING never freezes a policy in training.
+                # Floats (the norms' eps) are constants: traced as dynamic symbols, they made dynamo start over
+                # once inductor could not turn them into tensors (~5 of the first graph's ~10 s, BENCHMARKS.md)
                 with (
-                    torch._dynamo.config.patch(recompile_limit=64),
+                    torch._dynamo.config.patch(recompile_limit=64, specialize_float=True),
                     inductor_config.patch(freezing=self._freeze),
                 ):
                     return self._mask_padding(self._decode(tokens, pos, keys, values, last))
