@@ -207,6 +207,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(x.shape[-1] // 2, -1) * sin).to(x.dtype)
 
 
+def kv_cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """What a model with this weight keeps keys and values in: bf16 under autocast (what attention then computes
+    in), else the weight's dtype. One rule for every cache built on our layout (danlu's Transformer, prompt
+    adapters over it)."""
+    return torch.bfloat16 if torch.is_autocast_enabled(weight.device.type) else weight.dtype
+
+
 class KVCache:
     """Preallocated keys/values for generation. Rows may be left-padded: `pad[b]` leading slots of row b are ignored.
 
@@ -565,10 +572,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def cache_dtype(self) -> torch.dtype:
-        """What keys and values are kept in: bf16 under autocast (what attention then computes in), else the
-        weights' dtype."""
-        p = self.lm_head.weight
-        return torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return kv_cache_dtype(self.lm_head.weight)
 
     def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
         return KVCache(

@@ -24,7 +24,7 @@ from torch import nn
 
 from danlu import DanluError
 from danlu.adapters.spec import PeftSpec
-from danlu.model import IGNORE_INDEX, KVCache
+from danlu.model import IGNORE_INDEX, KVCache, kv_cache_dtype
 
 PROMPT_KEY = "prompt_embeddings"  # peft's one key for every prompt-learning method
 
@@ -148,7 +148,7 @@ class PromptedLM(nn.Module):
         self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None
     ) -> PromptCache:
         p = self.base.lm_head.weight
-        dtype = torch.bfloat16 if torch.is_autocast_enabled(p.device.type) else p.dtype
+        dtype = kv_cache_dtype(p)
         length = (max_len or self.base.config.max_position_embeddings) + self.n
         cache = PromptCache(self.base.config, batch, length, p.device, dtype, pad, self.n)
         if self.kind == "PREFIX_TUNING":
