@@ -9,7 +9,8 @@ cancellations from a pipe between steps and sending each round's items back in o
 `ProcessWorker`: the same surface as a `ModelWorker` (submit, iterate, reserve, stats), a sender thread that writes
 jobs and cancellations to the pipe (so a busy engine with a full pipe never holds up the event loop), a reader
 thread that hands each message's items to the event loop in one call, and the tokenizer and context the engine
-reported when it was ready. If the engine dies, every open request fails with a message saying so, and new ones are refused.
+reported when it was ready. If the engine dies, every open request fails with a message saying so, and new ones
+are refused.
 """
 
 from __future__ import annotations
