@@ -35,6 +35,13 @@ def chunk_rows(rows: int, vocab: int) -> int:
     return min(rows, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(1, vocab)))
 
 
+def _chunk_starts(n: int, rows: int) -> range:
+    """First row of each chunk of `rows` rows. Ranged over the chunk count, not over n: under torch.compile with
+    dynamic shapes (RL's batches change length every step) the graph then holds for every n with that many chunks,
+    where `range(0, n, rows)` pinned n itself and compiled again for each new batch length."""
+    return range(0, rows * (-(-n // rows)), rows)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype `lm_head` would multiply in: autocast's where autocast is on for x's device, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
@@ -82,7 +89,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         lses = []
         grad_x = torch.empty_like(x) if grad_now else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_now else None
-        for start in range(0, n, rows):
+        for start in _chunk_starts(n, rows):
             xc, tc = x[start : start + rows], targets[start : start + rows]
             logits = _chunk_logits(xc, w)
             lse = torch.logsumexp(logits, dim=1)
@@ -121,7 +128,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(ctx.dtype)
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for start in range(0, x.size(0), ctx.rows):
+        for start in _chunk_starts(x.size(0), ctx.rows):
             xc, tc = x[start : start + ctx.rows], targets[start : start + ctx.rows]
             g = _softmax_minus_onehot(_chunk_logits(xc, w), lse[start : start + ctx.rows], tc)
             g = g.mul_(grad_out[start : start + ctx.rows].float().unsqueeze(1)).to(ctx.dtype)

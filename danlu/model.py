@@ -123,6 +123,9 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
+_NORM_BLOCKS = 64  # row blocks of the weight gradient's first-stage sum (_CompiledRMSNorm)
+
+
 class _CompiledRMSNorm(torch.autograd.Function):
     """fp32 RMSNorm for training under torch.compile: `F.rms_norm`'s math, with a backward written out so that the
     weight's gradient is a two-stage sum.
@@ -150,8 +153,10 @@ class _CompiledRMSNorm(torch.autograd.Function):
         rows = g.size(0)
         grad_w = None
         if ctx.needs_input_grad[1]:  # a frozen norm (adapter training) skips the sum
-            blocks = next(b for b in (64, 32, 16, 8, 4, 2, 1) if rows % b == 0)
-            grad_w = (g * x_hat).view(blocks, rows // blocks, d).sum(1).sum(0)
+            # 64 blocks, the rows zero-padded to a multiple of 64: a block count chosen by divisibility made
+            # dynamo guard on rows % 64, % 32, … and compile RL's varying shapes again and again
+            per_block = F.pad(g * x_hat, (0, 0, 0, (-rows) % _NORM_BLOCKS)).view(_NORM_BLOCKS, -1, d)
+            grad_w = per_block.sum(1).sum(0)
         g_w = g * weight
         grad_x = rstd.reshape(-1, 1) * (g_w - x_hat * (g_w * x_hat).mean(-1, keepdim=True))
         return grad_x.view(x.shape), grad_w, None

@@ -81,7 +81,7 @@ def test_context_overflow_is_an_error() -> None:
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("rows", [4096, 6, 7])  # 64 row blocks, 2, and a prime count (one block)
+@pytest.mark.parametrize("rows", [4096, 6, 7])  # 64 row blocks of 64, and counts zero-padded to 64 rows
 def test_compiled_rms_norm_matches_f_rms_norm_in_output_and_gradients(rows: int) -> None:
     """The norm training runs under torch.compile (its backward sums the weight gradient in row blocks) is
     F.rms_norm's math: same output, same gradients for input and weight."""
@@ -98,6 +98,39 @@ def test_compiled_rms_norm_matches_f_rms_norm_in_output_and_gradients(rows: int)
     torch.testing.assert_close(out, ref)
     for ours, theirs in zip(grads, ref_grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_one_compiled_training_graph_serves_batches_of_other_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RL and preference batches change shape every step. Under dynamic shapes one graph (forward and backward)
+    must serve every batch whose loss has as many row chunks: the norm's weight-gradient blocks once made dynamo
+    guard on rows % 64, % 32, …, and the chunked loss on the exact row count, so GRPO compiled again nearly every
+    step until dynamo's recompile limit. Losses equal eager's."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    import danlu.losses_fused as fused
+
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 16 * 256)
+    monkeypatch.setattr(fused, "MIN_CHUNK_ROWS", 16)  # 16-row chunks: the lengths below make 3 chunks each
+    graphs = []
+
+    def counting(gm, example_inputs):  # noqa: ANN001, ANN202
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, depth=1, max_position_embeddings=64))
+    step = torch.compile(model, backend=counting, dynamic=True)
+    first = None
+    # 40, 45, 46, 39, 42 rows: odd and even, multiples of 2 and 8 and neither (a batch of 1 is a graph of its own:
+    # dynamo specializes sizes of 1)
+    for batch, length in [(2, 20), (3, 15), (2, 23), (3, 13), (2, 21)]:
+        ids = torch.randint(0, 256, (batch, length))
+        loss = step(ids, ids.roll(-1, 1))
+        loss.backward()
+        torch.testing.assert_close(loss, model(ids, ids.roll(-1, 1)), rtol=1e-5, atol=1e-5)
+        first = first or len(graphs)
+    assert len(graphs) == first
 
 
 # Llama's layout, and Qwen2's q/k/v biases with Qwen3's q/k norm (the compiled norm then runs per head too).
