@@ -75,18 +75,18 @@ def run(args: argparse.Namespace) -> int:
     from danlu.files import write_json_atomic
     from danlu.io import load_checkpoint
 
+    device = resolve_device(args.device)
     if args.ensemble:
         from danlu.ensemble import load_ensemble, parse_members
 
         if args.checkpoint:
             raise DanluError("give either a CHECKPOINT or --ensemble A,B, not both")
-        ckpt = load_ensemble(*parse_members(args.ensemble, args.weights), device=resolve_device(args.device))
+        ckpt = load_ensemble(*parse_members(args.ensemble, args.weights), device=device)
         args.checkpoint = f"ensemble({args.ensemble})"
     elif not args.checkpoint:
         raise DanluError("expected a CHECKPOINT (or --ensemble A,B)")
     else:
-        ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
-    device = resolve_device(args.device)
+        ckpt = load_checkpoint(args.checkpoint, device=device)
     folder = Path(str(ckpt.path)) if getattr(ckpt, "path", None) else None
     # a checkpoint of a run: its figures already computed on the same rows at the same precision are read back
     store = FigureStore(folder, readonly=True) if folder is not None and folder.is_dir() else None

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from danlu.compiler import resolve_compile
     from danlu.serve.app import ServeOptions, create_app
     from danlu.serve.engine import Admission
-    from danlu.serve.engine_process import freeze_heap
+    from danlu.serve.engine_process import engine_threads, freeze_heap
     from danlu.serve.feedback import FeedbackStore
     from danlu.serve.memory import CorrectionMemory
     from danlu.serve.routing import (
@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise DanluError(f"--port {args.port}: not a TCP port")
     if args.max_active < 1 or args.max_queued < 0:
         raise DanluError(f"--max-active {args.max_active} / --max-queued {args.max_queued}: at least 1 / 0")
-    if args.threads is not None and args.threads < 1:
-        raise DanluError(f"--threads {args.threads}: at least 1")
+    engine_threads(args.threads, args.device)  # refuses --threads 0 here, before any engine starts
     models = []
     for i, (name, path) in enumerate(specs):
         print(f"[danlu] loading {name} from {path}")
