@@ -17,6 +17,8 @@ fp32 (as the plain path's `.float()` does), weight-gradient accumulation in fp32
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -77,64 +79,148 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, xc: torch.Ten
         grad_w.add_((g.t() @ xc.to(g.dtype)).float())
 
 
+def _rows_losses(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and log-sum-exp of every row (fp32), chunk by chunk, no gradient prepared: the forward of `none`."""
+    w = weight.to(dtype)
+    losses, lses = [], []
+    for start in _chunk_starts(x.size(0), rows):
+        xc, tc = x[start : start + rows], targets[start : start + rows]
+        logits = _chunk_logits(xc, w)
+        lse = torch.logsumexp(logits, dim=1)
+        picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
+        losses.append((lse - picked) * (tc != IGNORE_INDEX))
+        lses.append(lse)
+    return torch.cat(losses), torch.cat(lses)
+
+
+def _rows_gradients(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+    rows: int, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of x and of the weight given each row's upstream gradient: the backward of `none`, which
+    recomputes each chunk's logits from the saved log-sum-exp."""
+    w = weight.to(dtype)
+    grad_x = torch.empty_like(x)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+    for start in _chunk_starts(x.size(0), rows):
+        xc, tc = x[start : start + rows], targets[start : start + rows]
+        g = _softmax_minus_onehot(_chunk_logits(xc, w), lse[start : start + rows], tc)
+        g = g.mul_(grad_out[start : start + rows].float().unsqueeze(1)).to(dtype)
+        grad_x[start : start + rows] = (g @ w).to(x.dtype)
+        _accumulate_weight_grad(grad_w, g, xc)
+    return grad_x, grad_w.to(weight.dtype)
+
+
+def _loss_and_gradients(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, mean: bool, rows: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean (or sum) loss with its gradients of x and of the weight, each chunk's gradient computed while its
+    logits exist: the forward of `mean`/`sum` when a backward will follow (backward only scales them)."""
+    w = weight.to(dtype)
+    losses = []
+    grad_x = torch.empty_like(x)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+    for start in _chunk_starts(x.size(0), rows):
+        xc, tc = x[start : start + rows], targets[start : start + rows]
+        logits = _chunk_logits(xc, w)
+        lse = torch.logsumexp(logits, dim=1)
+        picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
+        losses.append((lse - picked) * (tc != IGNORE_INDEX))
+        g = _softmax_minus_onehot(logits, lse, tc).to(dtype)
+        grad_x[start : start + rows] = (g @ w).to(x.dtype)
+        _accumulate_weight_grad(grad_w, g, xc)
+    loss = torch.cat(losses).sum()
+    if mean:
+        scale = _mean_scale(targets)
+        loss, grad_x, grad_w = loss * scale, grad_x * scale.to(x.dtype), grad_w * scale
+    return loss, grad_x, grad_w.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # noqa: ANN205 (autograd.Function's own signature)
         ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str, rows: int,
         dtype: torch.dtype, grad_now: bool,
     ):  # fmt: skip
-        n = x.size(0)
-        w = weight.to(dtype)
-        losses = []
-        lses = []
-        grad_x = torch.empty_like(x) if grad_now else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grad_now else None
-        for start in _chunk_starts(n, rows):
-            xc, tc = x[start : start + rows], targets[start : start + rows]
-            logits = _chunk_logits(xc, w)
-            lse = torch.logsumexp(logits, dim=1)
-            picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
-            losses.append((lse - picked) * (tc != IGNORE_INDEX))
-            if grad_now:
-                g = _softmax_minus_onehot(logits, lse, tc).to(dtype)
-                grad_x[start : start + rows] = (g @ w).to(x.dtype)
-                _accumulate_weight_grad(grad_w, g, xc)
-            else:
-                lses.append(lse)
-        loss = torch.cat(losses)
-        if reduction == "none":
-            ctx.save_for_backward(x, weight, targets, torch.cat(lses))
-        else:
-            if reduction == "mean":
-                scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
-                loss = loss.sum() * scale
-                if grad_now:
-                    grad_x = grad_x * scale.to(x.dtype)
-                    grad_w = grad_w * scale
-            else:
-                loss = loss.sum()
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.reduction, ctx.rows, ctx.dtype = reduction, rows, dtype
+        if not grad_now:
+            loss, lse = _rows_losses(x, weight, targets, rows, dtype)
+            ctx.save_for_backward(x, weight, targets, lse)
+            return loss if reduction == "none" else _reduce(loss, targets, reduction)
+        loss, grad_x, grad_w = _loss_and_gradients(x, weight, targets, reduction == "mean", rows, dtype)
+        ctx.save_for_backward(grad_x, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN205
         if ctx.reduction != "none":
-            grad_x, grad_w = ctx.saved_tensors
-            if grad_x is None:
+            if len(ctx.saved_tensors) != 2:
                 raise RuntimeError("linear_cross_entropy: gradients were not prepared in the forward pass")
+            grad_x, grad_w = ctx.saved_tensors
             return (grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), *(None,) * 5)
         x, weight, targets, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for start in _chunk_starts(x.size(0), ctx.rows):
-            xc, tc = x[start : start + ctx.rows], targets[start : start + ctx.rows]
-            g = _softmax_minus_onehot(_chunk_logits(xc, w), lse[start : start + ctx.rows], tc)
-            g = g.mul_(grad_out[start : start + ctx.rows].float().unsqueeze(1)).to(ctx.dtype)
-            grad_x[start : start + ctx.rows] = (g @ w).to(x.dtype)
-            _accumulate_weight_grad(grad_w, g, xc)
-        return (grad_x, grad_w.to(weight.dtype), *(None,) * 5)
+        grad_x, grad_w = _rows_gradients(x, weight, targets, lse, grad_out, ctx.rows, ctx.dtype)
+        return (grad_x, grad_w, *(None,) * 5)
+
+
+def _mean_scale(targets: torch.Tensor) -> torch.Tensor:
+    return 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).float()
+
+
+def _reduce(losses: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """`mean` over scored tokens (0 when none is scored), `sum`, or the rows as they are (`none`)."""
+    if reduction == "none":
+        return losses
+    return losses.sum() * _mean_scale(targets) if reduction == "mean" else losses.sum()
+
+
+# Per-token losses (`none`) are what RL and preference stages take, and their batches change length every step: traced
+# by torch.compile, the chunk loop is unrolled once per chunk count, one graph for each (10 s and more apiece at a 32k
+# vocabulary) until dynamo's recompile limit, then eager. Behind an op the compiler does not look into, one graph
+# node serves any row count and the loop runs as it does eagerly. `mean`/`sum` (pretraining, SFT: rows of a fixed
+# length) stay traced, where inductor fuses each chunk's softmax gradient into one pass (6% of a tiny model's step).
+@torch.library.custom_op("danlu::chunked_cross_entropy", mutates_args=())
+def _chunked_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rows_losses(x, weight, targets, chunk_rows(x.size(0), weight.size(0)), dtype)
+
+
+@_chunked_cross_entropy.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> tuple:
+    return x.new_empty(x.size(0), dtype=torch.float32), x.new_empty(x.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("danlu::chunked_cross_entropy_backward", mutates_args=())
+def _chunked_cross_entropy_backward(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    rows = chunk_rows(x.size(0), weight.size(0))
+    return _rows_gradients(x, weight, targets, lse, grad_out.contiguous(), rows, dtype)
+
+
+@_chunked_cross_entropy_backward.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+      dtype: torch.dtype) -> tuple:  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _save_for_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, weight, targets, dtype = inputs
+    ctx.save_for_backward(x, weight, targets, output[1])
+    ctx.dtype = dtype
+
+
+def _backward(ctx: Any, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
+    x, weight, targets, lse = ctx.saved_tensors
+    grad_x, grad_w = _chunked_cross_entropy_backward(x, weight, targets, lse, grad_loss, ctx.dtype)
+    return grad_x, grad_w, None, None
+
+
+_chunked_cross_entropy.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def linear_cross_entropy(
@@ -149,8 +235,10 @@ def linear_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', not {reduction!r}")
     x2, t1 = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    rows = rows or chunk_rows(x2.size(0), weight.size(0))
     grad_now = reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if rows is None and reduction == "none" and torch.compiler.is_compiling():  # one graph node, any length
+        return _chunked_cross_entropy(x2, weight, t1, _compute_dtype(x))[0].view(targets.shape)
+    rows = rows or chunk_rows(x2.size(0), weight.size(0))
     loss = _LinearCrossEntropy.apply(x2, weight, t1, reduction, rows, _compute_dtype(x), grad_now)
     return loss.view(targets.shape) if reduction == "none" else loss
 

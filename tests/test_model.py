@@ -101,16 +101,17 @@ def test_compiled_rms_norm_matches_f_rms_norm_in_output_and_gradients(rows: int)
 
 
 def test_one_compiled_training_graph_serves_batches_of_other_lengths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """RL and preference batches change shape every step. Under dynamic shapes one graph (forward and backward)
-    must serve every batch whose loss has as many row chunks: the norm's weight-gradient blocks once made dynamo
-    guard on rows % 64, % 32, …, and the chunked loss on the exact row count, so GRPO compiled again nearly every
-    step until dynamo's recompile limit. Losses equal eager's."""
+    """RL and preference batches change shape every step, and they score per token (`reduction="none"`). Under
+    dynamic shapes one graph (forward and backward) must serve every batch: the norm's weight-gradient blocks once
+    made dynamo guard on rows % 64, % 32, …, the chunked loss on the exact row count and then on its chunk count, so
+    GRPO compiled again nearly every step until dynamo's recompile limit. Per-token losses equal eager's."""
     from torch._dynamo.backends.registry import lookup_backend
 
     import danlu.losses_fused as fused
 
+    # 16-row chunks: the batches below make 6, 8, 10, 5 and 7
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 16 * 256)
-    monkeypatch.setattr(fused, "MIN_CHUNK_ROWS", 16)  # 16-row chunks: the lengths below make 3 chunks each
+    monkeypatch.setattr(fused, "MIN_CHUNK_ROWS", 16)
     graphs = []
 
     def counting(gm, example_inputs):  # noqa: ANN001, ANN202
@@ -122,20 +123,24 @@ def test_one_compiled_training_graph_serves_batches_of_other_lengths(monkeypatch
     model = Transformer(ModelConfig(vocab_size=256, depth=1, max_position_embeddings=64))
     step = torch.compile(model, backend=counting, dynamic=True)
     first = None
-    # 40, 45, 46, 39, 42 rows: odd and even, multiples of 2 and 8 and neither (a batch of 1 is a graph of its own:
-    # dynamo specializes sizes of 1)
-    for batch, length in [(2, 20), (3, 15), (2, 23), (3, 13), (2, 21)]:
+    # 90, 120, 145, 69, 100 rows: odd and even, multiples of 2, 8 and neither. Over 64 rows each (real batches have
+    # thousands): fewer would leave the norm's 64 blocks one row each, a size dynamo specializes, as it does a batch of 1
+    for batch, length in [(3, 30), (4, 30), (5, 29), (3, 23), (4, 25)]:
         ids = torch.randint(0, 256, (batch, length))
-        loss = step(ids, ids.roll(-1, 1))
-        loss.backward()
-        torch.testing.assert_close(loss, model(ids, ids.roll(-1, 1)), rtol=1e-5, atol=1e-5)
+        losses = step(ids, ids.roll(-1, 1), reduction="none")
+        losses.mean().backward()
+        eager = model(ids, ids.roll(-1, 1), reduction="none")
+        torch.testing.assert_close(losses, eager, rtol=1e-5, atol=1e-5)
         first = first or len(graphs)
     assert len(graphs) == first
 
 
-# Llama's layout, and Qwen2's q/k/v biases with Qwen3's q/k norm (the compiled norm then runs per head too).
-@pytest.mark.parametrize("extra", [{}, {"qkv_bias": True, "qk_norm": True}])
-def test_compiled_training_step_matches_eager_in_loss_and_every_gradient(extra: dict) -> None:
+# Llama's layout, and Qwen2's q/k/v biases with Qwen3's q/k norm (the compiled norm then runs per head too); the
+# mean loss (traced) and per-token losses (the chunked loss behind its own op, as RL stages take them).
+@pytest.mark.parametrize(
+    "extra, reduction", [({}, "mean"), ({"qkv_bias": True, "qk_norm": True}, "mean"), ({}, "none")]
+)
+def test_compiled_training_step_matches_eager_in_loss_and_every_gradient(extra: dict, reduction: str) -> None:
     """What torch.compile trains (the compiled norm, the chunked loss) gives eager's loss and the gradient of every
     parameter."""
     from danlu.compiler import compiler_available
@@ -150,12 +155,13 @@ def test_compiled_training_step_matches_eager_in_loss_and_every_gradient(extra: 
                 p.normal_(std=0.1)
     ids = torch.randint(0, 256, (2, 32))
     targets = ids.roll(-1, 1)
-    eager = model(ids, targets)
-    eager.backward()
+    weights = torch.rand(ids.shape)  # per-token losses weighted differently, as advantages weigh them
+    eager = model(ids, targets, reduction=reduction)
+    (eager * weights).sum().backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model)(ids, targets)
-    compiled.backward()
+    compiled = torch.compile(model)(ids, targets, reduction=reduction)
+    (compiled * weights).sum().backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6, msg=n)
