@@ -47,6 +47,11 @@ class TrainConfig:
 
     steps: int = 1000
     batch_size: int = 16  # rows per micro-batch per process
+    # Rows per micro-batch over all processes (0 = off): each process then takes global_batch_size / world_size
+    # (`resolve_batch`), so a relaunch on another number of processes trains on the same rows and resumes exactly.
+    # A step takes grad_accum of them. It beats a batch_size of its own section or below; a stage's own
+    # `train.batch_size` beats a recipe-wide global_batch_size (stage section > recipe `train:`).
+    global_batch_size: int = 0
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -184,9 +189,34 @@ class Dist:
         return self.rank == 0
 
 
+def launch_world_size() -> int:
+    """The number of processes this launch has (torchrun's WORLD_SIZE; 1 without torchrun), known before the process
+    group starts: what `resolve_batch` divides the global batch by, and what `init_distributed` starts."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def resolve_batch(cfg: TrainConfig, world_size: int, setting: str = "train.global_batch_size") -> TrainConfig:
+    """Sets `cfg.batch_size` (per process) from `cfg.global_batch_size` when that is on: the one place the global
+    batch becomes a per-process one, so every stage's data source is built from the same resolved value. A world
+    size that does not divide it stops here, before any model loads, with the numbers that would."""
+    g = cfg.global_batch_size
+    if g < 0:
+        raise DanluError(f"{setting} {g}: must be 0 (off: train.batch_size per process) or a row count")
+    if g == 0:
+        return cfg
+    if g % world_size:
+        limit = max(8, 2 * world_size)
+        fits = [n for n in range(2, min(g, limit) + 1) if g % n == 0] or [1]
+        launch = fits[0] if len(fits) == 1 else f"{', '.join(map(str, fits[:-1]))} or {fits[-1]}"
+        raise DanluError(f"{setting} {g} is not divisible by {world_size} processes; use a multiple of "
+                         f"{world_size} or launch {launch} process{'es' if fits != [1] else ''}")  # fmt: skip
+    cfg.batch_size = g // world_size
+    return cfg
+
+
 def init_distributed(device_name: str) -> Dist:
     """Starts the process group when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world_size()
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
@@ -997,5 +1027,16 @@ def resume_wanted(out: Path, mode: str | bool, train_cfg: TrainConfig, stage: st
         state = json.loads(state_path.read_text())
     except json.JSONDecodeError:
         return False
-    same = state.get("config") == {**train_cfg.__dict__} and state.get("stage") == stage
+    same = _same_settings(state.get("config") or {}, train_cfg) and state.get("stage") == stage
     return same and not state.get("finished")
+
+
+def _same_settings(saved: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether a checkpoint's engine settings are this run's. A setting the checkpoint predates counts as its
+    default (a newer danlu still continues an older run), and under one `global_batch_size` the per-process batch
+    may differ: another world size, which the data source reshards or refuses with its reason."""
+    now = dataclasses.asdict(cfg)
+    saved = {**{k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k not in saved}, **saved}
+    if now["global_batch_size"] and saved.get("global_batch_size") == now["global_batch_size"]:
+        saved["batch_size"] = now["batch_size"]
+    return saved == now

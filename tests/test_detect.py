@@ -105,6 +105,26 @@ def test_batches_are_class_balanced_and_cover_the_smaller_class_each_epoch() -> 
         BalancedBatches(human, machine, 3, 0, 0)
 
 
+def test_ranks_read_their_own_slice_of_every_global_batch() -> None:
+    """Under torchrun rank r of 3 reads the r-th slice of each class in every global batch: together the 3 read one
+    process's batch of 3 × 4, across epochs of both classes; a saved position continues on 2 processes under the
+    same global batch and is refused under another."""
+    human = [[i + 1] for i in range(10)]
+    machine = [[100 + i] for i in range(7)]
+    one = BalancedBatches(human, machine, 12, 0, 3)
+    ranks = [BalancedBatches(human, machine, 4, 0, 3, rank=r, world_size=3) for r in range(3)]
+    for _ in range(4):
+        want = one.next_batch()["input_ids"][:, 0].tolist()
+        got = [r.next_batch()["input_ids"][:, 0].tolist() for r in ranks]
+        assert [x for g in got for x in g[:2]] == want[:6] and [x for g in got for x in g[2:]] == want[6:]
+    again = BalancedBatches(human, machine, 6, 0, 3, rank=1, world_size=2)
+    again.load_state_dict(ranks[0].state_dict())
+    want = one.next_batch()["input_ids"][:, 0].tolist()
+    assert again.next_batch()["input_ids"][:, 0].tolist() == want[3:6] + want[9:]
+    with pytest.raises(DanluError, match="global batches of 12 texts"):
+        BalancedBatches(human, machine, 4, 0, 3).load_state_dict(ranks[0].state_dict())
+
+
 def test_empty_or_far_smaller_class_and_shared_texts_are_refused_or_dropped() -> None:
     with pytest.raises(DanluError, match="no machine texts"):
         clean_classes(human_like(5), [], 10)

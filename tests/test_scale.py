@@ -1,13 +1,13 @@
 """Correct at scale (issue 19, training): each rank reads its own rows of the global batch, losses are normalized
 over the whole global batch, 2 processes give the losses, logged stats and weights of 1 with the same global batch
-(SFT, distillation, reward, DPO, GRPO, PPO; the rollouts sample the same text), every one of these stages killed on
-2 processes resumes exactly, a non-finite gradient is caught, one precedence rule for settings, and the final
-tokens/s is the stage's own.
+(SFT, SFT with a LoRA adapter, distillation, reward, DPO, GRPO, PPO, the AI-text detector; the rollouts sample the
+same text), every one of these stages killed on 2 processes resumes exactly, a non-finite gradient is caught, one
+precedence rule for settings, and the final tokens/s is the stage's own.
 
 Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL RM [ddp|fsdp] [KILLED]`, under torchrun for
-two), this file is also the worker of the 2-process test: it trains SFT, distillation, reward, DPO, GRPO and PPO and
-writes, per rank, the hashes of the rows each step read, the logged losses and stats and a hash of the final weights
-(see `_worker`). The SFT dialogs and the distillation's student checkpoint lie beside PAIRS.
+two), this file is also the worker of the 2-process test: it trains every stage above and writes, per rank, the
+hashes of the rows each step read, the logged losses and stats and a hash of the final weights (see `_worker`). The
+SFT dialogs, the detector's human and machine texts and the distillation's student checkpoint lie beside PAIRS.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "th
 # Logged stats that are means over equal counts of rows (pairs, rollouts) on every rank, so their mean over the ranks
 # is one process's figure for the same global batch (a std or a per-token mean over the rank's own tokens is not).
 MEAN_STATS = {"reward": ("accuracy", "margin"), "dpo": ("accuracy", "margin", "rewards_chosen"),
-              "grpo": ("reward", "completion_tokens"), "ppo": ("reward", "kl")}  # fmt: skip
+              "grpo": ("reward", "completion_tokens"), "ppo": ("reward", "kl"), "detect": ("accuracy",)}  # fmt: skip
+STAGES = ("lora", "sft", "distill", "reward", "dpo", "grpo", "ppo", "detect")  # each trains into OUT/its name
+# Also killed and resumed under FSDP2: their weights go back into the shards by their own path (the adapter's
+# restore, the classifier's saved HF names), not the engine's plain one that test_fsdp_resume_… covers.
+FSDP_RESUMED = ("lora", "detect")
 
 
 def _row_hash(row: list[int], pad_id: int) -> str:
@@ -49,8 +53,9 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 
 def _record_fits(record: dict[str, Any]) -> None:
-    """Wraps Trainer.fit to record, per stage, the row hashes of every batch this rank read, the logged (already
-    all-reduced) losses and `MEAN_STATS` and a hash of the final weights."""
+    """Wraps Trainer.fit to record, per stage (the name of its folder: `lora` trains as `sft`), the row hashes of
+    every batch this rank read, the logged (already all-reduced) losses and `MEAN_STATS` and a hash of the final
+    weights."""
     from danlu import engine
 
     real_fit = engine.Trainer.fit
@@ -71,7 +76,7 @@ def _record_fits(record: dict[str, Any]) -> None:
         start = _weights_hash(self.raw_model)
         out = real_fit(self)
         logged = [h for h in self.history if h.get("event") == "train"]
-        record[self.stage] = {
+        record[self.out.name] = {
             "start": start,
             "rows": rows,
             "losses": [h["loss"] for h in logged],
@@ -103,12 +108,16 @@ def _crash_after(step: int) -> None:
 
 
 def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, mode: str, parallel: str,
-            resume: str, **extra: Any) -> None:  # fmt: skip
-    """SFT, distillation, reward and DPO (3 steps), GRPO and PPO (2 steps, scored by the reward model `rm`) with the
-    global batch of 4 packed rows, 4 pairs and 2 prompts, split over the ranks of `mode` two. A stage that refuses to
-    run leaves its message in `record`."""
+            resume: str, only: tuple[str, ...] = STAGES, **extra: Any) -> None:  # fmt: skip
+    """SFT (in full and with a LoRA adapter), distillation, reward, DPO and the detector (3 steps), GRPO and PPO (2
+    steps, scored by the reward model `rm`) with the global batch of 4 packed rows, 4 pairs, 4 texts and 2 prompts,
+    split over the ranks of `mode` two (the stages in `only`). A stage that refuses to run leaves its message in
+    `record`."""
     from danlu import DanluError
     from danlu.compress.distill import DistillConfig, PackedRows, distill
+    from danlu.detect.metrics import HUMAN, MACHINE
+    from danlu.detect.texts import read_texts
+    from danlu.detect.train import DetectConfig, train_detector
     from danlu.engine import TrainConfig
     from danlu.io import load_checkpoint
     from danlu.stages.dpo import DPOConfig, train_dpo
@@ -140,7 +149,19 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
         record["teacher_share"] = local / sum(p.numel() for p in params)
 
+    def detect() -> None:
+        """The detector on 8 human and 8 machine texts: 2 of each held out, 6 of each read once in 3 steps."""
+        texts = [read_texts([pairs.parent / f"{name}.jsonl"], label) for name, label in (("human", HUMAN),
+                                                                                          ("machine", MACHINE))]  # fmt: skip
+        train_detector(*texts, ckpt, out / "detect", DetectConfig(max_tokens=32, eval_share=0.25, resume=resume,
+                                                                  train={**train, "lr": 0.01}))  # fmt: skip
+
     stages = {
+        # SFT with a rank-4 LoRA adapter on the attention's q and v projections (the base frozen); first, while
+        # every process's RNG is its own: the adapter's init must not depend on it (FSDP2 keeps each rank's draw)
+        "lora": lambda: sft(ckpt, [pairs.parent / "sft.jsonl"], out / "lora", recipe={}, cfg=SFTConfig(
+            seq_len=64, val_dialogs=0, replay=0.0, eval_limit=0, resume=resume, train=train,
+            peft={"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]})),
         # Dialogs packed 2–3 to a row of 64 tokens, answers of different lengths: rows score different token counts
         "sft": lambda: sft(ckpt, [pairs.parent / "sft.jsonl"], out / "sft", recipe={}, cfg=SFTConfig(
             seq_len=64, val_dialogs=0, replay=0.0, eval_limit=0, resume=resume, train=train)),
@@ -154,8 +175,12 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
             train=rl_train)),
         "ppo": lambda: train_ppo(ckpt, rl, out / "ppo", recipe={}, reward=rm, cfg=PPOConfig(
             resume=resume, prompts_per_step=split, max_new_tokens=4, eval_rows=0, train=rl_train)),
+        "detect": detect,
     }  # fmt: skip
+    assert tuple(stages) == STAGES
     for name, run in stages.items():
+        if name not in only:
+            continue
         try:
             run()
         except _Killed:
@@ -169,8 +194,9 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
 def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, parallel: str = "ddp",
             killed: str = "") -> None:  # fmt: skip
     """Every stage straight into `out` (`mode` one: 1 process; two: 2, with `parallel`). Then, with DDP, every stage
-    again into out/killed, each crashing after its checkpoint of step 1; with `killed` (a folder an earlier launch
-    left so), every stage continued there to the end, as a rerun after a kill does (records in killed/../resume*)."""
+    again into out/killed, and `FSDP_RESUMED` under FSDP2 into out/killed_fsdp, each crashing after its checkpoint
+    of step 1; with `killed` (a folder an earlier launch left so), every stage continued there to the end, as a rerun
+    after a kill does, and those of killed_fsdp beside it under FSDP2 (records in killed/../resume*)."""
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     record: dict[str, Any] = {}
@@ -182,9 +208,15 @@ def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, pa
         record.clear()
         _stages(record, Path(killed), ckpt, pairs, rl, rm, mode, "ddp", "auto", save_every=1)
         (Path(killed).parent / f"resume{rank}.json").write_text(json.dumps(record))
+        record.clear()
+        _stages(record, Path(f"{killed}_fsdp"), ckpt, pairs, rl, rm, mode, "fsdp", "auto", FSDP_RESUMED,
+                save_every=1)  # fmt: skip
+        (Path(killed).parent / f"resume_fsdp{rank}.json").write_text(json.dumps(record))
     if mode == "two" and parallel == "ddp":
         _crash_after(1)
         _stages(record, out / "killed", ckpt, pairs, rl, rm, mode, parallel, "false", save_every=1)
+        _stages(record, out / "killed_fsdp", ckpt, pairs, rl, rm, mode, "fsdp", "false", FSDP_RESUMED,
+                save_every=1)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -204,25 +236,34 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, 
     (root / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     (root / "rl.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:4]))
     (root / "sft.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogs))
+    # the detector's texts: 8 of each class, of different lengths (rows are padded), none shared
+    human = [f"第{a}句: the river of city {a} is" + " very" * (a % 4) + " long." for a in range(8)]
+    machine = [f"{a} + {a * 7} = {a * 8}." + f" {a} × 7 = {a * 7}。" * (a % 3) for a in range(8)]
+    for name, texts in (("human", human), ("machine", machine)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                    for t in texts))  # fmt: skip
     make_checkpoint(root / "student", tiny_tokenizer, seed=1)  # distillation's student: other random weights
     return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl", "student": root / "student"}
 
 
 def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The saved weights: the model's, or an adapter folder's own tensors."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "model.safetensors"))
+    adapter = folder / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.exists() else folder / "model.safetensors"))
 
 
 def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
     tmp_path: Path, tiny_checkpoint: Path, data
 ) -> None:
-    """torchrun, 2 CPU processes (gloo): SFT and distillation (2 packed rows per rank), reward, DPO (2 pairs per
-    rank), GRPO and PPO (1 prompt per rank) give the losses, logged mean stats (reward, accuracy, …: the mean over
-    the ranks, not rank 0's) and final weights of 1 process with 4 rows, 4 pairs and 2 prompts (to 1e-5), DDP and
-    FSDP2 alike, each rank reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled
-    rollouts, the same text as one process samples). Each stage killed after step 1 on 2 processes continues, in a
-    new launch, with the losses and weights of the uninterrupted run (to 1e-6)."""
+    """torchrun, 2 CPU processes (gloo): SFT (in full and with a LoRA adapter) and distillation (2 packed rows per
+    rank), reward, DPO (2 pairs per rank), the detector (1 human and 1 machine text per rank), GRPO and PPO (1 prompt
+    per rank) give the losses, logged mean stats (reward, accuracy, …: the mean over the ranks, not rank 0's) and
+    final weights of 1 process with 4 rows, 4 pairs, 4 texts and 2 prompts (to 1e-5), DDP and FSDP2 alike, each rank
+    reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled rollouts, the same text as
+    one process samples). Each stage killed after step 1 on 2 processes continues, in a new launch, with the losses
+    and weights of the uninterrupted run (to 1e-6)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = [str(tiny_checkpoint), str(data["pairs"]), str(data["rl"]), str(tmp_path / "one" / "reward")]
     one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), *args],
@@ -235,7 +276,6 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
                                __file__, "two", str(tmp_path / parallel), *args, parallel, *killed],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)  # fmt: skip
 
-    stages = ("sft", "distill", "reward", "dpo", "grpo", "ppo")
     # DDP, its stages killed after step 1 into ddp/killed; then FSDP2, which also continues ddp/killed (DDP): a new
     # launch resumes them, as a rerun after a kill does
     for parallel in ("ddp", "fsdp"):
@@ -247,7 +287,7 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
             assert max(r0["teacher_share"], r1["teacher_share"]) < 0.75
         else:
             assert r0["teacher_share"] == r1["teacher_share"] == 1.0
-        for stage in stages:
+        for stage in STAGES:
             if parallel == "fsdp" and stage in ("grpo", "ppo"):
                 assert "use train.parallel=ddp for " + stage in r0[stage]["refused"], stage
                 continue
@@ -264,27 +304,32 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
                 assert r0[stage]["weights"] == r1[stage]["weights"] != r0[stage]["start"], stage
             # The same update as one process: to 1e-3 of its size (Adam turns the float noise of a gradient near 0
             # into a step of up to lr on a handful of weights; other samples or advantages would differ by ~1).
-            start = _final_weights(data["student"] if stage == "distill" else tiny_checkpoint)
             want = _final_weights(tmp_path / "one" / stage)
             got = _final_weights(tmp_path / parallel / stage)
             assert want.keys() == got.keys()
+            start = _final_weights(data["student"] if stage == "distill" else tiny_checkpoint)
+            if stage == "lora":  # B starts at 0 (A at random): its weights are how far it moved
+                start = {k: torch.zeros_like(v) for k, v in want.items() if "lora_B" in k}
             moved = torch.cat([(want[k] - start[k]).flatten() for k in start if k in want])
-            apart = torch.cat([(got[k] - want[k]).flatten() for k in start if k in want])
+            apart = torch.cat([(got[k] - want[k]).flatten() for k in want if k in start or stage == "lora"])
             assert apart.norm() < 1e-3 * moved.norm(), (parallel, stage, float(apart.norm() / moved.norm()))
 
-    straight = json.loads((tmp_path / "ddp" / "two0.json").read_text())
-    again = json.loads((tmp_path / "ddp" / "resume0.json").read_text())
-    for stage in stages:
-        assert f"resumed {stage} from step 1 in {tmp_path / 'ddp' / 'killed'}" in two.stdout, (
-            stage
-        )  # not afresh
-        assert again[stage]["losses"] == pytest.approx(straight[stage]["losses"][1:], abs=1e-6), stage
-        assert again[stage]["weights"] == straight[stage]["weights"], stage
+    # every stage killed and resumed under DDP, FSDP_RESUMED under FSDP2 too (its weights: rank 0's shards)
+    for parallel, stages, tail in (("ddp", STAGES, ""), ("fsdp", FSDP_RESUMED, "_fsdp")):
+        killed = tmp_path / "ddp" / f"killed{tail}"
+        straight = json.loads((tmp_path / parallel / "two0.json").read_text())
+        again = json.loads((tmp_path / "ddp" / f"resume{tail}0.json").read_text())
+        for stage in stages:
+            resumed = f"resumed {'sft' if stage == 'lora' else stage} from step 1 in {killed / stage}\n"
+            assert resumed in two.stdout, stage  # not afresh
+            assert again[stage]["losses"] == pytest.approx(straight[stage]["losses"][1:], abs=1e-6), stage
+            assert again[stage]["weights"] == straight[stage]["weights"], (parallel, stage)
 
 
 def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) -> None:
     """In process: rank r of N reads the r-th slice of the global batch one process reads, for every position,
-    across epochs; a checkpoint's data position refuses another world size with the reason."""
+    across epochs; a checkpoint's data position carries over to another world size with the same global batch and
+    refuses another global batch with the reason."""
     from danlu import DanluError
     from danlu.data.preference import PairBatches, encode_pairs, read_pairs, read_rl_prompts
     from danlu.stages.rollouts import Rollouts
@@ -316,8 +361,12 @@ def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) ->
     for position in range(4):
         a, b = (p._prompt_indices(position) for p in pair)
         assert a + b == single._prompt_indices(position) and a != b
-    with pytest.raises(DanluError, match="trained on 2 processes, this run has 1"):
-        single.load_state_dict({**pair[1].state_dict(), "prompts": len(prompts)})
+    pair[1].position = 3
+    single.load_state_dict(pair[1].state_dict())  # 2 prompts a step either way: resharded
+    assert single.position == 3
+    halved = Rollouts(prompts, tiny_tokenizer, None, None, None, **kw)  # 1 prompt a step on 1 process
+    with pytest.raises(DanluError, match="trained on 2 processes, this run has 1, and its rollout position"):
+        halved.load_state_dict(pair[1].state_dict())
 
 
 def test_packed_text_rows_shard_the_global_batch(tiny_tokenizer) -> None:

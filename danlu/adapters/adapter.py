@@ -86,24 +86,32 @@ class Adapter:
             load_encoder(self.model, folder, where)
 
 
-def attach(ckpt: Any, spec: PeftSpec, parent: str | Path, where: str, *, quiet: bool = False) -> Adapter:
+def attach(ckpt: Any, spec: PeftSpec, parent: str | Path, where: str, *, quiet: bool = False,
+           seed: int = 0) -> Adapter:  # fmt: skip
     """Attaches a new trainable adapter to the checkpoint's model (in place for LoRA; `ckpt.model` becomes the
-    soft-prompt wrapper otherwise), freezing the base. Says how many parameters train."""
+    soft-prompt wrapper otherwise), freezing the base. Says how many parameters train.
+
+    Its random initialization is drawn from `seed` (the caller's RNG untouched): the same adapter in every run and
+    on every rank. Under torchrun each process attaches its own, and FSDP2, unlike DDP, does not copy rank 0's
+    weights to the others, so an unseeded init trained a patchwork of every rank's draws."""
     model = ckpt.model
     total = sum(p.numel() for p in model.parameters())
     identity = base_identity(parent, ckpt.config, ckpt.tokenizer)
-    if spec.is_lora:
-        config = lora.lora_config(spec, model, base_name(parent), where)
-        lora.attach_lora(model, config)
-        initial = (
-            {k: v.clone() for k, v in lora.lora_state(model).items()} if spec.method == "pissa" else None
-        )
-        adapter = Adapter(spec, config, identity, model, initial)
-    else:
-        from danlu.adapters.prompts import attach_prompt
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        if spec.is_lora:
+            config = lora.lora_config(spec, model, base_name(parent), where)
+            lora.attach_lora(model, config)
+            initial = (
+                {k: v.clone() for k, v in lora.lora_state(model).items()} if spec.method == "pissa" else None
+            )
+            adapter = Adapter(spec, config, identity, model, initial)
+        else:
+            from danlu.adapters.prompts import attach_prompt
 
-        ckpt.model, config = attach_prompt(ckpt, spec, base_name(parent), where)
-        adapter = Adapter(spec, config, identity, ckpt.model)
+            ckpt.model, config = attach_prompt(ckpt, spec, base_name(parent), where)
+            adapter = Adapter(spec, config, identity, ckpt.model)
     object.__setattr__(ckpt.model, ATTR, adapter)
     if not quiet:
         n = adapter.trainable_parameters()

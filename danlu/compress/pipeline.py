@@ -250,7 +250,7 @@ def _scratch_train(tcfg: Any, overrides: dict[str, Any]) -> Any:
     accumulation) stays the distillation's, which is the point of the control."""
     import dataclasses
 
-    fixed = sorted(k for k in overrides if k in ("steps", "batch_size", "grad_accum"))
+    fixed = sorted(k for k in overrides if k in ("steps", "batch_size", "global_batch_size", "grad_accum"))
     unknown = sorted(k for k in overrides if k not in {f.name for f in dataclasses.fields(tcfg)})
     if fixed or unknown:
         why = "cannot differ from the distillation's (equal tokens)" if fixed else "is not a train setting"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from danlu import DanluError
+from danlu.data.position import batch_state, resumed_position
 
 Message = dict[str, Any]
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
@@ -297,21 +298,6 @@ def encode_completion(
     return ids, [0] * cut + mask[cut:]
 
 
-def resumed_position(state: dict[str, Any], noun: str, count: int, world_size: int, what: str) -> int:
-    """The position a data source saved, after checking the resumed run has the same rows (`count` {noun}) and the
-    same number of processes: a position counts global batches of that many ranks, so it means nothing on another."""
-    if state.get(noun) != count:
-        raise DanluError(
-            f"--resume: the checkpoint was trained on {state.get(noun)} {noun}, this data has {count}"
-        )
-    saved_world = int(state.get("world_size", 1))
-    if saved_world != world_size:
-        raise DanluError(f"--resume: the checkpoint was trained on {saved_world} processes, this run has "
-                         f"{world_size}; its {what} position counts global batches of that many ranks, so "
-                         f"resume with {saved_world} processes (or start over with resume: false)")  # fmt: skip
-    return int(state["position"])
-
-
 def rows_from_sequences(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, Any]:
     """(ids, mask) sequences → right-padded `input_ids` (B, T-1) and `targets` with IGNORE_INDEX off the mask."""
     import torch
@@ -408,7 +394,12 @@ class PairBatches:
             yield self.batch(list(range(start, min(start + batch_size, len(self.encoded)))))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "pairs": len(self.encoded), "world_size": self.world_size}
+        return {
+            "position": self.position,
+            "pairs": len(self.encoded),
+            **batch_state(self.batch_size, self.world_size),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = resumed_position(state, "pairs", len(self.encoded), self.world_size, "data")
+        self.position = resumed_position(state, "pairs", len(self.encoded), self.world_size, "data",
+                                         batch=self.batch_size, rank=self.rank)  # fmt: skip

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from danlu import DanluError
+from danlu.data.position import batch_state, check_global_batch
 from danlu.files import atomic_path, expand_inputs, read_records, record_text
 
 INDEX = "index.json"
@@ -217,15 +218,21 @@ class RowOrder:
         return self._order[first : first + self.batch_size]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rows": self.rows}
+        return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "rows": self.rows,
+                **batch_state(self.batch_size, self.world_size)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, int], what: str = "") -> None:
-        """Continues from a saved position; `what` prefixes the error when it belongs to other rows or another seed."""
+        """Continues from a saved position; `what` prefixes the error when it belongs to other rows or another seed.
+        The position counts rows of the one global order, so under the same global batch another world size
+        reshards exactly (`check_global_batch`); another global batch is refused (its epoch tails, and the steps
+        the run counts, would differ)."""
         if state.get("rows") != self.rows or state.get("seed") != self.seed:
             raise DanluError(
                 f"{what}the checkpoint's data position belongs to other data "
                 f"({state.get('rows')} rows, seed {state.get('seed')}; now {self.rows} rows, seed {self.seed})"
             )
+        check_global_batch(state, self.batch_size, self.world_size, f"{what.rstrip(': ')} data".strip(),
+                           rank=self.rank)  # fmt: skip
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._permutation(self.epoch)
 

@@ -59,6 +59,7 @@ class SequenceClassifier(nn.Module):
         self.score = nn.Linear(hidden, num_labels, bias=False)
         nn.init.normal_(self.score.weight, std=1 / (hidden + 1) ** 0.5)
         self.score.to(next(backbone.parameters()).device)
+        self.register_load_state_dict_pre_hook(_backbone_names)
 
     @property
     def context(self) -> int:
@@ -75,6 +76,23 @@ class SequenceClassifier(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under the names of the HF `…ForSequenceClassification` class."""
         return hf_names(self.state_dict(), self.backbone)
+
+
+def _backbone_names(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """`load_state_dict` pre-hook: tensors under the saved folder's HF names (`model.*`; `score.weight` is the same
+    in both), as the engine's `--resume` reads them back, go to their `backbone.` names. Under FSDP2 the engine's
+    sharded load has already put this rank's current shards there (the HF names matched no parameter): each full
+    tensor replaces its shard, cut locally the same way. A state dict in the module's own names is left alone."""
+    own = (prefix + "backbone.", prefix + "score.")
+    for k in [k for k in state if k.startswith(prefix) and not k.startswith(own)]:
+        name, value = prefix + "backbone." + k[len(prefix) :], state.pop(k)
+        shard = state.get(name)
+        if hasattr(shard, "device_mesh"):  # a DTensor
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value.to(shard.device), shard.device_mesh, shard.placements,
+                                      src_data_rank=None)  # fmt: skip
+        state[name] = value
 
 
 def hf_names(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:

@@ -144,14 +144,20 @@ def pad_right(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 class BalancedBatches:
     """The engine's data source: each batch is batch_size/2 human and batch_size/2 machine rows, each class read
     from its own seeded shuffle, epoch after epoch (so the smaller class repeats sooner). Its position is part of
-    the checkpoint, for exact resume."""
+    the checkpoint, for exact resume.
+
+    Under torchrun each of the `world_size` ranks takes its own slice of every global batch of batch_size ×
+    world_size rows (rank r the r-th batch_size/2 of each class), as the other sources do (`data.shards.RowOrder`,
+    `data.preference.PairBatches`): N processes read, together, exactly the rows one process with batch N × B reads,
+    so they train the same model."""
 
     def __init__(self, human: list[list[int]], machine: list[list[int]], batch_size: int, pad_id: int,
-                 seed: int) -> None:  # fmt: skip
+                 seed: int, *, rank: int = 0, world_size: int = 1) -> None:  # fmt: skip
         if batch_size < 2 or batch_size % 2:
             raise DanluError(f"detect: batch_size {batch_size} must be even (half human, half machine)")
         self.classes, self.half, self.pad_id, self.seed = (human, machine), batch_size // 2, pad_id, seed
-        self.position = 0
+        self.rank, self.world_size = rank, world_size
+        self.position = 0  # global batches read (the same on every rank)
 
     def _take(self, label: int, k: int) -> list[int]:
         rows = self.classes[label]
@@ -161,7 +167,7 @@ class BalancedBatches:
         return rows[order[i]]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        start = self.position * self.half
+        start = (self.position * self.world_size + self.rank) * self.half
         self.position += 1
         rows, labels = [], []
         for label in (HUMAN, MACHINE):
@@ -171,10 +177,21 @@ class BalancedBatches:
         return {"input_ids": pad_right(rows, self.pad_id), "labels": torch.tensor(labels)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "sizes": [len(c) for c in self.classes]}
+        from danlu.data.position import batch_state
+
+        sizes = [len(c) for c in self.classes]
+        return {"position": self.position, "sizes": sizes, "texts": sum(sizes),
+                **batch_state(2 * self.half, self.world_size)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("sizes") != [len(c) for c in self.classes]:
+        """Continues from a saved position; the checks (same texts, a global batch the position holds for) and the
+        wording are the other sources' (`data.position.resumed_position`)."""
+        from danlu.data.position import resumed_position
+
+        sizes = [len(c) for c in self.classes]
+        if state.get("sizes") != sizes:
             raise DanluError(f"--resume: the checkpoint was trained on {state.get('sizes')} human/machine texts, "
-                             f"this data has {[len(c) for c in self.classes]}")  # fmt: skip
-        self.position = int(state["position"])
+                             f"this data has {sizes}")  # fmt: skip
+        # (checkpoints from before `texts` was saved: their sizes just matched)
+        self.position = resumed_position({"texts": sum(sizes), **state}, "texts", sum(sizes), self.world_size,
+                                         "detect data", batch=2 * self.half, rank=self.rank)  # fmt: skip

@@ -32,15 +32,20 @@ class DetectConfig:
     max_ratio: float = 10.0  # refuse when one class is more than this many times smaller than the other
     text_field: str = "text"
     seed: int = 0
-    resume: bool = False
+    resume: bool | str = False  # true, false or auto (continue an unfinished run with the same settings)
     train: dict[str, Any] = field(default_factory=dict)  # engine settings (steps, batch_size, lr, device, …)
 
 
-def engine_config(cfg: DetectConfig) -> Any:
-    from danlu.config import from_dict
-    from danlu.engine import TrainConfig
+def engine_config(
+    cfg: DetectConfig, recipe: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None
+) -> Any:
+    """The detector's TrainConfig by the one precedence rule of every stage (`stages.common.train_config`):
+    `cfg.train` > the recipe's `train:` and top-level seed/device/dtype/compile > `defaults` (the pipeline stage's)
+    > the detector's own (`TRAIN_DEFAULTS`, seed `cfg.seed`) > the engine's. Evaluates before and after at least."""
+    from danlu.stages.common import train_config
 
-    tcfg = from_dict(TrainConfig, {**TRAIN_DEFAULTS, "seed": cfg.seed, **cfg.train}, "detect.train")
+    defaults = {**TRAIN_DEFAULTS, "seed": cfg.seed, **(defaults or {})}
+    tcfg = train_config(recipe or {}, cfg.train, "detect", defaults)
     if not tcfg.eval_every or tcfg.eval_every > tcfg.steps:
         tcfg.eval_every = tcfg.steps  # before and after
     return tcfg
@@ -70,16 +75,20 @@ def heldout_scores(model: Any, rows: list[list[int]], pad_id: int, batch: int = 
 
 def train_detector(
     human: list[Text], machine: list[Text], backbone: str | Path, out: str | Path, cfg: DetectConfig,
-    extra_meta: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None, tcfg: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Trains and saves a detector in `out`; returns the held-out report (overall, per language, short texts)."""
+    """Trains and saves a detector in `out`; returns the held-out report (overall, per language, short texts).
+    `tcfg`: the engine settings when the caller built them (`engine_config` with its recipe), else from `cfg`.
+    Under torchrun each rank reads its own rows of every global batch; every rank scores all held-out rows (the
+    same numbers: AUROC does not split over ranks, and FSDP needs every rank in each forward), rank 0 writes."""
     from danlu.detect.classifier import SequenceClassifier, save_classifier
-    from danlu.engine import Hooks, Trainer, set_seed
+    from danlu.engine import Hooks, Trainer, init_distributed, resume_wanted, set_seed
     from danlu.files import write_json_atomic
     from danlu.io import load_checkpoint, update_meta_metrics
 
     out = Path(out)
-    tcfg = engine_config(cfg)
+    tcfg = tcfg or engine_config(cfg)
+    d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     human, machine = clean_classes(human, machine, cfg.max_ratio)
     h_train, h_held = split(human, cfg.eval_share, cfg.seed)
@@ -98,7 +107,8 @@ def train_detector(
     held_labels = [r.label for r in held_rows]
     cut = cut_h + cut_m
     model = SequenceClassifier(ckpt.model, tok.pad_id)
-    source = BalancedBatches(train_h, train_m, tcfg.batch_size, tok.pad_id, tcfg.seed)
+    source = BalancedBatches(train_h, train_m, tcfg.batch_size, tok.pad_id, tcfg.seed, rank=d.rank,
+                             world_size=d.world_size)  # fmt: skip
 
     def loss_fn(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = m(b["input_ids"])
@@ -124,11 +134,12 @@ def train_detector(
     trainer = Trainer(
         tcfg, model, source, loss_fn, out, Hooks(save_model=save, evaluate=evaluate), stage="detect"
     )
-    if cfg.resume:
+    if resume_wanted(out, cfg.resume, tcfg, "detect"):
         trainer.resume()
-    print(f"[danlu] detect: {len(h_train)} human + {len(m_train)} machine texts for training (batches half each), "
-          f"{len(h_held)} + {len(m_held)} held out; texts keep their first {max_tokens} tokens ({cut} training "
-          f"texts cut); {tcfg.steps} steps")  # fmt: skip
+    if d.main:
+        print(f"[danlu] detect: {len(h_train)} human + {len(m_train)} machine texts for training (batches half "
+              f"each), {len(h_held)} + {len(m_held)} held out; texts keep their first {max_tokens} tokens ({cut} "
+              f"training texts cut); {tcfg.steps} steps × {tcfg.batch_size * tcfg.grad_accum * d.world_size} texts")  # fmt: skip
     metrics = trainer.fit()
     result: dict[str, Any] = {"steps": trainer.step, "train_loss": metrics.get("loss"),
                               "train_accuracy": metrics.get("accuracy"), "max_tokens": max_tokens}  # fmt: skip
@@ -141,9 +152,10 @@ def train_detector(
         result["heldout"] = report(
             scores, held_labels, [r.text for r in held_rows], [len(i) for i in held_ids]
         )
-        write_json_atomic(out / "heldout_eval.json", result["heldout"])
-        update_meta_metrics(out, {"heldout_auroc": result["heldout"]["all"]["auroc"],
-                                  "heldout_tpr_at_1fpr": result["heldout"]["all"]["tpr_at_1fpr"]})  # fmt: skip
+        if d.main:
+            write_json_atomic(out / "heldout_eval.json", result["heldout"])
+            update_meta_metrics(out, {"heldout_auroc": result["heldout"]["all"]["auroc"],
+                                      "heldout_tpr_at_1fpr": result["heldout"]["all"]["tpr_at_1fpr"]})  # fmt: skip
     return result
 
 

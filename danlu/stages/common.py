@@ -16,7 +16,7 @@ import torch
 
 from danlu import DanluError
 from danlu.config import deep_merge, from_dict
-from danlu.engine import TrainConfig
+from danlu.engine import TrainConfig, launch_world_size, resolve_batch
 from danlu.io import save_model_dir
 from danlu.model import IGNORE_INDEX, ModelConfig
 
@@ -38,13 +38,23 @@ def train_config(
     4. the engine's defaults (TrainConfig).
 
     So `train.lr=…` reaches every stage that does not set its own lr, and a stage section always has the last word.
+    The batch follows the same rule: `global_batch_size` beats a `batch_size` of its own section or below, a
+    stage's own `batch_size` beats a recipe-wide `global_batch_size`; the result's `batch_size` is per process,
+    resolved here for this launch's world size (`engine.resolve_batch`), so every stage's data source gets it.
     """
     recipe_train = dict(recipe.get("train") or {})
     for key in GLOBAL_ENGINE_KEYS:
         if key in recipe:
             recipe_train[key] = recipe[key]
-    merged = deep_merge(deep_merge(defaults or {}, recipe_train), stage_train or {})
-    return from_dict(TrainConfig, merged, f"{where}.train")
+    stage_train = stage_train or {}
+    merged = deep_merge(deep_merge(defaults or {}, recipe_train), stage_train)
+    cfg = from_dict(TrainConfig, merged, f"{where}.train")
+    setting = "train.global_batch_size"
+    if "global_batch_size" in stage_train:
+        setting = f"{where}.train.global_batch_size"
+    elif cfg.global_batch_size and "batch_size" in stage_train:
+        cfg.global_batch_size = 0  # the stage's own per-process batch has the last word
+    return resolve_batch(cfg, launch_world_size(), setting)
 
 
 def make_saver(
@@ -63,9 +73,10 @@ def make_saver(
 
 
 def attach_peft(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path, *,
-                chat: bool = True) -> Any:  # fmt: skip
+                chat: bool = True, seed: int = 0) -> Any:  # fmt: skip
     """The stage's `peft:` section applied to its parent checkpoint: a new adapter attached to `ckpt.model` (which
-    a soft prompt replaces by its wrapper) with the base frozen; None when the section asks for none."""
+    a soft prompt replaces by its wrapper) with the base frozen, initialized from the stage's `seed` (the same on
+    every rank); None when the section asks for none."""
     from danlu.adapters import attach, peft_spec
 
     spec = peft_spec(section, f"{stage}.peft")
@@ -75,7 +86,7 @@ def attach_peft(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: s
         raise DanluError(f"{stage}.peft: {parent} has no chat template, and an adapter cannot add the chat tokens "
                          "to its base (that changes the embedding every other adapter of the base relies on); "
                          f"fine-tune it fully first (without {stage}.peft) or start from a base with a template")  # fmt: skip
-    return attach(ckpt, spec, parent, f"{stage}.peft", quiet=os.environ.get("RANK", "0") != "0")
+    return attach(ckpt, spec, parent, f"{stage}.peft", quiet=os.environ.get("RANK", "0") != "0", seed=seed)
 
 
 def parent_checkpoint(path: str | Path, device: str = "cpu") -> Any:
@@ -241,7 +252,7 @@ def base_reference(model: torch.nn.Module, adapter: Any, before: torch.nn.Module
 
 
 def attach_with_reference(ckpt: Any, section: dict[str, Any] | None, stage: str, parent: str | Path,
-                          reference: str | None) -> tuple[Any, Any]:  # fmt: skip
+                          reference: str | None, seed: int = 0) -> tuple[Any, Any]:  # fmt: skip
     """(adapter, reference) for a stage with a `peft:` section, else (None, the frozen reference as before):
     with an adapter and no `reference:` checkpoint, the reference is the base under the adapter."""
     from danlu.adapters import peft_spec
@@ -252,7 +263,7 @@ def attach_with_reference(ckpt: Any, section: dict[str, Any] | None, stage: str,
         return None, load_reference(ckpt, reference)
     before = copy.deepcopy(ckpt.model) if spec.method == "pissa" and reference is None else None
     explicit = load_reference(ckpt, reference) if reference is not None else None
-    adapter = attach_peft(ckpt, section, stage, parent)
+    adapter = attach_peft(ckpt, section, stage, parent, seed=seed)
     return adapter, explicit or base_reference(ckpt.model, adapter, before)
 
 

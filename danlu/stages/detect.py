@@ -176,23 +176,11 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _train_settings(ctx: StageContext, cfg: DetectStageConfig) -> dict[str, Any]:
-    """Engine settings: the detector's defaults, then the recipe's top-level `train:` and device/dtype/compile/seed,
-    then the stage's own `train:` (the order every training stage follows)."""
-    from danlu.config import deep_merge
-
-    merged = deep_merge(TRAIN_DEFAULTS, ctx.recipe.get("train") or {})
-    for key in ("seed", "device", "dtype", "compile"):
-        if key in ctx.recipe and key not in cfg.train:
-            merged[key] = ctx.recipe[key]
-    return deep_merge(merged, cfg.train)
-
-
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.detect.classifier import Detector
     from danlu.detect.metrics import HUMAN, MACHINE
     from danlu.detect.texts import Text
-    from danlu.detect.train import DetectConfig, train_detector
+    from danlu.detect.train import DetectConfig, engine_config, train_detector
     from danlu.engine import resolve_device
     from danlu.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
     from danlu.io import is_checkpoint
@@ -227,8 +215,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     for stage in cfg.unseen_models or []:
         if not (ctx.has(stage) and is_checkpoint(ctx.run_dir / stage)):
             raise DanluError(f"detect.unseen_models: stage {stage!r} has no finished model in {ctx.run_dir}")
-    train_settings = _train_settings(ctx, cfg)
-    device = str(resolve_device(str(train_settings.get("device", "auto"))))
+    dcfg = DetectConfig(max_tokens=cfg.max_tokens, eval_share=cfg.eval_share, seed=seed, train=cfg.train)
+    tcfg = engine_config(dcfg, ctx.recipe, TRAIN_DEFAULTS)  # the one rule: stages.common.train_config
+    device = str(resolve_device(tcfg.device))
     ctx.out.mkdir(parents=True, exist_ok=True)
     teacher = LocalTeacher(model_dir, batch_size=cfg.batch_size, device=device)
     print(f"[danlu] detect: {cfg.model} answers {len(train_pairs)} training + {len(held_pairs)} held-out world prompts "
@@ -246,11 +235,9 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
         import shutil
 
         shutil.rmtree(classifier)
-    dcfg = DetectConfig(max_tokens=cfg.max_tokens, eval_share=cfg.eval_share, seed=seed,
-                        train=train_settings)  # fmt: skip
     trained = train_detector([Text(a, HUMAN, "world") for _, a in train_pairs],
                              [Text(t, MACHINE, cfg.model) for t in machine_train], model_dir, classifier, dcfg,
-                             {"generator": cfg.model, "settings": [list(s) for s in settings]})  # fmt: skip
+                             {"generator": cfg.model, "settings": [list(s) for s in settings]}, tcfg)  # fmt: skip
 
     scorers: dict[str, Any] = {"fine-tuned": Detector.load(classifier, device)}
     notes: dict[str, str] = {}

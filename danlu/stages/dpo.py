@@ -119,7 +119,7 @@ def train_dpo(
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
     context = ckpt.config.max_position_embeddings
-    adapter, ref = attach_with_reference(ckpt, cfg.peft, "dpo", parent, cfg.reference)
+    adapter, ref = attach_with_reference(ckpt, cfg.peft, "dpo", parent, cfg.reference, tcfg.seed)
     written = read_pairs(data, cfg.max_pairs or None) if cfg.written_pairs else []
     train, dropped = encode_pairs(written, tok, context)
     held = (

@@ -109,9 +109,9 @@ def train_grpo(
     ckpt = parent_checkpoint(parent)
     tok = ckpt.tokenizer
     if cfg.beta:  # a KL reference: with an adapter, the base under it
-        adapter, ref = attach_with_reference(ckpt, cfg.peft, "grpo", parent, cfg.reference)
+        adapter, ref = attach_with_reference(ckpt, cfg.peft, "grpo", parent, cfg.reference, tcfg.seed)
     else:
-        adapter, ref = attach_peft(ckpt, cfg.peft, "grpo", parent), None
+        adapter, ref = attach_peft(ckpt, cfg.peft, "grpo", parent, seed=tcfg.seed), None
     prompts = read_prompts(data, cfg.kinds, cfg.max_prompts or None)
     held = read_rl_prompts(eval_data, cfg.eval_rows or None, split="dev") if eval_data else []
     reward = make_scorer(cfg.reward, tok)

@@ -180,7 +180,7 @@ def train_ppo(
     policy.load_state_dict(ckpt.model.state_dict())
     ckpt.model = policy
     adapter, ref = attach_with_reference(
-        ckpt, value_head_section(cfg.peft, policy), "ppo", parent, cfg.reference
+        ckpt, value_head_section(cfg.peft, policy), "ppo", parent, cfg.reference, tcfg.seed
     )
     policy.value_head.requires_grad_(
         True

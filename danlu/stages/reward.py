@@ -88,7 +88,7 @@ def train_reward(
         raise DanluError(f"{data}: no preference pair fits the model's context of {context} tokens")
     held = encode_pairs(read_pairs(eval_data, cfg.eval_pairs or None, split="dev"), tok, context)[0] if eval_data else []
     ckpt.model = RewardModel.from_policy(ckpt.model)
-    adapter = attach_score_adapter(ckpt, cfg.peft, parent)
+    adapter = attach_score_adapter(ckpt, cfg.peft, parent, tcfg.seed)
     model = ckpt.model
     del ckpt
     source = PairBatches(train, tcfg.batch_size, tok.pad_id, tcfg.seed, rank=d.rank, world_size=d.world_size)
@@ -136,7 +136,7 @@ def train_reward(
     return result
 
 
-def attach_score_adapter(ckpt: Any, section: dict[str, Any] | None, parent: Path) -> Any:
+def attach_score_adapter(ckpt: Any, section: dict[str, Any] | None, parent: Path, seed: int = 0) -> Any:
     """The `reward.peft` section on the reward model in `ckpt.model`: LoRA on the backbone's linear layers (never on
     the score head, which has no trained weights to adapt), and the head itself trainable in full as peft's
     `modules_to_save`, saved with the adapter. None without a section. Soft prompts are refused: a score is read at
@@ -157,7 +157,7 @@ def attach_score_adapter(ckpt: Any, section: dict[str, Any] | None, parent: Path
     elif targets == SCORE or (isinstance(targets, list) and SCORE in targets):
         raise DanluError(f"reward.peft.target_modules: {SCORE!r} is the score head, which trains in full "
                          "(peft's modules_to_save); list only backbone layers")  # fmt: skip
-    adapter = attach_peft(ckpt, {**section, "target_modules": targets}, "reward", parent)  # type: ignore[dict-item]
+    adapter = attach_peft(ckpt, {**section, "target_modules": targets}, "reward", parent, seed=seed)  # type: ignore[dict-item]
     train_in_full(ckpt.model, [SCORE])
     adapter.config.modules_to_save = [SCORE]
     adapter.config.task_type = "SEQ_CLS"  # peft loads it onto LlamaForSequenceClassification

@@ -190,12 +190,23 @@ class Rollouts:
         return step_advantages(rewards, ends, self.group_size, length)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "prompts": len(self.prompts), "world_size": self.world_size}
+        from danlu.data.position import batch_state
+
+        return {
+            "position": self.position,
+            "prompts": len(self.prompts),
+            **batch_state(self.per_step, self.world_size),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from danlu.data.preference import resumed_position
+        """Continues at the saved rollout; on another world size with the same prompts per step over all processes
+        it reshards exactly: draws count over the run's global batches and each row samples with the seed of its
+        index in the run (`rollout_seed`), whichever rank rolls it out."""
+        from danlu.data.position import resumed_position
 
-        self.position = resumed_position(state, "prompts", len(self.prompts), self.world_size, "rollout")
+        self.position = resumed_position(state, "prompts", len(self.prompts), self.world_size, "rollout",
+                                         batch=self.per_step, rank=self.rank, setting="prompts_per_step",
+                                         per_process=True)  # fmt: skip
 
 
 @torch.no_grad()

@@ -399,18 +399,26 @@ class SFTRows:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        from danlu.data.position import batch_state
+
         state = {"epoch": self.epoch, "pos": self.pos, "batches": self.batches, "seed": self.seed,
-                 "examples": len(self.examples)}  # fmt: skip
+                 "examples": len(self.examples), **batch_state(self.batch_size, self.world_size)}  # fmt: skip
         if self.replay is not None:
             state["replay"] = self.replay.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues from a saved position. Every rank packs the epoch's rows alike and the position counts rows and
+        batches of the one global order (the replay rows too: every rank reads them all), so under the same global
+        batch another world size reshards exactly; another global batch is refused (`check_global_batch`)."""
+        from danlu.data.position import check_global_batch
+
         if state.get("examples") != len(self.examples) or state.get("seed") != self.seed:
             raise DanluError(
                 f"the checkpoint's data position belongs to other SFT data ({state.get('examples')} dialogs, seed "
                 f"{state.get('seed')}; now {len(self.examples)} dialogs, seed {self.seed})"
             )
+        check_global_batch(state, self.batch_size, self.world_size, "SFT data", rank=self.rank)
         self.epoch, self.pos, self.batches = int(state["epoch"]), int(state["pos"]), int(state["batches"])
         self._rows = self._epoch_rows(self.epoch)
         if self.replay is not None and "replay" in state:
@@ -526,7 +534,8 @@ def sft(
     from danlu.stages.common import attach_peft, make_saver, parent_checkpoint, train_config
 
     ckpt = parent_checkpoint(parent)
-    adapter = attach_peft(ckpt, cfg.peft, "sft", parent)
+    tcfg = train_config(recipe, cfg.train, "sft")
+    adapter = attach_peft(ckpt, cfg.peft, "sft", parent, seed=tcfg.seed)
     if adapter is not None and not getattr(ckpt.model, "supports_packing", True):
         cfg.pack = False  # a soft prompt precedes each dialog: one dialog per row
     model, tokenizer, model_cfg = ckpt.model, ckpt.tokenizer, ckpt.config
@@ -541,7 +550,6 @@ def sft(
     seq_len = cfg.seq_len or min(context, DEFAULT_MAX_SEQ_LEN)
     if seq_len > context:
         raise DanluError(f"sft.seq_len {seq_len} exceeds the context of {parent} ({context} tokens)")
-    tcfg = train_config(recipe, cfg.train, "sft")
     d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
     examples, info = _load_dialogs(data, cfg, tokenizer, seq_len)
