@@ -582,6 +582,9 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg),
                 "stage": self.stage,
                 "finished": final,
+                # the step time and tokens so far: a resumed run's final tokens/s and MFU are then the stage's
+                "train_seconds": self._train_seconds,
+                "train_tokens": self._train_tokens,
             }
             if (self.out / "metrics.jsonl").exists():
                 shutil.copy2(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
@@ -682,6 +685,9 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         self.bad_evals = int(state["bad_evals"])
+        # (a checkpoint saved before these were kept has none: the figures then cover this launch's steps)
+        self._train_seconds = float(state.get("train_seconds", 0.0))
+        self._train_tokens = int(state.get("train_tokens", 0))
         if self.dist.main:
             print(f"[danlu] resumed {self.stage} from step {self.step} in {self.out}")
             self._cut_metrics(self.step)
@@ -922,7 +928,9 @@ class Trainer:
     def _log_stage_speed(self) -> None:
         """Logs the stage's own tokens/s and MFU: all tokens over the time spent in steps (data, forward, backward,
         optimizer; not evaluation or saving), so the final figures in danlu.json are the stage's, not those of the
-        last logging interval (one quiet moment on a loaded machine is not the run)."""
+        last logging interval (one quiet moment on a loaded machine is not the run). The totals travel in the
+        trainer state, so after a kill and `--resume` they cover every step of the stage, the ones before the
+        checkpoint included (steps a kill lost after it count once, as redone); MFU takes this launch's peak."""
         if not self._train_seconds:
             return
         tps = self._train_tokens / self._train_seconds

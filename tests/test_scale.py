@@ -1,13 +1,14 @@
 """Correct at scale (issue 19, training): each rank reads its own rows of the global batch, losses are normalized
 over the whole global batch, 2 processes give the losses, logged stats and weights of 1 with the same global batch
-(SFT, SFT with a LoRA adapter, distillation, reward, DPO, GRPO, PPO, the AI-text detector; the rollouts sample the
-same text), every one of these stages killed on 2 processes resumes exactly, a non-finite gradient is caught, one
-precedence rule for settings, and the final tokens/s is the stage's own.
+(SFT, SFT with a LoRA adapter, pretraining, distillation, reward, DPO, GRPO, PPO, the AI-text detector; the rollouts
+sample the same text), every one of these stages killed on 2 processes resumes exactly, a non-finite gradient is
+caught, one precedence rule for settings, and the final tokens/s in danlu.json is the stage's own, resumed or not.
 
 Run as a script (`python tests/test_scale.py one|two OUT CKPT PAIRS RL RM [ddp|fsdp] [KILLED]`, under torchrun for
 two), this file is also the worker of the 2-process test: it trains every stage above and writes, per rank, the
 hashes of the rows each step read, the logged losses and stats and a hash of the final weights (see `_worker`). The
-SFT dialogs, the detector's human and machine texts and the distillation's student checkpoint lie beside PAIRS.
+SFT dialogs, the detector's human and machine texts, the distillation's student checkpoint and pretraining's token
+shards (`shards`, tokenized with `tok`) lie beside PAIRS.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ FAST = {"progress": False, "log_every": 1, "device": "cpu", "dtype": "fp32", "th
 # is one process's figure for the same global batch (a std or a per-token mean over the rank's own tokens is not).
 MEAN_STATS = {"reward": ("accuracy", "margin"), "dpo": ("accuracy", "margin", "rewards_chosen"),
               "grpo": ("reward", "completion_tokens"), "ppo": ("reward", "kl"), "detect": ("accuracy",)}  # fmt: skip
-STAGES = ("lora", "sft", "distill", "reward", "dpo", "grpo", "ppo", "detect")  # each trains into OUT/its name
-# Also killed and resumed under FSDP2: their weights go back into the shards by their own path (the adapter's
-# restore, the classifier's saved HF names), not the engine's plain one that test_fsdp_resume_… covers.
-FSDP_RESUMED = ("lora", "detect")
+# each trains into OUT/its name
+STAGES = ("lora", "sft", "pretrain", "distill", "reward", "dpo", "grpo", "ppo", "detect")
+# Also killed and resumed under FSDP2: pretraining's weights go back into the shards by the engine's plain path, the
+# others' by their own (the adapter's restore, the classifier's saved HF names).
+FSDP_RESUMED = ("lora", "pretrain", "detect")
+PRETRAIN_MODEL = {"depth": 1}  # pretraining's model from scratch (seed 0), on rows of 32 tokens
 
 
 def _row_hash(row: list[int], pad_id: int) -> str:
@@ -109,8 +112,8 @@ def _crash_after(step: int) -> None:
 
 def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, mode: str, parallel: str,
             resume: str, only: tuple[str, ...] = STAGES, **extra: Any) -> None:  # fmt: skip
-    """SFT (in full and with a LoRA adapter), distillation, reward, DPO and the detector (3 steps), GRPO and PPO (2
-    steps, scored by the reward model `rm`) with the global batch of 4 packed rows, 4 pairs, 4 texts and 2 prompts,
+    """SFT (in full and with a LoRA adapter), pretraining, distillation, reward, DPO and the detector (3 steps), GRPO
+    and PPO (2 steps, scored by the reward model `rm`) with the global batch of 4 rows, 4 pairs, 4 texts and 2 prompts,
     split over the ranks of `mode` two (the stages in `only`). A stage that refuses to run leaves its message in
     `record`."""
     from danlu import DanluError
@@ -123,6 +126,7 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
     from danlu.stages.dpo import DPOConfig, train_dpo
     from danlu.stages.grpo import GRPOConfig, train_grpo
     from danlu.stages.ppo import PPOConfig, train_ppo
+    from danlu.stages.pretrain import PretrainConfig, pretrain
     from danlu.stages.reward import RewardConfig, train_reward
     from danlu.stages.sft import SFTConfig, sft
 
@@ -165,6 +169,10 @@ def _stages(record: dict[str, Any], out: Path, ckpt: Path, pairs: Path, rl: Path
         # Dialogs packed 2–3 to a row of 64 tokens, answers of different lengths: rows score different token counts
         "sft": lambda: sft(ckpt, [pairs.parent / "sft.jsonl"], out / "sft", recipe={}, cfg=SFTConfig(
             seq_len=64, val_dialogs=0, replay=0.0, eval_limit=0, resume=resume, train=train)),
+        # From scratch over the token shards (rows of 32 tokens): the engine's own data source and loss
+        "pretrain": lambda: pretrain(pairs.parent / "shards", pairs.parent / "tok", out / "pretrain",
+                                     recipe={"model": PRETRAIN_MODEL}, cfg=PretrainConfig(
+            seq_len=32, eval_facts=0, resume=resume, train={**train, "warmup_steps": 0, "eval_every": 0})),
         "distill": distill_rows,
         "reward": lambda: train_reward(ckpt, pairs, out / "reward", recipe={},
                                        cfg=RewardConfig(resume=resume, train=train)),
@@ -221,6 +229,8 @@ def _worker(mode: str, out: Path, ckpt: Path, pairs: Path, rl: Path, rm: str, pa
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, Path]:
+    from danlu.data.shards import tokenize_corpus
+    from danlu.files import write_jsonl_atomic
     from tests.conftest import make_checkpoint
 
     root = tmp_path_factory.mktemp("scale_data")
@@ -243,6 +253,13 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str, 
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
                                                     for t in texts))  # fmt: skip
     make_checkpoint(root / "student", tiny_tokenizer, seed=1)  # distillation's student: other random weights
+    # pretraining's token shards: numbers all through the text, so no two rows of 32 tokens are the same
+    tiny_tokenizer.save(root / "tok")
+    write_jsonl_atomic(root / "corpus.jsonl", ({"text": f"第{a}行: {a} × 7 = {7 * a}。The river of city {a} is "
+                                                        f"{a % 5 + 1} km long."} for a in range(48)))  # fmt: skip
+    tokenize_corpus(
+        {"train": [root / "corpus.jsonl"]}, root / "tok", root / "shards", workers=1, progress=False
+    )
     return {"pairs": root / "pairs.jsonl", "rl": root / "rl.jsonl", "student": root / "student"}
 
 
@@ -254,16 +271,27 @@ def _final_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(adapter if adapter.exists() else folder / "model.safetensors"))
 
 
+def _pretrain_start(tokenizer: Any) -> torch.nn.Module:
+    """Pretraining's first model: from scratch, as the stage builds it (seed 0)."""
+    from danlu.model import Transformer
+    from danlu.stages.pretrain import build_model_config
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Transformer(build_model_config(PRETRAIN_MODEL, tokenizer.padded_vocab_size(64), 32))
+
+
 def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
-    tmp_path: Path, tiny_checkpoint: Path, data
+    tmp_path: Path, tiny_checkpoint: Path, tiny_tokenizer, data
 ) -> None:
-    """torchrun, 2 CPU processes (gloo): SFT (in full and with a LoRA adapter) and distillation (2 packed rows per
-    rank), reward, DPO (2 pairs per rank), the detector (1 human and 1 machine text per rank), GRPO and PPO (1 prompt
-    per rank) give the losses, logged mean stats (reward, accuracy, …: the mean over the ranks, not rank 0's) and
-    final weights of 1 process with 4 rows, 4 pairs, 4 texts and 2 prompts (to 1e-5), DDP and FSDP2 alike, each rank
-    reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled rollouts, the same text as
-    one process samples). Each stage killed after step 1 on 2 processes continues, in a new launch, with the losses
-    and weights of the uninterrupted run (to 1e-6)."""
+    """torchrun, 2 CPU processes (gloo): SFT (in full and with a LoRA adapter), pretraining and distillation (2
+    rows of tokens per rank), reward, DPO (2 pairs per rank), the detector (1 human and 1 machine text per rank),
+    GRPO and PPO (1 prompt per rank) give the losses, logged mean stats (reward, accuracy, …: the mean over the
+    ranks, not rank 0's) and final weights of 1 process with 4 rows, 4 pairs, 4 texts and 2 prompts (to 1e-5), DDP
+    and FSDP2 alike, each rank reading its own half of every global batch (hashed rows: for GRPO and PPO the sampled
+    rollouts, the same text as one process samples). Each stage killed after step 1 on 2 processes continues, in a
+    new launch, with the losses and weights of the uninterrupted run (to 1e-6), and its danlu.json's speed counts
+    the tokens of every step of the stage, not only the resumed launch's."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     args = [str(tiny_checkpoint), str(data["pairs"]), str(data["rl"]), str(tmp_path / "one" / "reward")]
     one = subprocess.run([sys.executable, __file__, "one", str(tmp_path / "one"), *args],
@@ -307,7 +335,12 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
             want = _final_weights(tmp_path / "one" / stage)
             got = _final_weights(tmp_path / parallel / stage)
             assert want.keys() == got.keys()
-            start = _final_weights(data["student"] if stage == "distill" else tiny_checkpoint)
+            if stage == "pretrain":  # its first weights built again (the hash: they are the run's)
+                first = _pretrain_start(tiny_tokenizer)
+                assert _weights_hash(first) == ref[stage]["start"]
+                start = first.state_dict()
+            else:
+                start = _final_weights(data["student"] if stage == "distill" else tiny_checkpoint)
             if stage == "lora":  # B starts at 0 (A at random): its weights are how far it moved
                 start = {k: torch.zeros_like(v) for k, v in want.items() if "lora_B" in k}
             moved = torch.cat([(want[k] - start[k]).flatten() for k in start if k in want])
@@ -324,6 +357,10 @@ def test_two_processes_read_their_own_rows_match_one_and_resume_exactly(
             assert resumed in two.stdout, stage  # not afresh
             assert again[stage]["losses"] == pytest.approx(straight[stage]["losses"][1:], abs=1e-6), stage
             assert again[stage]["weights"] == straight[stage]["weights"], (parallel, stage)
+            # its final speed is the whole stage's: step 1's tokens, trained before the kill, count too
+            tokens = [json.loads((folder / stage / "danlu.json").read_text())["metrics"]["train_tokens"]
+                      for folder in (killed, tmp_path / parallel)]  # fmt: skip
+            assert tokens[0] == tokens[1] > 0, (parallel, stage, tokens)
 
 
 def test_pair_and_prompt_sources_shard_the_global_batch(tiny_tokenizer, data) -> None:
@@ -604,9 +641,12 @@ def test_recipe_train_reaches_every_rl_stage(stage: str, tmp_path: Path, tiny_ch
     assert saved["lr"] == 0.0456  # the stage's own section beats the recipe
 
 
-def test_final_speed_is_the_stage_average(tmp_path: Path) -> None:
-    """The last logging interval ran fast, the earlier ones slowly: the stage's tokens_per_s (what danlu.json
-    records) is all tokens over all step time, below the last interval's figure."""
+def test_final_speed_is_the_stage_average(tmp_path: Path, tiny_tokenizer) -> None:
+    """The figures users read, danlu.json's `tokens_per_s` and `mfu` (written by the stages' real saver), are the
+    stage's: all tokens over all step time, below the fast last interval's figure. And after a kill and a resume they
+    are still the whole stage's: the slow steps before the checkpoint count, not only the resumed launch's."""
+    from danlu.stages.common import make_saver
+
     calls = {"n": 0}
 
     def slow_then_fast(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -615,13 +655,44 @@ def test_final_speed_is_the_stage_average(tmp_path: Path) -> None:
             time.sleep(0.3)
         return m(b["input_ids"], b["targets"]), {}
 
-    t = _trainer(tmp_path / "speed", _Fixed(_uneven_batches()), slow_then_fast, steps=3)
-    metrics = t.fit()
-    speed = next(h for h in t.history if h.get("event") == "speed")
+    def trainer(out: Path, loss_fn: Any, **cfg: Any) -> Any:
+        t = _trainer(out, _Fixed(_uneven_batches()), loss_fn, peak_flops=1e9, **cfg)
+        t.flops_per_token = 6.0 * sum(p.numel() for p in t.raw_model.parameters())
+        t.hooks.save_model = make_saver(t.raw_model.config, tiny_tokenizer, {"stage": "test"}, chat=False)
+        return t
+
+    def final_speed(t: Any, out: Path, steps: int) -> dict[str, Any]:
+        """The speed event, after checking it counts `steps` steps and danlu.json holds its figures."""
+        speed = next(h for h in t.history if h.get("event") == "speed")
+        assert speed["train_tokens"] == steps * 2 * 16
+        saved = json.loads((out / "danlu.json").read_text(encoding="utf-8"))["metrics"]
+        assert (saved["tokens_per_s"], saved["mfu"]) == (speed["tokens_per_s"], speed["mfu"])
+        tps = speed["train_tokens"] / speed["train_seconds"]  # (train_seconds is rounded to ms)
+        assert speed["tokens_per_s"] == pytest.approx(tps, rel=2e-3)
+        assert speed["mfu"] == pytest.approx(tps * t.flops_per_token / 1e9, rel=2e-3) and speed["mfu"] > 0
+        return speed
+
+    t = trainer(tmp_path / "speed", slow_then_fast, steps=3)
+    t.fit()
     last = [h for h in t.history if h.get("event") == "train"][-1]
-    assert speed["train_tokens"] == 3 * 2 * 16
-    assert speed["tokens_per_s"] == pytest.approx(speed["train_tokens"] / speed["train_seconds"], rel=1e-3)
-    assert metrics["tokens_per_s"] == speed["tokens_per_s"] < last["tokens_per_s"]
+    assert final_speed(t, tmp_path / "speed", 3)["tokens_per_s"] < last["tokens_per_s"]
+
+    calls["n"] = 0
+
+    def killed_at_step_3(m: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # after the checkpoint of step 2 (the 2 slow steps)
+        return slow_then_fast(m, b)
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "killed", killed_at_step_3, steps=4, save_every=2).fit()
+    calls["n"] = 2  # the resumed launch runs fast
+    resumed = trainer(tmp_path / "killed", slow_then_fast, steps=4, save_every=2)
+    resumed.resume()
+    resumed.fit()
+    assert (
+        final_speed(resumed, tmp_path / "killed", 4)["train_seconds"] > 0.6
+    )  # all 4 steps, the slow ones too
 
 
 class _FakeWriter:
