@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ndanlu {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # The torchrun process group (started by the first stage, shared by the rest) ends with the command, not
+        # with the interpreter: see engine.close_distributed. No engine loaded means no group to close.
+        engine = sys.modules.get("danlu.engine")
+        if engine is not None:
+            engine.close_distributed()
     return int(result or 0)
 
 

@@ -225,6 +225,17 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def close_distributed() -> None:
+    """Destroys the process group `init_distributed` started, if there is one: once, where a command ends (every
+    stage of `danlu run` shares the group), while Python is still fully alive. A gloo worker thread can still hold
+    a collective's tensors after its `wait()` has returned; a process that exits with the group alive leaves that
+    thread to free them while the interpreter shuts down, and the process dies with SIGABRT ("terminate called
+    without an active exception"). Destroying the group first drains and joins those threads. No barrier: the
+    teardown is local, so a rank that is done (rank 1, while rank 0 writes its reports) leaves without waiting."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:
     if d.world_size == 1:
         return value

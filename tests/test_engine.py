@@ -263,6 +263,46 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path: Path, shards, opti
         assert max(abs(x - y) for x, y in zip(reference, got)) < 1e-5, parallel
 
 
+def test_a_command_ends_the_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`danlu <command>` destroys the torchrun process group when it ends, returned, failed or crashed: a process
+    that exits with a live gloo group can have a worker thread free a collective's tensors while Python shuts down,
+    which kills it with SIGABRT (seen once on rank 1 of the 2-process test)."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from danlu import cli
+
+    def command(outcome: str) -> argparse.ArgumentParser:
+        def run(args: argparse.Namespace) -> int:
+            t = torch.ones(3)
+            dist.all_reduce(t)  # the group is alive while the command runs
+            if outcome == "fails":
+                raise DanluError("no data")
+            if outcome == "crashes":
+                raise RuntimeError("bug")
+            return 0
+
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(_run=run, command="train")
+        return parser
+
+    try:
+        for i, (outcome, code) in enumerate((("returns", 0), ("fails", 2), ("crashes", None))):
+            store = f"file://{tmp_path / f'store{i}'}"
+            dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+            monkeypatch.setattr(cli, "build_parser", lambda o=outcome: command(o))
+            if code is None:
+                with pytest.raises(RuntimeError, match="bug"):
+                    cli.main([])
+            else:
+                assert cli.main([]) == code
+            assert not dist.is_initialized(), outcome
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_gradient_accumulation_matches_the_larger_batch(tmp_path: Path, shards, tiny_tokenizer) -> None:
     def trainer(out: str, batch: int, accum: int) -> Trainer:
         t = _trainer(shards, tmp_path / out, tiny_tokenizer, steps=4, grad_accum=accum)

@@ -761,6 +761,11 @@ def test_fsdp_resume_continues_exactly_on_two_processes(tmp_path: Path, tiny_tok
 
 
 if __name__ == "__main__":
-    _worker(
-        sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), *sys.argv[6:]
-    )
+    from danlu.engine import close_distributed
+
+    try:  # as `danlu <command>` does: the group ends before the interpreter does
+        _worker(
+            sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]), *sys.argv[6:]
+        )
+    finally:
+        close_distributed()
