@@ -699,9 +699,13 @@ class Trainer:
         # (a checkpoint saved before these were kept has none: the figures then cover this launch's steps)
         self._train_seconds = float(state.get("train_seconds", 0.0))
         self._train_tokens = int(state.get("train_tokens", 0))
+        # the stage's records so far, on every rank: what a stage reads from its history at the end (its first
+        # evaluation, its first rewards) is then the stage's, not the resumed launch's
+        self.history = self._records_until(self.step)
         if self.dist.main:
             print(f"[danlu] resumed {self.stage} from step {self.step} in {self.out}")
-            self._cut_metrics(self.step)
+            if (self.out / "metrics.jsonl").exists():  # the steps after it are redone and logged again
+                write_jsonl_atomic(self.out / "metrics.jsonl", self.history)
 
     def _recover(self) -> None:
         """Puts the newest complete checkpoint in `out` (finishing a save killed between its renames, or taking a
@@ -712,11 +716,11 @@ class Trainer:
         if self.dist.world_size > 1:
             dist.barrier()
 
-    def _cut_metrics(self, step: int) -> None:
-        """Drops metrics.jsonl lines after `step`: a resumed run redoes those steps and logs them again."""
+    def _records_until(self, step: int) -> list[dict[str, Any]]:
+        """metrics.jsonl's records up to `step` (a resumed run redoes the steps after it and logs them again)."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
-            return
+            return []
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
@@ -725,7 +729,7 @@ class Trainer:
                 continue
             if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
                 kept.append(rec)
-        write_jsonl_atomic(path, kept)
+        return kept
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """Ctrl-C and SIGTERM (a scheduler's stop) ask the loop to save and stop at the next step boundary, so the
