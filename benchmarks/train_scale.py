@@ -9,6 +9,11 @@ end of the warmup steps and the last step, timed on rank 0 (the ranks wait for e
 
     python benchmarks/train_scale.py                     # 3 rounds of 1×2 threads, 1×1, 2×1 DDP, 2×1 FSDP2
     python benchmarks/train_scale.py --rounds 5 --steps 40 --depth 6
+    # on GPUs (one process per GPU; MFU against the GPU's bf16 peak): 117M parameters (depth 12, width 768, GPT-2's vocabulary)
+    python benchmarks/train_scale.py --device cuda --gpus 1 --depth 12 --vocab 50304 --seq 1024 --batch 16 --compile on
+
+MFU is the engine's own figure (6N + attention FLOPs per token, `ModelConfig.flops_per_token`, over the device's
+peak, `engine.peak_flops`), taken over the same timed steps.
 """
 
 from __future__ import annotations
@@ -65,28 +70,33 @@ def worker(args: argparse.Namespace) -> None:
     from danlu.model import ModelConfig, Transformer
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(steps=args.steps, lr=1e-3, warmup_steps=2, log_every=10**6,
-                      eval_every=0, progress=False, parallel=args.parallel, threads=args.threads, compile="off",
+    cfg = TrainConfig(steps=args.steps, lr=1e-3, warmup_steps=2, log_every=10**6, eval_every=0, progress=False,
+                      parallel=args.parallel, threads=args.threads, compile=args.compile, device=args.device,
                       seed=0)  # fmt: skip
     d = init_distributed(cfg.device)
     cfg.batch_size = args.batch // d.world_size
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.seq))
+    mcfg = ModelConfig(vocab_size=args.vocab, depth=args.depth, max_position_embeddings=args.seq)
     data = RandomRows(args.vocab, args.seq, cfg.batch_size, d.rank, d.world_size)
-    trainer = Trainer(cfg, model, data, lambda m, b: (m(b["input_ids"], b["targets"]), {}), Path(args.out),
-                      Hooks(save_model=lambda *a: None), stage="benchmark")  # fmt: skip
+    trainer = Trainer(cfg, Transformer(mcfg), data, lambda m, b: (m(b["input_ids"], b["targets"]), {}),
+                      Path(args.out), Hooks(save_model=lambda *a: None), stage="benchmark",
+                      flops_per_token=mcfg.flops_per_token(args.seq))  # fmt: skip
     trainer.fit()
     if d.main:
-        t = data.times
+        t = data.times  # (the next batch is asked for once the step's optimizer update has run)
         seconds = t[-1] - t[args.warmup]  # steps warmup … steps-2 (the last step's end is not seen)
-        tokens = (len(t) - 1 - args.warmup) * args.batch * args.seq
-        Path(args.result).write_text(json.dumps({"tokens_per_s": tokens / seconds, "dtype": str(trainer.dtype)}))
+        tps = (len(t) - 1 - args.warmup) * args.batch * args.seq / seconds
+        # each process's peak is its own device's (a GPU, or on a CPU the cores its threads use): all of them
+        mfu = tps * trainer.flops_per_token / (trainer.peak * d.world_size)
+        Path(args.result).write_text(json.dumps({"tokens_per_s": tps, "mfu": mfu, "dtype": str(trainer.dtype),
+                                                 "device": str(trainer.device), "params": mcfg.num_params()}))
 
 
 def launch(args: argparse.Namespace, procs: int, threads: int, parallel: str, tmp: Path) -> dict[str, Any]:
     result = tmp / f"result-{procs}-{threads}-{parallel}.json"
     result.unlink(missing_ok=True)
     flags = [f"--threads={threads}", f"--parallel={parallel}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+             f"--device={args.device}", f"--compile={args.compile}",
              f"--batch={args.batch}", f"--seq={args.seq}", f"--depth={args.depth}", f"--vocab={args.vocab}",
              f"--out={tmp / 'out'}", f"--result={result}", "--worker"]  # fmt: skip
     script = str(Path(__file__).resolve())
@@ -96,6 +106,8 @@ def launch(args: argparse.Namespace, procs: int, threads: int, parallel: str, tm
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", script,
                *flags]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    if args.device.startswith("cuda"):
+        env.pop("OMP_NUM_THREADS")  # (threads do not drive a GPU's speed)
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if run.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stderr[-4000:]}")
@@ -112,10 +124,13 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=4, help="the tiny recipe's model: width 64 × depth")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--modes", default=",".join(str(i) for i in range(len(MODES))),
-                    help="which modes (indices into: " + "; ".join(m[0] for m in MODES) + ")")  # fmt: skip
+                    help="CPU: which modes (indices into: " + "; ".join(m[0] for m in MODES) + ")")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (then one process per GPU: --gpus)")
+    ap.add_argument("--gpus", type=int, default=1, help="cuda: 1 process, and torchrun's N processes when N > 1")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"])
     # the launched processes' own flags
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for name in ("threads", "parallel", "out", "result"):
+    for name in ("threads", "parallel", "out", "result"):  # (device and compile are the orchestrator's own)
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -127,7 +142,13 @@ def main() -> None:
         finally:
             close_distributed()
         return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
     modes = [MODES[int(i)] for i in args.modes.split(",")]
+    if args.device.startswith("cuda"):
+        modes = [("1 GPU", 1, 1, "ddp")]
+        if args.gpus > 1:
+            modes += [(f"{args.gpus} GPUs, torchrun, {p.upper()}", args.gpus, 1, p) for p in ("ddp", "fsdp")]
     print(f"{machine()}; model depth {args.depth} (vocab {args.vocab}), global batch {args.batch} × {args.seq} "
           f"tokens, {args.steps} steps ({args.warmup} warmup), {args.rounds} interleaved rounds")  # fmt: skip
     figures: dict[str, list[float]] = {m[0]: [] for m in modes}
@@ -136,8 +157,8 @@ def main() -> None:
             for label, procs, threads, parallel in modes:
                 got = launch(args, procs, threads, parallel, Path(tmp))
                 figures[label].append(got["tokens_per_s"])
-                print(f"  round {r + 1}: {label:32s} {got['tokens_per_s']:9,.0f} tokens/s ({got['dtype']})",
-                      flush=True)  # fmt: skip
+                print(f"  round {r + 1}: {label:32s} {got['tokens_per_s']:9,.0f} tokens/s, MFU {got['mfu']:.1%} "
+                      f"({got['params'] / 1e6:.1f}M parameters, {got['device']}, {got['dtype']})", flush=True)  # fmt: skip
     base = statistics.median(figures[modes[0][0]])
     print(f"medians (ratio to {modes[0][0]}):")
     for label, values in figures.items():
