@@ -97,20 +97,22 @@ def _rows_losses(
 
 def _rows_gradients(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
-    rows: int, dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    rows: int, dtype: torch.dtype, weight_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Gradients of x and of the weight given each row's upstream gradient: the backward of `none`, which
-    recomputes each chunk's logits from the saved log-sum-exp."""
+    recomputes each chunk's logits from the saved log-sum-exp. Without `weight_grad` (a frozen head: adapters,
+    RL with LoRA) the weight's gradient, a third of the head's backward, is not computed (None)."""
     w = weight.to(dtype)
     grad_x = torch.empty_like(x)
-    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
     for start in _chunk_starts(x.size(0), rows):
         xc, tc = x[start : start + rows], targets[start : start + rows]
         g = _softmax_minus_onehot(_chunk_logits(xc, w), lse[start : start + rows], tc)
         g = g.mul_(grad_out[start : start + rows].float().unsqueeze(1)).to(dtype)
         grad_x[start : start + rows] = (g @ w).to(x.dtype)
-        _accumulate_weight_grad(grad_w, g, xc)
-    return grad_x, grad_w.to(weight.dtype)
+        if grad_w is not None:
+            _accumulate_weight_grad(grad_w, g, xc)
+    return grad_x, grad_w.to(weight.dtype) if grad_w is not None else None
 
 
 def _loss_and_gradients(
@@ -161,7 +163,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_x, grad_w = ctx.saved_tensors
             return (grad_x * grad_out.to(grad_x.dtype), grad_w * grad_out.to(grad_w.dtype), *(None,) * 5)
         x, weight, targets, lse = ctx.saved_tensors
-        grad_x, grad_w = _rows_gradients(x, weight, targets, lse, grad_out, ctx.rows, ctx.dtype)
+        grad_x, grad_w = _rows_gradients(x, weight, targets, lse, grad_out, ctx.rows, ctx.dtype,
+                                         ctx.needs_input_grad[1])  # fmt: skip
         return (grad_x, grad_w, *(None,) * 5)
 
 
@@ -196,16 +199,18 @@ def _(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch
 @torch.library.custom_op("danlu::chunked_cross_entropy_backward", mutates_args=())
 def _chunked_cross_entropy_backward(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
-    dtype: torch.dtype,
+    dtype: torch.dtype, weight_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(grad of x, grad of the weight); a frozen weight's is an empty tensor (an op returns tensors, not None)."""
     rows = chunk_rows(x.size(0), weight.size(0))
-    return _rows_gradients(x, weight, targets, lse, grad_out.contiguous(), rows, dtype)
+    grad_x, grad_w = _rows_gradients(x, weight, targets, lse, grad_out.contiguous(), rows, dtype, weight_grad)
+    return grad_x, grad_w if grad_w is not None else weight.new_empty(0)
 
 
 @_chunked_cross_entropy_backward.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
-      dtype: torch.dtype) -> tuple:  # fmt: skip
-    return torch.empty_like(x), torch.empty_like(weight)
+      dtype: torch.dtype, weight_grad: bool) -> tuple:  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(weight) if weight_grad else weight.new_empty(0)
 
 
 def _save_for_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -216,8 +221,11 @@ def _save_for_backward(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _backward(ctx: Any, grad_loss: torch.Tensor, grad_lse: torch.Tensor | None) -> tuple:
     x, weight, targets, lse = ctx.saved_tensors
-    grad_x, grad_w = _chunked_cross_entropy_backward(x, weight, targets, lse, grad_loss, ctx.dtype)
-    return grad_x, grad_w, None, None
+    weight_grad = bool(ctx.needs_input_grad[1])
+    grad_x, grad_w = _chunked_cross_entropy_backward(
+        x, weight, targets, lse, grad_loss, ctx.dtype, weight_grad
+    )
+    return grad_x, grad_w if weight_grad else None, None, None
 
 
 _chunked_cross_entropy.register_autograd(_backward, setup_context=_save_for_backward)

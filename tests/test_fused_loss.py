@@ -47,6 +47,29 @@ def test_matches_the_plain_path_in_loss_and_gradients(reduction: str) -> None:
         assert (chunked[0][t == IGNORE_INDEX] == 0).all()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_frozen_head_gets_no_gradient_and_x_the_same_one(compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-token losses over a frozen head (an adapter trains, the head does not): x's gradient is the one the
+    trainable head gives, and the head's own, a third of the head's backward, is never computed. Compiled (the
+    custom op's path, traced by aot_eager: no C++ compiler needed) and eager."""
+    x, w, t = _inputs()
+    want = _loss_and_grads(plain_linear_cross_entropy, x, w, t, "none")
+    computed = []
+    real = losses_fused._accumulate_weight_grad
+    monkeypatch.setattr(losses_fused, "_accumulate_weight_grad", lambda *a: computed.append(1) or real(*a))
+    w.requires_grad_(False)
+    fn = lambda x, w, t: linear_cross_entropy(x, w, t, reduction="none")  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = fn(x, w, t)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)
+    (gx,) = torch.autograd.grad(loss, (x,), upstream)
+    torch.testing.assert_close(loss.detach(), want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, want[1], rtol=1e-6, atol=1e-6)
+    assert not computed
+
+
 def test_all_targets_ignored_gives_zero_loss_and_gradients() -> None:
     x, w, t = _inputs()
     t.fill_(IGNORE_INDEX)
