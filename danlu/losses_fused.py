@@ -79,6 +79,13 @@ def _accumulate_weight_grad(grad_w: torch.Tensor, g: torch.Tensor, xc: torch.Ten
         grad_w.add_((g.t() @ xc.to(g.dtype)).float())
 
 
+def _chunk_losses(logits: torch.Tensor, tc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, loss) of each row of a chunk's fp32 logits; the loss is 0 at ignored targets."""
+    lse = torch.logsumexp(logits, dim=1)
+    picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return lse, (lse - picked) * (tc != IGNORE_INDEX)
+
+
 def _rows_losses(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +94,8 @@ def _rows_losses(
     losses, lses = [], []
     for start in _chunk_starts(x.size(0), rows):
         xc, tc = x[start : start + rows], targets[start : start + rows]
-        logits = _chunk_logits(xc, w)
-        lse = torch.logsumexp(logits, dim=1)
-        picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
-        losses.append((lse - picked) * (tc != IGNORE_INDEX))
+        lse, loss = _chunk_losses(_chunk_logits(xc, w), tc)
+        losses.append(loss)
         lses.append(lse)
     return torch.cat(losses), torch.cat(lses)
 
@@ -127,9 +132,8 @@ def _loss_and_gradients(
     for start in _chunk_starts(x.size(0), rows):
         xc, tc = x[start : start + rows], targets[start : start + rows]
         logits = _chunk_logits(xc, w)
-        lse = torch.logsumexp(logits, dim=1)
-        picked = logits.gather(1, tc.clamp(min=0).unsqueeze(1)).squeeze(1)
-        losses.append((lse - picked) * (tc != IGNORE_INDEX))
+        lse, loss = _chunk_losses(logits, tc)
+        losses.append(loss)
         g = _softmax_minus_onehot(logits, lse, tc).to(dtype)
         grad_x[start : start + rows] = (g @ w).to(x.dtype)
         _accumulate_weight_grad(grad_w, g, xc)

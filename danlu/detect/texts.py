@@ -179,19 +179,17 @@ class BalancedBatches:
     def state_dict(self) -> dict[str, Any]:
         from danlu.data.position import batch_state
 
-        sizes = [len(c) for c in self.classes]
-        return {"position": self.position, "sizes": sizes, "texts": sum(sizes),
+        return {"position": self.position, "sizes": [len(c) for c in self.classes],
                 **batch_state(2 * self.half, self.world_size)}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continues from a saved position; the checks (same texts, a global batch the position holds for) and the
-        wording are the other sources' (`data.position.resumed_position`)."""
-        from danlu.data.position import resumed_position
+        """Continues from a saved position after checking the texts are the same and the position holds for this
+        run's global batch (`data.position.check_global_batch`, the other sources' check and wording)."""
+        from danlu.data.position import check_global_batch
 
         sizes = [len(c) for c in self.classes]
         if state.get("sizes") != sizes:
             raise DanluError(f"--resume: the checkpoint was trained on {state.get('sizes')} human/machine texts, "
                              f"this data has {sizes}")  # fmt: skip
-        # (checkpoints from before `texts` was saved: their sizes just matched)
-        self.position = resumed_position({"texts": sum(sizes), **state}, "texts", sum(sizes), self.world_size,
-                                         "detect data", batch=2 * self.half, rank=self.rank)  # fmt: skip
+        check_global_batch(state, 2 * self.half, self.world_size, "detect data", unit="texts", rank=self.rank)
+        self.position = int(state["position"])
