@@ -7,7 +7,9 @@ early stopping, atomic checkpoints with exact resume, a NaN/inf guard, a progres
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -17,7 +19,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -232,8 +234,80 @@ def close_distributed() -> None:
     thread to free them while the interpreter shuts down, and the process dies with SIGABRT ("terminate called
     without an active exception"). Destroying the group first drains and joins those threads. No barrier: the
     teardown is local, so a rank that is done (rank 1, while rank 0 writes its reports) leaves without waiting."""
+    global _RUN_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _RUN_GROUP = None
+
+
+_RUN_GROUP: Any = None  # launch_group's gloo group for waiting on rank 0
+RANK_ZERO_WAIT = datetime.timedelta(days=7)  # how long the other ranks wait for a stage rank 0 runs alone
+
+
+def launch_group(device_name: str) -> Dist:
+    """Under torchrun: the process group (as `init_distributed`) and beside it a gloo group in which the other ranks
+    wait while rank 0 runs a stage alone (`single_process`), made by every rank where `danlu run` starts. A data
+    stage on a dump can run for hours, past the default group's collective timeout, which stays as it is so that a
+    hung training step still fails."""
+    global _RUN_GROUP
+    d = init_distributed(device_name)
+    if d.world_size > 1 and _RUN_GROUP is None:
+        _RUN_GROUP = dist.new_group(backend="gloo", timeout=RANK_ZERO_WAIT)
+    return d
+
+
+def wait_for_main(d: Dist) -> None:
+    """Every rank waits here until all arrive: after rank 0 has finished a stage it ran alone."""
+    if d.world_size > 1:
+        with _main_gone(d):
+            dist.barrier(group=_RUN_GROUP)
+
+
+def broadcast_from_main(value: Any, d: Dist) -> Any:
+    """Rank 0's `value` (any picklable object) on every rank: what one rank decided or made for all."""
+    if d.world_size == 1:
+        return value
+    box = [value]
+    with _main_gone(d):
+        dist.broadcast_object_list(box, src=0, group=_RUN_GROUP)
+    return box[0]
+
+
+@contextlib.contextmanager
+def _main_gone(d: Dist) -> Iterator[None]:
+    """A waiting rank whose peer stopped (rank 0's stage failed and its process ended) says so in one line instead
+    of gloo's traceback, which would bury rank 0's own message."""
+    try:
+        yield
+    except RuntimeError:
+        raise DanluError(f"rank {d.rank}: another process of this launch stopped while this one waited for it; "
+                         "its own message says why") from None  # fmt: skip
+
+
+def _launch_variable(name: str) -> bool:
+    """The environment torchrun gives its workers, which `init_distributed` and any child process would act on."""
+    return name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "MASTER_ADDR", "MASTER_PORT") or name.startswith(("ROLE_", "TORCHELASTIC_"))  # fmt: skip
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """The body runs as a launch without torchrun: what rank 0 runs alone while the other ranks wait (the stages of
+    `danlu run` that have no distributed form: the corpus, data, tokenizer, evaluation, export, compression). Inside,
+    `launch_world_size` is 1, so `init_distributed` starts no collective the waiting ranks would never join, and a
+    child process (compression's restore SFT) starts as a launch of its own; on a CPU it uses the threads of all
+    the cores the node's processes share (less those other programs keep busy: `cpu_threads.choose_threads`), as
+    the other ranks sit idle in `wait_for_main`."""
+    from danlu.cpu_threads import choose_threads
+
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if _launch_variable(k)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(0, 1).threads)
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
 
 
 def all_reduce_mean(value: float, d: Dist, device: torch.device) -> float:

@@ -22,6 +22,9 @@ STAGES: list[str] = [
 GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
 MODEL_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]  # stages whose folder is a model
 CHAT_STAGES = ["sft", "dpo", "ppo", "grpo"]  # model stages that write a chat model (reward writes a scorer)
+# Under torchrun every rank runs these, each on its own rows of every global batch; rank 0 runs the other stages
+# alone (the corpus, data, tokenizer, evaluation, export, compression, synthesis) while the rest wait.
+DISTRIBUTED_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "detect"]
 
 
 @dataclasses.dataclass

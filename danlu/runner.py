@@ -4,10 +4,12 @@ A stage is a module in `danlu.stages` with `run_stage(ctx) -> metrics`. A stage 
 section (and the section does not say `enabled: false`). Each finished stage leaves `DIR/<stage>/stage.json`
 with a fingerprint of its config, its input files and the fingerprints of the stages before it; a rerun skips
 a stage whose fingerprint is unchanged, so editing `sft:` reruns SFT and what follows, not pretraining.
+`torchrun -m danlu run` runs the training stages on every process and the rest on rank 0 (`run_pipeline`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -18,7 +20,14 @@ from typing import Any
 from danlu import DanluError
 from danlu.cpu_threads import forget_choice
 from danlu.files import write_json_atomic
-from danlu.pipeline import GLOBAL_KEYS, MODEL_STAGES, STAGES, StageContext, stage_enabled
+from danlu.pipeline import (
+    DISTRIBUTED_STAGES,
+    GLOBAL_KEYS,
+    MODEL_STAGES,
+    STAGES,
+    StageContext,
+    stage_enabled,
+)
 
 # Re-exported for the stages and tests that still import them from here; their home is danlu.pipeline.
 __all__ = ["GLOBAL_KEYS", "STAGES", "StageContext", "active_stages", "run_pipeline"]
@@ -80,14 +89,21 @@ def fingerprint(name: str, recipe: dict[str, Any], previous: str) -> str:
 def run_pipeline(
     recipe: dict[str, Any], run_dir: Path, *, from_stage: str | None = None, only: list[str] | None = None
 ) -> dict[str, Any]:
-    """Runs the recipe's stages in order into `run_dir`; returns the summary (also written to summary.json)."""
+    """Runs the recipe's stages in order into `run_dir`; returns the summary (also written to summary.json).
+
+    Under torchrun every rank runs the stages of `DISTRIBUTED_STAGES` (each rank its own rows) and rank 0 runs the
+    others alone while the rest wait; rank 0 decides which stages are skipped and writes the run's own files."""
+    from danlu.engine import broadcast_from_main, launch_group, single_process, wait_for_main
+
     stages = active_stages(recipe)
     if from_stage is not None and from_stage not in stages:
         raise DanluError(
             f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "recipe.json", recipe)
+    d = launch_group(str(recipe.get("device") or "auto"))
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "recipe.json", recipe)
     summary_path = run_dir / "summary.json"
     summary: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary.setdefault("stages", {})
@@ -98,46 +114,57 @@ def run_pipeline(
         previous = fp
         forced = forced or name == from_stage
         done_path = run_dir / name / "stage.json"
-        done = json.loads(done_path.read_text()) if done_path.exists() else None
+        done = json.loads(done_path.read_text()) if d.main and done_path.exists() else None
         if only is not None and name not in only:
             continue
-        if not forced and done and done.get("fingerprint") == fp:
-            print(f"[danlu] {name}: unchanged since its last run, skipped")
-            summary["stages"][name] = done["metrics"]
+        if broadcast_from_main(not forced and done is not None and done.get("fingerprint") == fp, d):
+            if d.main:
+                print(f"[danlu] {name}: unchanged since its last run, skipped")
+                summary["stages"][name] = done["metrics"]  # type: ignore[index]
             continue
         section = dict(recipe.get(name) or {})
         section.pop("enabled", None)
         ctx = StageContext(name=name, run_dir=run_dir, cfg=section, recipe=recipe)
-        if done_path.exists():
-            done_path.unlink()  # a stage that starts over is not finished until it says so again
-        print(f"[danlu] ── stage {name} ──")
-        interrupted_at = interrupted_step(ctx.out)
-        if interrupted_at is not None:
-            print(f"[danlu] {name}: an interrupted run left a checkpoint at step {interrupted_at}; the stage continues "
-                  "from it when its settings are unchanged (resume: auto)")  # fmt: skip
+        alone = d.world_size > 1 and name not in DISTRIBUTED_STAGES
+        if d.main:
+            if done_path.exists():
+                done_path.unlink()  # a stage that starts over is not finished until it says so again
+            print(f"[danlu] ── stage {name} ──" + (f" (rank 0 alone; {d.world_size - 1} more wait)" if alone else ""))
+            interrupted_at = interrupted_step(ctx.out)
+            if interrupted_at is not None:
+                print(f"[danlu] {name}: an interrupted run left a checkpoint at step {interrupted_at}; the stage "
+                      "continues from it when its settings are unchanged (resume: auto)")  # fmt: skip
+        wait_for_main(d)  # the stage's folder is settled (an interrupted save finished) before any rank reads it
         forget_choice()  # each stage's trainer looks at the machine's load anew (danlu.cpu_threads)
         module = importlib.import_module(f"danlu.stages.{name}")
         t0 = time.time()
+        metrics: dict[str, Any] = {}
         try:
-            metrics = module.run_stage(ctx) or {}
+            if d.main or not alone:
+                with single_process() if alone else contextlib.nullcontext():
+                    metrics = module.run_stage(ctx) or {}
         except DanluError as e:
-            write_json_atomic(summary_path, summary)
-            write_run_report(run_dir)
+            if d.main:
+                write_json_atomic(summary_path, summary)
+                write_run_report(run_dir)
             raise DanluError(f"stage {name!r} failed: {e} (earlier stages are intact in {run_dir})") from None
-        seconds = round(time.time() - t0, 2)
-        metrics.pop(
-            "heldout", None
-        )  # held-out figures live in the checkpoint's heldout.json (summary: evaluation)
-        metrics = {**metrics, "seconds": seconds}
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(done_path, {"fingerprint": fp, "metrics": metrics, "finished_at": time.time()})
-        summary["stages"][name] = metrics
+        if d.main:
+            seconds = round(time.time() - t0, 2)
+            metrics.pop(
+                "heldout", None
+            )  # held-out figures live in the checkpoint's heldout.json (summary: evaluation)
+            metrics = {**metrics, "seconds": seconds}
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(done_path, {"fingerprint": fp, "metrics": metrics, "finished_at": time.time()})
+            summary["stages"][name] = metrics
+            refresh_evaluation(run_dir, summary)
+            write_json_atomic(summary_path, summary)
+            print(f"[danlu] {name}: done in {seconds:.1f}s")
+        wait_for_main(d)  # the next stage's ranks find this one finished
+    if d.main:
         refresh_evaluation(run_dir, summary)
         write_json_atomic(summary_path, summary)
-        print(f"[danlu] {name}: done in {seconds:.1f}s")
-    refresh_evaluation(run_dir, summary)
-    write_json_atomic(summary_path, summary)
-    write_run_report(run_dir)
+        write_run_report(run_dir)
     return summary
 
 

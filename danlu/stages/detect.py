@@ -181,7 +181,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.detect.metrics import HUMAN, MACHINE
     from danlu.detect.texts import Text
     from danlu.detect.train import DetectConfig, engine_config, train_detector
-    from danlu.engine import resolve_device
+    from danlu.engine import broadcast_from_main, init_distributed, resolve_device
     from danlu.files import write_json_atomic, write_jsonl_atomic, write_text_atomic
     from danlu.io import is_checkpoint
     from danlu.synth.local import LocalTeacher
@@ -218,26 +218,32 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     dcfg = DetectConfig(max_tokens=cfg.max_tokens, eval_share=cfg.eval_share, seed=seed, train=cfg.train)
     tcfg = engine_config(dcfg, ctx.recipe, TRAIN_DEFAULTS)  # the one rule: stages.common.train_config
     device = str(resolve_device(tcfg.device))
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    teacher = LocalTeacher(model_dir, batch_size=cfg.batch_size, device=device)
-    print(f"[danlu] detect: {cfg.model} answers {len(train_pairs)} training + {len(held_pairs)} held-out world prompts "
-          f"at (T, top_p) {list(settings)}; unseen settings {list(unseen_settings)}")  # fmt: skip
-    machine_train = _answers(teacher, [p for p, _ in train_pairs], settings, cfg.max_new_tokens, seed * 7 + 1)
+    # Under torchrun rank 0 alone samples and scores (one process's texts and figures); every rank trains.
+    d = init_distributed(tcfg.device)
     held_prompts = [p for p, _ in held_pairs]
     held_human = [a for _, a in held_pairs]
-    machine_held = _answers(teacher, held_prompts, settings, cfg.max_new_tokens, seed * 7 + 2)
-    machine_unseen_t = _answers(teacher, held_prompts, unseen_settings, cfg.max_new_tokens, seed * 7 + 3)
-    del teacher
-    write_jsonl_atomic(ctx.out / "machine_train.jsonl", [{"text": t} for t in machine_train])
-
     classifier = ctx.out / "classifier"
-    if classifier.exists():  # a rerun regenerates its machine text, so an earlier classifier is not resumed
-        import shutil
+    machine_train: list[str] = []
+    if d.main:
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        teacher = LocalTeacher(model_dir, batch_size=cfg.batch_size, device=device)
+        print(f"[danlu] detect: {cfg.model} answers {len(train_pairs)} training + {len(held_pairs)} held-out world "
+              f"prompts at (T, top_p) {list(settings)}; unseen settings {list(unseen_settings)}")  # fmt: skip
+        machine_train = _answers(teacher, [p for p, _ in train_pairs], settings, cfg.max_new_tokens, seed * 7 + 1)
+        machine_held = _answers(teacher, held_prompts, settings, cfg.max_new_tokens, seed * 7 + 2)
+        machine_unseen_t = _answers(teacher, held_prompts, unseen_settings, cfg.max_new_tokens, seed * 7 + 3)
+        del teacher
+        write_jsonl_atomic(ctx.out / "machine_train.jsonl", [{"text": t} for t in machine_train])
+        if classifier.exists():  # a rerun regenerates its machine text, so an earlier classifier is not resumed
+            import shutil
 
-        shutil.rmtree(classifier)
+            shutil.rmtree(classifier)
+    machine_train = broadcast_from_main(machine_train, d)
     trained = train_detector([Text(a, HUMAN, "world") for _, a in train_pairs],
                              [Text(t, MACHINE, cfg.model) for t in machine_train], model_dir, classifier, dcfg,
                              {"generator": cfg.model, "settings": [list(s) for s in settings]}, tcfg)  # fmt: skip
+    if not d.main:
+        return {}
 
     scorers: dict[str, Any] = {"fine-tuned": Detector.load(classifier, device)}
     notes: dict[str, str] = {}

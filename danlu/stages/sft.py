@@ -474,8 +474,9 @@ def heldout_evals(
 
 
 def _load_dialogs(
-    paths: list[Path], cfg: SFTConfig, tokenizer: Any, seq_len: int
+    paths: list[Path], cfg: SFTConfig, tokenizer: Any, seq_len: int, say: bool = True
 ) -> tuple[list[Example], dict[str, Any]]:
+    """The dialogs as training examples; `say`: print what was skipped and cut (rank 0 only under torchrun)."""
     from danlu.data.formats import ReadStats, read_conversations
 
     rstats = ReadStats()
@@ -488,9 +489,10 @@ def _load_dialogs(
         raise DanluError(
             f"none of the {len(convs)} dialogs fits in seq_len {seq_len} (e.g. {', '.join(estats.examples_where[:3])})"
         )
-    for reason, msg in rstats.first_skipped.items():
+    for reason, msg in rstats.first_skipped.items() if say else ():
         print(f"[danlu] sft: skipped {rstats.skipped[reason]} conversation(s) ({reason}), e.g. {msg}")
-    print(f"[danlu] sft: {estats.summary(seq_len, cfg.long_dialogs)}")
+    if say:
+        print(f"[danlu] sft: {estats.summary(seq_len, cfg.long_dialogs)}")
     info = {**rstats.as_metrics("data_"), **estats.metrics(), "examples": len(examples)}
     return examples, info
 
@@ -552,7 +554,7 @@ def sft(
         raise DanluError(f"sft.seq_len {seq_len} exceeds the context of {parent} ({context} tokens)")
     d = init_distributed(tcfg.device)
     set_seed(tcfg.seed)
-    examples, info = _load_dialogs(data, cfg, tokenizer, seq_len)
+    examples, info = _load_dialogs(data, cfg, tokenizer, seq_len, say=d.main)
     n_val = min(cfg.val_dialogs, len(examples) // 10)
     perm = np.random.default_rng([tcfg.seed, 7]).permutation(len(examples))
     val_ex = [examples[i] for i in perm[:n_val]]
