@@ -227,6 +227,10 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+_RUN_GROUP: Any = None  # _wait_group's gloo group
+RANK_ZERO_WAIT = datetime.timedelta(days=7)  # how long the other ranks wait for a stage rank 0 runs alone
+
+
 def close_distributed() -> None:
     """Destroys the process group `init_distributed` started, if there is one: once, where a command ends (every
     stage of `danlu run` shares the group), while Python is still fully alive. A gloo worker thread can still hold
@@ -240,27 +244,22 @@ def close_distributed() -> None:
     _RUN_GROUP = None
 
 
-_RUN_GROUP: Any = None  # launch_group's gloo group for waiting on rank 0
-RANK_ZERO_WAIT = datetime.timedelta(days=7)  # how long the other ranks wait for a stage rank 0 runs alone
-
-
-def launch_group(device_name: str) -> Dist:
-    """Under torchrun: the process group (as `init_distributed`) and beside it a gloo group in which the other ranks
-    wait while rank 0 runs a stage alone (`single_process`), made by every rank where `danlu run` starts. A data
-    stage on a dump can run for hours, past the default group's collective timeout, which stays as it is so that a
-    hung training step still fails."""
+def _wait_group() -> Any:
+    """A gloo group in which ranks wait for rank 0 while it works alone (a stage of `danlu run` without a distributed
+    form, compression's pruning, the detector's sampling), made by every rank at its first wait. A data stage on a
+    dump can run for hours, past the default group's collective timeout, which stays as it is so that a hung
+    training step still fails."""
     global _RUN_GROUP
-    d = init_distributed(device_name)
-    if d.world_size > 1 and _RUN_GROUP is None:
+    if _RUN_GROUP is None:
         _RUN_GROUP = dist.new_group(backend="gloo", timeout=RANK_ZERO_WAIT)
-    return d
+    return _RUN_GROUP
 
 
 def wait_for_main(d: Dist) -> None:
     """Every rank waits here until all arrive: after rank 0 has finished a stage it ran alone."""
     if d.world_size > 1:
         with _main_gone(d):
-            dist.barrier(group=_RUN_GROUP)
+            dist.barrier(group=_wait_group())
 
 
 def broadcast_from_main(value: Any, d: Dist) -> Any:
@@ -269,7 +268,7 @@ def broadcast_from_main(value: Any, d: Dist) -> Any:
         return value
     box = [value]
     with _main_gone(d):
-        dist.broadcast_object_list(box, src=0, group=_RUN_GROUP)
+        dist.broadcast_object_list(box, src=0, group=_wait_group())
     return box[0]
 
 

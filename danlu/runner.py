@@ -93,14 +93,14 @@ def run_pipeline(
 
     Under torchrun every rank runs the stages of `DISTRIBUTED_STAGES` (each rank its own rows) and rank 0 runs the
     others alone while the rest wait; rank 0 decides which stages are skipped and writes the run's own files."""
-    from danlu.engine import broadcast_from_main, launch_group, single_process, wait_for_main
+    from danlu.engine import broadcast_from_main, init_distributed, single_process, wait_for_main
 
     stages = active_stages(recipe)
     if from_stage is not None and from_stage not in stages:
         raise DanluError(
             f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}"
         )
-    d = launch_group(str(recipe.get("device") or "auto"))
+    d = init_distributed(str(recipe.get("device") or "auto"))
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "recipe.json", recipe)

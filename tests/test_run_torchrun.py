@@ -124,3 +124,34 @@ def test_single_process_hides_the_launch_from_what_runs_inside(monkeypatch: pyte
                                text=True, check=True).stdout  # fmt: skip
         assert not any(f"'{key}'" in child for key in launch)
     assert {k: os.environ[k] for k in launch} == launch
+
+
+def test_compress_on_two_processes_reports_what_one_process_does(runs: tuple[Path, Path, str]) -> None:
+    """`torchrun … danlu compress` with FSDP2: rank 0 prunes (one plan for both ranks), both distill, both heal the
+    shared-block option (under DDP: FSDP2 cannot shard a block two layers share — this crashed before), rank 0
+    alone measures, restores chat (its SFT child a launch of its own: before, each rank's child joined the other's
+    and the launch hung) and quantizes. The report equals one process's, row for row."""
+    one, _, _ = runs
+    world = one / "world"
+    args = ["--teacher", str(one / "pretrain"), "--data", str(world / "pretrain.jsonl"), "--eval-data",
+            str(world / "pretrain_val.jsonl"), "compress.ratio=2", "compress.subset.rows=300",
+            "compress.distill.train.steps=3", "compress.scratch.enabled=false", "compress.factorize.enabled=false",
+            "compress.share.heal_steps=1", "compress.restore.enabled=true", f"compress.restore.data={world / 'sft.jsonl'}",
+            f"compress.restore.eval_data={world}", "compress.restore.limit=8", "compress.restore.sft.train.steps=2",
+            "compress.quantize.bits=[8]", "compress.gguf=[]", "compress.eval_tokens=1000", "compress.eval_facts=0",
+            "compress.decode_tokens=0", "train.global_batch_size=8", "dtype=fp32"]  # fmt: skip
+    reports = {}
+    for processes, out in ((1, one / "compress1"), (2, one / "compress2")):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if processes > 1 else []
+        extra = ["train.parallel=fsdp"] if processes > 1 else []
+        done = subprocess.run([sys.executable, *launcher, "-m", "danlu", "compress", *args, *extra, "--out", str(out)],
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, (processes, done.stdout[-3000:], done.stderr[-6000:])
+        assert done.stdout.count("| model | params |") == 1  # the report, printed by rank 0 alone
+        reports[processes] = json.loads((out / "report.json").read_text())["rows"]
+    assert [r["model"] for r in reports[2]] == ["teacher", "pruned", "distilled", "teacher + SFT", "distilled + SFT",
+                                                "shared", "int8"]  # fmt: skip
+    for got, want in zip(reports[2], reports[1]):
+        assert got.keys() == want.keys(), got["model"]
+        for key, value in want.items():
+            assert got[key] == (pytest.approx(value, abs=1e-4) if isinstance(value, float) else value), (got["model"], key)

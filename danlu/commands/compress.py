@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from danlu.compress.pipeline import CompressConfig, run_compress
@@ -44,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(CompressConfig, section, "compress")
     tcfg = train_config(recipe, {**cfg.train, **cfg.distill.train}, "compress")
     result = run_compress(args.teacher, Path(args.out), cfg, tcfg, recipe)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the report is rank 0's
+        return 0
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}")
     return 0 if result.get("rows") else 1

@@ -56,8 +56,9 @@ def decode_speed(
 
 
 def measure(
-    name: str, model: torch.nn.Module, tokenizer: Any, folder: Path | None, cfg: Any, chat: bool = False
-) -> dict[str, Any]:
+    name: str, model: torch.nn.Module, tokenizer: Any, folder: Path | None, cfg: Any, chat: bool = False,
+    say: bool = True,
+) -> dict[str, Any]:  # fmt: skip
     """One report row for `model` (eval mode). `cfg` is the CompressConfig (eval_data, eval_tokens, facts, …);
     `folder` the saved weights whose bytes are reported (None: the bytes the tensors take in memory); a `chat`
     model also answers the held-out chat facts when `compress.restore.eval_data` names a world."""
@@ -93,8 +94,9 @@ def measure(
         row.update(chat_facts(model, tokenizer, cfg.restore))
     if cfg.decode_tokens:
         row["decode_tokens_per_s"] = decode_speed(model, tokenizer, prompt, cfg.decode_tokens)
-    print("[danlu] compress: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in row.items()))  # fmt: skip
+    if say:
+        print("[danlu] compress: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in row.items()))  # fmt: skip
     return row
 
 

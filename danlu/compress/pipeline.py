@@ -116,13 +116,17 @@ def run_compress(
 ) -> dict[str, Any]:
     """Runs the enabled steps and writes the report; returns {"rows": [...], step metrics…}. `tcfg` is the
     engine's TrainConfig for distillation (the caller merges the recipe's `train:` sections); `recipe` the whole
-    recipe, whose `sft:` section the restore step fine-tunes with."""
+    recipe, whose `sft:` section the restore step fine-tunes with.
+
+    Under torchrun every rank trains (distillation, the scratch control, the options' healing); rank 0 alone prunes,
+    measures, restores chat (its SFT runs as a launch of its own), quantizes and writes the report, while the
+    others wait or, once no step needs them, return."""
     from danlu.compress.distill import PackedRows
     from danlu.compress.importance import require_native
     from danlu.compress.measure import measure, report_table
     from danlu.compress.restore import check_restore, restore_chat
     from danlu.compress.subset import select_subset
-    from danlu.engine import init_distributed, resume_wanted, set_seed
+    from danlu.engine import init_distributed, resume_wanted, set_seed, single_process, wait_for_main
     from danlu.eval.bpb import text_batches
     from danlu.files import write_json_atomic, write_jsonl_atomic
     from danlu.io import load_checkpoint
@@ -147,16 +151,29 @@ def run_compress(
     teacher, tok = ckpt.model, ckpt.tokenizer
     require_native(teacher, "compress")
     set_seed(cfg.subset.seed)
-    rows = [measure("teacher", teacher, tok, teacher_path, cfg, chat=ckpt.is_chat)]
+    d = init_distributed(tcfg.device)
+
+    def measured(name: str, model: Any, folder: Path | None, chat: bool = False) -> list[dict[str, Any]]:
+        """[one report row] on rank 0, measured alone (figures do not split over ranks, and a decode speed taken
+        beside other ranks would share their cores); [] elsewhere. Under torchrun the model is read back from
+        `folder`: FSDP leaves the trained one sharded in memory, where rank 0 alone could not run it."""
+        if not d.main:
+            return []
+        if d.world_size > 1 and folder is not None and folder != teacher_path:
+            model = load_checkpoint(folder, quiet=True).model.float()
+        return [measure(name, model, tok, folder, cfg, chat=chat)]
+
+    rows = measured("teacher", teacher, teacher_path, chat=ckpt.is_chat)
     result: dict[str, Any] = {"teacher": str(teacher_path)}
 
     records = _read_texts(cfg.data, cfg.subset.text_field)
     if cfg.subset.enabled:
         records, report = select_subset(records, cfg.subset, "compress.subset")
-        write_jsonl_atomic(out / "subset.jsonl", records)
         result["subset"] = report
-        print(f"[danlu] compress: subset of {report['rows_picked']} rows from {report['rows_seen']} "
-              f"({report['near_duplicates_skipped']} near-duplicates skipped, {report['groups']} groups)")  # fmt: skip
+        if d.main:
+            write_jsonl_atomic(out / "subset.jsonl", records)
+            print(f"[danlu] compress: subset of {report['rows_picked']} rows from {report['rows_seen']} "
+                  f"({report['near_duplicates_skipped']} near-duplicates skipped, {report['groups']} groups)")  # fmt: skip
     texts = [
         str(r[cfg.subset.text_field]) for r in records if isinstance(r, dict) and cfg.subset.text_field in r
     ]
@@ -165,20 +182,25 @@ def run_compress(
     seq_len = min(cfg.prune.seq_len, teacher.config.max_position_embeddings)
     calibration = list(text_batches(tok, texts, seq_len, 16, cfg.prune.calibration_rows * seq_len))
 
-    student, student_dir = _make_student(
-        teacher, tok, ckpt.is_chat, teacher_path, calibration, out, cfg, result
-    )
+    pruning = cfg.prune.enabled and not cfg.student
+    if d.main or not pruning:
+        student, student_dir = _make_student(
+            teacher, tok, ckpt.is_chat, teacher_path, calibration, out, cfg, result, say=d.main
+        )
+    wait_for_main(d)
+    if pruning and d.world_size > 1:  # rank 0's one plan for all: importance sums can differ in their last bits
+        student, student_dir = load_checkpoint(out / "pruned", quiet=True).model.float(), out / "pruned"
     if student is not teacher:
-        rows.append(measure("student" if cfg.student else "pruned", student, tok, student_dir, cfg))
+        rows += measured("student" if cfg.student else "pruned", student, student_dir)
     final_dir, chat = (student_dir if student is not teacher else teacher_path), ckpt.is_chat
-    base = rows[-1]  # the row the options are judged against: the last float student's
+    base = rows[-1] if rows else {}  # the row the options are judged against: the last float student's
 
     d_len = min(cfg.distill.seq_len, teacher.config.max_position_embeddings)
 
     def packed() -> PackedRows:  # the same rows in the same order for every run on them
         return PackedRows.from_texts(tok, texts, d_len, tcfg.batch_size, tcfg.seed)
 
-    world = init_distributed(tcfg.device).world_size  # the token budget is the global batch's
+    world = d.world_size  # the token budget is the global batch's
     if cfg.distill.tokens:
         tcfg.steps = max(1, cfg.distill.tokens // (tcfg.batch_size * tcfg.grad_accum * world * d_len))
     held = None
@@ -202,9 +224,12 @@ def run_compress(
         global_rows = tcfg.batch_size * tcfg.grad_accum * world
         result["distill"]["tokens"] = result["distill"]["steps"] * global_rows * d_len
         student, student_dir = student.float(), out / "distilled"
+        if world > 1:  # FSDP leaves the student and the teacher sharded: the options start from whole copies
+            student = load_checkpoint(student_dir, quiet=True).model.float()
+            teacher = load_checkpoint(teacher_path, quiet=True).model
         final_dir = student_dir
-        rows.append(measure("distilled", student, tok, student_dir, cfg))
-        base = rows[-1]
+        rows += measured("distilled", student, student_dir)
+        base = rows[-1] if rows else {}
         # a base teacher gets the same fine-tuning too: the student's chat figures are then a share of its own
         controls = {} if ckpt.is_chat else {"teacher + SFT": teacher_path}
         controls["distilled + SFT"] = student_dir
@@ -217,24 +242,29 @@ def run_compress(
                 student.config, packed(), out / "scratch", tcfg=scratch_cfg, tokenizer=tok, meta=meta,
                 chat=ckpt.is_chat, resume=resume_wanted(out / "scratch", cfg.resume, scratch_cfg, "scratch"),
             )  # fmt: skip
-            rows.append(measure("scratch", scratch, tok, out / "scratch", cfg))
+            rows += measured("scratch", scratch, out / "scratch")
             controls["scratch + SFT"] = out / "scratch"
             del scratch
-        if cfg.restore.enabled:  # the control gets the same fine-tuning, so its chat figures compare
-            for name, folder in controls.items():
-                into = out / (("teacher" if folder == teacher_path else folder.name) + "_sft")
-                restored = restore_chat(folder, into, cfg.restore, recipe or {}, out / "restore.log")
-                model = load_checkpoint(restored, quiet=True).model
-                rows.append(measure(name, model, tok, restored, cfg, chat=True))
+        if cfg.restore.enabled and d.main:  # the control gets the same fine-tuning, so its chat figures compare
+            with single_process():  # the SFT child is a launch of its own, not a third rank of this one
+                for name, folder in controls.items():
+                    into = out / (("teacher" if folder == teacher_path else folder.name) + "_sft")
+                    restored = restore_chat(folder, into, cfg.restore, recipe or {}, out / "restore.log")
+                    model = load_checkpoint(restored, quiet=True).model
+                    rows.append(measure(name, model, tok, restored, cfg, chat=True))
+        if cfg.restore.enabled:
+            wait_for_main(d)
             final_dir, chat = out / "distilled_sft", True
 
     if student is not teacher:
         for name, option in (("low-rank", cfg.factorize), ("shared", cfg.share)):
             if option.enabled:
                 row, result[name] = _option(name, option, student, teacher, tok, calibration, packed, held, base,
-                                            tcfg, cfg)  # fmt: skip
-                rows.append(row)
+                                            tcfg, cfg, d)  # fmt: skip
+                rows += [row] if d.main else []
 
+    if not d.main:  # what is left is rank 0's alone
+        return result
     if cfg.quantize.enabled:
         rows += _quantize(final_dir, tok, chat, out, cfg)
     if cfg.gguf:
@@ -260,7 +290,7 @@ def _scratch_train(tcfg: Any, overrides: dict[str, Any]) -> Any:
 
 def _make_student(
     teacher: Any, tok: Any, chat: bool, teacher_path: Path, calibration: list, out: Path, cfg: CompressConfig,
-    result: dict[str, Any],
+    result: dict[str, Any], say: bool = True,
 ) -> tuple[Any, Path]:  # fmt: skip
     """The student and its folder: `compress.student` loaded (same tokenizer required), or the teacher pruned to
     the target shape, or (neither) the teacher itself."""
@@ -277,7 +307,8 @@ def _make_student(
         s = load_checkpoint(path, quiet=True)
         check_same_tokenizer(tok, s.tokenizer, f"compress.student={path}")
         require_native(s.model, "compress.student")
-        print(f"[danlu] compress: distilling into {path} (compress.student given: pruning skipped)")
+        if say:
+            print(f"[danlu] compress: distilling into {path} (compress.student given: pruning skipped)")
         return s.model.float(), path
     if not cfg.prune.enabled:
         return teacher, teacher_path
@@ -297,10 +328,12 @@ def _make_student(
 
 def _option(
     name: str, option: Any, student: Any, teacher: Any, tok: Any, calibration: list, packed: Any, held: Any,
-    base: dict[str, Any], tcfg: Any, cfg: CompressConfig,
+    base: dict[str, Any], tcfg: Any, cfg: CompressConfig, d: Any,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Low-rank factorization or block sharing applied to a copy of the student, healed by `heal_steps` of
-    distillation, measured, and judged against `base` (the row of the model it started from)."""
+    distillation, measured, and judged against `base` (the row of the model it started from). Under torchrun every
+    rank heals, with DDP even under `train.parallel=fsdp` (FSDP2 cannot shard a block that two layers share, and a
+    sharded copy could not be measured by rank 0 alone), and rank 0 measures and judges."""
     import copy
     import dataclasses
     import tempfile
@@ -320,13 +353,15 @@ def _option(
     if option.heal_steps:
         from danlu.compress.distill import distill
 
-        heal_cfg = dataclasses.replace(tcfg, steps=option.heal_steps, eval_every=0, save_minutes=0)
+        heal_cfg = dataclasses.replace(tcfg, steps=option.heal_steps, eval_every=0, save_minutes=0, parallel="ddp")
         with tempfile.TemporaryDirectory(
             prefix="danlu-heal-"
         ) as tmp:  # not a Llama checkpoint: not kept on disk
             info["heal"] = distill(model, teacher, packed(), Path(tmp) / "model", tcfg=heal_cfg, cfg=cfg.distill,
                                    tokenizer=tok, meta={"stage": f"compress.{name}"}, eval_rows=held)  # fmt: skip
         model = model.float()
+    if not d.main:
+        return {}, info
     row = measure(name, model, tok, None, cfg)
     saving = 1 - row["non_embedding_params"] / max(1, base["non_embedding_params"])
     info["param_saving"] = saving
