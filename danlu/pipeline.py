@@ -22,9 +22,10 @@ STAGES: list[str] = [
 GLOBAL_KEYS = ("seed", "device", "dtype", "compile", "train", "model", "extends")
 MODEL_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]  # stages whose folder is a model
 CHAT_STAGES = ["sft", "dpo", "ppo", "grpo"]  # model stages that write a chat model (reward writes a scorer)
-# Under torchrun every rank runs these, each on its own rows of every global batch; rank 0 runs the other stages
-# alone (the corpus, data, tokenizer, evaluation, export, compression, synthesis) while the rest wait.
-DISTRIBUTED_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "detect"]
+# Under torchrun every rank runs these, each on its own rows of every global batch (what is not training inside
+# them, rank 0 does alone); rank 0 runs the other stages alone (the corpus, data, tokenizer, evaluation, export,
+# synthesis) while the rest wait.
+DISTRIBUTED_STAGES = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "detect", "compress"]
 
 
 @dataclasses.dataclass
