@@ -155,3 +155,27 @@ def test_compress_on_two_processes_reports_what_one_process_does(runs: tuple[Pat
         assert got.keys() == want.keys(), got["model"]
         for key, value in want.items():
             assert got[key] == (pytest.approx(value, abs=1e-4) if isinstance(value, float) else value), (got["model"], key)
+
+
+def test_detect_train_generating_its_machine_text_samples_once_under_torchrun(runs: tuple[Path, Path, str]) -> None:
+    """`torchrun … danlu detect train --generate-with CKPT`: rank 0 alone samples (an endpoint would be asked once,
+    not once per rank) and both ranks train on its texts, as one process does."""
+    one, _, _ = runs
+    world = one / "world"
+    human = one / "human12.jsonl"  # as many human texts as prompts: the classes stay balanced
+    human.write_text("".join((world / "pretrain_val.jsonl").read_text().splitlines(keepends=True)[:12]))
+    args = ["detect", "train", "--human", str(human), "--generate-with", str(one / "sft"),
+            "--prompts", str(world / "sft.jsonl"), "--max-prompts", "12", "steps=3", "global_batch_size=8",
+            "max_tokens=32", "device=cpu", "dtype=fp32", "progress=false", "eval_share=0.2", "log_every=1"]  # fmt: skip
+    made = {}
+    for processes in (1, 2):
+        out = one / f"detector{processes}"
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if processes > 1 else []
+        done = subprocess.run([sys.executable, *launcher, "-m", "danlu", *args, "--out", str(out)], cwd=ROOT,
+                              env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, (processes, done.stdout[-3000:], done.stderr[-6000:])
+        assert done.stdout.count("machine texts from") == 1 and done.stdout.count(f"wrote {out}") == 1
+        made[processes] = ((one / f"detector{processes}.generated.jsonl").read_bytes(), _losses(one, out.name))
+    assert made[2][0] == made[1][0] and made[1][0]
+    assert [v for _, v in made[2][1]] == pytest.approx([v for _, v in made[1][1]], abs=1e-5)
+    assert len(made[1][1]) == 3

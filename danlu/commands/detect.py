@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,18 +90,23 @@ def _train(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"human": args.human, "machine": args.machine}
     if args.generate_with:
         from danlu.detect.generate import generate_machine_texts, read_prompts
+        from danlu.detect.train import engine_config
+        from danlu.engine import broadcast_from_main, init_distributed
         from danlu.synth.teacher import is_url, open_teacher
 
         if not args.prompts:
             raise DanluError("--generate-with needs --prompts FILE (what the model answers)")
-        teacher = open_teacher(args.generate_with, model=args.api_model)
-        made, rows = generate_machine_texts(
-            teacher, read_prompts(args.prompts, args.max_prompts), seed=cfg.seed
-        )
-        machine += made
-        write_jsonl_atomic(Path(args.out).parent / f"{Path(args.out).name}.generated.jsonl", rows)
-        print(f"[danlu] detect: {len(made)} machine texts from {teacher.name} "
-              f"(written to {args.out}.generated.jsonl)")  # fmt: skip
+        d = init_distributed(engine_config(cfg).device)
+        made = []
+        if d.main:  # under torchrun rank 0 alone samples (an endpoint is asked once), every rank trains on it
+            teacher = open_teacher(args.generate_with, model=args.api_model)
+            made, rows = generate_machine_texts(
+                teacher, read_prompts(args.prompts, args.max_prompts), seed=cfg.seed
+            )
+            write_jsonl_atomic(Path(args.out).parent / f"{Path(args.out).name}.generated.jsonl", rows)
+            print(f"[danlu] detect: {len(made)} machine texts from {teacher.name} "
+                  f"(written to {args.out}.generated.jsonl)")  # fmt: skip
+        machine += broadcast_from_main(made, d)
         meta["generated_with"] = args.generate_with
         backbone = backbone or (None if is_url(args.generate_with) else args.generate_with)
     elif args.prompts:
@@ -108,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     if not backbone:
         raise DanluError("detect train: give --from BACKBONE (a checkpoint folder or HF model to fine-tune)")
     result = train_detector(human, machine, backbone, args.out, cfg, meta)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the report is rank 0's
+        return 0
     print(json.dumps({k: v for k, v in result.items()}, ensure_ascii=False, indent=1))
     print(f"wrote {args.out}")
     return 0
