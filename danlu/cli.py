@@ -2,12 +2,15 @@
 
 Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args)`. Command modules must
 not import torch or other heavy libraries at module level: `danlu --help` answers in well under a second.
+A command with a distributed form says so with `EVERY_RANK` (True, or a function of its arguments): under torchrun
+every process runs it. Any other command runs on rank 0 alone, as one process would, and the other ranks end.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -29,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         name = getattr(module, "NAME", info.name)
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _every_rank=getattr(module, "EVERY_RANK", False))
     return parser
 
 
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        result = args._run(args)
+        result = _run_in_launch(args)
     except DanluError as e:
         print(f"danlu {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         if engine is not None:
             engine.close_distributed()
     return int(result or 0)
+
+
+def _run_in_launch(args: argparse.Namespace) -> int:
+    """The command, or under torchrun for a command without a distributed form (eval, export, data, merge …): rank
+    0 alone runs it as a plain process would (`engine.single_process`), and the other ranks end at once. Every
+    rank running it would do the work N times and race on its output files."""
+    every_rank = args._every_rank(args) if callable(args._every_rank) else args._every_rank
+    if every_rank or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return args._run(args)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    from danlu.engine import single_process
+
+    print(f"[danlu] {args.command} has no distributed form: rank 0 runs it alone and the other ranks end",
+          file=sys.stderr)  # fmt: skip
+    with single_process():
+        return args._run(args)
 
 
 if __name__ == "__main__":

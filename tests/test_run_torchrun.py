@@ -179,3 +179,20 @@ def test_detect_train_generating_its_machine_text_samples_once_under_torchrun(ru
     assert made[2][0] == made[1][0] and made[1][0]
     assert [v for _, v in made[2][1]] == pytest.approx([v for _, v in made[1][1]], abs=1e-5)
     assert len(made[1][1]) == 3
+
+
+def test_a_command_without_a_distributed_form_runs_on_rank_0_alone(runs: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """`torchrun … danlu data prepare`: before, both ranks ran datatrove into one folder and one died renaming the
+    other's temp file; now rank 0 runs it as one process does (same files, byte for byte) and rank 1 ends."""
+    one, _, _ = runs
+    args = ["-m", "danlu", "data", "prepare", "smoke", f'data.inputs=[{{"path": "{one / "world" / "pretrain.jsonl"}"}}]']
+    outs = {}
+    for processes in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if processes > 1 else []
+        out = tmp_path / f"data{processes}"
+        done = subprocess.run([sys.executable, *launcher, *args, "--out", str(out)], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, (processes, done.stderr[-4000:])
+        assert ("rank 0 runs it alone" in done.stderr) == (processes > 1)
+        outs[processes] = _files(out)
+    assert outs[2] == outs[1] and any(name.startswith("text/") for name in outs[1])

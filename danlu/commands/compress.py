@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 HELP = "compress a model: representative subset, Minitron pruning, distillation, int8/int4 quantization"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -187,3 +187,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     return {"train": _train, "score": _score, "eval": _eval}[args.detect_command](args)
+
+
+def _trains(args: argparse.Namespace) -> bool:
+    return bool(args.detect_command == "train")
+
+
+EVERY_RANK = _trains  # under torchrun `detect train` runs on every process, scoring on rank 0 alone (danlu.cli)

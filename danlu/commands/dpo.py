@@ -9,6 +9,7 @@ from danlu.commands._training import add_output_arguments, add_rl_arguments, pri
 from danlu.commands.reward import PAIRS_HELP
 
 HELP = "DPO: train a chat model on preference pairs against a frozen reference"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

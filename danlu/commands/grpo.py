@@ -8,6 +8,7 @@ from pathlib import Path
 from danlu.commands._training import add_output_arguments, add_rl_arguments, print_result, stage_config
 
 HELP = "GRPO: RL with groups of samples per prompt and answer-checking rewards"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 PROMPTS_HELP = "RL prompts (messages + answer): file or folder"
 REWARD_HELP = "reward function (world, arithmetic, gsm8k, exact, contains) or reward model folder"
 

@@ -11,6 +11,7 @@ from danlu.commands.grpo import PROMPTS_HELP, REWARD_HELP
 HELP = (
     "PPO: RL with a value head, GAE, clipped losses and a KL penalty, rewarded by a reward model or function"
 )
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

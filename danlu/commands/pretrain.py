@@ -8,6 +8,7 @@ from pathlib import Path
 from danlu.commands._training import add_output_arguments, print_result, stage_config
 
 HELP = "pretrain a Llama-compatible model on token shards (torchrun for several processes/GPUs)"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

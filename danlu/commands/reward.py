@@ -8,6 +8,7 @@ from pathlib import Path
 from danlu.commands._training import add_output_arguments, add_rl_arguments, print_result, stage_config
 
 HELP = "train a reward model (backbone + scalar head, Bradley–Terry loss) on preference pairs"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 PAIRS_HELP = "preference pairs (prompt/chosen/rejected, LLaMA-Factory, TRL or HH-RLHF): file or folder"
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 HELP = "run a pipeline recipe end to end (default: tiny, on the built-in world corpus)"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from danlu.commands._training import add_output_arguments, print_result, stage_config
 
 HELP = "supervised fine-tuning on dialogs (OpenAI messages, ShareGPT, Alpaca; JSONL/JSON) into a chat model"
+EVERY_RANK = True  # under torchrun every process runs it (danlu.cli)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
