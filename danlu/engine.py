@@ -133,8 +133,49 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX-512 BF16 or AMX; elsewhere bf16 would be emulated and slower."""
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX); without them bf16 is emulated and slow."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+BF16_MUST_WIN = 1.25  # bf16 also costs casts and a lossier loss: its matrix products must be clearly faster
+
+
+def _bf16_matmul_speedup(rows: int = 1024, inner: int = 512, cols: int = 1536, repeats: int = 5) -> float:
+    """bf16 over fp32 throughput of one (rows × inner) @ (inner × cols) product on this CPU, best of `repeats` each
+    (the shape of a small model's MLP): what oneDNN's bf16 kernels give here against MKL's fp32 ones."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(rows, inner, dtype=dtype), torch.randn(inner, cols, dtype=dtype)
+        a @ b  # first call: kernel choice and packing
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        seconds[dtype] = min(times)
+    return seconds[torch.float32] / max(seconds[torch.bfloat16], 1e-9)
+
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """Whether `dtype: auto` trains in bf16 on this CPU. With AMX, always (oneDNN runs bf16 products on its tiles,
+    ~4× fp32 here); without bf16 instructions, never. With AVX-512 BF16 alone it depends on the chip, so it is
+    measured, once per process: on Zen 4 bf16 products ran ~3.5× fp32, but on an Intel Xeon whose AMX was hidden
+    (oneDNN capped at AVX-512 BF16, as a VM that does not pass AMX through shows it) 0.56×, and the tiny recipe's
+    compiled step 0.71× fp32 (BENCHMARKS.md, seventeenth session)."""
+    flags = cpu_flags()
+    capped = any(os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))  # oneDNN told to skip AMX?
+    if "amx_bf16" in flags and not capped:
+        return True
+    if not {"avx512_bf16", "amx_bf16"} & flags:
+        return False
+    speedup = _bf16_matmul_speedup()
+    pays = speedup >= BF16_MUST_WIN
+    if os.environ.get("RANK", "0") == "0":  # each process measures; the trainer keeps rank 0's choice for all
+        print(f"[danlu] this CPU's bf16 matrix products ({'oneDNN capped' if capped else 'AVX-512 BF16, no AMX'}) "
+              f"ran {speedup:.2f}× its fp32 ones: dtype auto is {'bf16' if pays else 'fp32'} (train.dtype=bf16 or "
+              "fp32 decides instead)")  # fmt: skip
+    return pays
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -144,14 +185,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_bf16_pays() else torch.float32
 
 
 @functools.cache
 def _say_training_runs_in_fp32() -> None:
     """A CPU without bf16 instructions trains ~3× slower (BENCHMARKS.md); said once, so the ETA is no surprise."""
-    print("[danlu] this CPU has no bf16 instructions (AVX-512 BF16 or AMX): training runs in fp32, about 3× "
-          "slower than on a CPU that has them")  # fmt: skip
+    if not cpu_has_bf16():
+        print("[danlu] this CPU has no bf16 instructions (AVX-512 BF16 or AMX): training runs in fp32, about 3× "
+              "slower than on a CPU that has them")  # fmt: skip
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -529,8 +571,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         use_deterministic(cfg.deterministic, self.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        if cfg.dtype == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
-            _say_training_runs_in_fp32()
+        if cfg.dtype == "auto" and self.device.type == "cpu":  # a measured choice (cpu_bf16_pays): rank 0's for all
+            self.dtype = broadcast_from_main(self.dtype, self.dist)
+            if self.dtype == torch.float32:
+                _say_training_runs_in_fp32()
         self.raw_model = model.to(self.device)
         self.compiled = self._use_compile()
         self.model = self._wrap(self.raw_model)

@@ -186,6 +186,39 @@ def test_cpu_peak_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 8 * 2
 
 
+def test_dtype_auto_trains_in_bf16_only_where_this_cpu_multiplies_bf16_faster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """AMX: bf16 unmeasured; no bf16 instructions: fp32; AVX-512 BF16 alone (or oneDNN capped below AMX): bf16 only
+    when its measured matrix products are clearly faster than fp32 (an Intel Xeon with AMX hidden ran them at 0.56×:
+    bf16 there made training slower). The measurement itself is real and positive."""
+    import danlu.engine as engine
+
+    cpu = torch.device("cpu")
+    speedup = {"value": 3.5}
+    monkeypatch.setattr(engine, "_bf16_matmul_speedup", lambda: speedup["value"])
+
+    def auto(flags: str, cap: str = "") -> torch.dtype:
+        monkeypatch.setattr(engine, "_cpuinfo", lambda: f"flags\t\t: {flags}\n")
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap) if cap else monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        engine.cpu_bf16_pays.cache_clear()
+        return engine.resolve_dtype("auto", cpu)
+
+    speedup["value"] = 0.5  # never asked where the flags decide
+    assert auto("avx512f avx512_bf16 amx_bf16 amx_tile") == torch.bfloat16
+    assert auto("avx2 fma") == torch.float32
+    assert capsys.readouterr().out == ""
+    assert auto("avx512f avx512_bf16") == torch.float32
+    assert "ran 0.50× its fp32 ones: dtype auto is fp32" in capsys.readouterr().out
+    assert auto("avx512f avx512_bf16 amx_bf16", cap="AVX512_CORE_BF16") == torch.float32
+    speedup["value"] = 3.5
+    assert auto("avx512f avx512_bf16") == torch.bfloat16
+    assert engine.resolve_dtype("fp32", cpu) == torch.float32 and engine.resolve_dtype("bf16", cpu) == torch.bfloat16
+    monkeypatch.undo()
+    engine.cpu_bf16_pays.cache_clear()
+    assert 0 < engine._bf16_matmul_speedup(rows=64, inner=64, cols=64, repeats=1) < float("inf")
+
+
 def test_muon_option_trains(tmp_path: Path, shards, tiny_tokenizer) -> None:
     t = _trainer(shards, tmp_path / "m", tiny_tokenizer, steps=8, optimizer="muon")
     t.fit()

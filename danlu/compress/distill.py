@@ -216,7 +216,7 @@ def heldout_kl(
 
 
 def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
-    from danlu.engine import cpu_has_bf16
+    from danlu.engine import cpu_bf16_pays
 
     if name in ("fp32", "float32"):
         return torch.float32
@@ -226,7 +226,7 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
         raise DanluError(f"compress.distill.teacher_dtype={name!r}: expected auto, bf16 or fp32")
     return (
         torch.bfloat16
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        if device.type == "cuda" or (device.type == "cpu" and cpu_bf16_pays())
         else torch.float32
     )
 
