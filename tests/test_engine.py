@@ -317,7 +317,7 @@ def test_a_command_ends_the_process_group(tmp_path: Path, monkeypatch: pytest.Mo
             return 0
 
         parser = argparse.ArgumentParser()
-        parser.set_defaults(_run=run, command="train")
+        parser.set_defaults(_run=run, _every_rank=True, command="train")
         return parser
 
     try:
