@@ -74,7 +74,9 @@ def _run_in_launch(args: argparse.Namespace) -> int:
     every_rank = args._every_rank(args) if callable(args._every_rank) else args._every_rank
     if every_rank or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return args._run(args)
-    if os.environ.get("RANK", "0") != "0":
+    from danlu.commands._training import main_rank
+
+    if not main_rank():
         return 0
     from danlu.engine import single_process
 

@@ -55,8 +55,13 @@ def stage_config(
     return recipe, from_dict(cls, section, stage)
 
 
+def main_rank() -> bool:
+    """Rank 0 of a torchrun launch, or a plain process: the one that prints a command's report."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def print_result(stage: str, result: dict[str, Any], out: str, hint: str = "") -> None:
-    if os.environ.get("RANK", "0") != "0":
+    if not main_rank():
         return
     shown = {k: v for k, v in result.items() if not isinstance(v, list)}
     print(f"[danlu] {stage}: {shown}\nwrote {out}" + (f"\n{hint}" if hint else ""))

@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
+    from danlu.commands._training import main_rank
     from danlu.compress.pipeline import CompressConfig, run_compress
     from danlu.config import apply_overrides, from_dict, load_recipe
     from danlu.stages.common import train_config
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_dict(CompressConfig, section, "compress")
     tcfg = train_config(recipe, {**cfg.train, **cfg.distill.train}, "compress")
     result = run_compress(args.teacher, Path(args.out), cfg, tcfg, recipe)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the report is rank 0's
+    if not main_rank():  # under torchrun the report is rank 0's
         return 0
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from danlu import DanluError
+    from danlu.commands._training import main_rank
     from danlu.config import apply_overrides, from_dict
     from danlu.detect.metrics import HUMAN, MACHINE
     from danlu.detect.texts import read_texts
@@ -114,7 +114,7 @@ def _train(args: argparse.Namespace) -> int:
     if not backbone:
         raise DanluError("detect train: give --from BACKBONE (a checkpoint folder or HF model to fine-tune)")
     result = train_detector(human, machine, backbone, args.out, cfg, meta)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the report is rank 0's
+    if not main_rank():  # under torchrun the report is rank 0's
         return 0
     print(json.dumps({k: v for k, v in result.items()}, ensure_ascii=False, indent=1))
     print(f"wrote {args.out}")

@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from danlu import DanluError
+    from danlu.commands._training import main_rank
     from danlu.config import apply_overrides, load_recipe
     from danlu.runner import active_stages, run_pipeline
 
@@ -65,16 +66,9 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         return _run_seeds(recipe, out, args)
     summary = run_pipeline(recipe, out, from_stage=args.from_stage, only=args.only)
-    if _main_rank():
+    if main_rank():
         _print_summary(summary, out)
     return 0
-
-
-def _main_rank() -> bool:
-    """Rank 0 of a torchrun launch (or a plain process): the one that writes the run's report and summary."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
 
 
 def seed_runs(recipe: dict, out: Path, n: int) -> dict[int, tuple[dict, Path]]:
@@ -94,6 +88,7 @@ def seed_runs(recipe: dict, out: Path, n: int) -> dict[int, tuple[dict, Path]]:
 def _run_seeds(recipe: dict, out: Path, args: argparse.Namespace) -> int:
     """The recipe once per seed (a finished seed's unchanged stages are skipped, as in any rerun), then the
     aggregate over all of them."""
+    from danlu.commands._training import main_rank
     from danlu.eval.seeds import write_seed_report
     from danlu.runner import run_pipeline
 
@@ -101,7 +96,7 @@ def _run_seeds(recipe: dict, out: Path, args: argparse.Namespace) -> int:
     for seed, (seeded, folder) in runs.items():
         print(f"[danlu] ══ seed {seed} ({folder}) ══")
         run_pipeline(seeded, folder, from_stage=args.from_stage, only=args.only)
-    if not _main_rank():
+    if not main_rank():
         return 0
     json_path, md_path = write_seed_report(out, {seed: folder for seed, (_, folder) in runs.items()})
     print(f"\n[danlu] {len(runs)} runs finished: mean ± std per metric in {md_path} (and {json_path.name})")
