@@ -335,11 +335,10 @@ def _launch_variable(name: str) -> bool:
 def single_process() -> Iterator[None]:
     """The body runs as a launch without torchrun: what rank 0 runs alone while the other ranks wait (the stages of
     `danlu run` that have no distributed form: the corpus, data, tokenizer, evaluation, export; compression's chat
-    restore). Inside,
-    `launch_world_size` is 1, so `init_distributed` starts no collective the waiting ranks would never join, and a
-    child process (compression's restore SFT) starts as a launch of its own; on a CPU it uses the threads of all
-    the cores the node's processes share (less those other programs keep busy: `cpu_threads.choose_threads`), as
-    the other ranks sit idle in `wait_for_main`."""
+    restore). Inside, `launch_world_size` is 1, so `init_distributed` starts no collective the waiting ranks would
+    never join, and a child process (compression's restore SFT) starts as a launch of its own; on a CPU it uses the
+    threads of all the cores the node's processes share (less those other programs keep busy:
+    `cpu_threads.choose_threads`), as the other ranks sit idle in `wait_for_main`."""
     from danlu.cpu_threads import choose_threads
 
     saved = {k: os.environ.pop(k) for k in list(os.environ) if _launch_variable(k)}

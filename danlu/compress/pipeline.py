@@ -155,13 +155,9 @@ def run_compress(
 
     def measured(name: str, model: Any, folder: Path | None, chat: bool = False) -> list[dict[str, Any]]:
         """[one report row] on rank 0, measured alone (figures do not split over ranks, and a decode speed taken
-        beside other ranks would share their cores); [] elsewhere. Under torchrun the model is read back from
-        `folder`: FSDP leaves the trained one sharded in memory, where rank 0 alone could not run it."""
-        if not d.main:
-            return []
-        if d.world_size > 1 and folder is not None and folder != teacher_path:
-            model = load_checkpoint(folder, quiet=True).model.float()
-        return [measure(name, model, tok, folder, cfg, chat=chat)]
+        beside other ranks would share their cores); [] elsewhere. `model` must be whole: under torchrun a trained
+        one is read back from its folder first (FSDP leaves it sharded, where rank 0 alone could not run it)."""
+        return [measure(name, model, tok, folder, cfg, chat=chat)] if d.main else []
 
     rows = measured("teacher", teacher, teacher_path, chat=ckpt.is_chat)
     result: dict[str, Any] = {"teacher": str(teacher_path)}
@@ -242,6 +238,8 @@ def run_compress(
                 student.config, packed(), out / "scratch", tcfg=scratch_cfg, tokenizer=tok, meta=meta,
                 chat=ckpt.is_chat, resume=resume_wanted(out / "scratch", cfg.resume, scratch_cfg, "scratch"),
             )  # fmt: skip
+            if world > 1:  # as the distilled student: FSDP leaves it sharded
+                scratch = load_checkpoint(out / "scratch", quiet=True).model.float()
             rows += measured("scratch", scratch, out / "scratch")
             controls["scratch + SFT"] = out / "scratch"
             del scratch

@@ -489,9 +489,9 @@ def _load_dialogs(
         raise DanluError(
             f"none of the {len(convs)} dialogs fits in seq_len {seq_len} (e.g. {', '.join(estats.examples_where[:3])})"
         )
-    for reason, msg in rstats.first_skipped.items() if say else ():
-        print(f"[danlu] sft: skipped {rstats.skipped[reason]} conversation(s) ({reason}), e.g. {msg}")
     if say:
+        for reason, msg in rstats.first_skipped.items():
+            print(f"[danlu] sft: skipped {rstats.skipped[reason]} conversation(s) ({reason}), e.g. {msg}")
         print(f"[danlu] sft: {estats.summary(seq_len, cfg.long_dialogs)}")
     info = {**rstats.as_metrics("data_"), **estats.metrics(), "examples": len(examples)}
     return examples, info
