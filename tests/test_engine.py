@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from danlu import DanluError
 from danlu.config import apply_overrides, from_dict, load_recipe
@@ -169,7 +170,8 @@ def test_schedules() -> None:
 
 
 def test_cpu_peak_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MFU's denominator: AMX tiles for bf16 where the CPU has them, vector widths otherwise."""
+    """MFU's denominator: AMX tiles for bf16 where the CPU has them and oneDNN may use them, vector widths
+    otherwise (oneDNN capped below AMX runs AVX-512 BF16: its MFU must not be counted against the tiles)."""
     import danlu.engine as engine
 
     def cpu(flags: str) -> None:
@@ -182,6 +184,11 @@ def test_cpu_peak_counts_amx_for_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu("fma avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
     assert engine.peak_flops(torch.device("cpu"), torch.bfloat16) == 2 * 2e9 * 1024
     assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 16 * 2
+    for cap, amx in (("AVX512_CORE_BF16", False), ("avx2", False), ("AVX512_CORE_AMX", True), ("ALL", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        expected = 2 * 2e9 * 1024 if amx else 2 * 2e9 * 2 * 16 * 2 * 2
+        assert engine.peak_flops(torch.device("cpu"), torch.bfloat16) == expected, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     cpu("fma avx2")
     assert engine.peak_flops(torch.device("cpu"), torch.float32) == 2 * 2e9 * 2 * 8 * 2
 
@@ -224,6 +231,33 @@ def test_muon_option_trains(tmp_path: Path, shards, tiny_tokenizer) -> None:
     t.fit()
     losses = [r["loss"] for r in t.history if r.get("event") == "train"]
     assert losses[-1] < losses[0]
+
+
+def test_muon_stacks_same_shape_updates_without_changing_them() -> None:
+    """In bf16 Muon orthogonalizes the updates of one shape as one batch of products (faster on a CPU): the weights
+    after a few steps are the bits one-at-a-time updates give; in fp32 each matrix goes alone."""
+    from danlu.engine import Muon
+    from danlu.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    hidden = [p for n, p in Transformer(ModelConfig(vocab_size=256, depth=2)).named_parameters()
+              if p.dim() == 2 and "embed" not in n]  # fmt: skip
+    grads = [[torch.randn_like(p) for p in hidden] for _ in range(3)]
+    for dtype, stacks in ((torch.bfloat16, 4), (torch.float32, len(hidden))):
+        runs = []
+        for together in (True, False):
+            params = [nn.Parameter(p.detach().clone()) for p in hidden]
+            opt = Muon(params, dtype=dtype)
+            if not together:
+                opt._stacks = lambda ps: [[i] for i in range(len(ps))]  # type: ignore[method-assign]
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad = g.clone()
+                opt.step()
+            runs.append(params)
+        assert len(Muon(hidden, dtype=dtype)._stacks(hidden)) == stacks
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        assert not all(torch.equal(a, p) for a, p in zip(runs[0], hidden))
 
 
 def test_deterministic_compiled_training_repeats_bit_for_bit(tmp_path: Path, shards, tiny_tokenizer) -> None:
