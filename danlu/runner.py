@@ -86,6 +86,26 @@ def fingerprint(name: str, recipe: dict[str, Any], previous: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_recipe(recipe: dict[str, Any], stages: list[str]) -> None:
+    """Reads every stage's section (its `read_config`), the stage's engine settings merged with the recipe's
+    `train:`, and `model:`, before the first stage runs: a typo in `grpo:` stops the run in its first second with
+    the key named, not after pretraining and SFT. What only a stage can know (files, the world size) it checks
+    itself when it starts."""
+    from danlu.config import from_dict
+    from danlu.engine import TrainConfig
+    from danlu.model import ModelConfig
+
+    if "pretrain" in stages:  # the stage that builds a model from `model:`
+        from_dict(ModelConfig, recipe.get("model"), "model")
+    for name in stages:
+        section = dict(recipe.get(name) or {})
+        section.pop("enabled", None)
+        read = getattr(importlib.import_module(f"danlu.stages.{name}"), "read_config", None)
+        cfg = read(section) if read is not None else None
+        if isinstance(getattr(cfg, "train", None), dict):
+            from_dict(TrainConfig, {**(recipe.get("train") or {}), **cfg.train}, f"{name}.train")
+
+
 def run_pipeline(
     recipe: dict[str, Any], run_dir: Path, *, from_stage: str | None = None, only: list[str] | None = None
 ) -> dict[str, Any]:
@@ -100,6 +120,7 @@ def run_pipeline(
         raise DanluError(
             f"--from {from_stage!r}: not a stage of this recipe; its stages: {', '.join(stages)}"
         )
+    check_recipe(recipe, stages)
     d = init_distributed(str(recipe.get("device") or "auto"))
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)

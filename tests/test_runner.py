@@ -58,17 +58,43 @@ def test_new_danlu_code_reruns_the_world_and_what_follows(tmp_path: Path, monkey
     assert all(_stamp(run, s) != again[s] for s in first)
 
 
-def test_a_failing_stage_stops_the_run_and_leaves_earlier_stages(tmp_path: Path, capsys) -> None:
+def test_a_failing_stage_stops_the_run_and_leaves_earlier_stages(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import danlu.stages.tokenizer as tokenizer_stage
+
+    def fails(ctx: object) -> None:
+        raise DanluError("no text to train on")  # what only the stage can find out, when it runs
+
     run = tmp_path / "run"
-    bad = {**RECIPE, "tokenizer": {"vocab_size": 300, "bogus_key": 1}}
-    with pytest.raises(DanluError, match=r"stage 'tokenizer' failed: .*bogus_key.*earlier stages are intact"):
-        run_pipeline(bad, run)
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer_stage, "run_stage", fails)
+        with pytest.raises(DanluError, match=r"stage 'tokenizer' failed: no text.*earlier stages are intact"):
+            run_pipeline(dict(RECIPE), run)
     assert (run / "world" / "stage.json").exists() and (run / "world" / "eval" / "facts_base.jsonl").exists()
     assert not (run / "tokenizer" / "stage.json").exists()
     assert "world" in json.loads((run / "summary.json").read_text())["stages"]
     assert (run / "report.html").exists()  # what finished is still reported
     run_pipeline(dict(RECIPE), run)  # fixing the recipe continues from the failed stage
     assert "world: unchanged" in capsys.readouterr().out and (run / "tokenizer" / "stage.json").exists()
+
+
+def test_every_section_is_read_before_the_first_stage_runs(tmp_path: Path) -> None:
+    """A typo in a late stage's section, its engine settings or `model:` stops `danlu run` before any stage has
+    run (it used to surface after pretraining and SFT), with the key and the section named."""
+    recipe = {**RECIPE, "tokens": {}, "pretrain": {"train": {"steps": 2}}, "grpo": {"group_size": 2}}
+    cases = [
+        ({"grpo": {"group_sise": 4}}, "grpo: unknown key 'group_sise'"),
+        ({"grpo": {"train": {"stpes": 3}}}, "grpo.train: unknown key 'stpes'"),
+        ({"train": {"lr": "fast"}}, r"pretrain.train.lr: expected a number, got 'fast'"),
+        ({"model": {"dept": 4}}, "model: unknown key 'dept'"),
+        ({"tokenizer": {"vocab_size": 300, "bogus_key": 1}}, "tokenizer: unknown key 'bogus_key'"),
+    ]
+    for change, message in cases:
+        run = tmp_path / "run"
+        with pytest.raises(DanluError, match=message):
+            run_pipeline({**recipe, **change}, run)
+        assert not run.exists(), change  # nothing ran, nothing written
 
 
 def test_from_and_unknown_sections_are_clear_errors(tmp_path: Path) -> None:

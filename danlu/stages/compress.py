@@ -29,11 +29,17 @@ def _replay_tokens(ctx: StageContext, teacher: str | Path) -> str | None:
     return str(folder) if same else None
 
 
+def read_config(section: dict[str, Any]) -> Any:
+    from danlu.compress.pipeline import CompressConfig
+
+    return from_dict(CompressConfig, section, "compress")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
-    from danlu.compress.pipeline import CompressConfig, run_compress, summary
+    from danlu.compress.pipeline import run_compress, summary
     from danlu.stages.common import train_config
 
-    cfg = from_dict(CompressConfig, ctx.cfg, "compress")
+    cfg = read_config(ctx.cfg)
     teacher = cfg.teacher or ctx.input("pretrain")
     world = ctx.run_dir / "world"
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from danlu.data.pipeline import flat_metrics, run_data
+from danlu.data.pipeline import DataConfig, flat_metrics, parse_config, run_data
 from danlu.pipeline import StageContext
+
+
+def read_config(section: dict[str, Any]) -> DataConfig:
+    return parse_config(section, "data")
 
 
 def run_stage(ctx: StageContext) -> dict[str, Any]:

@@ -176,6 +176,10 @@ def flat_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def read_config(section: dict[str, Any]) -> DetectStageConfig:
+    return from_dict(DetectStageConfig, section, "detect")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.detect.classifier import Detector
     from danlu.detect.metrics import HUMAN, MACHINE
@@ -186,7 +190,7 @@ def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.io import is_checkpoint
     from danlu.synth.local import LocalTeacher
 
-    cfg = from_dict(DetectStageConfig, ctx.cfg, "detect")
+    cfg = read_config(ctx.cfg)
     settings, unseen_settings = (
         _settings(cfg.settings, "settings"),
         _settings(cfg.unseen_settings, "unseen_settings"),

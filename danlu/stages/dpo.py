@@ -288,10 +288,14 @@ class JudgedSets:
         return result
 
 
+def read_config(section: dict[str, Any]) -> DPOConfig:
+    return from_dict(DPOConfig, section, "dpo")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.stages.common import rl_stage_inputs
 
-    cfg = from_dict(DPOConfig, ctx.cfg, "dpo")
+    cfg = read_config(ctx.cfg)
     parent, data, eval_data = rl_stage_inputs(ctx, cfg, "preference.jsonl", "eval/preference.jsonl")
     if cfg.sample_prompts:  # the judged pairs' prompts: the world's RL prompts unless given
         world = ctx.run_dir / "world"

@@ -92,11 +92,15 @@ def evaluate_run(ctx: StageContext, cfg: EvalStageConfig) -> dict[str, dict[str,
     return results
 
 
+def read_config(section: dict[str, Any]) -> EvalStageConfig:
+    return from_dict(EvalStageConfig, section, "eval")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.eval.results import markdown_table, results_table
     from danlu.files import write_json_atomic, write_text_atomic
 
-    cfg = from_dict(EvalStageConfig, ctx.cfg, "eval")
+    cfg = read_config(ctx.cfg)
     results = evaluate_run(ctx, cfg)
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ctx.out / "results.json", {"split": cfg.split, "checkpoints": results})

@@ -24,11 +24,15 @@ class ExportStageConfig:
     quant: str = "q8_0"  # f32 | f16 | bf16 | q8_0 | q4_0 | q4_k_m
 
 
+def read_config(section: dict[str, Any]) -> ExportStageConfig:
+    return from_dict(ExportStageConfig, section, "export")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.eval.best import best_checkpoint
     from danlu.export import export_gguf
 
-    cfg = from_dict(ExportStageConfig, ctx.cfg, "export")
+    cfg = read_config(ctx.cfg)
     best = None if cfg.model else best_checkpoint(ctx.run_dir)
     order = (cfg.model,) if cfg.model else ((best[0].name,) if best else ()) + CHAT_ORDER
     stage = next((s for s in order if ctx.has(s) and (ctx.run_dir / s / "config.json").exists()), None)

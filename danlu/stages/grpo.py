@@ -197,9 +197,13 @@ def train_grpo(
     return result
 
 
+def read_config(section: dict[str, Any]) -> GRPOConfig:
+    return from_dict(GRPOConfig, section, "grpo")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.stages.common import rl_stage_inputs
 
-    cfg = from_dict(GRPOConfig, ctx.cfg, "grpo")
+    cfg = read_config(ctx.cfg)
     parent, data, eval_data = rl_stage_inputs(ctx, cfg, "rl.jsonl", "eval/arithmetic.jsonl")
     return train_grpo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

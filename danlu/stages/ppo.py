@@ -268,10 +268,14 @@ def value_head_section(section: dict[str, Any], policy: nn.Module) -> dict[str, 
     return {**section, "target_modules": targets}
 
 
+def read_config(section: dict[str, Any]) -> PPOConfig:
+    return from_dict(PPOConfig, section, "ppo")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.stages.common import rl_stage_inputs
 
-    cfg = from_dict(PPOConfig, ctx.cfg, "ppo")
+    cfg = read_config(ctx.cfg)
     parent, data, eval_data = rl_stage_inputs(ctx, cfg, "rl.jsonl", "eval/rl.jsonl")
     reward = cfg.reward or (str(ctx.input("reward")) if ctx.has("reward") else "world")
     return train_ppo(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, reward=reward, eval_data=eval_data)

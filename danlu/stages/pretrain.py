@@ -130,8 +130,12 @@ def pretrain(
     return result
 
 
+def read_config(section: dict[str, Any]) -> PretrainConfig:
+    return from_dict(PretrainConfig, section, "pretrain")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
-    cfg = from_dict(PretrainConfig, ctx.cfg, "pretrain")
+    cfg = read_config(ctx.cfg)
     facts = ctx.run_dir / "world" / "eval" / "facts_base.jsonl"
     return pretrain(
         ctx.input("tokens"), ctx.input("tokenizer"), ctx.out, recipe=ctx.recipe, cfg=cfg,

@@ -175,9 +175,13 @@ def train_in_full(model: torch.nn.Module, names: list[str]) -> None:
     _set_trainable(model, "default", module_names=names, inference_mode=False, strict_module_check=True)
 
 
+def read_config(section: dict[str, Any]) -> RewardConfig:
+    return from_dict(RewardConfig, section, "reward")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.stages.common import rl_stage_inputs
 
-    cfg = from_dict(RewardConfig, ctx.cfg, "reward")
+    cfg = read_config(ctx.cfg)
     parent, data, eval_data = rl_stage_inputs(ctx, cfg, "preference.jsonl", "eval/preference.jsonl")
     return train_reward(parent, data, ctx.out, recipe=ctx.recipe, cfg=cfg, eval_data=eval_data)

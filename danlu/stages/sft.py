@@ -672,10 +672,14 @@ def sft(
     return result
 
 
+def read_config(section: dict[str, Any]) -> SFTConfig:
+    return from_dict(SFTConfig, section, "sft")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.files import expand_inputs
 
-    cfg = from_dict(SFTConfig, ctx.cfg, "sft")
+    cfg = read_config(ctx.cfg)
     limit = heldout_limit(ctx.recipe, cfg.eval_limit)  # the eval stage's rows when the run has one
     cfg.eval_limit = 0 if limit is None else (limit or -1)
     if cfg.data:

@@ -38,10 +38,16 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_stage(ctx: StageContext) -> dict[str, Any]:
-    from danlu.synth.experiment import SynthExperimentConfig, run_experiment
+def read_config(section: dict[str, Any]) -> Any:
+    from danlu.synth.experiment import SynthExperimentConfig
 
-    cfg = from_dict(SynthExperimentConfig, ctx.cfg, "synth")
+    return from_dict(SynthExperimentConfig, section, "synth")
+
+
+def run_stage(ctx: StageContext) -> dict[str, Any]:
+    from danlu.synth.experiment import run_experiment
+
+    cfg = read_config(ctx.cfg)
     teacher = cfg.teacher or str(ctx.input("sft"))
     student = Path(cfg.student) if cfg.student else ctx.input("pretrain")
     result = run_experiment(ctx.input("world"), teacher, student, ctx.out, cfg, ctx.recipe)

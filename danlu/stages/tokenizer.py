@@ -72,10 +72,14 @@ def dialog_texts(path: Path, budget: int, counter: dict[str, int]) -> Iterator[s
         yield text
 
 
+def read_config(section: dict[str, Any]) -> TokenizerConfig:
+    return from_dict(TokenizerConfig, section, "tokenizer")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.tokenizer import Tokenizer
 
-    cfg = from_dict(TokenizerConfig, ctx.cfg, "tokenizer")
+    cfg = read_config(ctx.cfg)
     world = ctx.input("world") if ctx.has("world") else None
     if ctx.has("data"):
         text_dir = ctx.input("data") / "text"

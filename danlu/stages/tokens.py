@@ -18,11 +18,15 @@ class TokensConfig:
     val_inputs: list[str] | None = None  # default: the world corpus' pretrain_val.jsonl
 
 
+def read_config(section: dict[str, Any]) -> TokensConfig:
+    return from_dict(TokensConfig, section, "tokens")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.data.shards import tokenize_corpus
     from danlu.files import expand_inputs
 
-    cfg = from_dict(TokensConfig, ctx.cfg, "tokens")
+    cfg = read_config(ctx.cfg)
     if cfg.inputs:
         train = expand_inputs(cfg.inputs)
     elif ctx.has("data"):

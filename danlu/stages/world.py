@@ -19,10 +19,14 @@ class WorldConfig:
     scale: float = 1.0  # multiplies the number of documents and dialogs (1.0 ≈ 8 MB of pretraining text)
 
 
+def read_config(section: dict[str, Any]) -> WorldConfig:
+    return from_dict(WorldConfig, section, "world")
+
+
 def run_stage(ctx: StageContext) -> dict[str, Any]:
     from danlu.world import build_world, flat_metrics, format_stats
 
-    cfg = from_dict(WorldConfig, ctx.cfg, "world")
+    cfg = read_config(ctx.cfg)
     seed = cfg.seed if cfg.seed is not None else ctx.recipe.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         from danlu import DanluError
