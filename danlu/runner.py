@@ -92,8 +92,8 @@ def check_recipe(recipe: dict[str, Any], stages: list[str]) -> None:
     the key named, not after pretraining and SFT. What only a stage can know (files, the world size) it checks
     itself when it starts."""
     from danlu.config import from_dict
-    from danlu.engine import TrainConfig
     from danlu.model import ModelConfig
+    from danlu.stages.common import engine_settings
 
     if "pretrain" in stages:  # the stage that builds a model from `model:`
         from_dict(ModelConfig, recipe.get("model"), "model")
@@ -103,7 +103,7 @@ def check_recipe(recipe: dict[str, Any], stages: list[str]) -> None:
         read = getattr(importlib.import_module(f"danlu.stages.{name}"), "read_config", None)
         cfg = read(section) if read is not None else None
         if isinstance(getattr(cfg, "train", None), dict):
-            from_dict(TrainConfig, {**(recipe.get("train") or {}), **cfg.train}, f"{name}.train")
+            engine_settings(recipe, cfg.train, name)
 
 
 def run_pipeline(

@@ -87,6 +87,7 @@ def test_every_section_is_read_before_the_first_stage_runs(tmp_path: Path) -> No
         ({"grpo": {"group_sise": 4}}, "grpo: unknown key 'group_sise'"),
         ({"grpo": {"train": {"stpes": 3}}}, "grpo.train: unknown key 'stpes'"),
         ({"train": {"lr": "fast"}}, r"pretrain.train.lr: expected a number, got 'fast'"),
+        ({"dtype": "bf17"}, r"pretrain.train.dtype: 'bf17' is not one of"),  # a top-level engine key
         ({"model": {"dept": 4}}, "model: unknown key 'dept'"),
         ({"tokenizer": {"vocab_size": 300, "bogus_key": 1}}, "tokenizer: unknown key 'bogus_key'"),
     ]

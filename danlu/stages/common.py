@@ -29,6 +29,26 @@ def train_config(
     where: str,
     defaults: dict[str, Any] | None = None,
 ) -> TrainConfig:
+    """A stage's engine settings (`engine_settings`) with the batch resolved for this launch's world size: the
+    result's `batch_size` is per process (`engine.resolve_batch`), so every stage's data source gets it. The batch
+    follows the precedence rule too: `global_batch_size` beats a `batch_size` of its own section or below, a stage's
+    own `batch_size` beats a recipe-wide `global_batch_size`."""
+    cfg = engine_settings(recipe, stage_train, where, defaults)
+    stage_train = stage_train or {}
+    setting = "train.global_batch_size"
+    if "global_batch_size" in stage_train:
+        setting = f"{where}.train.global_batch_size"
+    elif cfg.global_batch_size and "batch_size" in stage_train:
+        cfg.global_batch_size = 0  # the stage's own per-process batch has the last word
+    return resolve_batch(cfg, launch_world_size(), setting)
+
+
+def engine_settings(
+    recipe: dict[str, Any],
+    stage_train: dict[str, Any] | None,
+    where: str,
+    defaults: dict[str, Any] | None = None,
+) -> TrainConfig:
     """A stage's engine settings, by the one precedence rule every stage follows (highest first):
 
     1. the stage's own `train:` section (`dpo.train.lr=…`);
@@ -38,23 +58,13 @@ def train_config(
     4. the engine's defaults (TrainConfig).
 
     So `train.lr=…` reaches every stage that does not set its own lr, and a stage section always has the last word.
-    The batch follows the same rule: `global_batch_size` beats a `batch_size` of its own section or below, a
-    stage's own `batch_size` beats a recipe-wide `global_batch_size`; the result's `batch_size` is per process,
-    resolved here for this launch's world size (`engine.resolve_batch`), so every stage's data source gets it.
-    """
+    `danlu run` reads every stage's settings this way before the first stage runs (runner.check_recipe)."""
     recipe_train = dict(recipe.get("train") or {})
     for key in GLOBAL_ENGINE_KEYS:
         if key in recipe:
             recipe_train[key] = recipe[key]
-    stage_train = stage_train or {}
-    merged = deep_merge(deep_merge(defaults or {}, recipe_train), stage_train)
-    cfg = from_dict(TrainConfig, merged, f"{where}.train")
-    setting = "train.global_batch_size"
-    if "global_batch_size" in stage_train:
-        setting = f"{where}.train.global_batch_size"
-    elif cfg.global_batch_size and "batch_size" in stage_train:
-        cfg.global_batch_size = 0  # the stage's own per-process batch has the last word
-    return resolve_batch(cfg, launch_world_size(), setting)
+    merged = deep_merge(deep_merge(defaults or {}, recipe_train), stage_train or {})
+    return from_dict(TrainConfig, merged, f"{where}.train")
 
 
 def make_saver(
