@@ -63,6 +63,13 @@ def stage_enabled(recipe: dict[str, Any], name: str) -> bool:
     return name in recipe and not (isinstance(section, dict) and section.get("enabled") is False)
 
 
+def stage_section(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of the stage's recipe section as its config reads it: without the runner's `enabled` switch."""
+    section = dict(recipe.get(name) or {})
+    section.pop("enabled", None)
+    return section
+
+
 def heldout_limit(recipe: dict[str, Any], own: int) -> int | None:
     """Rows per held-out set a training stage scores its checkpoint on (for danlu.eval.world's `limit`): None for
     none (`own` 0), 0 for the whole split (`own` -1), else `own` rows — but in a run whose eval stage will score the

@@ -27,6 +27,7 @@ from danlu.pipeline import (
     STAGES,
     StageContext,
     stage_enabled,
+    stage_section,
 )
 
 # Re-exported for the stages and tests that still import them from here; their home is danlu.pipeline.
@@ -98,10 +99,8 @@ def check_recipe(recipe: dict[str, Any], stages: list[str]) -> None:
     if "pretrain" in stages:  # the stage that builds a model from `model:`
         from_dict(ModelConfig, recipe.get("model"), "model")
     for name in stages:
-        section = dict(recipe.get(name) or {})
-        section.pop("enabled", None)
         read = getattr(importlib.import_module(f"danlu.stages.{name}"), "read_config", None)
-        cfg = read(section) if read is not None else None
+        cfg = read(stage_section(recipe, name)) if read is not None else None
         if isinstance(getattr(cfg, "train", None), dict):
             engine_settings(recipe, cfg.train, name)
 
@@ -143,9 +142,7 @@ def run_pipeline(
                 print(f"[danlu] {name}: unchanged since its last run, skipped")
                 summary["stages"][name] = done["metrics"]  # type: ignore[index]
             continue
-        section = dict(recipe.get(name) or {})
-        section.pop("enabled", None)
-        ctx = StageContext(name=name, run_dir=run_dir, cfg=section, recipe=recipe)
+        ctx = StageContext(name=name, run_dir=run_dir, cfg=stage_section(recipe, name), recipe=recipe)
         alone = d.world_size > 1 and name not in DISTRIBUTED_STAGES
         if d.main:
             if done_path.exists():

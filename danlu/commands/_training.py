@@ -44,10 +44,10 @@ def stage_config(
 ) -> tuple[dict, T]:
     """The recipe (with overrides) and the stage's config dataclass built from its section."""
     from danlu.config import apply_overrides, from_dict, load_recipe
+    from danlu.pipeline import stage_section
 
     recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
-    section = dict(recipe.get(stage) or {})
-    section.pop("enabled", None)
+    section = stage_section(recipe, stage)
     section["resume"] = "true" if args.resume else section.get("resume", "auto")
     if getattr(args, "peft", None):
         section["peft"] = {**(section.get("peft") or {}), "method": args.peft}

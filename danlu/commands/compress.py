@@ -34,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from danlu.commands._training import main_rank
     from danlu.compress.pipeline import CompressConfig, run_compress
     from danlu.config import apply_overrides, from_dict, load_recipe
+    from danlu.pipeline import stage_section
     from danlu.stages.common import train_config
 
     recipe = apply_overrides(load_recipe(args.recipe), args.overrides)
-    section = dict(recipe.get("compress") or {})
-    section.pop("enabled", None)
+    section = stage_section(recipe, "compress")
     for key, value in (("teacher", args.teacher), ("data", args.data), ("eval_data", args.eval_data),
                        ("facts", args.facts)):  # fmt: skip
         if value:
