@@ -447,7 +447,7 @@ class Muon(torch.optim.Optimizer):
         (a model's layers repeat a few shapes), up to MUON_STACK_BYTES of updates a stack. The results are the same
         bits as one at a time, in 0.63× the time (the tiny recipe's 28 matrices on this Xeon's AMX: 34 against 53 ms
         a step). In fp32 on a CPU batching ran 1.08× slower (MKL's single products are its best), and FSDP's
-        DTensors stay one at a time (BENCHMARKS.md, eighteenth session)."""
+        DTensors stay one at a time (benchmarks/muon_step.py; BENCHMARKS.md, eighteenth session)."""
         if self.dtype != torch.bfloat16 or any(hasattr(p, "full_tensor") for p in params):
             return [[i] for i in range(len(params))]
         by_shape: dict[tuple[int, ...], list[list[int]]] = {}
